@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv when missing and
+# (re)install only when pyproject.toml changed since the last install.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kdray-installed
+
+.PHONY: install run smoke test test-fast lint format clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)  ## the main job on configs/default.yaml
+	$(PY) tune/run.py $(ARGS)
+
+smoke: $(STAMP)  ## the whole pipeline on configs/smoke.yaml (minutes)
+	$(PY) tune/run.py --config configs/smoke.yaml --workspace workspace-smoke $(ARGS)
+
+test: $(STAMP)  ## the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## unit tests only (no Ray / MLflow integration)
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf workspace workspace-smoke .pytest_cache

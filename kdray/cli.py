@@ -1,0 +1,62 @@
+"""``python tune/run.py``: the command-line front of :func:`kdray.pipeline.run_pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kdray.config import DEFAULT_CONFIG, ConfigError, load_config
+from kdray.data.folders import DataError
+from kdray.workspace import Workspace
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune/run.py",
+        description="Train a DenseNet121 teacher per dataset with Ray Train, search KD students "
+        "(alpha, temperature, width) with Ray Tune, log every run to MLflow and score the best "
+        "student on the test split.",
+    )
+    parser.add_argument("--config", metavar="PATH", default=str(DEFAULT_CONFIG),
+                        help="experiment YAML (default: configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one config key, e.g. --set kd.alpha=0.3 "
+                        "--set data.datasets=[brain_tumor]; repeatable; values are YAML")
+    parser.add_argument("--workspace", metavar="DIR", default=None,
+                        help="where data, models, mlflow.db and Ray results live "
+                        "(default: $KDRAY_HOME, else ./workspace)")
+    parser.add_argument("--address", metavar="ADDR", default=None,
+                        help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S")
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Imported here so --help and config errors answer without loading Ray and torch.
+    from kdray.pipeline import format_summary, run_pipeline
+
+    ws = Workspace.at(args.workspace)
+    try:
+        rows = run_pipeline(cfg, ws)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(format_summary(rows))
+    print(f"\nsummary written to {ws.reports / 'summary.md'}; MLflow: mlflow ui --backend-store-uri "
+          f"sqlite:///{ws.mlflow_db}")
+    return 0

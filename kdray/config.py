@@ -1,0 +1,278 @@
+"""The experiment's configuration: pydantic models loaded from YAML, with ``--set`` overrides.
+
+Every section is strict: an unknown key, a wrong type or a value out of range fails at load time
+with a :class:`ConfigError` that names the key path (``kd.alpha``), before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdray.data.specs import DATASETS
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "KDConfig",
+    "MLflowConfig",
+    "RayConfig",
+    "StudentConfig",
+    "SyntheticConfig",
+    "TeacherConfig",
+    "TuneConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Strict):
+    """The synthetic stand-in written for every dataset that has no ``data.roots`` entry."""
+
+    n_per_class: int = Field(200, ge=4, description="images per class, all splits together")
+    size: int = Field(96, ge=16, le=1024, description="side of the generated PNG files")
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    datasets: list[str] = Field(default_factory=lambda: list(DATASETS))
+    roots: dict[str, str] = Field(
+        default_factory=dict,
+        description="dataset id -> folder of a real copy; datasets not listed use synthetic data",
+    )
+    masks_roots: dict[str, str] = Field(
+        default_factory=dict, description="dataset id -> folder mirroring roots with lesion masks"
+    )
+    image_size: int = Field(64, ge=16, le=1024, description="model input side; images are resized")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(
+        0.15, gt=0.0, lt=0.5, description="used only when the dataset has no test folder"
+    )
+    split_seed: int = 0
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, value: list[str]) -> list[str]:
+        unknown = [d for d in value if d not in DATASETS]
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; expected ids from {sorted(DATASETS)}")
+        if not value:
+            raise ValueError("at least one dataset is needed")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate dataset ids in {value}")
+        return value
+
+    @field_validator("roots", "masks_roots")
+    @classmethod
+    def _known_root_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = [d for d in value if d not in DATASETS]
+        if unknown:
+            raise ValueError(f"unknown dataset id(s) {unknown}; expected ids from {sorted(DATASETS)}")
+        return value
+
+
+class TeacherConfig(_Strict):
+    """DenseNet121 teacher, trained data-parallel with Ray Train."""
+
+    arch: Literal["densenet121"] = "densenet121"
+    weights: str | None = Field(
+        None,
+        description="None: random init; 'imagenet': torchvision download (needs internet); "
+        "else a local .pth/.safetensors state_dict (ImageNet init, classifier replaced)",
+    )
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="effective (global) batch, split over workers")
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    early_stopping_patience: int = Field(0, ge=0, description="0 disables early stopping")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: int = Field(2, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(0, ge=-1, description="worker-failure restarts; -1 = unlimited")
+
+
+class StudentConfig(_Strict):
+    """Shallow CNN student: ``depth`` blocks of conv-BN-ReLU-pool, global pooling, linear head."""
+
+    depth: int = Field(5, ge=1, le=8)
+    base_width: int = Field(16, ge=1, description="width of block 1; doubles per block up to 8x")
+    widths: list[int] | None = Field(None, description="explicit width per block; overrides base")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _widths_match_depth(self) -> StudentConfig:
+        if self.widths is not None:
+            if len(self.widths) != self.depth:
+                raise ValueError(
+                    f"widths has {len(self.widths)} entries but depth is {self.depth}"
+                )
+            if min(self.widths) < 1:
+                raise ValueError("every width must be >= 1")
+        return self
+
+    def resolved_widths(self, base_width: int | None = None) -> list[int]:
+        """Widths per block: ``base * 2**min(i, 3)`` (16-32-64-128-128) for a given base, else
+        the explicit ``widths``, else the pattern on ``base_width``."""
+        if base_width is None and self.widths is not None:
+            return list(self.widths)
+        base = base_width if base_width is not None else self.base_width
+        return [base * 2 ** min(i, 3) for i in range(self.depth)]
+
+
+class KDConfig(_Strict):
+    """Distillation loss: alpha * CE + (1 - alpha) * T^2 * KL(teacher/T || student/T)."""
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(4.0, gt=0.0)
+
+
+class TuneConfig(_Strict):
+    """The Ray Tune search over alpha, temperature and student width, per dataset."""
+
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    alpha: tuple[float, float] = (0.1, 0.9)
+    temperature: tuple[float, float] = (1.0, 10.0)
+    base_width: list[int] = Field(default_factory=lambda: [8, 16])
+    seed: int = 0
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"alpha range must satisfy 0 <= low <= high <= 1, got {list(value)}")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"temperature range must satisfy 0 < low <= high, got {list(value)}")
+        return value
+
+    @field_validator("base_width")
+    @classmethod
+    def _widths_positive(cls, value: list[int]) -> list[int]:
+        if not value or min(value) < 1:
+            raise ValueError("base_width needs at least one choice, each >= 1")
+        return value
+
+
+class MLflowConfig(_Strict):
+    experiment: str = "kdray"
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else SQLite in the workspace"
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: $RAY_ADDRESS, else a new local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: all)")
+    storage_path: str | None = Field(None, description="Ray results; None: <workspace>/ray_results")
+    temp_dir: str | None = Field(
+        None, description="temp dir of the local Ray kdray starts; None: /tmp/kdray-ray-<uid>"
+    )
+
+
+class ExperimentConfig(_Strict):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe nested dict (what is logged to MLflow as the resolved config)."""
+        return json.loads(self.model_dump_json())
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = item.get("input")
+        shown = "" if item["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (``0.5``, ``[a, b]``, ``null``).
+
+    Raises:
+        ConfigError: an override without ``=`` or one that descends into a non-mapping.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML: {exc}") from None
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {key}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load and validate a YAML config (default: ``configs/default.yaml``) with overrides.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key, wrong type or out-of-range value;
+            the message names every offending key path.
+    """
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = source.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {source}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {source} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(source))) from None

@@ -1,0 +1,213 @@
+"""From a config to in-memory arrays: synthetic generation, the split manifest, the array cache.
+
+The manifest (``<workspace>/manifests/<dataset>-<fingerprint>.json``) fixes the split once; the
+fingerprint covers the file list, the fractions and the seed, so the same data and settings
+always give the same split, and any change gives a new manifest. Arrays are cached as ``.npz``
+per manifest and image size and shipped to Ray workers through the object store, so workers
+need no shared disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kdray.config import DataConfig
+from kdray.data import synthetic
+from kdray.data.folders import read_image, read_mask, scan_folder
+from kdray.data.specs import DatasetSpec, get_spec
+from kdray.workspace import Workspace
+
+__all__ = ["Manifest", "PreparedData", "Split", "build_manifest", "prepare_dataset", "stratified_split"]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """One split in memory: images uint8 (N, 3, H, W), labels int64 (N,), masks bool or None."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    root: str
+    masks_root: str | None
+    class_names: list[str]
+    fingerprint: str
+    entries: list[dict] = field(default_factory=list)  # {"path", "label", "split"}
+
+    def split_entries(self, split: str) -> list[dict]:
+        return [e for e in self.entries if e["split"] == split]
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self.split_entries(s)) for s in SPLITS}
+
+
+@dataclass
+class PreparedData:
+    spec: DatasetSpec
+    manifest: Manifest
+    image_size: int
+    splits: dict[str, Split]
+
+    @property
+    def key(self) -> str:
+        """Identifies the data a model saw: manifest fingerprint + input size."""
+        return f"{self.manifest.fingerprint[:12]}-{self.image_size}"
+
+
+def stratified_split(
+    labels: list[int], fractions: dict[str, float], seed: int
+) -> list[str]:
+    """Assign each index a split name, per class, with a seeded shuffle.
+
+    ``fractions`` maps split names to shares of each class (the rest goes to ``train``); a class
+    with at least len(fractions) + 1 images gets at least one image in every split.
+    """
+    result = ["train"] * len(labels)
+    by_label: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    for label, indices in sorted(by_label.items()):
+        order = np.random.default_rng([seed, label]).permutation(len(indices))
+        start = 0
+        for name, share in fractions.items():
+            n = int(round(share * len(indices)))
+            if len(indices) > len(fractions):
+                n = max(n, 1)
+            for j in order[start : start + n]:
+                result[indices[j]] = name
+            start += n
+    return result
+
+
+def _fingerprint(spec: DatasetSpec, root: Path, found: dict, cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([spec.id, str(root), cfg.val_fraction, cfg.test_fraction, cfg.split_seed]).encode())
+    for part in sorted(found):
+        for rel, label in found[part]:
+            h.update(f"{part}|{rel}|{label}|{(root / rel).stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def build_manifest(
+    spec: DatasetSpec, root: Path, masks_root: Path | None, cfg: DataConfig, ws: Workspace
+) -> Manifest:
+    """Scan ``root``, split it (own test folder where there is one) and write the manifest.
+
+    An existing manifest with the same fingerprint is reused as is.
+    """
+    root = root.resolve()
+    found = scan_folder(spec, root)
+    fingerprint = _fingerprint(spec, root, found, cfg)
+    path = ws.manifests / f"{spec.id}-{fingerprint[:12]}.json"
+    if path.is_file():
+        return Manifest(**json.loads(path.read_text()))
+    entries: list[dict] = []
+    if "all" in found:
+        items = found["all"]
+        fractions = {"test": cfg.test_fraction, "val": cfg.val_fraction}
+    else:
+        items = found["train"]
+        fractions = {"val": cfg.val_fraction}
+        entries += [{"path": rel, "label": lab, "split": "test"} for rel, lab in found["test"]]
+    names = stratified_split([lab for _, lab in items], fractions, cfg.split_seed)
+    entries += [{"path": rel, "label": lab, "split": s} for (rel, lab), s in zip(items, names, strict=True)]
+    manifest = Manifest(
+        dataset=spec.id,
+        root=str(root),
+        masks_root=str(masks_root.resolve()) if masks_root else None,
+        class_names=list(spec.classes),
+        fingerprint=fingerprint,
+        entries=sorted(entries, key=lambda e: (SPLITS.index(e["split"]), e["path"])),
+    )
+    _atomic_write(path, json.dumps(manifest.__dict__, indent=1))
+    return manifest
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _load_split(manifest: Manifest, split: str, size: int) -> Split:
+    entries = manifest.split_entries(split)
+    root = Path(manifest.root)
+    images = np.stack([read_image(root / e["path"], size) for e in entries]) if entries else (
+        np.zeros((0, 3, size, size), np.uint8))
+    labels = np.array([e["label"] for e in entries], dtype=np.int64)
+    masks = None
+    if manifest.masks_root:
+        mroot = Path(manifest.masks_root)
+        if entries and all((mroot / e["path"]).is_file() for e in entries):
+            masks = np.stack([read_mask(mroot / e["path"], size) for e in entries])
+    return Split(images, labels, masks)
+
+
+def load_splits(manifest: Manifest, size: int, ws: Workspace) -> dict[str, Split]:
+    """All splits as arrays, read once and cached in ``<workspace>/cache``."""
+    path = ws.cache / f"{manifest.dataset}-{manifest.fingerprint[:12]}-{size}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {
+                s: Split(z[f"{s}_images"], z[f"{s}_labels"], z.get(f"{s}_masks"))
+                for s in SPLITS
+            }
+    splits = {s: _load_split(manifest, s, size) for s in SPLITS}
+    arrays: dict[str, np.ndarray] = {}
+    for s, split in splits.items():
+        arrays[f"{s}_images"] = split.images
+        arrays[f"{s}_labels"] = split.labels
+        if split.masks is not None:
+            arrays[f"{s}_masks"] = split.masks
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return splits
+
+
+def synthetic_root(cfg: DataConfig, dataset_id: str, ws: Workspace) -> Path:
+    """Generate the synthetic stand-in once (atomically) and return its folder."""
+    s = cfg.synthetic
+    folder = ws.data / "synthetic" / f"{dataset_id}-n{s.n_per_class}-s{s.size}-seed{s.seed}"
+    if (folder / "images").is_dir():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    synthetic.generate(dataset_id, tmp / "images", tmp / "masks", s.n_per_class, s.size, s.seed)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished the same generation first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def prepare_dataset(cfg: DataConfig, dataset_id: str, ws: Workspace) -> PreparedData:
+    """Real folder (``data.roots``) or synthetic stand-in -> manifest -> cached arrays."""
+    spec = get_spec(dataset_id)
+    if dataset_id in cfg.roots:
+        root = Path(cfg.roots[dataset_id]).expanduser()
+        masks = cfg.masks_roots.get(dataset_id)
+        masks_root = Path(masks).expanduser() if masks else None
+    else:
+        folder = synthetic_root(cfg, dataset_id, ws)
+        root, masks_root = folder / "images", folder / "masks"
+    manifest = build_manifest(spec, root, masks_root, cfg, ws)
+    return PreparedData(spec, manifest, cfg.image_size, load_splits(manifest, cfg.image_size, ws))

@@ -1,0 +1,117 @@
+"""The training and evaluation loop shared by the teacher (Ray Train) and the students (Ray Tune)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from kdray.data.prepare import Split
+from kdray.metrics import classification_metrics
+
+__all__ = ["evaluate", "make_loader", "predict_logits", "seed_everything", "to_input", "train_epoch"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """Share memory where possible; arrays from Ray's object store are read-only, so copy those."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def to_input(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float in [0, 1] on ``device``; the models normalise inside."""
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def make_loader(
+    arrays: tuple[np.ndarray, ...], batch_size: int, shuffle: bool, seed: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over in-memory arrays (images, labels, and any per-sample extras)."""
+    dataset = TensorDataset(*(_as_tensor(a) for a in arrays))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      pin_memory=pin_memory)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str = "cpu",
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``. ``loss_fn(logits, labels, extras)`` returns a dict with ``loss``.
+
+    Returns:
+        The sample-weighted mean of every entry of the loss dict, plus ``accuracy``.
+    """
+    model.train()
+    device = torch.device(device)
+    totals: dict[str, float] = {}
+    correct = seen = 0
+    for batch in loader:
+        x = to_input(batch[0], device)
+        y = batch[1].to(device, non_blocking=True)
+        extras = tuple(t.to(device, non_blocking=True) for t in batch[2:])
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=scaler is not None):
+            logits = model(x)
+            losses = loss_fn(logits.float(), y, extras)
+        if scaler is not None:
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            losses["loss"].backward()
+            optimizer.step()
+        n = y.shape[0]
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) * n
+        correct += int((logits.argmax(1) == y).sum())
+        seen += n
+    out = {key: value / max(seen, 1) for key, value in totals.items()}
+    out["accuracy"] = correct / max(seen, 1)
+    return out
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: np.ndarray, batch_size: int = 128, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Logits (N, classes) for uint8 images (N, 3, H, W), in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(_as_tensor(images[start : start + batch_size]), device)
+        out.append(model(x).float().cpu())
+    model.train(was_training)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy()
+
+
+def evaluate(
+    model: nn.Module, split: Split, class_names: list[str], device: torch.device | str = "cpu",
+    batch_size: int = 128,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics (plus ``loss``: mean cross-entropy) of ``model`` on ``split``, and its logits."""
+    logits = predict_logits(model, split.images, batch_size=batch_size, device=device)
+    metrics = classification_metrics(split.labels, logits.argmax(1), class_names)
+    metrics["loss"] = float(F.cross_entropy(torch.from_numpy(logits), _as_tensor(split.labels)))
+    return metrics, logits

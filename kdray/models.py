@@ -1,0 +1,229 @@
+"""Teacher and student networks, built from one JSON-able spec, saved without pickle.
+
+Both models take images as float tensors in [0, 1] (N, 3, H, W) and normalise inside, so
+training, explanations and the server all feed the same thing. Every ReLU is non-inplace so
+Grad-CAM and SHAP hooks can sit anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models import DenseNet
+
+__all__ = [
+    "ModelSpec",
+    "StudentCNN",
+    "TeacherDenseNet",
+    "build_model",
+    "count_params",
+    "load_model",
+    "save_model",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model: stored next to its weights as ``model.json``."""
+
+    kind: Literal["teacher", "student"]
+    num_classes: int
+    image_size: int
+    class_names: list[str] = field(default_factory=list)
+    arch: str = "densenet121"
+    widths: list[int] = field(default_factory=list)
+    dataset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(**data)
+
+
+class InputNorm(nn.Module):
+    """(x - mean) / std with ImageNet statistics, so an ImageNet-initialised teacher fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:
+    """conv3x3 -> BN -> ReLU (not inplace) -> 2x2 max-pool."""
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+            bn=nn.BatchNorm2d(out_ch),
+            relu=nn.ReLU(inplace=False),
+            pool=nn.MaxPool2d(2),
+        )
+    )
+
+
+class StudentCNN(nn.Module):
+    """The shallow student: blocks ``features.block1`` .. ``features.block<depth>``, GAP, linear.
+
+    Args:
+        num_classes: output logits.
+        widths: output channels per block (its length is the depth).
+    """
+
+    def __init__(self, num_classes: int, widths: list[int]) -> None:
+        super().__init__()
+        self.norm = InputNorm()
+        blocks: OrderedDict[str, nn.Module] = OrderedDict()
+        in_ch = 3
+        for i, width in enumerate(widths, start=1):
+            blocks[f"block{i}"] = conv_block(in_ch, width)
+            in_ch = width
+        self.features = nn.Sequential(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(in_ch, num_classes)
+
+    @property
+    def block_names(self) -> list[str]:
+        """Qualified names of the conv blocks, first to last (``features.block1``, ...)."""
+        return [f"features.{name}" for name, _ in self.features.named_children()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.norm(x))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+class TeacherDenseNet(DenseNet):
+    """torchvision's DenseNet121 with input normalisation and no in-place ops.
+
+    torchvision's forward applies ``F.relu(inplace=True)`` after ``features``; here the ReLU is
+    out of place so a hook on ``features`` (or ``features.norm5``) sees the real activation.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        # The same constructor arguments as torchvision.models.densenet121.
+        super().__init__(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64,
+                         num_classes=num_classes)
+        self.norm = InputNorm()
+        for module in self.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+
+    @property
+    def block_names(self) -> list[str]:
+        return ["features.denseblock1", "features.denseblock2", "features.denseblock3",
+                "features.denseblock4"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = F.relu(self.features(self.norm(x)))
+        out = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
+        return self.classifier(out)
+
+
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+def init_teacher_weights(model: TeacherDenseNet, weights: str | None) -> None:
+    """Initialise the backbone from ImageNet weights; the classifier keeps its fresh init.
+
+    Args:
+        weights: None (random), ``imagenet`` (torchvision download; needs internet) or a path to
+            a DenseNet121 state_dict (``.pth``/``.pt`` read with ``weights_only=True``, or
+            ``.safetensors``).
+
+    Raises:
+        FileNotFoundError: the weights path does not exist.
+        ValueError: the file is not a DenseNet121 state_dict.
+    """
+    if weights is None:
+        return
+    if weights == "imagenet":
+        from torchvision.models import DenseNet121_Weights
+
+        state = DenseNet121_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher.weights: no such file {path}")
+        state = _load_state_dict_file(path)
+    # Old torchvision checkpoints name keys "denselayer1.norm.1"; current ones "norm1".
+    state = {_OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("classifier.", "norm."))]
+    if missing or unexpected:
+        raise ValueError(
+            f"teacher.weights {weights!r} is not a DenseNet121 state_dict "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def build_model(spec: ModelSpec, teacher_weights: str | None = None) -> nn.Module:
+    """The one place that turns a spec into a module (training, sweep, registry, server)."""
+    if spec.kind == "teacher":
+        if spec.arch != "densenet121":
+            raise ValueError(f"unknown teacher arch {spec.arch!r}; expected 'densenet121'")
+        model = TeacherDenseNet(spec.num_classes)
+        init_teacher_weights(model, teacher_weights)
+        return model
+    if spec.kind == "student":
+        if not spec.widths:
+            raise ValueError("a student spec needs widths")
+        return StudentCNN(spec.num_classes, spec.widths)
+    raise ValueError(f"unknown model kind {spec.kind!r}; expected 'teacher' or 'student'")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / DataParallel wrappers."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` into ``directory`` (no pickle)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    (directory / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    return directory
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """Rebuild a model saved by :func:`save_model`, in eval mode."""
+    directory = Path(directory)
+    spec = ModelSpec.from_dict(json.loads((directory / SPEC_FILE).read_text()))
+    model = build_model(spec)
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(device)))
+    return model.to(device).eval(), spec

@@ -1,0 +1,240 @@
+"""Teacher stage: DenseNet121 trained data-parallel with Ray Train, then scored and cached.
+
+A finished teacher lives in ``<workspace>/teachers/<dataset>-<key>/`` (weights without pickle,
+``teacher.json`` with its MLflow run and test metrics, and ``train_logits.npy``, the teacher's
+logits on the training split that the KD trials read instead of running the teacher). The key
+covers the data (manifest + input size) and the teacher recipe, so re-running the pipeline reuses
+a finished teacher and any change to data or recipe trains a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdray.config import ExperimentConfig
+from kdray.data.prepare import PreparedData
+from kdray.engine import evaluate, make_loader, predict_logits, seed_everything, train_epoch
+from kdray.evaluation import evaluate_and_log
+from kdray.models import ModelSpec, build_model, count_params, save_model, unwrap
+from kdray.tracking import Tracker
+from kdray.workspace import Workspace
+
+__all__ = ["TeacherResult", "teacher_key", "train_teacher"]
+
+STATE_FILE = "state.pt"
+META_FILE = "teacher.json"
+LOGITS_FILE = "train_logits.npy"
+# Settings that change how the teacher is trained but not what it learns.
+_SCALING_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "max_failures"}
+
+
+@dataclass
+class TeacherResult:
+    directory: Path
+    run_id: str
+    test_metrics: dict[str, Any]
+    params: int
+    reused: bool
+
+    @property
+    def model_dir(self) -> Path:
+        return self.directory / "model"
+
+    def train_logits(self) -> np.ndarray:
+        return np.load(self.directory / LOGITS_FILE)
+
+
+def teacher_key(cfg: ExperimentConfig, data: PreparedData) -> str:
+    recipe = {k: v for k, v in cfg.teacher.model_dump().items() if k not in _SCALING_FIELDS}
+    blob = json.dumps({"data": data.key, "teacher": recipe, "seed": cfg.seed}, sort_keys=True)
+    return f"{data.key}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _ce_loss(logits: torch.Tensor, y: torch.Tensor, _extras: tuple) -> dict[str, torch.Tensor]:
+    return {"loss": F.cross_entropy(logits, y)}
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (DDP rank)."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    arrays = config["data"]
+    train, val = arrays["train"], arrays["val"]
+    seed_everything(config["seed"])
+    spec = ModelSpec.from_dict(config["spec"])
+    model = ray.train.torch.prepare_model(build_model(spec, config["weights"]))
+    device = ray.train.torch.get_device()
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    per_worker_batch = max(1, config["batch_size"] // world)
+    loader = make_loader((train.images, train.labels), per_worker_batch, shuffle=True,
+                         seed=config["seed"], pin_memory=use_amp)
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    tracker: Tracker = config["tracker"]
+    run_id: str = config["run_id"]
+
+    start_epoch, best = 0, {"val_accuracy": -1.0, "val_loss": float("inf"), "epoch": -1}
+    best_state: dict[str, torch.Tensor] | None = None
+    stale = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, best_state, stale = state["epoch"] + 1, state["best"], state["best_model"], state["stale"]
+
+    for epoch in range(start_epoch, config["epochs"]):
+        if world > 1:
+            loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        stats = train_epoch(model, loader, _ce_loss, optimizer, device, scaler)
+        seconds = time.perf_counter() - started
+        # Every rank scores the whole validation split: the same weights give the same numbers,
+        # so every rank takes the same early-stopping decision without a collective.
+        val_metrics, _ = evaluate(unwrap(model), val, config["class_names"], device)
+        scheduler.step(val_metrics["loss"])
+        improved = val_metrics["accuracy"] > best["val_accuracy"] or (
+            val_metrics["accuracy"] == best["val_accuracy"] and val_metrics["loss"] < best["val_loss"]
+        )
+        if improved:
+            best = {"val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"], "epoch": epoch}
+            best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+            stale = 0
+        else:
+            stale += 1
+        metrics = {
+            "epoch": epoch,
+            "train_loss": stats["loss"],
+            "train_accuracy": stats["accuracy"],
+            "val_loss": val_metrics["loss"],
+            "val_accuracy": val_metrics["accuracy"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": seconds,
+            "images_per_second": len(train) / seconds,
+            "best_val_accuracy": best["val_accuracy"],
+        }
+        stop = config["patience"] > 0 and stale >= config["patience"]
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                torch.save(
+                    {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                     "best_model": best_state, "stale": stale},
+                    Path(tmp) / STATE_FILE,
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stop:
+            break
+
+
+def _run_trainer(cfg: ExperimentConfig, data: PreparedData, spec: ModelSpec, tracker: Tracker,
+                 run_id: str, name: str, storage_path: str) -> dict[str, Any]:
+    """Fit the TorchTrainer and return the last checkpoint's state."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.teacher
+    loop_config = {
+        # Arrays travel through Ray's object store: workers on other nodes need no shared disk.
+        "data": {"train": data.splits["train"], "val": data.splits["val"]},
+        "spec": spec.to_dict(),
+        "weights": t.weights,
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "lr": t.lr,
+        "weight_decay": t.weight_decay,
+        "patience": t.early_stopping_patience,
+        "seed": cfg.seed,
+        "threads": t.cpus_per_worker,
+        "class_names": list(data.spec.classes),
+        "tracker": tracker,
+        "run_id": run_id,
+    }
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"teacher training {name} produced no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def train_teacher(
+    cfg: ExperimentConfig, data: PreparedData, ws: Workspace, tracker: Tracker,
+    parent_run_id: str | None = None,
+) -> TeacherResult:
+    """Train (or reuse) the teacher of ``data``'s dataset, score it on test, cache its logits."""
+    dataset = data.spec.id
+    key = teacher_key(cfg, data)
+    directory = ws.teachers / f"{dataset}-{key}"
+    meta_path = directory / META_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return TeacherResult(directory, meta["run_id"], meta["test_metrics"], meta["params"], reused=True)
+
+    spec = ModelSpec(kind="teacher", num_classes=data.spec.num_classes, image_size=data.image_size,
+                     class_names=list(data.spec.classes), arch=cfg.teacher.arch, dataset=dataset)
+    run_id = tracker.start_run(f"teacher-{dataset}", dataset, "teacher", parent_run_id,
+                               tags={"kdray.teacher_key": key})
+    try:
+        tracker.log_config(run_id, cfg.to_dict())
+        tracker.log_params(run_id, {"arch": cfg.teacher.arch, "epochs": cfg.teacher.epochs,
+                                    "batch_size": cfg.teacher.batch_size, "lr": cfg.teacher.lr,
+                                    "num_workers": cfg.teacher.num_workers,
+                                    "image_size": data.image_size, **data.manifest.counts()})
+        state = _run_trainer(cfg, data, spec, tracker, run_id, f"teacher-{dataset}-{key}",
+                             ws.ray_storage(cfg.ray.storage_path))
+        model = build_model(spec)
+        model.load_state_dict(state["best_model"])
+        model.eval()
+        params = count_params(model)
+        tracker.log_metrics(run_id, {"best_epoch": state["best"]["epoch"], "params": params})
+        test_metrics = evaluate_and_log(model, data.splits["test"], list(data.spec.classes), tracker,
+                                        run_id, title=f"teacher · {dataset}")
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        save_model(model, spec, tmp / "model")
+        np.save(tmp / LOGITS_FILE, predict_logits(model, data.splits["train"].images))
+        meta = {"run_id": run_id, "params": params, "best_epoch": state["best"]["epoch"],
+                "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_class"}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        tracker.log_artifacts(run_id, str(tmp / "model"), "model")
+        tmp.replace(directory)  # the teacher counts as finished only once all its files exist
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id)
+    return TeacherResult(directory, run_id, meta["test_metrics"], params, reused=False)
+

@@ -1,0 +1,124 @@
+"""MLflow: where runs go and how kdray writes them.
+
+All logging goes through an explicit :class:`mlflow.MlflowClient` and run ids, never through
+mlflow's global "active run": the same code runs on the driver, in Ray Train rank 0 and in Tune
+trial processes that Ray reuses between trials.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from kdray.config import MLflowConfig
+from kdray.workspace import Workspace
+
+__all__ = ["Tracker", "flatten", "resolve_tracking_uri"]
+
+TAG_DATASET = "kdray.dataset"
+TAG_ROLE = "kdray.role"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def resolve_tracking_uri(cfg: MLflowConfig, ws: Workspace) -> str:
+    """``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite in the workspace."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{ws.mlflow_db.resolve()}"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b": "value"}`` strings (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """A picklable handle on one MLflow experiment (tracking URI + experiment id)."""
+
+    tracking_uri: str
+    experiment_id: str
+
+    @classmethod
+    def open(cls, cfg: MLflowConfig, ws: Workspace) -> Tracker:
+        """Create the experiment on the driver, with an absolute artifact location."""
+        uri = resolve_tracking_uri(cfg, ws)
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            return cls(uri, experiment.experiment_id)
+        artifact_location = None
+        if uri.startswith("sqlite:"):
+            ws.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+            artifact_location = ws.mlflow_artifacts.resolve().as_uri()
+        try:
+            experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifact_location)
+        except Exception:  # created concurrently by another driver
+            existing = client.get_experiment_by_name(cfg.experiment)
+            if existing is None:
+                raise
+            experiment_id = existing.experiment_id
+        return cls(uri, experiment_id)
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def start_run(
+        self,
+        name: str,
+        dataset: str,
+        role: str,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """Create a run tagged with dataset and role (nested under ``parent_run_id``)."""
+        all_tags = {TAG_DATASET: dataset, TAG_ROLE: role, **(tags or {})}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_config(self, run_id: str, config: Mapping[str, Any]) -> None:
+        """The resolved config, as ``config.yaml`` artifact and flattened ``cfg.*`` params."""
+        import yaml
+
+        self.client.log_text(run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
+        self.log_params(run_id, flatten(config, "cfg."))
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, local_dir, artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+

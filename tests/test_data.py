@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdray.config import DataConfig
+from kdray.data.folders import DataError, read_image, scan_folder
+from kdray.data.prepare import build_manifest, prepare_dataset, stratified_split
+from kdray.data.specs import get_spec, normalise_name
+
+
+def _write(path: Path, mode: str = "L", size=(40, 30), value: int = 128) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        Image.fromarray(np.full(size[::-1], value * 200, dtype=np.uint16)).save(path)
+    else:
+        Image.new(mode, size, value if mode == "L" else (value, 10, 200)).save(path)
+
+
+def _tree(root: Path, folders: list[str], per_class: int = 5, ext: str = ".png", mode="L") -> None:
+    for folder in folders:
+        for i in range(per_class):
+            _write(root / folder / f"img_{i}{ext}", mode=mode, value=10 + i)
+
+
+def test_name_normalisation():
+    assert normalise_name("Mild_Demented") == normalise_name("MildDemented") == "milddemented"
+    assert normalise_name("Very Mild-Demented") == "verymilddemented"
+
+
+def test_train_test_layout_uses_the_own_test_folder(tmp_path):
+    spec = get_spec("brain_tumor")
+    _tree(tmp_path / "Training", list(spec.classes), per_class=6)
+    _tree(tmp_path / "Testing", list(spec.classes), per_class=2)
+    found = scan_folder(spec, tmp_path)
+    assert set(found) == {"train", "test"}
+    assert len(found["train"]) == 24 and len(found["test"]) == 8
+    assert {label for _, label in found["test"]} == {0, 1, 2, 3}
+
+
+def test_flat_layout_with_separator_variants_and_wrapper_folder(tmp_path):
+    spec = get_spec("alzheimer")
+    names = ["Non_Demented", "very_mild_demented", "MILD-DEMENTED", "Moderate Demented"]
+    _tree(tmp_path / "Alzheimer_s Dataset", names, per_class=3)
+    found = scan_folder(spec, tmp_path)
+    assert list(found) == ["all"]
+    labels = sorted({(Path(rel).parts[1], label) for rel, label in found["all"]})
+    assert dict(labels) == {"Non_Demented": 0, "very_mild_demented": 1, "MILD-DEMENTED": 2,
+                            "Moderate Demented": 3}
+
+
+def test_lowercase_train_test_and_aliases(tmp_path):
+    spec = get_spec("brain_tumor")
+    old_names = ["glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"]
+    _tree(tmp_path / "train", old_names, per_class=2)
+    _tree(tmp_path / "test", old_names, per_class=1)
+    found = scan_folder(spec, tmp_path)
+    assert len(found["train"]) == 8 and len(found["test"]) == 4
+
+
+def test_unknown_class_folder(tmp_path):
+    spec = get_spec("eye_disease")
+    _tree(tmp_path, [*spec.classes, "myopia"], per_class=1)
+    with pytest.raises(DataError, match=r"unknown class folder\(s\) \['myopia'\]"):
+        scan_folder(spec, tmp_path)
+
+
+def test_missing_class_folder(tmp_path):
+    spec = get_spec("eye_disease")
+    _tree(tmp_path, ["cataract", "normal", "glaucoma"], per_class=1)
+    with pytest.raises(DataError, match=r"missing class folder\(s\) \['diabetic_retinopathy'\]"):
+        scan_folder(spec, tmp_path)
+
+
+def test_missing_empty_and_imageless(tmp_path):
+    spec = get_spec("eye_disease")
+    with pytest.raises(DataError, match="does not exist"):
+        scan_folder(spec, tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        scan_folder(spec, tmp_path / "empty")
+    _tree(tmp_path / "d", list(spec.classes), per_class=1)
+    for f in (tmp_path / "d" / "glaucoma").iterdir():
+        f.unlink()
+    (tmp_path / "d" / "glaucoma" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="has no images"):
+        scan_folder(spec, tmp_path / "d")
+
+
+def test_images_of_any_kind_become_rgb_of_the_model_size(tmp_path):
+    _write(tmp_path / "g.png", "L", (50, 20))
+    _write(tmp_path / "c.jpg", "RGB", (17, 33))
+    _write(tmp_path / "d.png", "I;16", (30, 30))
+    for name in ("g.png", "c.jpg", "d.png"):
+        arr = read_image(tmp_path / name, 24)
+        assert arr.shape == (3, 24, 24) and arr.dtype == np.uint8
+    gray = read_image(tmp_path / "g.png", 24)
+    assert np.array_equal(gray[0], gray[1]) and np.array_equal(gray[1], gray[2])
+    colour = read_image(tmp_path / "c.jpg", 24)
+    assert colour[0].mean() != colour[2].mean()
+
+
+def test_dicom_slice_is_read():
+    from pydicom.data import get_testdata_file
+
+    arr = read_image(get_testdata_file("MR_small.dcm"), 32)
+    assert arr.shape == (3, 32, 32) and arr.max() > arr.min()
+
+
+def test_stratified_split_is_deterministic_and_stratified():
+    labels = [i % 4 for i in range(200)]
+    a = stratified_split(labels, {"test": 0.15, "val": 0.15}, seed=3)
+    b = stratified_split(labels, {"test": 0.15, "val": 0.15}, seed=3)
+    c = stratified_split(labels, {"test": 0.15, "val": 0.15}, seed=4)
+    assert a == b and a != c
+    for label in range(4):
+        names = [s for s, lab in zip(a, labels, strict=True) if lab == label]
+        assert names.count("test") == 8 and names.count("val") == 8
+
+
+def test_manifest_is_written_once_and_stable(tmp_path, workspace):
+    spec = get_spec("eye_disease")
+    _tree(tmp_path / "eye", list(spec.classes), per_class=10, mode="RGB")
+    cfg = DataConfig(datasets=["eye_disease"])
+    m1 = build_manifest(spec, tmp_path / "eye", None, cfg, workspace)
+    m2 = build_manifest(spec, tmp_path / "eye", None, cfg, workspace)
+    assert m1.entries == m2.entries
+    assert len(list(workspace.manifests.glob("eye_disease-*.json"))) == 1
+    assert sum(m1.counts().values()) == 40 and min(m1.counts().values()) >= 4
+    other = build_manifest(spec, tmp_path / "eye", None, cfg.model_copy(update={"split_seed": 1}), workspace)
+    assert other.fingerprint != m1.fingerprint and other.entries != m1.entries
+
+
+def test_prepare_real_folder(tmp_path, workspace):
+    spec = get_spec("brain_tumor")
+    _tree(tmp_path / "bt" / "Training", list(spec.classes), per_class=8)
+    _tree(tmp_path / "bt" / "Testing", list(spec.classes), per_class=2)
+    cfg = DataConfig(datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")}, image_size=20)
+    data = prepare_dataset(cfg, "brain_tumor", workspace)
+    assert data.splits["test"].images.shape == (8, 3, 20, 20)
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 32
+    assert data.splits["train"].masks is None
+    again = prepare_dataset(cfg, "brain_tumor", workspace)  # from the array cache
+    assert np.array_equal(again.splits["train"].images, data.splits["train"].images)
+
+
+def test_prepare_synthetic_with_masks(workspace):
+    cfg = DataConfig(datasets=["alzheimer"], image_size=32,
+                     synthetic={"n_per_class": 10, "size": 48, "seed": 0})
+    data = prepare_dataset(cfg, "alzheimer", workspace)
+    assert data.manifest.counts() == {"train": 24, "val": 8, "test": 8}
+    for split in data.splits.values():
+        assert split.masks is not None and split.masks.shape == (len(split), 32, 32)
+    assert set(data.splits["train"].labels.tolist()) == {0, 1, 2, 3}
