@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdray.data.specs import DATASETS
 
 __all__ = [
+    "AugmentConfig",
     "ConfigError",
     "DataConfig",
+    "ExplainConfig",
     "ExperimentConfig",
     "KDConfig",
     "MLflowConfig",
@@ -88,6 +90,17 @@ class DataConfig(_Strict):
         return value
 
 
+class AugmentConfig(_Strict):
+    """Teacher training augmentation (training split only)."""
+
+    enabled: bool = True
+    rotation: float = Field(10.0, ge=0.0, le=180.0, description="max degrees either way")
+    shift: float = Field(0.05, ge=0.0, lt=0.5, description="max shift, fraction of the side")
+    zoom: float = Field(0.1, ge=0.0, lt=1.0, description="scale drawn from [1 - zoom, 1 + zoom]")
+    hflip: bool = True
+    vflip: bool = False
+
+
 class TeacherConfig(_Strict):
     """DenseNet121 teacher, trained data-parallel with Ray Train."""
 
@@ -106,6 +119,7 @@ class TeacherConfig(_Strict):
     cpus_per_worker: int = Field(2, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(0, ge=-1, description="worker-failure restarts; -1 = unlimited")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class StudentConfig(_Strict):
@@ -144,6 +158,9 @@ class KDConfig(_Strict):
 
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     temperature: float = Field(4.0, gt=0.0)
+    teacher_logits: Literal["cache", "live"] = Field(
+        "cache", description="cache: trials read the teacher's stored logits; live: run the teacher"
+    )
 
 
 class TuneConfig(_Strict):
@@ -182,6 +199,23 @@ class TuneConfig(_Strict):
         return value
 
 
+class ExplainConfig(_Strict):
+    """Explanations (feature maps, Grad-CAM, SHAP) and the transparency report."""
+
+    methods: list[Literal["feature_maps", "gradcam", "shap"]] = Field(
+        default_factory=lambda: ["feature_maps", "gradcam", "shap"]
+    )
+    student_layer: str | None = Field(None, description="Grad-CAM layer; None: last conv block")
+    teacher_layer: str | None = Field(None, description="Grad-CAM layer; None: last dense block")
+    top_k_channels: int | None = Field(None, ge=1, description="feature maps: mean of the top-k channels")
+    shap_background: int = Field(16, ge=1, description="stratified training images kept as background")
+    shap_nsamples: int = Field(50, ge=1)
+    report: bool = Field(True, description="write the transparency report at the end of a run")
+    report_images: int = Field(16, ge=1, description="test images scored per dataset in the report")
+    timing_images: int = Field(4, ge=1, description="images timed for the mean execution time")
+    grid_examples: int = Field(4, ge=1, description="example rows in the report's figure grid")
+
+
 class MLflowConfig(_Strict):
     experiment: str = "kdray"
     tracking_uri: str | None = Field(
@@ -205,6 +239,7 @@ class ExperimentConfig(_Strict):
     student: StudentConfig = Field(default_factory=StudentConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -17,7 +17,11 @@ from kdray.metrics import classification_metrics
 
 __all__ = ["evaluate", "make_loader", "predict_logits", "seed_everything", "to_input", "train_epoch"]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]
+# loss_fn(logits, labels, extras, inputs) -> {"loss": ..., other scalars}; ``extras`` are the
+# loader's per-sample tensors after images and labels (e.g. cached teacher logits).
+LossFn = Callable[
+    [torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor], dict[str, torch.Tensor]
+]
 
 
 def seed_everything(seed: int) -> None:
@@ -54,8 +58,12 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device | str = "cpu",
     scaler: torch.amp.GradScaler | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``. ``loss_fn(logits, labels, extras)`` returns a dict with ``loss``.
+    """One pass over ``loader``; ``loss_fn`` (see :data:`LossFn`) returns a dict with ``loss``.
+
+    ``augment`` transforms each float input batch (training only); ``scaler`` turns on mixed
+    precision (CUDA).
 
     Returns:
         The sample-weighted mean of every entry of the loss dict, plus ``accuracy``.
@@ -66,12 +74,14 @@ def train_epoch(
     correct = seen = 0
     for batch in loader:
         x = to_input(batch[0], device)
+        if augment is not None:
+            x = augment(x)
         y = batch[1].to(device, non_blocking=True)
         extras = tuple(t.to(device, non_blocking=True) for t in batch[2:])
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=scaler is not None):
             logits = model(x)
-            losses = loss_fn(logits.float(), y, extras)
+            losses = loss_fn(logits.float(), y, extras, x)
         if scaler is not None:
             scaler.scale(losses["loss"]).backward()
             scaler.step(optimizer)

@@ -75,7 +75,7 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         teacher = train_teacher(cfg, data, ws, tracker, parent)
         log.info("%s: teacher %s, test accuracy %.3f", dataset,
                  "reused" if teacher.reused else "trained", teacher.test_metrics["accuracy"])
-        champion = run_sweep(cfg, data, teacher.train_logits(), ws, tracker, parent)
+        champion = run_sweep(cfg, data, teacher, ws, tracker, parent)
         summary = DatasetSummary(
             dataset=dataset,
             teacher_test_accuracy=teacher.test_metrics["accuracy"],

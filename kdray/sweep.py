@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,11 @@ from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
 from kdray.evaluation import evaluate_and_log
 from kdray.losses import KDLoss
 from kdray.models import ModelSpec, build_model, count_params, load_model, save_model
+from kdray.teacher import TeacherResult
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
-__all__ = ["SweepResult", "run_sweep", "select_best"]
+__all__ = ["StudentJob", "SweepResult", "run_sweep", "select_best", "train_student"]
 
 
 @dataclass
@@ -43,8 +46,12 @@ class SweepResult:
 
 
 @dataclass
-class _Payload:
-    """What every trial needs besides its hyper-parameters (shipped once via the object store)."""
+class StudentJob:
+    """What every trial needs besides its hyper-parameters (shipped once via the object store).
+
+    Exactly one of ``teacher_logits`` (the cache: logits on the training split, row-aligned with
+    ``train``) and ``teacher_dir`` (a saved teacher, run live on every batch) is set.
+    """
 
     cfg: ExperimentConfig
     dataset: str
@@ -52,59 +59,105 @@ class _Payload:
     image_size: int
     train: Split
     val: Split
-    teacher_logits: np.ndarray
-    tracker: Tracker
-    parent_run_id: str | None
+    teacher_logits: np.ndarray | None = None
+    teacher_dir: str | None = None
+    tracker: Tracker | None = None
+    parent_run_id: str | None = None
 
 
-def _kd_trial(config: dict[str, Any], payload: _Payload) -> None:
-    """One Tune trial: train a student with the KD loss, report validation accuracy per epoch."""
-    cfg, s = payload.cfg, payload.cfg.student
-    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
+ReportFn = Callable[[dict[str, Any], Path], None]
+
+
+def _teacher_source(job: StudentJob, alpha: float) -> tuple[tuple[np.ndarray, ...], Callable | None]:
+    """Extra loader columns and a live teacher, per the job's logit source (none when alpha == 1)."""
+    if alpha >= 1.0:
+        return (), None
+    if job.teacher_logits is not None:
+        return (job.teacher_logits,), None
+    if job.teacher_dir is None:
+        raise ValueError("a KD student with alpha < 1 needs teacher_logits or teacher_dir")
+    teacher, _ = load_model(job.teacher_dir)
+    teacher.requires_grad_(False)
+    return (), teacher
+
+
+def train_student(
+    job: StudentJob, alpha: float, temperature: float, widths: list[int],
+    report: ReportFn | None = None, run_id: str | None = None,
+) -> dict[str, Any]:
+    """Train one KD student; after every epoch call ``report(metrics, best_model_dir)``.
+
+    Returns:
+        The last epoch's metrics plus ``best_val_accuracy``, ``best_epoch`` and ``params``.
+    """
+    cfg, s = job.cfg, job.cfg.student
     seed_everything(cfg.seed)
-    widths = [int(w) for w in config["widths"].split("-")]
-    spec = ModelSpec(kind="student", num_classes=len(payload.class_names), image_size=payload.image_size,
-                     class_names=payload.class_names, widths=widths, dataset=payload.dataset)
+    spec = ModelSpec(kind="student", num_classes=len(job.class_names), image_size=job.image_size,
+                     class_names=job.class_names, widths=widths, dataset=job.dataset)
     model = build_model(spec)
-    best_model = build_model(spec)  # the best epoch so far: what each checkpoint holds
+    best_model = build_model(spec)  # the best epoch so far: what each report's directory holds
     params = count_params(model)
-    loss_fn = KDLoss(config["alpha"], config["temperature"])
+    loss_fn = KDLoss(alpha, temperature)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    loader = make_loader((payload.train.images, payload.train.labels, payload.teacher_logits),
-                         s.batch_size, shuffle=True, seed=cfg.seed)
+    extra_columns, live_teacher = _teacher_source(job, alpha)
+    loader = make_loader((job.train.images, job.train.labels, *extra_columns), s.batch_size,
+                         shuffle=True, seed=cfg.seed)
 
-    def kd(logits: torch.Tensor, y: torch.Tensor, extras: tuple) -> dict[str, torch.Tensor]:
-        return loss_fn(logits, extras[0], y)
+    def kd(logits: torch.Tensor, y: torch.Tensor, extras: tuple, x: torch.Tensor) -> dict:
+        if live_teacher is not None:
+            with torch.no_grad():
+                teacher_logits = live_teacher(x)
+        else:
+            teacher_logits = extras[0] if extras else None
+        return loss_fn(logits, teacher_logits, y)
 
-    tracker = payload.tracker
-    trial_id = tune.get_context().get_trial_id()
-    run_id = tracker.start_run(f"trial-{payload.dataset}-{trial_id}", payload.dataset, "trial",
-                               payload.parent_run_id, tags={"kdray.trial_id": trial_id})
-    tracker.log_params(run_id, {"alpha": config["alpha"], "temperature": config["temperature"],
-                                "widths": widths, "depth": s.depth, "lr": s.lr,
-                                "epochs": s.epochs})
-    tracker.log_config(run_id, cfg.to_dict())
     best_acc, best_epoch = -1.0, -1
-    try:
-        for epoch in range(s.epochs):
-            stats = train_epoch(model, loader, kd, optimizer)
-            val_metrics, _ = evaluate(model, payload.val, payload.class_names)
-            if val_metrics["accuracy"] > best_acc:
-                best_acc, best_epoch = val_metrics["accuracy"], epoch
-                best_model.load_state_dict(model.state_dict())
-            metrics = {"train_loss": stats["loss"], "train_hard": stats["hard"],
-                       "train_soft": stats["soft"], "train_accuracy": stats["accuracy"],
-                       "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}
-            tracker.log_metrics(run_id, metrics, step=epoch)
+    metrics: dict[str, Any] = {}
+    for epoch in range(s.epochs):
+        started = time.perf_counter()
+        stats = train_epoch(model, loader, kd, optimizer)
+        seconds = time.perf_counter() - started
+        val_metrics, _ = evaluate(model, job.val, job.class_names)
+        if val_metrics["accuracy"] > best_acc:
+            best_acc, best_epoch = val_metrics["accuracy"], epoch
+            best_model.load_state_dict(model.state_dict())
+        metrics = {"train_loss": stats["loss"], "train_hard": stats["hard"],
+                   "train_soft": stats["soft"], "train_accuracy": stats["accuracy"],
+                   "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+                   "epoch_seconds": seconds}
+        if job.tracker is not None and run_id is not None:
+            job.tracker.log_metrics(run_id, metrics, step=epoch)
+        metrics = {**metrics, "epoch": epoch, "best_val_accuracy": best_acc,
+                   "best_epoch": best_epoch, "params": params}
+        if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_model(best_model, spec, tmp)
-                tune.report(
-                    {**metrics, "epoch": epoch, "best_val_accuracy": best_acc, "params": params,
-                     "mlflow_run_id": run_id},
-                    checkpoint=tune.Checkpoint.from_directory(tmp),
-                )
-        tracker.log_metrics(run_id, {"best_val_accuracy": best_acc, "best_epoch": best_epoch,
-                                     "params": params})
+                report(metrics, Path(tmp))
+    return metrics
+
+
+def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
+    """One Tune trial: a :func:`train_student` run with its own MLflow run."""
+    cfg = job.cfg
+    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
+    widths = [int(w) for w in config["widths"].split("-")]
+    tracker = job.tracker
+    trial_id = tune.get_context().get_trial_id()
+    run_id = tracker.start_run(f"trial-{job.dataset}-{trial_id}", job.dataset, "trial",
+                               job.parent_run_id, tags={"kdray.trial_id": trial_id})
+    tracker.log_params(run_id, {"alpha": config["alpha"], "temperature": config["temperature"],
+                                "widths": widths, "depth": len(widths), "lr": cfg.student.lr,
+                                "epochs": cfg.student.epochs,
+                                "teacher_logits": cfg.kd.teacher_logits})
+    tracker.log_config(run_id, cfg.to_dict())
+
+    def report(metrics: dict[str, Any], best_dir: Path) -> None:
+        tune.report({**metrics, "mlflow_run_id": run_id},
+                    checkpoint=tune.Checkpoint.from_directory(best_dir))
+
+    try:
+        final = train_student(job, config["alpha"], config["temperature"], widths, report, run_id)
+        tracker.log_metrics(run_id, {k: final[k] for k in ("best_val_accuracy", "best_epoch", "params")})
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
@@ -127,16 +180,22 @@ def select_best(candidates: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_sweep(
-    cfg: ExperimentConfig, data: PreparedData, teacher_logits: np.ndarray, ws: Workspace,
+    cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, ws: Workspace,
     tracker: Tracker, parent_run_id: str | None = None, name: str | None = None,
 ) -> SweepResult:
     """Search KD students for one dataset with Ray Tune and score the champion on test."""
     dataset = data.spec.id
     t = cfg.tune
-    payload = _Payload(cfg, dataset, list(data.spec.classes), data.image_size, data.splits["train"],
-                       data.splits["val"], teacher_logits.astype(np.float32), tracker, parent_run_id)
+    cached = cfg.kd.teacher_logits == "cache"
+    job = StudentJob(
+        cfg, dataset, list(data.spec.classes), data.image_size, data.splits["train"],
+        data.splits["val"],
+        teacher_logits=teacher.train_logits().astype(np.float32) if cached else None,
+        teacher_dir=None if cached else str(teacher.model_dir),
+        tracker=tracker, parent_run_id=parent_run_id,
+    )
     trainable = tune.with_resources(
-        tune.with_parameters(_kd_trial, payload=payload),
+        tune.with_parameters(_kd_trial, job=job),
         {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
     )
     from ray.tune.search.basic_variant import BasicVariantGenerator

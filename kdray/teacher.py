@@ -13,6 +13,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdray.augment import build_augment
 from kdray.config import ExperimentConfig
-from kdray.data.prepare import PreparedData
+from kdray.data.prepare import PreparedData, Split
 from kdray.engine import evaluate, make_loader, predict_logits, seed_everything, train_epoch
 from kdray.evaluation import evaluate_and_log
 from kdray.models import ModelSpec, build_model, count_params, save_model, unwrap
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
-__all__ = ["TeacherResult", "teacher_key", "train_teacher"]
+__all__ = ["TeacherResult", "fit_teacher", "teacher_key", "train_teacher"]
 
 STATE_FILE = "state.pt"
 META_FILE = "teacher.json"
@@ -60,8 +62,28 @@ def teacher_key(cfg: ExperimentConfig, data: PreparedData) -> str:
     return f"{data.key}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def _ce_loss(logits: torch.Tensor, y: torch.Tensor, _extras: tuple) -> dict[str, torch.Tensor]:
+def _ce_loss(logits: torch.Tensor, y: torch.Tensor, _extras: tuple, _x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"loss": F.cross_entropy(logits, y)}
+
+
+def _validate_on_rank0(
+    model: torch.nn.Module, val: Split, class_names: list[str], device: torch.device, rank: int,
+    world: int,
+) -> dict[str, Any]:
+    """Rank 0 scores the validation split and shares the result with every rank.
+
+    DDP keeps the weights in sync but not BatchNorm's running statistics, so ranks would score
+    slightly differently; one shared result keeps the LR schedule and early stopping identical
+    on every rank (and the ``ray.train.report`` calls equal in number).
+    """
+    metrics = evaluate(model, val, class_names, device)[0] if rank == 0 else None
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -80,6 +102,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    augment = build_augment(config["augment"])
     per_worker_batch = max(1, config["batch_size"] // world)
     loader = make_loader((train.images, train.labels), per_worker_batch, shuffle=True,
                          seed=config["seed"], pin_memory=use_amp)
@@ -105,11 +128,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:
             loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        stats = train_epoch(model, loader, _ce_loss, optimizer, device, scaler)
+        stats = train_epoch(model, loader, _ce_loss, optimizer, device, scaler, augment)
         seconds = time.perf_counter() - started
-        # Every rank scores the whole validation split: the same weights give the same numbers,
-        # so every rank takes the same early-stopping decision without a collective.
-        val_metrics, _ = evaluate(unwrap(model), val, config["class_names"], device)
+        val_metrics = _validate_on_rank0(unwrap(model), val, config["class_names"], device, rank, world)
         scheduler.step(val_metrics["loss"])
         improved = val_metrics["accuracy"] > best["val_accuracy"] or (
             val_metrics["accuracy"] == best["val_accuracy"] and val_metrics["loss"] < best["val_loss"]
@@ -148,9 +169,15 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
 
-def _run_trainer(cfg: ExperimentConfig, data: PreparedData, spec: ModelSpec, tracker: Tracker,
-                 run_id: str, name: str, storage_path: str) -> dict[str, Any]:
-    """Fit the TorchTrainer and return the last checkpoint's state."""
+def fit_teacher(
+    cfg: ExperimentConfig, data: PreparedData, spec: ModelSpec, tracker: Tracker, run_id: str,
+    name: str, storage_path: str, loop: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Fit the TorchTrainer and return the last checkpoint's state.
+
+    Args:
+        loop: the per-worker function; tests wrap :func:`_train_loop_per_worker` to observe it.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -165,6 +192,7 @@ def _run_trainer(cfg: ExperimentConfig, data: PreparedData, spec: ModelSpec, tra
         "lr": t.lr,
         "weight_decay": t.weight_decay,
         "patience": t.early_stopping_patience,
+        "augment": t.augment,
         "seed": cfg.seed,
         "threads": t.cpus_per_worker,
         "class_names": list(data.spec.classes),
@@ -172,7 +200,7 @@ def _run_trainer(cfg: ExperimentConfig, data: PreparedData, spec: ModelSpec, tra
         "run_id": run_id,
     }
     trainer = TorchTrainer(
-        _train_loop_per_worker,
+        loop or _train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -215,8 +243,8 @@ def train_teacher(
                                     "batch_size": cfg.teacher.batch_size, "lr": cfg.teacher.lr,
                                     "num_workers": cfg.teacher.num_workers,
                                     "image_size": data.image_size, **data.manifest.counts()})
-        state = _run_trainer(cfg, data, spec, tracker, run_id, f"teacher-{dataset}-{key}",
-                             ws.ray_storage(cfg.ray.storage_path))
+        state = fit_teacher(cfg, data, spec, tracker, run_id, f"teacher-{dataset}-{key}",
+                            ws.ray_storage(cfg.ray.storage_path))
         model = build_model(spec)
         model.load_state_dict(state["best_model"])
         model.eval()

@@ -1,0 +1,135 @@
+"""Teacher training on real Ray Train: DDP over 2 CPU workers, checkpoints, fault tolerance, reuse."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+import torch
+from mlflow import MlflowClient
+
+from kdray.config import ExperimentConfig, MLflowConfig
+from kdray.engine import predict_logits
+from kdray.models import ModelSpec, build_model
+from kdray.teacher import fit_teacher, teacher_key
+from kdray.tracking import Tracker
+
+from conftest import tiny_data
+
+# The observing loops below are defined here; Ray workers cannot import this test module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def observing_loop(log_dir: Path, fail_at_epoch: int | None = None):
+    """Wrap the product's per-worker loop: record what each rank trains on, optionally fail once."""
+
+    def loop(config):
+        import ray.train
+
+        import kdray.teacher as kt
+        from kdray.models import unwrap
+
+        rank = ray.train.get_context().get_world_rank()
+        start = 0
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                start = torch.load(Path(d) / kt.STATE_FILE, weights_only=True)["epoch"] + 1
+        calls = {"n": 0}
+        original = kt.train_epoch
+
+        def train_epoch(model, loader, *args, **kwargs):
+            epoch = start + calls["n"]
+            calls["n"] += 1
+            with open(log_dir / f"rank{rank}.log", "a") as f:
+                f.write(f"{epoch} {' '.join(map(str, sorted(loader.sampler)))}\n")
+            marker = log_dir / "failed-once"
+            if fail_at_epoch == epoch and not marker.exists():
+                marker.touch()
+                raise RuntimeError("injected worker failure")
+            out = original(model, loader, *args, **kwargs)
+            val = config["data"]["val"].images
+            np.save(log_dir / f"rank{rank}-logits.npy", predict_logits(unwrap(model), val))
+            weights = torch.cat([p.detach().flatten() for p in unwrap(model).parameters()])
+            np.save(log_dir / f"rank{rank}-weights.npy", weights.numpy())
+            return out
+
+        kt.train_epoch = train_epoch
+        try:
+            kt._train_loop_per_worker(config)
+        finally:
+            kt.train_epoch = original
+
+    return loop
+
+
+def _setup(tmp_path, **teacher):
+    cfg = ExperimentConfig.model_validate({"teacher": {"batch_size": 8, "cpus_per_worker": 1,
+                                                       "augment": {"enabled": False}, **teacher}})
+    data = tiny_data(n_per_class=8, size=32)  # 16 training images: splits evenly over 2 ranks
+    tracker = Tracker.open(MLflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                           _ws(tmp_path))
+    spec = ModelSpec(kind="teacher", num_classes=4, image_size=32, class_names=list(data.spec.classes))
+    run_id = tracker.start_run("teacher-test", "eye_disease", "teacher")
+    return cfg, data, tracker, spec, run_id
+
+
+def _ws(tmp_path):
+    from kdray.workspace import Workspace
+
+    return Workspace(tmp_path)
+
+
+def _epochs_logged(tracker: Tracker, run_id: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(tracker.tracking_uri).get_metric_history(run_id, "val_accuracy"))
+
+
+@pytest.mark.integration
+def test_ddp_two_workers_disjoint_shards_and_checkpoint_restores(ray_local, tmp_path):
+    cfg, data, tracker, spec, run_id = _setup(tmp_path, num_workers=2, epochs=2)
+    state = fit_teacher(cfg, data, spec, tracker, run_id, "ddp", str(tmp_path / "ray"),
+                        loop=observing_loop(tmp_path))
+    n_train = len(data.splits["train"])
+    rows = {r: [line.split() for line in (tmp_path / f"rank{r}.log").read_text().splitlines()] for r in (0, 1)}
+    for epoch in (0, 1):
+        shard0 = {int(i) for i in rows[0][epoch][1:]}
+        shard1 = {int(i) for i in rows[1][epoch][1:]}
+        assert shard0.isdisjoint(shard1)
+        assert shard0 | shard1 == set(range(n_train))
+    # DDP keeps the replicas' weights identical; the checkpoint (rank 0) restores its predictions.
+    np.testing.assert_allclose(np.load(tmp_path / "rank0-weights.npy"),
+                               np.load(tmp_path / "rank1-weights.npy"), rtol=1e-6, atol=1e-7)
+    rank0 = np.load(tmp_path / "rank0-logits.npy")
+    restored = build_model(spec)
+    restored.load_state_dict(state["model"])
+    np.testing.assert_allclose(predict_logits(restored, data.splits["val"].images), rank0, rtol=1e-5, atol=1e-5)
+    assert state["epoch"] == 1
+    assert _epochs_logged(tracker, run_id) == [0, 1]  # rank 0 alone logs to MLflow
+
+
+@pytest.mark.integration
+def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, tmp_path):
+    cfg, data, tracker, spec, run_id = _setup(tmp_path, num_workers=1, epochs=3, max_failures=1)
+    state = fit_teacher(cfg, data, spec, tracker, run_id, "fault", str(tmp_path / "ray"),
+                        loop=observing_loop(tmp_path, fail_at_epoch=1))
+    epochs_run = [int(line.split()[0]) for line in (tmp_path / "rank0.log").read_text().splitlines()]
+    assert epochs_run == [0, 1, 1, 2]  # failed in epoch 2 (index 1), resumed there, not at 0
+    assert state["epoch"] == 2
+    assert _epochs_logged(tracker, run_id) == [0, 1, 2]  # one run, each epoch logged once
+    experiment = MlflowClient(tracker.tracking_uri).search_runs([tracker.experiment_id])
+    assert len(experiment) == 1
+
+
+def test_teacher_key_tracks_data_and_recipe_not_scaling():
+    data = tiny_data(n_per_class=2, size=16)
+    base = ExperimentConfig()
+    key = teacher_key(base, data)
+    assert teacher_key(base.model_copy(deep=True), data) == key
+    scaled = ExperimentConfig.model_validate({"teacher": {"num_workers": 4, "cpus_per_worker": 1}})
+    assert teacher_key(scaled, data) == key
+    assert teacher_key(ExperimentConfig.model_validate({"teacher": {"lr": 0.01}}), data) != key
+    assert teacher_key(ExperimentConfig.model_validate({"teacher": {"augment": {"rotation": 5}}}), data) != key
+    assert teacher_key(base, tiny_data(n_per_class=3, size=16)) != key
