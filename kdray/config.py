@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdray.data.specs import DATASETS
 
 __all__ = [
+    "widths_for",
     "AugmentConfig",
     "ConfigError",
     "DataConfig",
@@ -122,12 +123,20 @@ class TeacherConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
+def widths_for(base: int, growth: float, depth: int) -> list[int]:
+    """Block widths ``round(base * growth**min(i, 3))``: 16-32-64-128-128 for base 16, growth 2."""
+    return [max(1, round(base * growth ** min(i, 3))) for i in range(depth)]
+
+
 class StudentConfig(_Strict):
     """Shallow CNN student: ``depth`` blocks of conv-BN-ReLU-pool, global pooling, linear head."""
 
     depth: int = Field(5, ge=1, le=8)
-    base_width: int = Field(16, ge=1, description="width of block 1; doubles per block up to 8x")
-    widths: list[int] | None = Field(None, description="explicit width per block; overrides base")
+    base_width: int = Field(16, ge=1, description="width of block 1")
+    growth: float = Field(2.0, ge=1.0, le=4.0, description="width factor per block, for 3 blocks")
+    widths: list[int] | None = Field(
+        None, description="explicit width per block; overrides base_width/growth and the sweep's"
+    )
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0.0)
@@ -144,13 +153,11 @@ class StudentConfig(_Strict):
                 raise ValueError("every width must be >= 1")
         return self
 
-    def resolved_widths(self, base_width: int | None = None) -> list[int]:
-        """Widths per block: ``base * 2**min(i, 3)`` (16-32-64-128-128) for a given base, else
-        the explicit ``widths``, else the pattern on ``base_width``."""
-        if base_width is None and self.widths is not None:
+    def resolved_widths(self) -> list[int]:
+        """The explicit ``widths``, else :func:`widths_for` on base_width, growth and depth."""
+        if self.widths is not None:
             return list(self.widths)
-        base = base_width if base_width is not None else self.base_width
-        return [base * 2 ** min(i, 3) for i in range(self.depth)]
+        return widths_for(self.base_width, self.growth, self.depth)
 
 
 class KDConfig(_Strict):
@@ -164,15 +171,29 @@ class KDConfig(_Strict):
 
 
 class TuneConfig(_Strict):
-    """The Ray Tune search over alpha, temperature and student width, per dataset."""
+    """The Ray Tune search, per dataset: alpha, temperature, student width and depth, lr.
+
+    The width and depth dimensions apply unless ``student.widths`` is set explicitly.
+    """
 
     num_samples: int = Field(4, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
-    alpha: tuple[float, float] = (0.1, 0.9)
-    temperature: tuple[float, float] = (1.0, 10.0)
-    base_width: list[int] = Field(default_factory=lambda: [8, 16])
+    search: Literal["optuna", "random"] = Field("optuna", description="optuna: TPE sampler")
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: early-stop weak trials")
+    grace_period: int = Field(3, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0)
+    alpha: tuple[float, float] = (0.05, 0.95)
+    temperature: tuple[float, float] = (1.0, 20.0)
+    base_width: list[int] = Field(default_factory=lambda: [8, 16, 24])
+    growth: list[float] = Field(default_factory=lambda: [1.5, 2.0])
+    depth: list[int] = Field(default_factory=lambda: [4, 5, 6])
+    lr: tuple[float, float] = (1e-3, 1e-2)
+    selection_tolerance: float = Field(
+        0.01, ge=0.0, le=1.0,
+        description="champion: among trials within this of the best val accuracy, fewest FLOPs",
+    )
     seed: int = 0
 
     @field_validator("alpha")
@@ -183,19 +204,19 @@ class TuneConfig(_Strict):
             raise ValueError(f"alpha range must satisfy 0 <= low <= high <= 1, got {list(value)}")
         return value
 
-    @field_validator("temperature")
+    @field_validator("temperature", "lr")
     @classmethod
-    def _temperature_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+    def _positive_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         lo, hi = value
         if not 0.0 < lo <= hi:
-            raise ValueError(f"temperature range must satisfy 0 < low <= high, got {list(value)}")
+            raise ValueError(f"range must satisfy 0 < low <= high, got {list(value)}")
         return value
 
-    @field_validator("base_width")
+    @field_validator("base_width", "depth", "growth")
     @classmethod
-    def _widths_positive(cls, value: list[int]) -> list[int]:
+    def _choices(cls, value: list) -> list:
         if not value or min(value) < 1:
-            raise ValueError("base_width needs at least one choice, each >= 1")
+            raise ValueError("needs at least one choice, each >= 1")
         return value
 
 
@@ -234,6 +255,10 @@ class RayConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     seed: int = 0
+    seeds: list[int] = Field(
+        default_factory=list,
+        description="retrain champion and CE baseline on each seed; report mean and std",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)

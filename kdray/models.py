@@ -25,6 +25,7 @@ __all__ = [
     "StudentCNN",
     "TeacherDenseNet",
     "build_model",
+    "count_flops",
     "count_params",
     "load_model",
     "save_model",
@@ -203,6 +204,23 @@ def build_model(spec: ModelSpec, teacher_weights: str | None = None) -> nn.Modul
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, image_size: int) -> int:
+    """FLOPs of one forward pass on one (3, image_size, image_size) image.
+
+    Counted by ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs), not by hand.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    model.train(was_training)
+    return int(counter.get_total_flops())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

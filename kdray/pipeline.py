@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 
 import ray
 
+from kdray.champion import crown_champion
 from kdray.config import ExperimentConfig, RayConfig
 from kdray.data.prepare import prepare_dataset
-from kdray.sweep import run_sweep
+from kdray.sweep import make_job, run_sweep
 from kdray.teacher import train_teacher
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
@@ -32,15 +33,24 @@ class DatasetSummary:
     teacher_test_f1: float
     student_test_accuracy: float
     student_test_f1: float
+    baseline_test_accuracy: float
+    baseline_test_f1: float
+    kd_gain: float  # student - CE-only baseline, test accuracy (means over seeds when given)
     alpha: float
     temperature: float
     widths: str
+    lr: float
     teacher_params: int
     student_params: int
-    param_ratio: float
+    teacher_flops: int
+    student_flops: int
+    seeds: str
+    student_test_accuracy_std: float
+    baseline_test_accuracy_std: float
     teacher_reused: bool
     trials: int
     seconds: float
+    parent_run_id: str
 
 
 @contextmanager
@@ -75,25 +85,39 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         teacher = train_teacher(cfg, data, ws, tracker, parent)
         log.info("%s: teacher %s, test accuracy %.3f", dataset,
                  "reused" if teacher.reused else "trained", teacher.test_metrics["accuracy"])
-        champion = run_sweep(cfg, data, teacher, ws, tracker, parent)
+        job = make_job(cfg, data, teacher, tracker, parent)
+        outcomes = run_sweep(job, ws, name=f"sweep-{dataset}-{data.key}")
+        champion = crown_champion(job, outcomes, data.splits["test"], ws, tracker, parent)
+        seeds = champion.champion_seeds
+        student_acc = seeds.get("test_accuracy_mean", champion.test_metrics["accuracy"])
         summary = DatasetSummary(
             dataset=dataset,
             teacher_test_accuracy=teacher.test_metrics["accuracy"],
             teacher_test_f1=teacher.test_metrics["f1_macro"],
-            student_test_accuracy=champion.test_metrics["accuracy"],
-            student_test_f1=champion.test_metrics["f1_macro"],
+            student_test_accuracy=student_acc,
+            student_test_f1=seeds.get("test_f1_macro_mean", champion.test_metrics["f1_macro"]),
+            baseline_test_accuracy=champion.baseline_test["test_accuracy_mean"],
+            baseline_test_f1=champion.baseline_test["test_f1_macro_mean"],
+            kd_gain=student_acc - champion.baseline_test["test_accuracy_mean"],
             alpha=champion.alpha,
             temperature=champion.temperature,
             widths="-".join(map(str, champion.widths)),
+            lr=champion.lr,
             teacher_params=teacher.params,
             student_params=champion.params,
-            param_ratio=champion.params / teacher.params,
+            teacher_flops=teacher.flops,
+            student_flops=champion.flops,
+            seeds=" ".join(map(str, champion.seeds)),
+            student_test_accuracy_std=seeds.get("test_accuracy_std", 0.0),
+            baseline_test_accuracy_std=champion.baseline_test["test_accuracy_std"],
             teacher_reused=teacher.reused,
-            trials=champion.num_trials,
+            trials=len(outcomes),
             seconds=time.perf_counter() - started,
+            parent_run_id=parent,
         )
         tracker.set_tags(parent, {"kdray.teacher_run": teacher.run_id,
-                                  "kdray.champion_run": champion.trial_run_id})
+                                  "kdray.champion_run": champion.run_id,
+                                  "kdray.baseline_run": champion.baseline_run_id})
         tracker.log_metrics(parent, {k: v for k, v in asdict(summary).items()
                                      if isinstance(v, float | int) and not isinstance(v, bool)})
     except BaseException:
@@ -104,16 +128,28 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
 
 
 def format_summary(rows: list[DatasetSummary]) -> str:
-    """A Markdown table: teacher vs best student per dataset."""
-    header = ("| dataset | teacher acc | teacher F1 | student acc | student F1 | alpha | T | widths "
-              "| student/teacher params |\n|---|---|---|---|---|---|---|---|---|")
-    lines = [header]
+    """A Markdown table per run: teacher vs champion vs CE-only baseline, per dataset."""
+    lines = [
+        "| dataset | model | test acc | test F1 | params | MFLOPs | alpha | T | widths |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pm(mean: float, std: float, seeds: str) -> str:
+        return f"{mean:.3f} ± {std:.3f}" if len(seeds.split()) > 1 else f"{mean:.3f}"
+
     for r in rows:
-        lines.append(
-            f"| {r.dataset} | {r.teacher_test_accuracy:.3f} | {r.teacher_test_f1:.3f} "
-            f"| {r.student_test_accuracy:.3f} | {r.student_test_f1:.3f} | {r.alpha:.2f} "
-            f"| {r.temperature:.2f} | {r.widths} | {r.param_ratio:.4f} |"
-        )
+        lines += [
+            f"| {r.dataset} | teacher DenseNet121 | {r.teacher_test_accuracy:.3f} | {r.teacher_test_f1:.3f} "
+            f"| {r.teacher_params:,} | {r.teacher_flops / 1e6:.1f} | | | |",
+            f"| {r.dataset} | KD student (champion) | {pm(r.student_test_accuracy, r.student_test_accuracy_std, r.seeds)} "
+            f"| {r.student_test_f1:.3f} | {r.student_params:,} | {r.student_flops / 1e6:.1f} | {r.alpha:.2f} "
+            f"| {r.temperature:.2f} | {r.widths} |",
+            f"| {r.dataset} | CE-only baseline | {pm(r.baseline_test_accuracy, r.baseline_test_accuracy_std, r.seeds)} "
+            f"| {r.baseline_test_f1:.3f} | {r.student_params:,} | {r.student_flops / 1e6:.1f} | 1.00 | | {r.widths} |",
+        ]
+    lines.append("")
+    lines.append("KD gain (student − baseline test accuracy): " + ", ".join(
+        f"{r.dataset} {r.kd_gain:+.3f}" for r in rows))
     return "\n".join(lines)
 
 
@@ -137,4 +173,7 @@ def run_pipeline(cfg: ExperimentConfig, ws: Workspace) -> list[DatasetSummary]:
         for dataset in cfg.data.datasets:
             rows.append(run_dataset(cfg, dataset, ws, tracker))
     _write_summary(rows, ws)
+    for row in rows:  # every dataset's parent run carries the whole run's table
+        tracker.client.log_artifact(row.parent_run_id, str(ws.reports / "summary.md"))
+        tracker.client.log_artifact(row.parent_run_id, str(ws.reports / "summary.csv"))
     return rows

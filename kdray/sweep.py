@@ -1,13 +1,12 @@
-"""KD sweep: Ray Tune searches alpha, temperature and student width; one MLflow run per trial.
+"""KD sweep: Ray Tune searches alpha, temperature, student width/depth and lr; one MLflow run each.
 
-Trials read the teacher's cached training logits, so no trial runs the teacher. The best trial
-(validation accuracy; fewer parameters on a tie) is the dataset's champion: it is scored on the
-test split and saved to ``<workspace>/champions/<dataset>/``.
+Trials read the teacher's cached training logits (``kd.teacher_logits: cache``), so no trial runs
+the teacher. Optuna's TPE proposes the points, ASHA stops weak trials early. Each trial reports
+its best-epoch weights as its checkpoint; :mod:`kdray.champion` picks and scores the winner.
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,33 +15,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 
-from kdray.config import ExperimentConfig
+from kdray.config import ExperimentConfig, widths_for
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
-from kdray.evaluation import evaluate_and_log
 from kdray.losses import KDLoss
-from kdray.models import ModelSpec, build_model, count_params, load_model, save_model
+from kdray.models import ModelSpec, build_model, count_flops, count_params, load_model, save_model
 from kdray.teacher import TeacherResult
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
-__all__ = ["StudentJob", "SweepResult", "run_sweep", "select_best", "train_student"]
+__all__ = ["StudentJob", "TrialOutcome", "make_job", "run_sweep", "search_space", "train_student"]
+
+METRIC = "best_val_accuracy"  # what Tune optimises and ASHA compares: the trial's best epoch so far
 
 
 @dataclass
-class SweepResult:
-    trial_run_id: str
-    model_dir: Path
-    alpha: float
-    temperature: float
+class TrialOutcome:
+    """One finished trial, as the champion selection sees it."""
+
+    run_id: str
+    config: dict[str, Any]
     widths: list[int]
+    lr: float
+    best_val_accuracy: float
     params: int
-    val_accuracy: float
-    test_metrics: dict[str, Any]
-    num_trials: int
+    flops: int
+    checkpoint: Any  # ray.tune.Checkpoint holding the best epoch's model
 
 
 @dataclass
@@ -83,25 +85,32 @@ def _teacher_source(job: StudentJob, alpha: float) -> tuple[tuple[np.ndarray, ..
 
 def train_student(
     job: StudentJob, alpha: float, temperature: float, widths: list[int],
-    report: ReportFn | None = None, run_id: str | None = None,
+    report: ReportFn | None = None, run_id: str | None = None, lr: float | None = None,
+    seed: int | None = None, best_model_out: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train one KD student; after every epoch call ``report(metrics, best_model_dir)``.
 
+    Args:
+        lr: learning rate (default ``student.lr``); seed: default the config's seed.
+        best_model_out: a module of the same spec that receives the best epoch's weights.
+
     Returns:
-        The last epoch's metrics plus ``best_val_accuracy``, ``best_epoch`` and ``params``.
+        The last epoch's metrics plus ``best_val_accuracy``, ``best_epoch``, ``params`` and
+        ``flops`` (per image at the input size).
     """
     cfg, s = job.cfg, job.cfg.student
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed if seed is None else seed)
     spec = ModelSpec(kind="student", num_classes=len(job.class_names), image_size=job.image_size,
                      class_names=job.class_names, widths=widths, dataset=job.dataset)
     model = build_model(spec)
-    best_model = build_model(spec)  # the best epoch so far: what each report's directory holds
-    params = count_params(model)
+    # The best epoch so far: what each report's directory holds.
+    best_model = best_model_out if best_model_out is not None else build_model(spec)
+    params, flops = count_params(model), count_flops(model, job.image_size)
     loss_fn = KDLoss(alpha, temperature)
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr or s.lr, weight_decay=s.weight_decay)
     extra_columns, live_teacher = _teacher_source(job, alpha)
     loader = make_loader((job.train.images, job.train.labels, *extra_columns), s.batch_size,
-                         shuffle=True, seed=cfg.seed)
+                         shuffle=True, seed=cfg.seed if seed is None else seed)
 
     def kd(logits: torch.Tensor, y: torch.Tensor, extras: tuple, x: torch.Tensor) -> dict:
         if live_teacher is not None:
@@ -125,10 +134,12 @@ def train_student(
                    "train_soft": stats["soft"], "train_accuracy": stats["accuracy"],
                    "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
                    "epoch_seconds": seconds}
+        # The running summary goes with every epoch: a trial that the scheduler stops after
+        # any report has its MLflow run complete already.
+        metrics.update(best_val_accuracy=best_acc, best_epoch=best_epoch, params=params, flops=flops)
         if job.tracker is not None and run_id is not None:
             job.tracker.log_metrics(run_id, metrics, step=epoch)
-        metrics = {**metrics, "epoch": epoch, "best_val_accuracy": best_acc,
-                   "best_epoch": best_epoch, "params": params}
+        metrics["epoch"] = epoch
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_model(best_model, spec, tmp)
@@ -136,19 +147,28 @@ def train_student(
     return metrics
 
 
+def trial_hyperparameters(config: dict[str, Any], cfg: ExperimentConfig) -> tuple[list[int], float]:
+    """A trial's (widths, lr): explicit ``student.widths`` win over the searched base/growth/depth."""
+    s = cfg.student
+    widths = s.resolved_widths() if s.widths is not None else widths_for(
+        int(config["base_width"]), float(config["growth"]), int(config["depth"]))
+    return widths, float(config.get("lr", s.lr))
+
+
 def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
     """One Tune trial: a :func:`train_student` run with its own MLflow run."""
     cfg = job.cfg
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
-    widths = [int(w) for w in config["widths"].split("-")]
+    widths, lr = trial_hyperparameters(config, cfg)
     tracker = job.tracker
-    trial_id = tune.get_context().get_trial_id()
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
     run_id = tracker.start_run(f"trial-{job.dataset}-{trial_id}", job.dataset, "trial",
-                               job.parent_run_id, tags={"kdray.trial_id": trial_id})
+                               job.parent_run_id, tags={"kdray.trial_id": trial_id,
+                                                        "kdray.node_id": ray.get_runtime_context().get_node_id()})
     tracker.log_params(run_id, {"alpha": config["alpha"], "temperature": config["temperature"],
-                                "widths": widths, "depth": len(widths), "lr": cfg.student.lr,
-                                "epochs": cfg.student.epochs,
-                                "teacher_logits": cfg.kd.teacher_logits})
+                                "widths": "-".join(map(str, widths)), "depth": len(widths), "lr": lr,
+                                "epochs": cfg.student.epochs, "teacher_logits": cfg.kd.teacher_logits})
     tracker.log_config(run_id, cfg.to_dict())
 
     def report(metrics: dict[str, Any], best_dir: Path) -> None:
@@ -156,95 +176,119 @@ def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
                     checkpoint=tune.Checkpoint.from_directory(best_dir))
 
     try:
-        final = train_student(job, config["alpha"], config["temperature"], widths, report, run_id)
-        tracker.log_metrics(run_id, {k: final[k] for k in ("best_val_accuracy", "best_epoch", "params")})
+        train_student(job, config["alpha"], config["temperature"], widths, report, run_id, lr)
+    except SystemExit:
+        # Tune ends a trial that its scheduler stops (ASHA, or max_t reached) with sys.exit(0)
+        # inside tune.report, and may end the process right after: run_sweep closes the run.
+        raise
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.end_run(run_id)
 
 
-def _widths_key(widths: list[int]) -> str:
-    return "-".join(str(w) for w in widths)
+def _close_trial_runs(tracker: Tracker, grid: Any, epochs: int) -> None:
+    """Close the MLflow run of every trial (the scheduler may have stopped it mid-report)."""
+    for result in grid:
+        run_id = (result.metrics or {}).get("mlflow_run_id")
+        if not run_id:
+            continue
+        epochs_run = int(result.metrics.get("epoch", -1)) + 1
+        tracker.set_tags(run_id, {"kdray.epochs_run": epochs_run,
+                                  "kdray.stopped_early": str(epochs_run < epochs).lower()})
+        if tracker.client.get_run(run_id).info.status == "RUNNING":
+            tracker.end_run(run_id, "FAILED" if result.error else "FINISHED")
 
 
-def select_best(candidates: list[dict[str, Any]]) -> dict[str, Any]:
-    """Highest ``best_val_accuracy``; on a tie, fewer ``params``.
+def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tune's param space and its first point (``kd`` and ``student`` settings, always tried)."""
+    t, s = cfg.tune, cfg.student
+    space: dict[str, Any] = {
+        "alpha": tune.uniform(*t.alpha),
+        "temperature": tune.uniform(*t.temperature),
+        "lr": tune.loguniform(*t.lr),
+    }
+    first: dict[str, Any] = {
+        "alpha": min(max(cfg.kd.alpha, t.alpha[0]), t.alpha[1]),
+        "temperature": min(max(cfg.kd.temperature, t.temperature[0]), t.temperature[1]),
+        "lr": min(max(s.lr, t.lr[0]), t.lr[1]),
+    }
+    if s.widths is None:
+        # The configured student is always among the choices, so the first point is valid.
+        for key, default in (("base_width", s.base_width), ("growth", s.growth), ("depth", s.depth)):
+            space[key] = tune.choice(sorted({*getattr(t, key), default}))
+            first[key] = default
+    return space, first
 
-    Raises:
-        RuntimeError: no candidate (every trial failed).
-    """
-    if not candidates:
-        raise RuntimeError("no KD trial finished; see the Ray Tune errors above")
-    return max(candidates, key=lambda c: (c["best_val_accuracy"], -c["params"]))
+
+def _search_alg(cfg: ExperimentConfig, first: dict[str, Any]) -> Any:
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=METRIC, mode="max", seed=cfg.tune.seed, points_to_evaluate=[first])
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.tune.seed, points_to_evaluate=[first])
 
 
-def run_sweep(
-    cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, ws: Workspace,
-    tracker: Tracker, parent_run_id: str | None = None, name: str | None = None,
-) -> SweepResult:
-    """Search KD students for one dataset with Ray Tune and score the champion on test."""
-    dataset = data.spec.id
-    t = cfg.tune
+def _scheduler(cfg: ExperimentConfig) -> Any:
+    if cfg.tune.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    epochs = cfg.student.epochs
+    return ASHAScheduler(max_t=epochs, grace_period=min(cfg.tune.grace_period, epochs),
+                         reduction_factor=cfg.tune.reduction_factor)
+
+
+def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, tracker: Tracker | None,
+             parent_run_id: str | None) -> StudentJob:
     cached = cfg.kd.teacher_logits == "cache"
-    job = StudentJob(
-        cfg, dataset, list(data.spec.classes), data.image_size, data.splits["train"],
+    return StudentJob(
+        cfg, data.spec.id, list(data.spec.classes), data.image_size, data.splits["train"],
         data.splits["val"],
         teacher_logits=teacher.train_logits().astype(np.float32) if cached else None,
         teacher_dir=None if cached else str(teacher.model_dir),
         tracker=tracker, parent_run_id=parent_run_id,
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(_kd_trial, job=job),
-        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
-    )
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
+
+def run_sweep(job: StudentJob, ws: Workspace, name: str) -> list[TrialOutcome]:
+    """Run the Tune search for one dataset; return every trial that finished with a checkpoint.
+
+    Raises:
+        RuntimeError: no trial finished.
+    """
+    cfg, t = job.cfg, job.cfg.tune
+    space, first = search_space(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(_kd_trial, job=job), {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+    )
     tuner = tune.Tuner(
         trainable,
-        param_space={
-            "alpha": tune.uniform(*t.alpha),
-            "temperature": tune.uniform(*t.temperature),
-            # Widths travel as "16-32-64-128-128": Tune treats list values as nested spaces.
-            "widths": tune.choice([_widths_key(cfg.student.resolved_widths(b)) for b in t.base_width]),
-        },
+        param_space=space,
         tune_config=tune.TuneConfig(
-            metric="best_val_accuracy", mode="max", num_samples=t.num_samples,
+            metric=METRIC, mode="max", num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent_trials,
-            # The configured kd point (the paper's setting) is always the first trial.
-            search_alg=BasicVariantGenerator(
-                random_state=t.seed,
-                points_to_evaluate=[{"alpha": cfg.kd.alpha, "temperature": cfg.kd.temperature,
-                                     "widths": _widths_key(cfg.student.resolved_widths())}],
-            ),
+            search_alg=_search_alg(cfg, first), scheduler=_scheduler(cfg),
         ),
         run_config=tune.RunConfig(
-            name=name or f"sweep-{dataset}",
+            name=name,
             storage_path=ws.ray_storage(cfg.ray.storage_path),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1,
         ),
     )
     grid = tuner.fit()
-    candidates = []
+    _close_trial_runs(job.tracker, grid, cfg.student.epochs)
+    outcomes = []
     for result in grid:
         if result.error is None and result.metrics and result.checkpoint is not None:
-            candidates.append({**result.metrics, "config": result.config, "checkpoint": result.checkpoint})
-    best = select_best(candidates)
-    with best["checkpoint"].as_directory() as d:
-        model, spec = load_model(d)
-        target = ws.champions / dataset
-        shutil.rmtree(target, ignore_errors=True)
-        save_model(model, spec, target)
-    run_id = best["mlflow_run_id"]
-    test_metrics = evaluate_and_log(model, data.splits["test"], spec.class_names, tracker, run_id,
-                                    title=f"student · {dataset}")
-    tracker.set_tags(run_id, {"kdray.champion": "true"})
-    tracker.log_artifacts(run_id, str(target), "model")
-    return SweepResult(
-        trial_run_id=run_id, model_dir=target, alpha=best["config"]["alpha"],
-        temperature=best["config"]["temperature"], widths=spec.widths, params=int(best["params"]),
-        val_accuracy=float(best["best_val_accuracy"]),
-        test_metrics={k: v for k, v in test_metrics.items() if k != "per_class"},
-        num_trials=len(grid),
-    )
+            widths, lr = trial_hyperparameters(result.config, cfg)
+            m = result.metrics
+            outcomes.append(TrialOutcome(m["mlflow_run_id"], dict(result.config), widths, lr,
+                                         float(m["best_val_accuracy"]), int(m["params"]),
+                                         int(m["flops"]), result.checkpoint))
+    if not outcomes:
+        raise RuntimeError(f"no KD trial of {name} finished; see the Ray Tune errors above")
+    return outcomes

@@ -27,7 +27,8 @@ from kdray.config import ExperimentConfig
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import evaluate, make_loader, predict_logits, seed_everything, train_epoch
 from kdray.evaluation import evaluate_and_log
-from kdray.models import ModelSpec, build_model, count_params, save_model, unwrap
+from kdray.models import ModelSpec, build_model, count_flops, count_params, save_model, unwrap
+from kdray.registry import register_model, registered_name
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
@@ -46,6 +47,7 @@ class TeacherResult:
     run_id: str
     test_metrics: dict[str, Any]
     params: int
+    flops: int
     reused: bool
 
     @property
@@ -231,7 +233,8 @@ def train_teacher(
     meta_path = directory / META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return TeacherResult(directory, meta["run_id"], meta["test_metrics"], meta["params"], reused=True)
+        return TeacherResult(directory, meta["run_id"], meta["test_metrics"], meta["params"],
+                             meta["flops"], reused=True)
 
     spec = ModelSpec(kind="teacher", num_classes=data.spec.num_classes, image_size=data.image_size,
                      class_names=list(data.spec.classes), arch=cfg.teacher.arch, dataset=dataset)
@@ -248,21 +251,24 @@ def train_teacher(
         model = build_model(spec)
         model.load_state_dict(state["best_model"])
         model.eval()
-        params = count_params(model)
-        tracker.log_metrics(run_id, {"best_epoch": state["best"]["epoch"], "params": params})
+        params, flops = count_params(model), count_flops(model, data.image_size)
+        tracker.log_metrics(run_id, {"best_epoch": state["best"]["epoch"], "params": params,
+                                     "flops": flops})
         test_metrics = evaluate_and_log(model, data.splits["test"], list(data.spec.classes), tracker,
                                         run_id, title=f"teacher · {dataset}")
         tmp = directory.with_name(f".{directory.name}.tmp")
         save_model(model, spec, tmp / "model")
         np.save(tmp / LOGITS_FILE, predict_logits(model, data.splits["train"].images))
-        meta = {"run_id": run_id, "params": params, "best_epoch": state["best"]["epoch"],
+        meta = {"run_id": run_id, "params": params, "flops": flops, "best_epoch": state["best"]["epoch"],
                 "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_class"}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         tracker.log_artifacts(run_id, str(tmp / "model"), "model")
+        register_model(tracker.client, registered_name(dataset, teacher=True), run_id, "champion",
+                       tags={"kdray.dataset": dataset, "kdray.teacher_key": key})
         tmp.replace(directory)  # the teacher counts as finished only once all its files exist
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.end_run(run_id)
-    return TeacherResult(directory, run_id, meta["test_metrics"], params, reused=False)
+    return TeacherResult(directory, run_id, meta["test_metrics"], params, flops, reused=False)
 

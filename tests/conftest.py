@@ -34,17 +34,7 @@ def ray_local(tmp_path_factory):
 
 
 def tiny_data(dataset: str = "eye_disease", n_per_class: int = 8, size: int = 32, seed: int = 0):
-    """A PreparedData-like object built from the synthetic generator, in memory."""
-    from kdray.data.prepare import Manifest, PreparedData, Split
-    from kdray.data.specs import get_spec
-    from kdray.data.synthetic import make_arrays
+    """Synthetic data in memory: half train, a quarter each val and test, masks included."""
+    from kdray.data.prepare import in_memory_synthetic
 
-    spec = get_spec(dataset)
-    images, labels, masks = make_arrays(dataset, n_per_class, size, seed)
-    images = images.transpose(0, 3, 1, 2).copy()
-    order = list(range(len(labels)))
-    splits = {}
-    for name, part in (("train", order[0::2]), ("val", order[1::4]), ("test", order[3::4])):
-        splits[name] = Split(images[part], labels[part], masks[part])
-    manifest = Manifest(dataset, "memory", None, list(spec.classes), f"tiny{seed}{n_per_class}{size}".ljust(12, "0"))
-    return PreparedData(spec, manifest, size, splits)
+    return in_memory_synthetic(dataset, n_per_class, size, seed)

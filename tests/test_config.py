@@ -46,7 +46,15 @@ def test_overrides_are_parsed_as_yaml():
     assert cfg.data.datasets == ["alzheimer"]
     assert cfg.teacher.weights is None
     assert cfg.student.resolved_widths() == [4, 8, 8, 16, 16]
-    assert cfg.student.resolved_widths(8) == [8, 16, 32, 64, 64]
+
+
+def test_width_pattern():
+    from kdray.config import widths_for
+
+    assert widths_for(16, 2.0, 5) == [16, 32, 64, 128, 128]
+    assert widths_for(8, 1.5, 6) == [8, 12, 18, 27, 27, 27]
+    cfg = load_config(None, ["student.base_width=8", "student.depth=4"])
+    assert cfg.student.resolved_widths() == [8, 16, 32, 64]
 
 
 def test_override_into_a_value_is_rejected():

@@ -43,40 +43,60 @@ def smoke_run(tmp_path_factory):
     return ws, proc
 
 
-def test_smoke_run_leaves_teacher_and_trials_in_mlflow(smoke_run):
+def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
     ws, proc = smoke_run
     client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
     for dataset in DATASETS:
         (parent,) = _runs(client, dataset, "parent")
         (teacher,) = _runs(client, dataset, "teacher")
+        (champion,) = _runs(client, dataset, "champion")
+        (baseline,) = _runs(client, dataset, "baseline")
         trials = _runs(client, dataset, "trial")
-        assert teacher.info.status == "FINISHED"
-        assert teacher.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert "test_accuracy" in teacher.data.metrics and "cfg.kd.alpha" in teacher.data.params
+        for run in (teacher, champion, baseline, *trials):
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert "cfg.kd.alpha" in run.data.params  # the resolved config
+        assert "test_accuracy" in teacher.data.metrics
         assert len(client.get_metric_history(teacher.info.run_id, "val_accuracy")) == 1  # 1 epoch
         assert len(trials) >= 2
         for trial in trials:
-            assert trial.info.status == "FINISHED"
-            assert {"alpha", "temperature", "widths"} <= set(trial.data.params)
+            assert {"alpha", "temperature", "widths", "depth", "lr"} <= set(trial.data.params)
             assert 0.0 <= trial.data.metrics["val_accuracy"] <= 1.0
+            assert {"params", "flops", "best_val_accuracy"} <= set(trial.data.metrics)
             assert len(client.get_metric_history(trial.info.run_id, "val_accuracy")) == 2  # 2 epochs
-            assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        champions = [t for t in trials if t.data.tags.get("kdray.champion") == "true"]
-        assert len(champions) == 1 and "test_accuracy" in champions[0].data.metrics
-        assert max(t.data.metrics["best_val_accuracy"] for t in trials) == \
-            champions[0].data.metrics["best_val_accuracy"]
-        artifacts = {a.path for a in client.list_artifacts(teacher.info.run_id)}
+        source = {t.info.run_id: t for t in trials}[champion.data.tags["kdray.source_trial_run"]]
+        for key in ("alpha", "temperature", "widths", "lr"):
+            assert champion.data.params[key] == source.data.params[key]
+        assert {"val_accuracy", "test_accuracy", "test_f1_macro", "params", "flops"} <= set(champion.data.metrics)
+        assert champion.data.metrics["val_accuracy"] == source.data.metrics["best_val_accuracy"]
+        assert float(baseline.data.params["alpha"]) == 1.0
+        assert baseline.data.params["widths"] == champion.data.params["widths"]
+        assert "test_accuracy" in baseline.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(champion.info.run_id)}
         assert {"config.yaml", "test_confusion.png", "model"} <= artifacts
-    assert "| brain_tumor |" in proc.stdout and "| alzheimer |" in proc.stdout
+        assert {"config.yaml", "test_confusion.png", "model"} <= {a.path for a in client.list_artifacts(teacher.info.run_id)}
+        assert {"summary.md", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "| brain_tumor | KD student (champion) |" in proc.stdout
     assert (ws / "reports" / "summary.csv").read_text().count("\n") == 4
 
 
-def test_champion_loads_and_predicts(smoke_run):
+def test_champions_are_registered_and_load_by_alias(smoke_run):
+    from kdray.registry import load_registered
+
     ws, _ = smoke_run
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
     for dataset in DATASETS:
-        model, spec = load_model(ws / "champions" / dataset)
+        model, spec = load_registered(f"kdray-{dataset}", "champion", tracking_uri=uri)
         assert spec.kind == "student" and spec.dataset == dataset
-        assert model(torch.rand(2, 3, spec.image_size, spec.image_size)).shape == (2, 4)
+        x = torch.rand(2, 3, spec.image_size, spec.image_size)
+        assert model(x).shape == (2, 4)
+        local, _ = load_model(ws / "champions" / dataset)
+        assert torch.equal(model(x), local(x))
+        version = client.get_model_version_by_alias(f"kdray-{dataset}", "champion")
+        assert version.run_id == _runs(client, dataset, "champion")[0].info.run_id
+        teacher, tspec = load_registered(f"kdray-{dataset}-teacher", "champion", tracking_uri=uri)
+        assert tspec.kind == "teacher"
 
 
 def test_rerun_reuses_the_teacher(smoke_run):

@@ -8,7 +8,7 @@ import pytest
 from kdray.config import ExperimentConfig
 from kdray.engine import predict_logits
 from kdray.models import ModelSpec, TeacherDenseNet, build_model, load_model, save_model
-from kdray.sweep import StudentJob, select_best, train_student
+from kdray.sweep import StudentJob, train_student
 
 from conftest import tiny_data
 
@@ -88,9 +88,35 @@ def test_best_epoch_weights_are_reported(setup, tmp_path):
     assert np.array_equal(saved[best_epoch_at_end][1], logits_at_end)
 
 
-def test_select_best_prefers_accuracy_then_fewer_params():
-    cands = [{"best_val_accuracy": 0.8, "params": 100}, {"best_val_accuracy": 0.9, "params": 500},
-             {"best_val_accuracy": 0.9, "params": 200}]
-    assert select_best(cands)["params"] == 200
+def _outcome(acc, flops, run="r"):
+    from kdray.sweep import TrialOutcome
+
+    return TrialOutcome(run, {}, [8], 1e-3, acc, 10, flops, None)
+
+
+def test_champion_rule_takes_fewest_flops_within_tolerance():
+    from kdray.champion import select_champion
+
+    trials = [_outcome(0.90, 500, "big"), _outcome(0.895, 100, "small"), _outcome(0.85, 10, "tiny")]
+    assert select_champion(trials, tolerance=0.01).run_id == "small"
+    assert select_champion(trials, tolerance=0.0).run_id == "big"
+    assert select_champion(trials, tolerance=0.1).run_id == "tiny"
     with pytest.raises(RuntimeError):
-        select_best([])
+        select_champion([], 0.01)
+
+
+def test_search_space_first_point_is_the_configured_student():
+    from kdray.sweep import search_space, trial_hyperparameters
+
+    cfg = ExperimentConfig.model_validate({"kd": {"alpha": 0.3, "temperature": 6.0},
+                                           "student": {"base_width": 12, "lr": 0.002}})
+    space, first = search_space(cfg)
+    assert {"alpha", "temperature", "lr", "base_width", "growth", "depth"} == set(space)
+    assert first == {"alpha": 0.3, "temperature": 6.0, "lr": 0.002, "base_width": 12, "growth": 2.0,
+                     "depth": 5}
+    assert 12 in space["base_width"].categories
+    assert trial_hyperparameters(first, cfg) == ([12, 24, 48, 96, 96], 0.002)
+    explicit = ExperimentConfig.model_validate({"student": {"depth": 2, "widths": [4, 6]}})
+    space, first = search_space(explicit)
+    assert set(space) == {"alpha", "temperature", "lr"}
+    assert trial_hyperparameters(first, explicit)[0] == [4, 6]

@@ -24,7 +24,15 @@ from kdray.data.folders import read_image, read_mask, scan_folder
 from kdray.data.specs import DatasetSpec, get_spec
 from kdray.workspace import Workspace
 
-__all__ = ["Manifest", "PreparedData", "Split", "build_manifest", "prepare_dataset", "stratified_split"]
+__all__ = [
+    "Manifest",
+    "PreparedData",
+    "Split",
+    "build_manifest",
+    "in_memory_synthetic",
+    "prepare_dataset",
+    "stratified_split",
+]
 
 SPLITS = ("train", "val", "test")
 
@@ -211,3 +219,18 @@ def prepare_dataset(cfg: DataConfig, dataset_id: str, ws: Workspace) -> Prepared
         root, masks_root = folder / "images", folder / "masks"
     manifest = build_manifest(spec, root, masks_root, cfg, ws)
     return PreparedData(spec, manifest, cfg.image_size, load_splits(manifest, cfg.image_size, ws))
+
+
+def in_memory_synthetic(
+    dataset_id: str, n_per_class: int, size: int, seed: int = 0,
+    val_fraction: float = 0.25, test_fraction: float = 0.25,
+) -> PreparedData:
+    """Synthetic data straight into memory (no files, no workspace): for tests and benchmarks."""
+    spec = get_spec(dataset_id)
+    images, labels, masks = synthetic.make_arrays(dataset_id, n_per_class, size, seed)
+    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    names = np.array(stratified_split(labels.tolist(), {"test": test_fraction, "val": val_fraction}, seed))
+    splits = {s: Split(images[names == s], labels[names == s], masks[names == s]) for s in SPLITS}
+    fingerprint = hashlib.sha256(f"memory|{dataset_id}|{n_per_class}|{size}|{seed}".encode()).hexdigest()
+    manifest = Manifest(dataset_id, "<memory>", None, list(spec.classes), fingerprint)
+    return PreparedData(spec, manifest, size, splits)

@@ -1,0 +1,154 @@
+"""After the sweep: pick the champion, score it, register it, and measure the KD gain.
+
+Selection rule (``tune.selection_tolerance``): the best validation accuracy wins, but among
+trials within the tolerance of it the one with the fewest FLOPs is taken — a small student is
+the point of distillation. The champion gets its own MLflow run (role ``champion``) and is
+registered as ``kdray-<dataset>@champion``. The KD ablation trains the champion's architecture
+with cross-entropy only (alpha = 1, same epochs, lr and seeds) as role ``baseline``; with
+``seeds: [...]`` both are retrained per seed and reported as mean ± std.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from kdray.data.prepare import Split
+from kdray.engine import evaluate
+from kdray.evaluation import SCALAR_METRICS, evaluate_and_log
+from kdray.models import ModelSpec, build_model, load_model, save_model
+from kdray.registry import register_model, registered_name
+from kdray.sweep import StudentJob, TrialOutcome, train_student
+from kdray.tracking import Tracker
+from kdray.workspace import Workspace
+
+__all__ = ["ChampionResult", "crown_champion", "select_champion"]
+
+
+@dataclass
+class ChampionResult:
+    run_id: str
+    trial_run_id: str
+    version: str
+    alpha: float
+    temperature: float
+    widths: list[int]
+    lr: float
+    params: int
+    flops: int
+    val_accuracy: float
+    test_metrics: dict[str, Any]
+    baseline_run_id: str
+    baseline_test: dict[str, float]  # test_accuracy / test_f1_macro: mean and std over seeds
+    champion_seeds: dict[str, float] = field(default_factory=dict)  # same, champion retrains
+    seeds: list[int] = field(default_factory=list)
+
+
+def select_champion(outcomes: list[TrialOutcome], tolerance: float) -> TrialOutcome:
+    """Best validation accuracy; within ``tolerance`` of it, fewest FLOPs (then higher accuracy).
+
+    Raises:
+        RuntimeError: no outcome.
+    """
+    if not outcomes:
+        raise RuntimeError("no finished trial to choose from")
+    best = max(o.best_val_accuracy for o in outcomes)
+    eligible = [o for o in outcomes if o.best_val_accuracy >= best - tolerance - 1e-12]
+    return min(eligible, key=lambda o: (o.flops, -o.best_val_accuracy))
+
+
+def retrain_and_score(job: StudentJob, alpha: float, temperature: float, widths: list[int],
+                      lr: float, seed: int, test: Split) -> dict[str, float]:
+    """Train one student from scratch (best epoch by validation) and score it on ``test``."""
+    spec = ModelSpec(kind="student", num_classes=len(job.class_names), image_size=job.image_size,
+                     class_names=job.class_names, widths=widths, dataset=job.dataset)
+    best = build_model(spec)
+    final = train_student(job, alpha, temperature, widths, lr=lr, seed=seed, best_model_out=best)
+    metrics, _ = evaluate(best, test, job.class_names)
+    return {"val_accuracy": final["best_val_accuracy"], "test_accuracy": metrics["accuracy"],
+            "test_f1_macro": metrics["f1_macro"], "seed": seed}
+
+
+def _mean_std(rows: list[dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for key in ("test_accuracy", "test_f1_macro"):
+        values = [r[key] for r in rows]
+        out[f"{key}_mean"] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def _log_seed_rows(tracker: Tracker, run_id: str, rows: list[dict[str, float]]) -> dict[str, float]:
+    for step, row in enumerate(rows):
+        tracker.log_metrics(run_id, {f"seed_{k}": v for k, v in row.items()}, step=step)
+    stats = _mean_std(rows)
+    tracker.log_metrics(run_id, stats)
+    return stats
+
+
+def crown_champion(
+    job: StudentJob, outcomes: list[TrialOutcome], test: Split, ws: Workspace, tracker: Tracker,
+    parent_run_id: str,
+) -> ChampionResult:
+    """Select, save, score, register the champion; train and log the CE-only baseline."""
+    cfg, dataset = job.cfg, job.dataset
+    chosen = select_champion(outcomes, cfg.tune.selection_tolerance)
+    alpha, temperature = float(chosen.config["alpha"]), float(chosen.config["temperature"])
+    seeds = list(cfg.seeds) or [cfg.seed]
+
+    # Baselines (and multi-seed champion retrains) run as Ray tasks while the champion is scored.
+    remote = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(retrain_and_score)
+    job_ref = ray.put(job)
+    baseline_refs = [remote.remote(job_ref, 1.0, temperature, chosen.widths, chosen.lr, s, test) for s in seeds]
+    champion_refs = ([remote.remote(job_ref, alpha, temperature, chosen.widths, chosen.lr, s, test)
+                      for s in seeds] if cfg.seeds else [])
+
+    target = ws.champions / dataset
+    with chosen.checkpoint.as_directory() as d:
+        model, spec = load_model(d)
+    shutil.rmtree(target, ignore_errors=True)
+    save_model(model, spec, target)
+
+    run_id = tracker.start_run(f"champion-{dataset}", dataset, "champion", parent_run_id,
+                               tags={"kdray.source_trial_run": chosen.run_id})
+    tracker.log_params(run_id, {"alpha": alpha, "temperature": temperature,
+                                "widths": "-".join(map(str, chosen.widths)),
+                                "depth": len(chosen.widths), "lr": chosen.lr})
+    tracker.log_config(run_id, cfg.to_dict())
+    tracker.log_metrics(run_id, {"val_accuracy": chosen.best_val_accuracy, "params": chosen.params,
+                                 "flops": chosen.flops})
+    test_metrics = evaluate_and_log(model, test, spec.class_names, tracker, run_id,
+                                    title=f"student · {dataset}")
+    tracker.log_artifacts(run_id, str(target), "model")
+    version = register_model(tracker.client, registered_name(dataset), run_id, "champion",
+                             tags={"kdray.dataset": dataset})
+    tracker.set_tags(run_id, {"kdray.registered_model": f"{registered_name(dataset)}/{version}"})
+
+    champion_seeds = _log_seed_rows(tracker, run_id, ray.get(champion_refs)) if champion_refs else {}
+    tracker.end_run(run_id)
+
+    baseline_rows = ray.get(baseline_refs)
+    baseline_run = tracker.start_run(f"baseline-{dataset}", dataset, "baseline", parent_run_id,
+                                     tags={"kdray.champion_run": run_id})
+    tracker.log_params(baseline_run, {"alpha": 1.0, "temperature": temperature,
+                                      "widths": "-".join(map(str, chosen.widths)),
+                                      "depth": len(chosen.widths), "lr": chosen.lr, "seeds": seeds})
+    tracker.log_config(baseline_run, cfg.to_dict())
+    stats = _log_seed_rows(tracker, baseline_run, baseline_rows)
+    tracker.log_metrics(baseline_run, {
+        "val_accuracy": statistics.fmean(r["val_accuracy"] for r in baseline_rows),
+        "test_accuracy": stats["test_accuracy_mean"], "test_f1_macro": stats["test_f1_macro_mean"],
+        "params": chosen.params, "flops": chosen.flops,
+    })
+    tracker.end_run(baseline_run)
+    return ChampionResult(
+        run_id=run_id, trial_run_id=chosen.run_id, version=version, alpha=alpha,
+        temperature=temperature, widths=chosen.widths, lr=chosen.lr, params=chosen.params,
+        flops=chosen.flops, val_accuracy=chosen.best_val_accuracy,
+        test_metrics={k: test_metrics[k] for k in SCALAR_METRICS},
+        baseline_run_id=baseline_run, baseline_test=stats, champion_seeds=champion_seeds, seeds=seeds,
+    )
