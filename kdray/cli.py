@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workspace", metavar="DIR", default=None,
                         help="where data, models, mlflow.db and Ray results live "
                         "(default: $KDRAY_HOME, else ./workspace)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the last run of this config in this workspace after it was "
+                        "stopped: finished datasets are kept, the unfinished sweep resumes")
     parser.add_argument("--address", metavar="ADDR", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
     return parser
@@ -49,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ws = Workspace.at(args.workspace)
     try:
-        rows = run_pipeline(cfg, ws)
+        rows = run_pipeline(cfg, ws, resume=args.resume)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: continue with the same command and --resume", file=sys.stderr)
         return 130
     print(format_summary(rows))
     print(f"\nsummary written to {ws.reports / 'summary.md'}; MLflow: mlflow ui --backend-store-uri "

@@ -194,6 +194,7 @@ class TuneConfig(_Strict):
         0.01, ge=0.0, le=1.0,
         description="champion: among trials within this of the best val accuracy, fewest FLOPs",
     )
+    max_failures: int = Field(1, ge=-1, description="retries of a failed trial; -1 = unlimited")
     seed: int = 0
 
     @field_validator("alpha")

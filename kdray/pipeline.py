@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import ray
 
@@ -60,6 +63,9 @@ def ray_session(cfg: RayConfig, ws: Workspace) -> Iterator[None]:
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ctrl-C stops the driver at once (KeyboardInterrupt); --resume continues from Tune's
+    # periodically saved state, as after a kill, instead of Tune's own half-way shutdown.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -73,20 +79,56 @@ def ray_session(cfg: RayConfig, ws: Workspace) -> Iterator[None]:
         ray.shutdown()
 
 
-def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tracker) -> DatasetSummary:
+def run_key(cfg: ExperimentConfig) -> str:
+    """Identifies what a dataset's run computes (everything but where it runs and logs)."""
+    blob = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("ray", "mlflow")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _state_path(ws: Workspace, dataset: str) -> Path:
+    return ws.root / "state" / f"{dataset}.json"
+
+
+def _save_state(ws: Workspace, dataset: str, state: dict) -> None:
+    path = _state_path(ws, dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
+
+
+def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tracker,
+                resume: bool = False) -> DatasetSummary:
+    """One dataset end to end. With ``resume``, a finished dataset of the same config is returned
+    as it was, and an unfinished one continues in its parent run and Tune experiment."""
+    key = run_key(cfg)
+    state_path = _state_path(ws, dataset)
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if not (resume and state and state["run_key"] == key and tracker.run_exists(state["parent_run_id"])):
+        state = None
+    if state and state.get("summary"):
+        log.info("%s: finished in an earlier run (%s); not redone", dataset, state["parent_run_id"])
+        return DatasetSummary(**state["summary"])
     started = time.perf_counter()
     data = prepare_dataset(cfg.data, dataset, ws)
     log.info("%s: %s images (train/val/test)", dataset, data.manifest.counts())
-    parent = tracker.start_run(dataset, dataset, "parent",
-                               tags={"kdray.manifest": data.manifest.fingerprint[:12]})
-    try:
+    if state:
+        parent, sweep_name = state["parent_run_id"], state["sweep"]
+        tracker.client.update_run(parent, status="RUNNING")
+        log.info("%s: resuming run %s", dataset, parent)
+    else:
+        parent = tracker.start_run(dataset, dataset, "parent",
+                                   tags={"kdray.manifest": data.manifest.fingerprint[:12]})
+        sweep_name = f"sweep-{dataset}-{data.key}-{time.strftime('%Y%m%d-%H%M%S')}"
         tracker.log_config(parent, cfg.to_dict())
         tracker.log_params(parent, {f"n_{k}": v for k, v in data.manifest.counts().items()})
+        _save_state(ws, dataset, {"run_key": key, "parent_run_id": parent, "sweep": sweep_name})
+    try:
         teacher = train_teacher(cfg, data, ws, tracker, parent)
         log.info("%s: teacher %s, test accuracy %.3f", dataset,
                  "reused" if teacher.reused else "trained", teacher.test_metrics["accuracy"])
         job = make_job(cfg, data, teacher, tracker, parent)
-        outcomes = run_sweep(job, ws, name=f"sweep-{dataset}-{data.key}")
+        outcomes = run_sweep(job, ws, name=sweep_name, restore=state is not None)
         champion = crown_champion(job, outcomes, data.splits["test"], ws, tracker, parent)
         seeds = champion.champion_seeds
         student_acc = seeds.get("test_accuracy_mean", champion.test_metrics["accuracy"])
@@ -120,10 +162,15 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
                                   "kdray.baseline_run": champion.baseline_run_id})
         tracker.log_metrics(parent, {k: v for k, v in asdict(summary).items()
                                      if isinstance(v, float | int) and not isinstance(v, bool)})
+    except KeyboardInterrupt:
+        tracker.end_run(parent, "KILLED")
+        raise
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
     tracker.end_run(parent)
+    _save_state(ws, dataset, {"run_key": key, "parent_run_id": parent, "sweep": sweep_name,
+                              "summary": asdict(summary)})
     return summary
 
 
@@ -163,15 +210,21 @@ def _write_summary(rows: list[DatasetSummary], ws: Workspace) -> None:
     (ws.reports / "summary.csv").write_text(buf.getvalue())
 
 
-def run_pipeline(cfg: ExperimentConfig, ws: Workspace) -> list[DatasetSummary]:
-    """Run every configured dataset; write ``reports/summary.{md,csv}`` in the workspace."""
+def run_pipeline(cfg: ExperimentConfig, ws: Workspace, resume: bool = False) -> list[DatasetSummary]:
+    """Run every configured dataset; write ``reports/summary.{md,csv}`` in the workspace.
+
+    Args:
+        resume: continue the last run of the same config after the driver was stopped
+            (Ctrl-C, lost node, kill): finished datasets are not redone, an unfinished sweep
+            resumes from Tune's experiment state and its trials from their checkpoints.
+    """
     ws.create()
     tracker = Tracker.open(cfg.mlflow, ws)
     log.info("workspace %s; MLflow %s (experiment %s)", ws.root, tracker.tracking_uri, cfg.mlflow.experiment)
     rows: list[DatasetSummary] = []
     with ray_session(cfg.ray, ws):
         for dataset in cfg.data.datasets:
-            rows.append(run_dataset(cfg, dataset, ws, tracker))
+            rows.append(run_dataset(cfg, dataset, ws, tracker, resume))
     _write_summary(rows, ws)
     for row in rows:  # every dataset's parent run carries the whole run's table
         tracker.client.log_artifact(row.parent_run_id, str(ws.reports / "summary.md"))

@@ -7,6 +7,7 @@ its best-epoch weights as its checkpoint; :mod:`kdray.champion` picks and scores
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from kdray.workspace import Workspace
 
 __all__ = ["StudentJob", "TrialOutcome", "make_job", "run_sweep", "search_space", "train_student"]
 
+log = logging.getLogger("kdray")
+TRAIN_STATE = "train_state.pt"
 METRIC = "best_val_accuracy"  # what Tune optimises and ASHA compares: the trial's best epoch so far
 
 
@@ -87,19 +90,26 @@ def train_student(
     job: StudentJob, alpha: float, temperature: float, widths: list[int],
     report: ReportFn | None = None, run_id: str | None = None, lr: float | None = None,
     seed: int | None = None, best_model_out: torch.nn.Module | None = None,
+    resume_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train one KD student; after every epoch call ``report(metrics, best_model_dir)``.
+    """Train one KD student; after every epoch call ``report(metrics, checkpoint_dir)``.
+
+    The checkpoint directory holds the best epoch's model (``load_model`` reads it) and
+    ``train_state.pt`` (current weights, optimiser, epoch, best so far) to resume from.
 
     Args:
         lr: learning rate (default ``student.lr``); seed: default the config's seed.
         best_model_out: a module of the same spec that receives the best epoch's weights.
+        resume_from: a checkpoint directory written by an earlier report: training goes on
+            from the epoch after it, exactly as if it had not stopped.
 
     Returns:
         The last epoch's metrics plus ``best_val_accuracy``, ``best_epoch``, ``params`` and
         ``flops`` (per image at the input size).
     """
     cfg, s = job.cfg, job.cfg.student
-    seed_everything(cfg.seed if seed is None else seed)
+    seed = cfg.seed if seed is None else seed
+    seed_everything(seed)
     spec = ModelSpec(kind="student", num_classes=len(job.class_names), image_size=job.image_size,
                      class_names=job.class_names, widths=widths, dataset=job.dataset)
     model = build_model(spec)
@@ -110,7 +120,7 @@ def train_student(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr or s.lr, weight_decay=s.weight_decay)
     extra_columns, live_teacher = _teacher_source(job, alpha)
     loader = make_loader((job.train.images, job.train.labels, *extra_columns), s.batch_size,
-                         shuffle=True, seed=cfg.seed if seed is None else seed)
+                         shuffle=True, seed=seed)
 
     def kd(logits: torch.Tensor, y: torch.Tensor, extras: tuple, x: torch.Tensor) -> dict:
         if live_teacher is not None:
@@ -120,9 +130,16 @@ def train_student(
             teacher_logits = extras[0] if extras else None
         return loss_fn(logits, teacher_logits, y)
 
-    best_acc, best_epoch = -1.0, -1
+    best_acc, best_epoch, start = -1.0, -1, 0
+    if resume_from is not None:
+        state = torch.load(Path(resume_from) / TRAIN_STATE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best_model.load_state_dict(state["best_model"])
+        best_acc, best_epoch, start = state["best_acc"], state["best_epoch"], state["epoch"] + 1
     metrics: dict[str, Any] = {}
-    for epoch in range(s.epochs):
+    for epoch in range(start, s.epochs):
+        loader.generator.manual_seed(seed * 100_003 + epoch)  # the epoch's order, also on resume
         started = time.perf_counter()
         stats = train_epoch(model, loader, kd, optimizer)
         seconds = time.perf_counter() - started
@@ -143,6 +160,9 @@ def train_student(
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_model(best_model, spec, tmp)
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "best_model": best_model.state_dict(), "best_acc": best_acc,
+                            "best_epoch": best_epoch, "epoch": epoch}, Path(tmp) / TRAIN_STATE)
                 report(metrics, Path(tmp))
     return metrics
 
@@ -161,22 +181,34 @@ def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
     widths, lr = trial_hyperparameters(config, cfg)
     tracker = job.tracker
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    run_id = tracker.start_run(f"trial-{job.dataset}-{trial_id}", job.dataset, "trial",
-                               job.parent_run_id, tags={"kdray.trial_id": trial_id,
-                                                        "kdray.node_id": ray.get_runtime_context().get_node_id()})
-    tracker.log_params(run_id, {"alpha": config["alpha"], "temperature": config["temperature"],
-                                "widths": "-".join(map(str, widths)), "depth": len(widths), "lr": lr,
-                                "epochs": cfg.student.epochs, "teacher_logits": cfg.kd.teacher_logits})
-    tracker.log_config(run_id, cfg.to_dict())
+    trial_id = tune.get_context().get_trial_id()
+    node_id = ray.get_runtime_context().get_node_id()
+    # A trial restarted after a failure or a driver restart (Tuner.restore) keeps its run.
+    run_id = tracker.find_run(job.parent_run_id, {"kdray.trial_id": trial_id})
+    if run_id is None:
+        run_id = tracker.start_run(f"trial-{job.dataset}-{trial_id}", job.dataset, "trial",
+                                   job.parent_run_id, tags={"kdray.trial_id": trial_id})
+        tracker.log_params(run_id, {"alpha": config["alpha"], "temperature": config["temperature"],
+                                    "widths": "-".join(map(str, widths)), "depth": len(widths),
+                                    "lr": lr, "epochs": cfg.student.epochs,
+                                    "teacher_logits": cfg.kd.teacher_logits})
+        tracker.log_config(run_id, cfg.to_dict())
+    else:
+        tracker.client.update_run(run_id, status="RUNNING")
+    tracker.set_tags(run_id, {"kdray.node_id": node_id})
+    checkpoint = tune.get_checkpoint()
 
     def report(metrics: dict[str, Any], best_dir: Path) -> None:
         tune.report({**metrics, "mlflow_run_id": run_id},
                     checkpoint=tune.Checkpoint.from_directory(best_dir))
 
     try:
-        train_student(job, config["alpha"], config["temperature"], widths, report, run_id, lr)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as resume_dir:
+                train_student(job, config["alpha"], config["temperature"], widths, report, run_id,
+                              lr, resume_from=Path(resume_dir))
+        else:
+            train_student(job, config["alpha"], config["temperature"], widths, report, run_id, lr)
     except SystemExit:
         # Tune ends a trial that its scheduler stops (ASHA, or max_t reached) with sys.exit(0)
         # inside tune.report, and may end the process right after: run_sweep closes the run.
@@ -253,18 +285,10 @@ def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, 
     )
 
 
-def run_sweep(job: StudentJob, ws: Workspace, name: str) -> list[TrialOutcome]:
-    """Run the Tune search for one dataset; return every trial that finished with a checkpoint.
-
-    Raises:
-        RuntimeError: no trial finished.
-    """
-    cfg, t = job.cfg, job.cfg.tune
-    space, first = search_space(cfg)
-    trainable = tune.with_resources(
-        tune.with_parameters(_kd_trial, job=job), {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
-    )
-    tuner = tune.Tuner(
+def _new_tuner(cfg: ExperimentConfig, trainable: Any, space: dict[str, Any], first: dict[str, Any],
+               ws: Workspace, name: str) -> tune.Tuner:
+    t = cfg.tune
+    return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
@@ -276,9 +300,35 @@ def run_sweep(job: StudentJob, ws: Workspace, name: str) -> list[TrialOutcome]:
             name=name,
             storage_path=ws.ray_storage(cfg.ray.storage_path),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
             verbose=1,
         ),
     )
+
+
+def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False) -> list[TrialOutcome]:
+    """Run the Tune search for one dataset; return every trial that finished with a checkpoint.
+
+    Args:
+        name: the Tune experiment's name under the Ray storage path.
+        restore: continue that experiment (``Tuner.restore``) if it exists: finished trials
+            stay, unfinished and errored ones resume from their last checkpoint.
+
+    Raises:
+        RuntimeError: no trial finished.
+    """
+    cfg, t = job.cfg, job.cfg.tune
+    space, first = search_space(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(_kd_trial, job=job), {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+    )
+    path = f"{ws.ray_storage(cfg.ray.storage_path).rstrip('/')}/{name}"
+    if restore and tune.Tuner.can_restore(path):
+        log.info("%s: restoring the Tune experiment %s", job.dataset, path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=space)
+    else:
+        tuner = _new_tuner(cfg, trainable, space, first, ws, name)
     grid = tuner.fit()
     _close_trial_runs(job.tracker, grid, cfg.student.epochs)
     outcomes = []

@@ -238,14 +238,23 @@ def train_teacher(
 
     spec = ModelSpec(kind="teacher", num_classes=data.spec.num_classes, image_size=data.image_size,
                      class_names=list(data.spec.classes), arch=cfg.teacher.arch, dataset=dataset)
-    run_id = tracker.start_run(f"teacher-{dataset}", dataset, "teacher", parent_run_id,
-                               tags={"kdray.teacher_key": key})
-    try:
+    # An interrupted training of the same teacher goes on in its own MLflow run, and Ray Train
+    # resumes it from the latest checkpoint under the same run name.
+    pending = directory.with_name(f".{directory.name}.run")
+    run_id = pending.read_text().strip() if pending.is_file() else None
+    if run_id and tracker.run_exists(run_id):
+        tracker.client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = tracker.start_run(f"teacher-{dataset}", dataset, "teacher", parent_run_id,
+                                   tags={"kdray.teacher_key": key})
         tracker.log_config(run_id, cfg.to_dict())
         tracker.log_params(run_id, {"arch": cfg.teacher.arch, "epochs": cfg.teacher.epochs,
                                     "batch_size": cfg.teacher.batch_size, "lr": cfg.teacher.lr,
                                     "num_workers": cfg.teacher.num_workers,
                                     "image_size": data.image_size, **data.manifest.counts()})
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        pending.write_text(run_id)
+    try:
         state = fit_teacher(cfg, data, spec, tracker, run_id, f"teacher-{dataset}-{key}",
                             ws.ray_storage(cfg.ray.storage_path))
         model = build_model(spec)
@@ -266,6 +275,7 @@ def train_teacher(
         register_model(tracker.client, registered_name(dataset, teacher=True), run_id, "champion",
                        tags={"kdray.dataset": dataset, "kdray.teacher_key": key})
         tmp.replace(directory)  # the teacher counts as finished only once all its files exist
+        pending.unlink(missing_ok=True)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise

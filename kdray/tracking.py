@@ -93,6 +93,21 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return run.info.run_id
 
+    def find_run(self, parent_run_id: str | None, tags: Mapping[str, str]) -> str | None:
+        """The id of this experiment's run with all ``tags`` (under ``parent_run_id``), if any."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if parent_run_id:
+            clauses.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+        runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(clauses),
+                                       max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:  # deleted, or another tracking store
+            return False
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch

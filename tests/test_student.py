@@ -49,7 +49,7 @@ def test_cached_trial_never_calls_the_teacher(setup, monkeypatch):
                         report=lambda m, d: reports.append((m, sorted(p.name for p in d.iterdir()))))
     assert calls == []
     assert [m["epoch"] for m, _ in reports] == [0, 1]
-    assert reports[-1][1] == ["model.json", "model.safetensors"]
+    assert reports[-1][1] == ["model.json", "model.safetensors", "train_state.pt"]
     assert out["train_soft"] > 0  # the soft term was active
 
 
@@ -120,3 +120,23 @@ def test_search_space_first_point_is_the_configured_student():
     space, first = search_space(explicit)
     assert set(space) == {"alpha", "temperature", "lr"}
     assert trial_hyperparameters(first, explicit)[0] == [4, 6]
+
+
+def test_resume_from_a_checkpoint_continues_exactly(setup, tmp_path):
+    """A trial restarted from its epoch-1 checkpoint ends where an uninterrupted one does."""
+    import shutil
+
+    job = _job(setup, teacher_logits=setup[3])
+    saved = {}
+
+    def keep(metrics, directory):
+        shutil.copytree(directory, tmp_path / f"epoch{metrics['epoch']}")
+        saved[metrics["epoch"]] = metrics
+
+    full = train_student(job, 0.5, 4.0, [4, 8, 8, 16, 16], report=keep)
+    resumed_reports = []
+    resumed = train_student(job, 0.5, 4.0, [4, 8, 8, 16, 16], resume_from=tmp_path / "epoch0",
+                            report=lambda m, d: resumed_reports.append(m["epoch"]))
+    assert resumed_reports == [1]  # only the epoch after the checkpoint ran
+    for key in ("train_loss", "val_loss", "val_accuracy", "best_val_accuracy"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-5), key
