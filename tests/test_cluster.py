@@ -1,0 +1,105 @@
+"""The smoke sweep on a local 2-node Ray cluster logging to an MLflow tracking server.
+
+Both "nodes" run on this machine (`ray start --head` + `ray start --address`, one CPU each);
+the driver joins with --address and logs through MLFLOW_TRACKING_URI, as on a real cluster.
+Only processes this test starts are stopped (never `ray stop`, which would stop every Ray here).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture()
+def cluster(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    ray_port, mlflow_port = _free_port(), _free_port()
+    temp_dir = f"/tmp/kdray-cl-{os.getpid()}"
+    procs = []
+    try:
+        procs.append(_start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            env, tmp_path / "mlflow.log"))
+        procs.append(_start([str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
+                             "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                             "--node-ip-address=127.0.0.1"], env, tmp_path / "head.log"))
+        address = f"127.0.0.1:{ray_port}"
+        time.sleep(8)
+        procs.append(_start([str(BIN / "ray"), "start", "--block", f"--address={address}", "--num-cpus=1",
+                             "--node-ip-address=127.0.0.1"], env, tmp_path / "worker.log"))
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 90)
+        time.sleep(5)
+        yield address, f"http://127.0.0.1:{mlflow_port}", env
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def test_smoke_sweep_spans_both_nodes_and_logs_to_the_server(cluster, tmp_path):
+    address, mlflow_uri, env = cluster
+    env = {**env, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+         "--workspace", str(tmp_path / "ws"), "--address", address,
+         "--set", "data.datasets=[brain_tumor]", "--set", "ray.num_cpus=null",
+         "--set", f"ray.storage_path={tmp_path / 'shared'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert not (tmp_path / "ws" / "mlflow.db").exists()  # everything went to the server
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name("kdray")
+    trials = client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'trial'")
+    assert len(trials) == 2
+    nodes = {t.data.tags["kdray.node_id"] for t in trials}
+    assert len(nodes) == 2, f"trials ran on {nodes}"
+    assert client.get_model_version_by_alias("kdray-brain_tumor", "champion").run_id
+    assert (tmp_path / "shared").is_dir()  # Ray results went to the configured storage path
