@@ -104,3 +104,9 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_tracking_uri(MLflowConfig(), ws) == "http://127.0.0.1:5000"
     assert resolve_tracking_uri(MLflowConfig(tracking_uri="sqlite:////x.db"), ws) == "sqlite:////x.db"
+
+
+def test_default_yaml_spells_out_the_code_defaults():
+    from kdray.config import ExperimentConfig
+
+    assert load_config(REPO / "configs" / "default.yaml").model_dump() == ExperimentConfig().model_dump()
