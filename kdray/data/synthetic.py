@@ -155,7 +155,7 @@ def _downsample(canvas: Image.Image, size: int) -> _FloatArray:
 
 
 def _mri_finish(img: _FloatArray, rng: np.random.Generator) -> np.ndarray:
-    """Intensity nuisance for an MRI slice in [0, 1]: gamma, gain, contrast, Rician noise."""
+    """Intensity nuisance for an MRI slice in [0, 1]: gamma, gain, contrast, blur, Rician noise."""
     img = np.clip(img, 0.0, 1.0) ** float(rng.uniform(0.7, 1.45))
     img = img * float(rng.uniform(0.7, 1.15))
     # contrast around the mid-level of the head, keeping the background black
@@ -163,7 +163,9 @@ def _mri_finish(img: _FloatArray, rng: np.random.Generator) -> np.ndarray:
     c = float(rng.uniform(0.8, 1.25))
     img = np.where(img > 0.02, pivot + (img - pivot) * c, img)
     img = np.clip(img, 0.0, 1.0)
-    sigma = float(rng.uniform(0.01, 0.05))
+    # reconstruction smoothing / interpolation blur of varying strength
+    img = _blur(img, float(rng.uniform(0.0, 0.6)) * img.shape[0] / 64.0)
+    sigma = float(rng.uniform(0.01, 0.07))
     n1 = rng.standard_normal(img.shape).astype(np.float32) * sigma
     n2 = rng.standard_normal(img.shape).astype(np.float32) * sigma
     img = np.sqrt((img + n1) ** 2 + n2**2)  # Rician magnitude noise
@@ -200,7 +202,7 @@ def _brain_slice(
     """
     u, v, pose = _pose(rng, size, scale=scale, shift=0.07, rot_deg=14.0)
     px = pose["px"]  # pixels per local unit
-    aspect = float(rng.uniform(0.76, 0.86))
+    aspect = float(rng.uniform(0.72, 0.88))
     rho = np.sqrt((u / aspect) ** 2 + v**2)
     phi = np.arctan2(v, u / aspect)
     # outline wobble so heads are not perfect ellipses
@@ -222,7 +224,7 @@ def _brain_slice(
         img = img * (1 - inside_bone) + inside_bone * csf_level  # CSF rim
     else:
         b_radius = 1.0
-        csf_level = float(rng.uniform(0.0, 0.14))
+        csf_level = float(rng.uniform(0.0, 0.1))
 
     brain_px = b_radius * px
     q = rho_w / b_radius  # 1 at the brain surface
@@ -238,9 +240,13 @@ def _brain_slice(
     tissue = gm_level + (wm_level - gm_level) * wm
     # deep grey nuclei (thalami) either side of the third ventricle
     for side in (-1.0, 1.0):
-        d = np.sqrt(((u - side * 0.13 * b_radius) / 0.09) ** 2 + ((v - 0.08 * b_radius) / 0.12) ** 2)
+        d = np.sqrt(
+            ((u - side * 0.13 * b_radius) / 0.09) ** 2 + ((v - 0.08 * b_radius) / 0.12) ** 2
+        )
         tissue = tissue - 0.5 * (wm_level - gm_level) * _soft_inside((d - 1.0) * 0.1 * px * 2)
-    tissue = tissue * (1.0 + 0.035 * _smooth_noise(rng, size, 24) + 0.02 * _smooth_noise(rng, size, 48))
+    tissue = tissue * (
+        1.0 + 0.035 * _smooth_noise(rng, size, 24) + 0.02 * _smooth_noise(rng, size, 48)
+    )
 
     # --- CSF spaces that widen with atrophy ------------------------------------------------
     a = float(atrophy)
@@ -265,7 +271,7 @@ def _brain_slice(
     vent = np.maximum(vent, _soft_inside((e3 - 1.0) * w3 * px))
 
     # sulci: radial-ish dark clefts from the surface inwards
-    k = int(rng.integers(18, 26))
+    k = int(rng.integers(16, 29))
     phase = (
         k * phi
         + 2.2 * _smooth_noise(rng, size, 6)
@@ -307,7 +313,9 @@ def _brain_slice(
     return img.astype(np.float32), geom
 
 
-def _render_brain_tumor(label: int, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _render_brain_tumor(
+    label: int, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     img, g = _brain_slice(
         rng, size, skull=True, atrophy=float(rng.uniform(0.0, 0.8)), scale=(0.72, 0.95)
     )
@@ -347,7 +355,7 @@ def _render_brain_tumor(label: int, rng: np.random.Generator, size: int) -> tupl
         rad = b - r * float(rng.uniform(0.35, 0.7))
         cu, cv = rad * np.cos(ang) * 0.8, rad * np.sin(ang)
         d = np.sqrt((u - cu) ** 2 + (v - cv) ** 2) / r
-        tumour = _soft_inside((d - 1.0) * r * px) * np.clip(g["q"] < 1.04, 0, 1)
+        tumour = _soft_inside((d - 1.0) * r * px) * (g["q"] < 1.04)
         cleft = _soft_inside((d - 1.0 - 1.6 / max(r * px, 1.0)) * r * px) - tumour
         val = min(wm + float(rng.uniform(0.12, 0.3)), 1.0)
         val = val * (1.0 + 0.03 * _smooth_noise(rng, size, 20))
@@ -371,9 +379,11 @@ def _render_brain_tumor(label: int, rng: np.random.Generator, size: int) -> tupl
     return _mri_finish(img, rng), mask
 
 
-def _render_alzheimer(label: int, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _render_alzheimer(
+    label: int, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     atrophy = float(label) + float(rng.uniform(-0.22, 0.22))
-    img, g = _brain_slice(rng, size, skull=False, atrophy=max(atrophy, 0.0), scale=(0.62, 0.96))
+    img, g = _brain_slice(rng, size, skull=False, atrophy=max(atrophy, 0.0), scale=(0.55, 0.98))
     evidence = np.maximum(g["ventricles"], g["sulci"])
     mask = _dilate(evidence > 0.35, 1)
     if not mask.any():
@@ -386,7 +396,9 @@ def _render_alzheimer(label: int, rng: np.random.Generator, size: int) -> tuple[
 # --------------------------------------------------------------------------------------------
 
 
-def _vessel_tree(rng: np.random.Generator, disc: tuple[float, float]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _vessel_tree(
+    rng: np.random.Generator, disc: tuple[float, float]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Polylines (local coordinates, disc on the right, macula to the left) with widths."""
     out: list[tuple[np.ndarray, np.ndarray]] = []
     # (initial angle deg, curvature deg/step, steps, width) for the four arcades, y points down
@@ -425,7 +437,9 @@ def _vessel_tree(rng: np.random.Generator, disc: tuple[float, float]) -> list[tu
     return out
 
 
-def _render_fundus(label: int, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _render_fundus(
+    label: int, rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     u, v, pose = _pose(rng, size, scale=(0.8, 0.98), shift=0.05, rot_deg=8.0)
     px = pose["px"]
     side = 1.0 if rng.random() < 0.5 else -1.0  # right or left eye
@@ -438,7 +452,9 @@ def _render_fundus(label: int, rng: np.random.Generator, size: int) -> tuple[np.
         [rng.uniform(0.65, 0.95), rng.uniform(0.22, 0.48), rng.uniform(0.05, 0.25)], np.float32
     )
     shade = 1.0 - float(rng.uniform(0.2, 0.45)) * rho**2
-    shade = shade * (1.0 + 0.05 * _smooth_noise(rng, size, 10) + 0.03 * _smooth_noise(rng, size, 30))
+    shade = shade * (
+        1.0 + 0.05 * _smooth_noise(rng, size, 10) + 0.03 * _smooth_noise(rng, size, 30)
+    )
     img = shade[..., None] * base[None, None, :]
     # choroidal texture in the red channel
     img[..., 0] *= 1.0 + 0.04 * _smooth_noise(rng, size, 40)
@@ -466,11 +482,22 @@ def _render_fundus(label: int, rng: np.random.Generator, size: int) -> tuple[np.
     img = img * (1 - vessel[..., None] * (1 - vcol))
 
     # optic disc and cup
-    rd = float(rng.uniform(0.1, 0.16))
-    cdr = float(rng.uniform(0.62, 0.85)) if label == 2 else float(rng.uniform(0.2, 0.45))
+    rd = float(rng.uniform(0.115, 0.175))
+    cdr = float(rng.uniform(0.65, 0.88)) if label == 2 else float(rng.uniform(0.15, 0.42))
     dd = np.sqrt((ul - disc_u) ** 2 + ((v - disc_v) / 1.08) ** 2)
     disc = _soft_inside((dd - rd) * px * 0.8)
-    disc_col = np.array([1.0, rng.uniform(0.62, 0.82), rng.uniform(0.35, 0.58)], np.float32)
+    # peripapillary atrophy (any class): a pale crescent beside the disc, on the temporal side
+    if rng.random() < 0.7:
+        ang = np.arctan2(v - disc_v, ul - disc_u)
+        off = np.abs((ang - np.pi - float(rng.uniform(-0.5, 0.5)) + np.pi) % (2 * np.pi) - np.pi)
+        half = float(rng.uniform(0.6, 1.6))
+        width = rd * float(rng.uniform(0.25, 0.9))
+        crescent = _soft_inside((dd - rd - width * np.clip(1 - off / half, 0, 1)) * px)
+        crescent = crescent * np.clip((half - off) * 3.0, 0, 1)
+        ppa_col = np.array([0.95, rng.uniform(0.78, 0.9), rng.uniform(0.6, 0.78)], np.float32)
+        ppa = crescent * float(rng.uniform(0.6, 0.9))
+        img = img * (1 - ppa[..., None]) + ppa[..., None] * ppa_col
+    disc_col = np.array([1.0, rng.uniform(0.6, 0.85), rng.uniform(0.32, 0.68)], np.float32)
     disc_val = disc_col * float(rng.uniform(0.85, 1.0)) * (1 - 0.15 * (dd / rd) ** 2)[..., None]
     img = img * (1 - disc[..., None]) + disc_val * disc[..., None]
     # vessels are visible on the disc too
@@ -478,7 +505,7 @@ def _render_fundus(label: int, rng: np.random.Generator, size: int) -> tuple[np.
     cup_off = float(rng.uniform(-0.15, 0.15)) * rd * (1 - cdr)
     dc = np.sqrt((ul - disc_u - cup_off) ** 2 + ((v - disc_v) / 1.12) ** 2)
     cup = _soft_inside((dc - cdr * rd) * px * 0.9) * disc
-    cup_col = disc_col + float(rng.uniform(0.3, 0.6)) * (np.float32(0.97) - disc_col)
+    cup_col = disc_col + float(rng.uniform(0.5, 0.8)) * (np.float32(0.97) - disc_col)
     img = img * (1 - cup[..., None]) + cup_col * cup[..., None]
 
     mask = np.zeros((size, size), bool)
@@ -522,25 +549,6 @@ def _render_fundus(label: int, rng: np.random.Generator, size: int) -> tuple[np.
     elif label == 2:  # glaucoma: the evidence is the optic disc with its enlarged cup
         mask = _soft_inside((dd - rd * 1.15) * px) > 0.5
 
-    # nerve-fibre-layer sheen / light reflexes along the arcades (any class)
-    n_sheen = int(rng.integers(0, 7))
-    if n_sheen:
-        sheen, sdraw = _supersampled(size, ss)
-        pts = np.stack(
-            [
-                disc_u - rng.uniform(0.05, 0.6, n_sheen),
-                disc_v + rng.choice([-1.0, 1.0], n_sheen) * rng.uniform(0.12, 0.4, n_sheen),
-            ],
-            axis=1,
-        )
-        pts[:, 0] *= side
-        for x0, y0 in _to_pixels(pose, pts, ss):
-            rx = max(rng.uniform(0.04, 0.09) * px, 0.6) * ss
-            ry = rx * rng.uniform(0.25, 0.5)
-            sdraw.ellipse([x0 - rx, y0 - ry, x0 + rx, y0 + ry], fill=255)
-        a_sh = _blur(_downsample(sheen, size), 0.5) * float(rng.uniform(0.45, 0.8))
-        img = img * (1 - a_sh[..., None]) + a_sh[..., None] * cup_col
-
     # fundus aperture
     aperture = _soft_inside((rho - 1.0) * px)
     img = img * aperture[..., None]
@@ -548,11 +556,12 @@ def _render_fundus(label: int, rng: np.random.Generator, size: int) -> tuple[np.
     # illumination flare (any class): an unfocused whitish glare over part of the fundus; unlike
     # a cataract it does not blur the vessels underneath
     if rng.random() < 0.7:
-        fu, fv = rng.uniform(-0.6, 0.6, 2)
-        fr = float(rng.uniform(0.4, 0.9))
+        fu, fv = rng.uniform(-0.5, 0.5, 2)
+        fr = float(rng.uniform(0.45, 0.9))
         df = np.sqrt((u - fu) ** 2 + (v - fv) ** 2) / fr
-        flare = float(rng.uniform(0.15, 0.45)) * np.clip(1.0 - df, 0.0, 1.0) ** 1.5 * aperture
-        tint = float(rng.uniform(0.4, 0.8))
+        df = df * (1.0 + 0.18 * _smooth_noise(rng, size, 5))
+        flare = float(rng.uniform(0.15, 0.5)) * np.clip((1.0 - df) / 0.35, 0.0, 1.0) * aperture
+        tint = float(rng.uniform(0.2, 0.7))
         flare_col = tint * np.float32(0.85) + (1 - tint) * np.clip(base * 1.25, 0, 1)
         img = img * (1 - flare[..., None]) + flare[..., None] * flare_col
 
@@ -562,23 +571,25 @@ def _render_fundus(label: int, rng: np.random.Generator, size: int) -> tuple[np.
         dh = np.sqrt((u - cu) ** 2 + (v - cv) ** 2) / rr
         dh = dh * (1.0 + 0.18 * _smooth_noise(rng, size, 5))
         alpha = np.clip((1.0 - dh) / 0.35, 0.0, 1.0) * aperture
-        blurred = _blur(img, float(rng.uniform(0.04, 0.06)) * size)
+        blurred = _blur(img, float(rng.uniform(0.045, 0.07)) * size)
         img = img * (1 - alpha[..., None]) + blurred * alpha[..., None]
-        veil = float(rng.uniform(0.4, 0.65)) * alpha
-        whiteness = float(rng.uniform(0.4, 0.8))
+        veil = float(rng.uniform(0.35, 0.6)) * alpha
+        whiteness = float(rng.uniform(0.2, 0.7))
         milky = whiteness * np.float32(0.85) + (1 - whiteness) * np.clip(base * 1.25, 0, 1)
         milky = milky * float(rng.uniform(0.75, 1.0)) * np.sqrt(np.clip(shade, 0.0, 1.0))[..., None]
         img = img * (1 - veil[..., None]) + veil[..., None] * milky
         mask = alpha > 0.5
+        if not mask.any():
+            mask = alpha >= alpha.max() * 0.5
 
     # global photographic nuisance (any class): faint uniform haze, colour balance, focus, noise
-    haze = float(rng.uniform(0.0, 0.3)) * aperture
+    haze = float(rng.uniform(0.0, 0.2)) * aperture
     haze_col = np.array([0.85, 0.8, 0.72], np.float32) * float(rng.uniform(0.6, 1.0))
     img = img * (1 - haze[..., None]) + haze[..., None] * haze_col
     img = np.clip(img, 0.0, 1.0) ** float(rng.uniform(0.75, 1.35))
-    img = img * rng.uniform(0.85, 1.15, 3).astype(np.float32) * float(rng.uniform(0.7, 1.2))
+    img = img * rng.uniform(0.8, 1.2, 3).astype(np.float32) * float(rng.uniform(0.6, 1.3))
     img = np.clip(img, 0.0, 1.0)
-    img = _blur(img, float(rng.uniform(0.0, 0.6)) * size / 64.0)
+    img = _blur(img, float(rng.uniform(0.0, 0.45)) * size / 64.0)
     img = img + rng.normal(0, float(rng.uniform(0.005, 0.025)), img.shape).astype(np.float32)
     out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return out, mask
@@ -616,7 +627,9 @@ def render(
     """
     spec = get_spec(dataset_id)
     if not 0 <= int(label) < spec.num_classes:
-        raise ValueError(f"label {label} out of range for {dataset_id} ({spec.num_classes} classes)")
+        raise ValueError(
+            f"label {label} out of range for {dataset_id} ({spec.num_classes} classes)"
+        )
     if int(size) < 16:
         raise ValueError(f"size must be at least 16, got {size}")
     image, mask = _RENDERERS[dataset_id](int(label), rng, int(size))
@@ -626,7 +639,7 @@ def render(
 def _image_rng(seed: int, dataset_id: str, label: int, index: int) -> np.random.Generator:
     """Independent generator per (seed, dataset, class, index): order-free and reproducible."""
     key = zlib.crc32(dataset_id.encode("utf-8"))
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, key, int(label), int(index)])
+    return np.random.default_rng([int(seed) % 2**64, key, int(label), int(index)])
 
 
 def make_arrays(
