@@ -90,13 +90,14 @@ def _validate_on_rank0(
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (DDP rank)."""
+    import ray
     import ray.train
     import ray.train.torch
 
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    arrays = config["data"]
+    arrays = ray.get(config["data"])  # from the object store: no shared disk needed
     train, val = arrays["train"], arrays["val"]
     seed_everything(config["seed"])
     spec = ModelSpec.from_dict(config["spec"])
@@ -180,13 +181,14 @@ def fit_teacher(
     Args:
         loop: the per-worker function; tests wrap :func:`_train_loop_per_worker` to observe it.
     """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.teacher
     loop_config = {
         # Arrays travel through Ray's object store: workers on other nodes need no shared disk.
-        "data": {"train": data.splits["train"], "val": data.splits["val"]},
+        "data": ray.put({"train": data.splits["train"], "val": data.splits["val"]}),
         "spec": spec.to_dict(),
         "weights": t.weights,
         "epochs": t.epochs,

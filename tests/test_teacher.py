@@ -27,6 +27,7 @@ def observing_loop(log_dir: Path, fail_at_epoch: int | None = None):
     """Wrap the product's per-worker loop: record what each rank trains on, optionally fail once."""
 
     def loop(config):
+        import ray
         import ray.train
 
         import kdray.teacher as kt
@@ -51,7 +52,7 @@ def observing_loop(log_dir: Path, fail_at_epoch: int | None = None):
                 marker.touch()
                 raise RuntimeError("injected worker failure")
             out = original(model, loader, *args, **kwargs)
-            val = config["data"]["val"].images
+            val = ray.get(config["data"])["val"].images
             np.save(log_dir / f"rank{rank}-logits.npy", predict_logits(unwrap(model), val))
             weights = torch.cat([p.detach().flatten() for p in unwrap(model).parameters()])
             np.save(log_dir / f"rank{rank}-weights.npy", weights.numpy())
