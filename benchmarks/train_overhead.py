@@ -16,15 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 from mlflow import MlflowClient
 
 from kdray.augment import build_augment
-from kdray.config import ExperimentConfig, MLflowConfig
+from kdray.config import ExperimentConfig, MLflowConfig, RayConfig
 from kdray.data.prepare import in_memory_synthetic
 from kdray.engine import make_loader, seed_everything, train_epoch
 from kdray.models import ModelSpec, build_model
+from kdray.pipeline import ray_session
 from kdray.teacher import _ce_loss, fit_teacher
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
@@ -76,15 +76,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
         tracker = Tracker.open(MLflowConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db"), ws)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=f"/tmp/kdray-bench-ray-{os.getpid()}")
-        try:
+        # The product's local Ray (workers at normal priority, private temp dir).
+        with ray_session(RayConfig(num_cpus=2), ws):
             plain_a = plain_epochs(cfg1, data, spec, args.epochs)
             ray1, ips1, wall1 = trainer_epochs(cfg1, data, spec, tracker, tmp, "w1")
             plain_b = plain_epochs(cfg1, data, spec, args.epochs)
             ray2, ips2, wall2 = trainer_epochs(cfg2, data, spec, tracker, tmp, "w2")
-        finally:
-            ray.shutdown()
     plain = statistics.median(plain_a[1:] + plain_b[1:])
     trainer = statistics.median(ray1[1:])
     print(f"\n{'':34}{'epoch s':>10}{'images/s':>10}")

@@ -70,6 +70,10 @@ def ray_session(cfg: RayConfig, ws: Workspace) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Ray starts workers at nice 15; on a machine shared with other work that starves the
+        # training processes (seen here: a 7x slower teacher epoch). kdray's own local Ray
+        # runs them at normal priority unless the user sets RAY_worker_niceness.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # address="local" never attaches to another Ray that happens to run on this machine.
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
                  _temp_dir=cfg.temp_dir or f"/tmp/kdray-ray-{os.getuid()}")
