@@ -63,3 +63,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsummary written to {ws.reports / 'summary.md'}; MLflow: mlflow ui --backend-store-uri "
           f"sqlite:///{ws.mlflow_db}")
     return 0
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """``python tune/report.py``: rebuild the transparency reports of a finished run."""
+    parser = argparse.ArgumentParser(
+        prog="tune/report.py",
+        description="Recompute the transparency report (params, FLOPs, explanation times, "
+        "faithfulness, example figures; teacher vs champion) of every dataset of a finished "
+        "`tune/run.py` run with the same config and workspace, and log it to MLflow.",
+    )
+    parser.add_argument("--config", metavar="PATH", default=str(DEFAULT_CONFIG),
+                        help="the run's experiment YAML (default: configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="the run's overrides; explain.* keys may differ from the run's")
+    parser.add_argument("--workspace", metavar="DIR", default=None,
+                        help="the run's workspace (default: $KDRAY_HOME, else ./workspace)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from kdray.pipeline import rebuild_reports
+
+    try:
+        paths = rebuild_reports(cfg, Workspace.at(args.workspace))
+    except (RuntimeError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0

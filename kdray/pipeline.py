@@ -22,9 +22,10 @@ from kdray.data.prepare import prepare_dataset
 from kdray.sweep import make_job, run_sweep
 from kdray.teacher import train_teacher
 from kdray.tracking import Tracker
+from kdray.transparency import report_dataset
 from kdray.workspace import Workspace
 
-__all__ = ["DatasetSummary", "format_summary", "ray_session", "run_pipeline"]
+__all__ = ["DatasetSummary", "format_summary", "ray_session", "rebuild_reports", "run_pipeline"]
 
 log = logging.getLogger("kdray")
 
@@ -84,8 +85,11 @@ def ray_session(cfg: RayConfig, ws: Workspace) -> Iterator[None]:
 
 
 def run_key(cfg: ExperimentConfig) -> str:
-    """Identifies what a dataset's run computes (everything but where it runs and logs)."""
-    blob = json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("ray", "mlflow")}, sort_keys=True)
+    """Identifies what a dataset's run trains (not where it runs, logs, or how it explains)."""
+    data = cfg.to_dict()
+    data["data"].pop("datasets")  # the state is per dataset: the list around it does not matter
+    blob = json.dumps({k: v for k, v in data.items() if k not in ("ray", "mlflow", "explain")},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -134,6 +138,9 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         job = make_job(cfg, data, teacher, tracker, parent)
         outcomes = run_sweep(job, ws, name=sweep_name, restore=state is not None)
         champion = crown_champion(job, outcomes, data.splits["test"], ws, tracker, parent)
+        if cfg.explain.report:
+            report_dataset(cfg, data, teacher.model_dir, ws.champions / dataset, ws, tracker,
+                           parent, champion.run_id)
         seeds = champion.champion_seeds
         student_acc = seeds.get("test_accuracy_mean", champion.test_metrics["accuracy"])
         summary = DatasetSummary(
@@ -174,7 +181,8 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         raise
     tracker.end_run(parent)
     _save_state(ws, dataset, {"run_key": key, "parent_run_id": parent, "sweep": sweep_name,
-                              "summary": asdict(summary)})
+                              "teacher_dir": str(teacher.model_dir),
+                              "champion_run_id": champion.run_id, "summary": asdict(summary)})
     return summary
 
 
@@ -212,6 +220,27 @@ def _write_summary(rows: list[DatasetSummary], ws: Workspace) -> None:
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
     (ws.reports / "summary.csv").write_text(buf.getvalue())
+
+
+def rebuild_reports(cfg: ExperimentConfig, ws: Workspace) -> list[Path]:
+    """Recompute the transparency report of every finished dataset of this config (no training).
+
+    Raises:
+        RuntimeError: a configured dataset has no finished run of this config in ``ws``.
+    """
+    tracker = Tracker.open(cfg.mlflow, ws)
+    key, paths = run_key(cfg), []
+    for dataset in cfg.data.datasets:
+        path = _state_path(ws, dataset)
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        if state.get("run_key") != key or "summary" not in state:
+            raise RuntimeError(f"{dataset}: no finished run of this config in {ws.root}; "
+                               "run tune/run.py first")
+        data = prepare_dataset(cfg.data, dataset, ws)
+        report = report_dataset(cfg, data, Path(state["teacher_dir"]), ws.champions / dataset, ws,
+                                tracker, state["parent_run_id"], state["champion_run_id"])
+        paths.append(report.paths["markdown"])
+    return paths
 
 
 def run_pipeline(cfg: ExperimentConfig, ws: Workspace, resume: bool = False) -> list[DatasetSummary]:

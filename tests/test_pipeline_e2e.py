@@ -76,6 +76,10 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
         assert {"config.yaml", "test_confusion.png", "model"} <= artifacts
         assert {"config.yaml", "test_confusion.png", "model"} <= {a.path for a in client.list_artifacts(teacher.info.run_id)}
         assert {"summary.md", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+        report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "transparency")}
+        assert {"transparency/report.md", "transparency/explanations.png"} <= report_files
+        assert "explain.student.met_ms.gradcam" in parent.data.metrics
+        assert "feature_maps.png" in {a.path for a in client.list_artifacts(champion.info.run_id)}
     assert "| brain_tumor | KD student (champion) |" in proc.stdout
     assert (ws / "reports" / "summary.csv").read_text().count("\n") == 4
 
@@ -107,3 +111,23 @@ def test_rerun_reuses_the_teacher(smoke_run):
     client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
     assert len(_runs(client, "eye_disease", "teacher")) == 1  # no second teacher training
     assert len(_runs(client, "eye_disease", "parent")) == 2
+
+
+def test_report_entry_point_rebuilds_a_finished_run(smoke_run):
+    ws, _ = smoke_run
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "KDRAY_HOME")}
+    report = ws / "reports" / "alzheimer" / "report.md"
+    before = report.stat().st_mtime
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tune" / "report.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+         "--workspace", str(ws), "--set", "data.datasets=[alzheimer]", "--set", "explain.shap_nsamples=4"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(report)
+    assert report.stat().st_mtime > before and "Grad-CAM" in report.read_text()
+    missing = subprocess.run(
+        [sys.executable, str(REPO / "tune" / "report.py"), "--workspace", str(ws / "nowhere")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert missing.returncode == 2 and "no finished run" in missing.stderr

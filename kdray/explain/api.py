@@ -1,0 +1,255 @@
+"""One call that explains one image: ``explain(model, image, methods=[...])`` -> :class:`Explanation`.
+
+The result is a pydantic model meant to be returned as is by a serving endpoint:
+``Explanation.to_json()`` gives lists and base64 PNGs (maps as nested lists only on request).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PlainSerializer,
+    PlainValidator,
+    WithJsonSchema,
+)
+from torch import nn
+
+from kdray.config import ExplainConfig
+from kdray.explain.background import load_background
+from kdray.explain.expected_gradients import shap_maps
+from kdray.explain.gradcam import grad_cam
+from kdray.explain.hooks import eval_mode, model_lock
+from kdray.explain.inputs import ImageLike, display_images, to_batch
+from kdray.explain.layer_maps import feature_maps
+from kdray.explain.render import heat_overlay, png_bytes, signed_overlay, strip
+from kdray.models import TeacherDenseNet, load_model
+
+__all__ = ["METHODS", "Explainer", "Explanation", "LayerMap", "MethodResult", "explain"]
+
+Method = Literal["feature_maps", "gradcam", "shap"]
+METHODS: tuple[str, ...] = ("feature_maps", "gradcam", "shap")
+
+Array2D = Annotated[
+    np.ndarray,
+    PlainValidator(lambda v: np.asarray(v, dtype=np.float32)),
+    PlainSerializer(lambda a: np.asarray(a).tolist(), return_type=list),
+    WithJsonSchema({"type": "array", "items": {"type": "array", "items": {"type": "number"}}}),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class LayerMap(_Model):
+    """One map: the layer it was taken at, its overlay as PNG, and (optionally) the array."""
+
+    layer: str
+    png: bytes
+    array: Array2D | None = None
+
+
+class MethodResult(_Model):
+    """One method's output.
+
+    Attributes:
+        method: ``feature_maps``, ``gradcam`` or ``shap``.
+        time_ms: compute time of the maps (the forward/backward passes), not the rendering.
+        render_ms: time spent drawing overlays and encoding PNGs.
+        signed: True for SHAP (red positive, blue negative); False for [0, 1] heat maps.
+        maps: one per layer (feature maps: first block to last), else exactly one.
+        grid_png: feature maps only: the input then layer 1..n side by side.
+    """
+
+    method: Method
+    time_ms: float
+    render_ms: float
+    signed: bool
+    maps: list[LayerMap]
+    grid_png: bytes | None = None
+
+
+class Explanation(_Model):
+    """Prediction and explanations of one image."""
+
+    prediction: int
+    class_name: str | None
+    probabilities: list[float]
+    target: int
+    target_name: str | None
+    image_size: tuple[int, int]
+    methods: dict[str, MethodResult]
+    total_ms: float
+
+    def to_json(self, include_arrays: bool = False) -> str:
+        """JSON text: lists, base64 PNGs; the maps' float arrays only when asked for."""
+        return self.model_dump_json(exclude=None if include_arrays else _ARRAYS)
+
+    def to_dict(self, include_arrays: bool = False) -> dict[str, Any]:
+        """The JSON-able dict of :meth:`to_json` (what a web endpoint returns)."""
+        return self.model_dump(mode="json", exclude=None if include_arrays else _ARRAYS)
+
+
+_ARRAYS = {"methods": {"__all__": {"maps": {"__all__": {"array"}}}}}
+
+
+def _cam_layer(model: nn.Module, cfg: ExplainConfig) -> str | None:
+    return cfg.teacher_layer if isinstance(model, TeacherDenseNet) else cfg.student_layer
+
+
+def _name(class_names: Sequence[str] | None, index: int) -> str | None:
+    return class_names[index] if class_names and 0 <= index < len(class_names) else None
+
+
+def explain(
+    model: nn.Module,
+    image: ImageLike,
+    methods: Sequence[str] = METHODS,
+    *,
+    background: ImageLike | None = None,
+    class_names: Sequence[str] | None = None,
+    target: int | None = None,
+    cfg: ExplainConfig | None = None,
+    feature_layers: Sequence[str] | None = None,
+    cam_layer: str | None = None,
+    seed: int = 0,
+    include_arrays: bool = True,
+) -> Explanation:
+    """Predict one image and explain it with the requested methods.
+
+    Methods run in the order feature maps, Grad-CAM, SHAP; the first forward pass also gives the
+    prediction, so no method pays for an extra one.
+
+    Args:
+        model: a kdray model (teacher or student); left as found (mode, hooks, flags).
+        image: one image, see :func:`kdray.explain.inputs.to_batch`.
+        methods: any of ``feature_maps``, ``gradcam``, ``shap``.
+        background: SHAP background images (required for ``shap``).
+        class_names: label names, for ``class_name`` / ``target_name``.
+        target: class to explain; None explains the prediction.
+        cfg: layers, ``top_k_channels`` and SHAP ``nsamples`` (defaults: ``ExplainConfig()``).
+        feature_layers: feature-map layers; default the model's blocks.
+        cam_layer: Grad-CAM layer; default from ``cfg``, else the last block.
+        seed: SHAP sampling seed.
+        include_arrays: keep the float maps in the result (``to_json`` drops them by default).
+
+    Returns:
+        :class:`Explanation`.
+
+    Raises:
+        ValueError: an unknown method, more than one image, or ``shap`` without a background.
+    """
+    cfg = cfg or ExplainConfig()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown explanation method(s) {unknown}; expected any of {list(METHODS)}")
+    wanted = [m for m in METHODS if m in methods]
+    if "shap" in wanted and background is None:
+        raise ValueError("method 'shap' needs background images (see kdray.explain.background)")
+    x = to_batch(image)
+    if x.shape[0] != 1:
+        raise ValueError(f"explain() takes one image, got a batch of {x.shape[0]}")
+    shown = display_images(x)[0]
+    start = time.perf_counter()
+    logits: np.ndarray | None = None
+    results: dict[str, MethodResult] = {}
+    layer_name = cam_layer or _cam_layer(model, cfg)
+
+    def tgt() -> int | None:
+        if target is not None:
+            return int(target)
+        return None if logits is None else int(logits[0].argmax())
+
+    for method in wanted:
+        t0 = time.perf_counter()
+        if method == "feature_maps":
+            fm = feature_maps(model, x, feature_layers, cfg.top_k_channels)
+            logits = fm.logits
+            arrays = list(zip(fm.layers, fm.maps[0], strict=True))
+        elif method == "gradcam":
+            cm = grad_cam(model, x, layer_name, tgt())
+            logits = cm.logits if logits is None else logits
+            arrays = [(cm.layer, cm.maps[0])]
+        else:
+            if logits is None:
+                with model_lock(model), eval_mode(model), torch.no_grad():
+                    logits = model(x).float().numpy()
+            sm = shap_maps(model, x, background, tgt(), cfg.shap_nsamples, seed=seed)
+            arrays = [("input", sm.maps[0])]
+        t1 = time.perf_counter()
+        signed = method == "shap"
+        overlays = [signed_overlay(shown, a) if signed else heat_overlay(shown, a)
+                    for _, a in arrays]
+        grid = None
+        if method == "feature_maps":
+            tile = (shown * 255 + 0.5).astype(np.uint8)
+            grid = png_bytes(strip([tile, *overlays], ["input", *[n.split(".")[-1] for n, _ in arrays]]))
+        maps = [LayerMap(layer=n, png=png_bytes(o), array=a if include_arrays else None)
+                for (n, a), o in zip(arrays, overlays, strict=True)]
+        results[method] = MethodResult(method=method, time_ms=(t1 - t0) * 1e3,
+                                       render_ms=(time.perf_counter() - t1) * 1e3,
+                                       signed=signed, maps=maps, grid_png=grid)
+    if logits is None:
+        with model_lock(model), eval_mode(model), torch.no_grad():
+            logits = model(x).float().numpy()
+    probs = torch.softmax(torch.from_numpy(logits[0]), 0).numpy()
+    pred = int(probs.argmax())
+    explained = int(target) if target is not None else pred
+    return Explanation(
+        prediction=pred, class_name=_name(class_names, pred),
+        probabilities=[float(p) for p in probs], target=explained,
+        target_name=_name(class_names, explained), image_size=(x.shape[2], x.shape[3]),
+        methods=results, total_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+class Explainer:
+    """A model with what explaining it needs: class names, SHAP background, config.
+
+    Build it once (e.g. in a Ray Serve replica's ``__init__``) and call :meth:`explain` per
+    request; calls from several threads are safe (work on one model is serialised).
+
+    Args:
+        model: a kdray model.
+        class_names: label names.
+        background: SHAP background (uint8 (B, 3, H, W)); None disables ``shap``.
+        cfg: the ``explain`` section of the experiment config.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str] | None = None,
+        background: ImageLike | None = None,
+        cfg: ExplainConfig | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.class_names = list(class_names) if class_names else None
+        self.background = background
+        self.cfg = cfg or ExplainConfig()
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, cfg: ExplainConfig | None = None) -> Explainer:
+        """Load a model saved by :func:`kdray.models.save_model` and the background beside it."""
+        model, spec = load_model(directory)
+        return cls(model, spec.class_names, load_background(directory), cfg)
+
+    @property
+    def methods(self) -> list[str]:
+        """Configured methods this explainer can run (``shap`` only with a background)."""
+        return [m for m in self.cfg.methods if m != "shap" or self.background is not None]
+
+    def explain(self, image: ImageLike, methods: Sequence[str] | None = None,
+                target: int | None = None, **kwargs: Any) -> Explanation:
+        """:func:`explain` with this explainer's model, names, background and config."""
+        return explain(self.model, image, self.methods if methods is None else methods,
+                       background=self.background, class_names=self.class_names,
+                       target=target, cfg=self.cfg, **kwargs)

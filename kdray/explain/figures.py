@@ -1,0 +1,154 @@
+"""Report figures (matplotlib, headless): the explanation grid and the feature-map strips."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+
+from kdray.explain.render import heat_overlay, signed_overlay  # noqa: E402
+
+__all__ = ["Example", "curves_figure", "explanation_grid", "feature_map_figure"]
+
+MASK_COLOUR = "#39ff14"
+
+
+@dataclass
+class Example:
+    """One row of the grid: an image, its mask and, per model, maps and the prediction.
+
+    Attributes:
+        image: float (H, W, 3) in [0, 1].
+        mask: bool (H, W) or None.
+        label: true class name.
+        maps: ``{"teacher": {"feature_maps": m, "gradcam": m, "shap": m}, "student": {...}}``.
+        predictions: ``{"teacher": name, "student": name}``.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    label: str
+    maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    predictions: dict[str, str] = field(default_factory=dict)
+
+
+def _panel(ax: Axes, rgb: np.ndarray, mask: np.ndarray | None, title: str | None = None) -> None:
+    ax.imshow(rgb, interpolation="nearest")
+    if mask is not None and mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors=MASK_COLOUR, linewidths=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+_METHOD_COLOURS = {"feature_maps": "tab:blue", "gradcam": "tab:orange", "shap": "tab:green",
+                   "random": "tab:gray"}
+_METHOD_TITLES = {"feature_maps": "feature map", "gradcam": "Grad-CAM", "shap": "SHAP"}
+
+
+def explanation_grid(
+    examples: list[Example], path: Path, methods: list[str], title: str = ""
+) -> Path:
+    """Input | teacher: feature map, Grad-CAM, SHAP | student: the same, one row per example.
+
+    The lesion mask is outlined in green on every panel.
+
+    Args:
+        examples: the rows.
+        path: PNG to write.
+        methods: columns per model, from ``feature_maps``, ``gradcam``, ``shap``.
+        title: figure title.
+    """
+    models = ["teacher", "student"]
+    ncols = 1 + len(models) * len(methods)
+    fig, axes = plt.subplots(len(examples), ncols, figsize=(1.75 * ncols, 1.95 * len(examples) + 0.5),
+                             squeeze=False)
+    for r, ex in enumerate(examples):
+        _panel(axes[r, 0], ex.image, ex.mask, "input" if r == 0 else None)
+        axes[r, 0].set_ylabel(f"true: {ex.label}", fontsize=8)
+        for m, model in enumerate(models):
+            for k, method in enumerate(methods):
+                ax = axes[r, 1 + m * len(methods) + k]
+                a = ex.maps[model][method]
+                rgb = signed_overlay(ex.image, a) if method == "shap" else heat_overlay(ex.image, a)
+                _panel(ax, rgb, ex.mask, f"{model}\n{_METHOD_TITLES[method]}" if r == 0 else None)
+                if k == 0:
+                    ax.set_ylabel(f"pred: {ex.predictions[model]}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def feature_map_figure(
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    rows: dict[str, tuple[list[str], np.ndarray]],
+    path: Path,
+    title: str = "",
+) -> Path:
+    """One row per model: the input, then its feature maps from the first block to the last.
+
+    Args:
+        image: float (H, W, 3) in [0, 1].
+        mask: bool (H, W) or None (outlined on the input).
+        rows: model name -> (layer names, maps (L, H, W) in [0, 1]).
+        path: PNG to write.
+    """
+    ncols = 1 + max(len(layers) for layers, _ in rows.values())
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.7 * ncols, 1.9 * len(rows) + 0.4),
+                             squeeze=False)
+    for r, (name, (layers, maps)) in enumerate(rows.items()):
+        _panel(axes[r, 0], image, mask, "input")
+        axes[r, 0].set_ylabel(name, fontsize=9)
+        for c in range(1, ncols):
+            ax = axes[r, c]
+            if c - 1 < len(layers):
+                _panel(ax, heat_overlay(image, maps[c - 1]), None, layers[c - 1].split(".")[-1])
+            else:
+                ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(
+    fractions: np.ndarray, curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = ""
+) -> Path:
+    """Mean deletion and insertion curves per model and method.
+
+    Args:
+        fractions: (S,) share of pixels replaced.
+        curves: ``"deletion"``/``"insertion"`` -> ``"teacher gradcam"`` etc. -> (S,) mean curve;
+            colour by method, solid for the teacher, dashed for the student.
+        path: PNG to write.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
+        for label, curve in curves[kind].items():
+            model, _, method = label.partition(" ")
+            ax.plot(fractions, curve, "--" if model == "student" else "-", label=label,
+                    color=_METHOD_COLOURS.get(method, "black"), linewidth=1.4)
+        ax.set_title(f"{kind} (mean class probability)", fontsize=10)
+        ax.set_xlabel("share of pixels " + ("removed" if kind == "deletion" else "revealed"))
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right", ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,320 @@
+"""The transparency report of one dataset: the paper's tables, measured, teacher vs student.
+
+``build_report`` writes into ``out_dir``:
+
+* ``report.md``: cost (parameters, FLOPs at the input size and at 224x224, mean execution time
+  of each explanation method), localisation on the lesion masks, deletion / insertion AUC, each
+  with a random-map baseline;
+* ``explanations.png``: example rows, input | teacher maps | student maps, mask outlined;
+* ``feature_maps.png``: one image through every block of both models;
+* ``deletion_insertion.png``: mean deletion and insertion curves;
+* ``report.json``: the flat metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdray.config import ExplainConfig
+from kdray.data.prepare import PreparedData
+from kdray.explain.background import select_background, stratified_indices
+from kdray.explain.cost import count_flops, count_params, time_call
+from kdray.explain.expected_gradients import shap_maps
+from kdray.explain.faithfulness import (
+    deletion_insertion,
+    energy_in_mask,
+    nanmean,
+    pointing_game,
+    random_maps,
+)
+from kdray.explain.figures import Example, curves_figure, explanation_grid, feature_map_figure
+from kdray.explain.gradcam import default_cam_layer, grad_cam
+from kdray.explain.inputs import display_images, to_batch
+from kdray.explain.layer_maps import feature_maps
+
+__all__ = ["Report", "build_report"]
+
+MODELS = ("teacher", "student")
+TITLES = {"feature_maps": "Feature maps (last block)", "gradcam": "Grad-CAM", "shap": "SHAP",
+          "random": "Random map (baseline)"}
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote and measured.
+
+    Attributes:
+        dataset: dataset id.
+        markdown: the text of ``report.md``.
+        paths: ``markdown``, ``json``, ``grid``, ``feature_maps``, ``curves`` -> file.
+        metrics: flat ``name -> number`` (e.g. ``student.met_ms.shap``,
+            ``teacher.pointing_game.gradcam``, ``ratio.flops``); NaN scores are left out.
+    """
+
+    dataset: str
+    markdown: str
+    paths: dict[str, Path]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Scored:
+    """One model's maps on the scored images."""
+
+    predictions: np.ndarray
+    layers: list[str]
+    all_feature_maps: np.ndarray  # (N, L, H, W)
+    maps: dict[str, np.ndarray]  # method -> (N, H, W)
+    seconds: float = 0.0
+
+
+def _cam_layer(model_name: str, model: nn.Module, cfg: ExplainConfig) -> str:
+    chosen = cfg.teacher_layer if model_name == "teacher" else cfg.student_layer
+    return chosen or default_cam_layer(model)
+
+
+def _score_maps(model: nn.Module, name: str, x: torch.Tensor, background: np.ndarray,
+                cfg: ExplainConfig, seed: int) -> _Scored:
+    t0 = time.perf_counter()
+    fm = feature_maps(model, x, None, cfg.top_k_channels)
+    preds = fm.logits.argmax(1)
+    maps: dict[str, np.ndarray] = {}
+    if "feature_maps" in cfg.methods:
+        maps["feature_maps"] = fm.maps[:, -1]
+    if "gradcam" in cfg.methods:
+        maps["gradcam"] = grad_cam(model, x, _cam_layer(name, model, cfg), preds).maps
+    if "shap" in cfg.methods:
+        maps["shap"] = shap_maps(model, x, background, preds, cfg.shap_nsamples, seed=seed).maps
+    return _Scored(preds, fm.layers, fm.maps, maps, time.perf_counter() - t0)
+
+
+def _met_ms(model: nn.Module, name: str, x: torch.Tensor, preds: np.ndarray,
+            background: np.ndarray, cfg: ExplainConfig, seed: int) -> dict[str, float]:
+    """Mean single-image time per method (one untimed warm-up call each)."""
+    n = min(cfg.timing_images, len(x))
+    layer = _cam_layer(name, model, cfg)
+    calls = {
+        "feature_maps": lambda i: feature_maps(model, x[i : i + 1], None, cfg.top_k_channels),
+        "gradcam": lambda i: grad_cam(model, x[i : i + 1], layer, None),
+        "shap": lambda i: shap_maps(model, x[i : i + 1], background, preds[i : i + 1],
+                                    cfg.shap_nsamples, seed=seed),
+    }
+    out = {}
+    for method in cfg.methods:
+        call = calls[method]
+        call(0)
+        seconds = [time_call(lambda i=i, call=call: call(i), repeats=1, warmup=0)[0]
+                   for i in range(n)]
+        out[method] = 1e3 * float(np.mean(seconds))
+    return out
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def _examples(labels: np.ndarray, masks: np.ndarray | None, k: int) -> list[int]:
+    """Up to ``k`` positions, classes in turn, images with a lesion mask first within a class."""
+    order: list[list[int]] = []
+    for c in np.unique(labels):
+        idx = list(np.flatnonzero(labels == c))
+        if masks is not None:
+            idx.sort(key=lambda i: not masks[i].any())
+        order.append(idx)
+    picked: list[int] = []
+    while len(picked) < min(k, len(labels)):
+        for pool in order:
+            if pool and len(picked) < k:
+                picked.append(int(pool.pop(0)))
+    return picked
+
+
+def build_report(
+    data: PreparedData,
+    teacher: nn.Module,
+    student: nn.Module,
+    cfg: ExplainConfig,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = 12,
+) -> Report:
+    """Measure and write the transparency report of one dataset (see the module docstring).
+
+    Args:
+        data: the prepared dataset (test split scored, training split gives the background).
+        teacher: the DenseNet121 teacher.
+        student: the distilled student.
+        cfg: ``methods``, layers, ``top_k_channels``, SHAP sizes, ``report_images``,
+            ``timing_images`` and ``grid_examples``.
+        out_dir: folder to write into (created).
+        seed: seeds the image choice, SHAP sampling and random maps.
+        steps: deletion / insertion curve steps.
+
+    Returns:
+        :class:`Report`.
+
+    Raises:
+        ValueError: an empty test split.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    test, train = data.splits["test"], data.splits["train"]
+    if len(test) == 0:
+        raise ValueError(f"{data.spec.id}: the test split is empty")
+    classes = list(data.spec.classes)
+    idx = stratified_indices(test.labels, cfg.report_images, seed)
+    x = to_batch(test.images[idx])
+    labels = test.labels[idx]
+    masks = test.masks[idx] if test.masks is not None else None
+    has_masks = masks is not None and bool(masks.any())
+    background = select_background(train.images, train.labels, cfg.shap_background, seed)
+    size = data.image_size
+    models = {"teacher": teacher, "student": student}
+    rand = random_maps(len(idx), (size, size), seed)
+
+    metrics: dict[str, float] = {}
+    scored: dict[str, _Scored] = {}
+    curves: dict[str, dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}}
+    fractions = np.zeros(0)
+    for name, model in models.items():
+        s = scored[name] = _score_maps(model, name, x, background, cfg, seed)
+        metrics[f"{name}.params"] = count_params(model)
+        metrics[f"{name}.flops"] = count_flops(model, size)
+        metrics[f"{name}.flops_224"] = count_flops(model, 224)
+        metrics[f"{name}.accuracy"] = float((s.predictions == labels).mean())
+        metrics[f"{name}.report_seconds"] = s.seconds
+        for method, ms in _met_ms(model, name, x, s.predictions, background, cfg, seed).items():
+            metrics[f"{name}.met_ms.{method}"] = ms
+        for method, maps in {**s.maps, "random": rand}.items():
+            if has_masks:
+                metrics[f"{name}.pointing_game.{method}"] = nanmean(pointing_game(maps, masks))
+                metrics[f"{name}.energy_in_mask.{method}"] = nanmean(energy_in_mask(maps, masks))
+            di = deletion_insertion(model, x, maps, s.predictions, steps=steps, seed=seed)
+            metrics[f"{name}.deletion_auc.{method}"] = float(di.deletion.mean())
+            metrics[f"{name}.insertion_auc.{method}"] = float(di.insertion.mean())
+            curves["deletion"][f"{name} {method}"] = di.deletion_curves.mean(0)
+            curves["insertion"][f"{name} {method}"] = di.insertion_curves.mean(0)
+            fractions = di.fractions
+    for key in ("params", "flops", "flops_224", *(f"met_ms.{m}" for m in cfg.methods)):
+        metrics[f"ratio.{key}"] = _ratio(metrics[f"teacher.{key}"], metrics[f"student.{key}"])
+    metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+
+    paths = {"markdown": out / "report.md", "json": out / "report.json",
+             "grid": out / "explanations.png", "feature_maps": out / "feature_maps.png",
+             "curves": out / "deletion_insertion.png"}
+    shown = display_images(x)
+    title = f"{data.spec.title} ({data.spec.id}), {size}x{size}"
+    rows = []
+    for i in _examples(labels, masks, cfg.grid_examples):
+        rows.append(Example(
+            image=shown[i], mask=masks[i] if masks is not None else None, label=classes[labels[i]],
+            maps={n: {m: scored[n].maps[m][i] for m in cfg.methods} for n in MODELS},
+            predictions={n: classes[scored[n].predictions[i]] for n in MODELS},
+        ))
+    explanation_grid(rows, paths["grid"], list(cfg.methods), title)
+    first = _examples(labels, masks, 1)[0]
+    feature_map_figure(
+        shown[first], masks[first] if masks is not None else None,
+        {n: (scored[n].layers, scored[n].all_feature_maps[first]) for n in MODELS},
+        paths["feature_maps"], f"Feature maps, {classes[labels[first]]}: first block to last",
+    )
+    curves_figure(fractions, curves, paths["curves"], title)
+    markdown = _markdown(data, cfg, metrics, len(idx), masks, has_masks, paths, steps)
+    paths["markdown"].write_text(markdown)
+    paths["json"].write_text(json.dumps({"dataset": data.spec.id, "metrics": metrics}, indent=1))
+    return Report(data.spec.id, markdown, paths, metrics)
+
+
+def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: int,
+              masks: np.ndarray | None, has_masks: bool, paths: dict[str, Path],
+              steps: int) -> str:
+    size = data.image_size
+    get = lambda key: m.get(key, float("nan"))  # noqa: E731
+    n_masked = int(masks.any(axis=(1, 2)).sum()) if masks is not None else 0
+    lines = [
+        f"# Transparency report: {data.spec.title} (`{data.spec.id}`)",
+        "",
+        f"Input {size}x{size}. {n} test images scored ({n_masked} with a lesion mask); mean "
+        f"execution time (MET) over {min(cfg.timing_images, n)} single-image calls, "
+        f"{torch.get_num_threads()} torch thread(s). SHAP: expected gradients, "
+        f"{cfg.shap_nsamples} samples, {cfg.shap_background} background images. Maps explain "
+        "each model's own prediction.",
+        "",
+        "## Cost",
+        "",
+        "| | Teacher | Student | Teacher / student |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, key in (
+        ("Parameters", "params"), (f"FLOPs @ {size}x{size}", "flops"),
+        ("FLOPs @ 224x224", "flops_224"),
+    ):
+        t, s = get(f"teacher.{key}"), get(f"student.{key}")
+        lines.append(f"| {label} | {_human(t)} | {_human(s)} | {_fmt(get(f'ratio.{key}'), 1)}x |")
+    lines.append(f"| Accuracy (scored images) | {_fmt(get('teacher.accuracy'), 2)} | "
+                 f"{_fmt(get('student.accuracy'), 2)} | |")
+    for method in cfg.methods:
+        key = f"met_ms.{method}"
+        lines.append(f"| MET {TITLES[method].split(' (')[0]} (ms) | {_fmt(get(f'teacher.{key}'), 1)} | "
+                     f"{_fmt(get(f'student.{key}'), 1)} | {_fmt(get(f'ratio.{key}'), 1)}x |")
+    methods = [*cfg.methods, "random"]
+    lines += ["", "## Localisation on the lesion masks (higher is better)", ""]
+    if has_masks:
+        lines += [
+            "Pointing game: share of images whose map peaks inside the mask. Energy in mask: "
+            "share of the map's positive mass inside the mask. Images of healthy classes (empty "
+            "mask) are left out.",
+            "",
+            "| Method | Pointing game, teacher | Pointing game, student | Energy in mask, teacher "
+            "| Energy in mask, student |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for method in methods:
+            lines.append(
+                f"| {TITLES[method]} | {_fmt(get(f'teacher.pointing_game.{method}'), 2)} | "
+                f"{_fmt(get(f'student.pointing_game.{method}'), 2)} | "
+                f"{_fmt(get(f'teacher.energy_in_mask.{method}'), 2)} | "
+                f"{_fmt(get(f'student.energy_in_mask.{method}'), 2)} |")
+    else:
+        lines.append("No lesion masks for this dataset: localisation not scored.")
+    lines += [
+        "", "## Deletion / insertion", "",
+        f"Area under the class-probability curve as the most attributed pixels are replaced by a "
+        f"blurred copy (deletion, lower is better) or revealed over it (insertion, higher is "
+        f"better); {steps} steps.",
+        "",
+        "| Method | Deletion, teacher | Deletion, student | Insertion, teacher | Insertion, student |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method in methods:
+        lines.append(
+            f"| {TITLES[method]} | {_fmt(get(f'teacher.deletion_auc.{method}'))} | "
+            f"{_fmt(get(f'student.deletion_auc.{method}'))} | "
+            f"{_fmt(get(f'teacher.insertion_auc.{method}'))} | "
+            f"{_fmt(get(f'student.insertion_auc.{method}'))} |")
+    lines += [
+        "", "## Figures", "",
+        f"![Example explanations]({paths['grid'].name})", "",
+        f"![Feature maps]({paths['feature_maps'].name})", "",
+        f"![Deletion and insertion curves]({paths['curves'].name})", "",
+    ]
+    return "\n".join(lines)

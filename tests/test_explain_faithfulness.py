@@ -1,0 +1,159 @@
+"""Faithfulness scores, on toy maps and on a student trained here, and the report builder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from kdray.config import ExplainConfig
+from kdray.data.prepare import Manifest, PreparedData, Split
+from kdray.data.specs import get_spec
+from kdray.data.synthetic import make_arrays
+from kdray.engine import make_loader, train_epoch
+from kdray.explain import (
+    build_report,
+    deletion_insertion,
+    energy_in_mask,
+    grad_cam,
+    pointing_game,
+    random_maps,
+)
+from kdray.explain.faithfulness import nanmean
+from kdray.explain.hooks import count_hooks
+from kdray.models import StudentCNN
+
+DATASET = "eye_disease"
+SIZE = 48
+
+
+def test_localisation_scores_on_toy_maps() -> None:
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, :4, :4] = True
+    masks[1, 4:, 4:] = True  # third image: healthy, empty mask
+    maps = np.zeros((3, 8, 8), np.float32)
+    maps[0, 1, 1] = 1.0  # peak inside
+    maps[1, 0, 0] = 1.0  # peak outside
+    maps[1, 6, 6] = 0.5
+    pg = pointing_game(maps, masks)
+    assert pg[0] == 1.0 and pg[1] == 0.0 and np.isnan(pg[2])
+    eim = energy_in_mask(maps, masks)
+    assert eim[0] == pytest.approx(1.0) and eim[1] == pytest.approx(0.5 / 1.5)
+    assert np.isnan(eim[2])
+    uniform = energy_in_mask(np.ones((1, 8, 8)), masks[:1])
+    assert uniform[0] == pytest.approx(0.25)
+    assert nanmean(pg) == pytest.approx(0.5)
+    flat_top = np.zeros((1, 8, 8), np.float32)
+    flat_top[0, :4, :] = 1.0  # the maximum is shared by 32 pixels, 16 of them in the mask
+    assert pointing_game(flat_top, masks[:1])[0] == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        pointing_game(maps, masks[:2])
+    rnd = random_maps(4, (16, 16), seed=3)
+    assert rnd.shape == (4, 16, 16) and rnd.min() >= 0.0 and rnd.max() <= 1.0
+    np.testing.assert_array_equal(rnd, random_maps(4, (16, 16), seed=3))
+
+
+class _LooksTopLeft(nn.Module):
+    """Class 0's logit is the brightness of the top-left quadrant: the evidence is known."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x[:, :, :8, :8].mean(dim=(1, 2, 3)) * 20.0
+        return torch.stack([s, torch.full_like(s, 10.0)], 1)
+
+
+def test_deletion_insertion_ranks_the_true_evidence_first() -> None:
+    x = torch.full((2, 3, 16, 16), 0.1)
+    x[:, :, :8, :8] = 1.0
+    right = np.zeros((2, 16, 16), np.float32)
+    right[:, :8, :8] = 1.0
+    wrong = 1.0 - right
+    model = _LooksTopLeft()
+    good = deletion_insertion(model, x, right, np.zeros(2, np.int64), steps=8, baseline="mean")
+    bad = deletion_insertion(model, x, wrong, np.zeros(2, np.int64), steps=8, baseline="mean")
+    assert good.deletion_curves.shape == (2, 9) and good.fractions[-1] == 1.0
+    assert (good.deletion < bad.deletion - 0.1).all()
+    assert (good.insertion > bad.insertion + 0.1).all()
+    # both curves start or end at the untouched image
+    np.testing.assert_allclose(good.deletion_curves[:, 0], good.insertion_curves[:, -1], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[StudentCNN, dict[str, np.ndarray]]:
+    """A small student trained on synthetic fundus photos for a few seconds."""
+    images, labels, masks = make_arrays(DATASET, 100, SIZE, seed=0)
+    test_images, test_labels, test_masks = make_arrays(DATASET, 12, SIZE, seed=1)
+    torch.manual_seed(0)
+    model = StudentCNN(4, [16, 32, 64])
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    loader = make_loader((images.transpose(0, 3, 1, 2).copy(), labels), 32, shuffle=True)
+
+    def loss_fn(logits, y, extras, x):
+        return {"loss": F.cross_entropy(logits, y)}
+
+    for _ in range(10):
+        train_epoch(model, loader, loss_fn, optimizer)
+    model.eval()
+    data = {"train_images": images.transpose(0, 3, 1, 2).copy(), "train_labels": labels,
+            "train_masks": masks, "images": test_images.transpose(0, 3, 1, 2).copy(),
+            "labels": test_labels, "masks": test_masks}
+    return model, data
+
+
+def test_gradcam_beats_random_maps(trained) -> None:
+    model, data = trained
+    x, masks = data["images"], data["masks"]
+    cam = grad_cam(model, x)
+    randoms = [random_maps(len(x), (SIZE, SIZE), seed=s) for s in range(5)]
+    pg_cam = nanmean(pointing_game(cam.maps, masks))
+    pg_random = np.mean([nanmean(pointing_game(r, masks)) for r in randoms])
+    area = masks[masks.any(axis=(1, 2))].mean()  # a random peak's chance of a hit
+    assert pg_cam >= pg_random + 0.2, (pg_cam, pg_random)
+    assert pg_cam >= 2.5 * area, (pg_cam, area)
+    assert nanmean(energy_in_mask(cam.maps, masks)) > 1.5 * area
+
+    deletion_cam = deletion_insertion(model, x, cam.maps, cam.targets).deletion.mean()
+    deletion_random = np.mean([deletion_insertion(model, x, r, cam.targets).deletion.mean()
+                               for r in randoms[:2]])
+    assert deletion_cam < deletion_random - 0.05, (deletion_cam, deletion_random)
+    assert count_hooks(model) == 0
+
+
+def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
+    student, d = trained
+    torch.manual_seed(1)
+    teacher = StudentCNN(4, [16, 32, 64, 64]).eval()  # any model with block_names will do
+    spec = get_spec(DATASET)
+    manifest = Manifest(dataset=DATASET, root="", masks_root=None, class_names=list(spec.classes),
+                        fingerprint="test")
+    splits = {
+        "train": Split(d["train_images"], d["train_labels"], d["train_masks"]),
+        "val": Split(d["images"][:4], d["labels"][:4], d["masks"][:4]),
+        "test": Split(d["images"], d["labels"], d["masks"]),
+    }
+    data = PreparedData(spec, manifest, SIZE, splits)
+    cfg = ExplainConfig(report_images=8, timing_images=2, grid_examples=3, shap_background=4,
+                        shap_nsamples=8)
+    report = build_report(data, teacher, student, cfg, tmp_path / "report")
+
+    for key in ("markdown", "json", "grid", "feature_maps", "curves"):
+        assert report.paths[key].is_file(), key
+    assert Image.open(report.paths["grid"]).size[0] > 600
+    assert report.markdown == report.paths["markdown"].read_text()
+    assert "| Parameters |" in report.markdown and "Pointing game" in report.markdown
+    m = report.metrics
+    for model in ("teacher", "student"):
+        for method in ("feature_maps", "gradcam", "shap"):
+            assert m[f"{model}.met_ms.{method}"] > 0
+            assert 0.0 <= m[f"{model}.deletion_auc.{method}"] <= 1.0
+            assert 0.0 <= m[f"{model}.pointing_game.{method}"] <= 1.0
+        assert 0.0 <= m[f"{model}.pointing_game.random"] <= 1.0
+        assert m[f"{model}.flops_224"] > m[f"{model}.flops"] > 0
+    assert m["ratio.params"] == pytest.approx(m["teacher.params"] / m["student.params"])
+    assert all(np.isfinite(v) for v in m.values())
+    assert json.loads(report.paths["json"].read_text())["metrics"] == m
