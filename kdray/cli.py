@@ -1,4 +1,4 @@
-"""``python tune/run.py``: the command-line front of :func:`kdray.pipeline.run_pipeline`."""
+"""Command-line fronts: ``tune/run.py`` (:func:`main`) and ``tune/report.py`` (:func:`report_main`)."""
 
 from __future__ import annotations
 
@@ -6,28 +6,35 @@ import argparse
 import logging
 import sys
 
-from kdray.config import DEFAULT_CONFIG, ConfigError, load_config
+from kdray.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
 from kdray.data.folders import DataError
 from kdray.workspace import Workspace
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "build_report_parser", "main", "report_main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tune/run.py",
-        description="Train a DenseNet121 teacher per dataset with Ray Train, search KD students "
-        "(alpha, temperature, width) with Ray Tune, log every run to MLflow and score the best "
-        "student on the test split.",
-    )
+def _parser(prog: str, description: str, set_help: str) -> argparse.ArgumentParser:
+    """A parser with the options both commands share: --config, --set, --workspace."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="PATH", default=str(DEFAULT_CONFIG),
                         help="experiment YAML (default: configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="override one config key, e.g. --set kd.alpha=0.3 "
-                        "--set data.datasets=[brain_tumor]; repeatable; values are YAML")
+                        help=set_help)
     parser.add_argument("--workspace", metavar="DIR", default=None,
                         help="where data, models, mlflow.db and Ray results live "
                         "(default: $KDRAY_HOME, else ./workspace)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "tune/run.py",
+        "Train a DenseNet121 teacher per dataset with Ray Train, search KD students (alpha, "
+        "temperature, width, depth, lr) with Ray Tune, log every run to MLflow, register the "
+        "champion, train its CE-only baseline and write the transparency report.",
+        "override one config key, e.g. --set kd.alpha=0.3 --set data.datasets=[brain_tumor]; "
+        "repeatable; values are YAML",
+    )
     parser.add_argument("--resume", action="store_true",
                         help="continue the last run of this config in this workspace after it was "
                         "stopped: finished datasets are kept, the unfinished sweep resumes")
@@ -36,16 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def build_report_parser() -> argparse.ArgumentParser:
+    return _parser(
+        "tune/report.py",
+        "Recompute the transparency report (params, FLOPs, explanation times, faithfulness, "
+        "example figures; teacher vs champion) of every dataset of a finished `tune/run.py` run "
+        "with the same config and workspace, and log it to MLflow. No training.",
+        "the run's overrides; explain.* keys may differ from the run's",
+    )
+
+
+def _setup(args: argparse.Namespace, extra: list[str]) -> ExperimentConfig | None:
+    """Logging plus the validated config; None (after printing the error) on a config error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S")
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
     try:
-        cfg = load_config(args.config, overrides)
+        return load_config(args.config, [*args.overrides, *extra])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = _setup(args, [f"ray.address={args.address}"] if args.address else [])
+    if cfg is None:
         return 2
     # Imported here so --help and config errors answer without loading Ray and torch.
     from kdray.pipeline import format_summary, run_pipeline
@@ -66,25 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_main(argv: list[str] | None = None) -> int:
-    """``python tune/report.py``: rebuild the transparency reports of a finished run."""
-    parser = argparse.ArgumentParser(
-        prog="tune/report.py",
-        description="Recompute the transparency report (params, FLOPs, explanation times, "
-        "faithfulness, example figures; teacher vs champion) of every dataset of a finished "
-        "`tune/run.py` run with the same config and workspace, and log it to MLflow.",
-    )
-    parser.add_argument("--config", metavar="PATH", default=str(DEFAULT_CONFIG),
-                        help="the run's experiment YAML (default: configs/default.yaml)")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="the run's overrides; explain.* keys may differ from the run's")
-    parser.add_argument("--workspace", metavar="DIR", default=None,
-                        help="the run's workspace (default: $KDRAY_HOME, else ./workspace)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    args = build_report_parser().parse_args(argv)
+    cfg = _setup(args, [])
+    if cfg is None:
         return 2
     from kdray.pipeline import rebuild_reports
 
