@@ -109,6 +109,27 @@ def _name(class_names: Sequence[str] | None, index: int) -> str | None:
     return class_names[index] if class_names and 0 <= index < len(class_names) else None
 
 
+def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with model_lock(model), eval_mode(model), torch.no_grad():
+        return model(x).float().numpy()
+
+
+def _render(
+    method: str, arrays: list[tuple[str, np.ndarray]], shown: np.ndarray, include_arrays: bool
+) -> tuple[list[LayerMap], bytes | None]:
+    """Overlays as PNG (and, for feature maps, the input + layers strip)."""
+    overlays = [signed_overlay(shown, a) if method == "shap" else heat_overlay(shown, a)
+                for _, a in arrays]
+    grid = None
+    if method == "feature_maps":
+        tile = (shown * 255 + 0.5).astype(np.uint8)
+        names = ["input", *[name.split(".")[-1] for name, _ in arrays]]
+        grid = png_bytes(strip([tile, *overlays], names))
+    maps = [LayerMap(layer=name, png=png_bytes(o), array=a if include_arrays else None)
+            for (name, a), o in zip(arrays, overlays, strict=True)]
+    return maps, grid
+
+
 def explain(
     model: nn.Module,
     image: ImageLike,
@@ -179,27 +200,15 @@ def explain(
             logits = cm.logits if logits is None else logits
             arrays = [(cm.layer, cm.maps[0])]
         else:
-            if logits is None:
-                with model_lock(model), eval_mode(model), torch.no_grad():
-                    logits = model(x).float().numpy()
+            logits = _predict(model, x) if logits is None else logits
             sm = shap_maps(model, x, background, tgt(), cfg.shap_nsamples, seed=seed)
             arrays = [("input", sm.maps[0])]
         t1 = time.perf_counter()
-        signed = method == "shap"
-        overlays = [signed_overlay(shown, a) if signed else heat_overlay(shown, a)
-                    for _, a in arrays]
-        grid = None
-        if method == "feature_maps":
-            tile = (shown * 255 + 0.5).astype(np.uint8)
-            grid = png_bytes(strip([tile, *overlays], ["input", *[n.split(".")[-1] for n, _ in arrays]]))
-        maps = [LayerMap(layer=n, png=png_bytes(o), array=a if include_arrays else None)
-                for (n, a), o in zip(arrays, overlays, strict=True)]
+        maps, grid = _render(method, arrays, shown, include_arrays)
         results[method] = MethodResult(method=method, time_ms=(t1 - t0) * 1e3,
                                        render_ms=(time.perf_counter() - t1) * 1e3,
-                                       signed=signed, maps=maps, grid_png=grid)
-    if logits is None:
-        with model_lock(model), eval_mode(model), torch.no_grad():
-            logits = model(x).float().numpy()
+                                       signed=method == "shap", maps=maps, grid_png=grid)
+    logits = _predict(model, x) if logits is None else logits
     probs = torch.softmax(torch.from_numpy(logits[0]), 0).numpy()
     pred = int(probs.argmax())
     explained = int(target) if target is not None else pred

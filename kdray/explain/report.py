@@ -36,6 +36,7 @@ from kdray.explain.faithfulness import (
 )
 from kdray.explain.figures import Example, curves_figure, explanation_grid, feature_map_figure
 from kdray.explain.gradcam import default_cam_layer, grad_cam
+from kdray.explain.hooks import capture_outputs, eval_mode, model_lock
 from kdray.explain.inputs import display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
 
@@ -96,8 +97,8 @@ def _score_maps(model: nn.Module, name: str, x: torch.Tensor, background: np.nda
 
 
 def _met_ms(model: nn.Module, name: str, x: torch.Tensor, preds: np.ndarray,
-            background: np.ndarray, cfg: ExplainConfig, seed: int) -> dict[str, float]:
-    """Mean single-image time per method (one untimed warm-up call each)."""
+            background: np.ndarray, cfg: ExplainConfig, seed: int) -> dict[str, list[float]]:
+    """Single-image times per method, in ms (after one untimed warm-up call each)."""
     n = min(cfg.timing_images, len(x))
     layer = _cam_layer(name, model, cfg)
     calls = {
@@ -110,10 +111,21 @@ def _met_ms(model: nn.Module, name: str, x: torch.Tensor, preds: np.ndarray,
     for method in cfg.methods:
         call = calls[method]
         call(0)
-        seconds = [time_call(lambda i=i, call=call: call(i), repeats=1, warmup=0)[0]
-                   for i in range(n)]
-        out[method] = 1e3 * float(np.mean(seconds))
+        out[method] = [1e3 * time_call(lambda i=i, call=call: call(i), repeats=1, warmup=0)[0]
+                       for i in range(n)]
     return out
+
+
+def _cam_note(cam_shape: dict[str, tuple[str, tuple[int, int]]]) -> list[str]:
+    if not cam_shape:
+        return []
+    parts = [f"{name} `{layer}` ({h}x{w})" for name, (layer, (h, w)) in cam_shape.items()]
+    note = f"Grad-CAM layers: {', '.join(parts)}."
+    if min(min(hw) for _, hw in cam_shape.values()) < 4:
+        note += (" A map this coarse, upsampled to the input, peaks in a corner of the image, so "
+                 "the pointing game and energy in mask cannot credit it; `explain.student_layer` "
+                 "/ `explain.teacher_layer` choose a finer layer (an earlier block).")
+    return [note, ""]
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -129,6 +141,45 @@ def _human(n: float) -> str:
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def _measure(
+    name: str, model: nn.Module, s: _Scored, x: torch.Tensor, labels: np.ndarray,
+    masks: np.ndarray | None, background: np.ndarray, rand: np.ndarray, cfg: ExplainConfig,
+    seed: int, steps: int, curves: dict[str, dict[str, np.ndarray]],
+) -> dict[str, float]:
+    """Cost, timing and faithfulness numbers of one model; mean curves go into ``curves``."""
+    size = x.shape[-1]
+    out: dict[str, float] = {
+        f"{name}.params": count_params(model),
+        f"{name}.flops": count_flops(model, size),
+        f"{name}.flops_224": count_flops(model, 224),
+        f"{name}.accuracy": float((s.predictions == labels).mean()),
+        f"{name}.maps_seconds": s.seconds,  # all methods on all scored images, batched
+    }
+    for method, ms in _met_ms(model, name, x, s.predictions, background, cfg, seed).items():
+        out[f"{name}.met_ms.{method}"] = float(np.mean(ms))
+        # other jobs on a shared machine stall single calls: the median shows that
+        out[f"{name}.met_median_ms.{method}"] = float(np.median(ms))
+    for method, maps in {**s.maps, "random": rand}.items():
+        if masks is not None:
+            out[f"{name}.pointing_game.{method}"] = nanmean(pointing_game(maps, masks))
+            out[f"{name}.energy_in_mask.{method}"] = nanmean(energy_in_mask(maps, masks))
+        di = deletion_insertion(model, x, maps, s.predictions, steps=steps, seed=seed)
+        out[f"{name}.deletion_auc.{method}"] = float(di.deletion.mean())
+        out[f"{name}.insertion_auc.{method}"] = float(di.insertion.mean())
+        curves["deletion"][f"{name} {method}"] = di.deletion_curves.mean(0)
+        curves["insertion"][f"{name} {method}"] = di.insertion_curves.mean(0)
+    return out
+
+
+def _output_hw(model: nn.Module, layer: str, size: int) -> tuple[int, int]:
+    """Spatial size of ``layer``'s output for a size x size input."""
+    with model_lock(model), eval_mode(model), torch.no_grad(), \
+            capture_outputs(model, [layer]) as out:
+        model(torch.zeros(1, 3, size, size))
+        shape = out[layer].shape
+    return int(shape[-2]), int(shape[-1])
 
 
 def _examples(labels: np.ndarray, masks: np.ndarray | None, k: int) -> list[int]:
@@ -175,6 +226,7 @@ def build_report(
     Raises:
         ValueError: an empty test split.
     """
+    started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test, train = data.splits["test"], data.splits["train"]
@@ -186,6 +238,8 @@ def build_report(
     labels = test.labels[idx]
     masks = test.masks[idx] if test.masks is not None else None
     has_masks = masks is not None and bool(masks.any())
+    if not has_masks:
+        masks = None
     background = select_background(train.images, train.labels, cfg.shap_background, seed)
     size = data.image_size
     models = {"teacher": teacher, "student": student}
@@ -194,26 +248,14 @@ def build_report(
     metrics: dict[str, float] = {}
     scored: dict[str, _Scored] = {}
     curves: dict[str, dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}}
-    fractions = np.zeros(0)
+    cam_shape: dict[str, tuple[str, tuple[int, int]]] = {}
     for name, model in models.items():
-        s = scored[name] = _score_maps(model, name, x, background, cfg, seed)
-        metrics[f"{name}.params"] = count_params(model)
-        metrics[f"{name}.flops"] = count_flops(model, size)
-        metrics[f"{name}.flops_224"] = count_flops(model, 224)
-        metrics[f"{name}.accuracy"] = float((s.predictions == labels).mean())
-        metrics[f"{name}.report_seconds"] = s.seconds
-        for method, ms in _met_ms(model, name, x, s.predictions, background, cfg, seed).items():
-            metrics[f"{name}.met_ms.{method}"] = ms
-        for method, maps in {**s.maps, "random": rand}.items():
-            if has_masks:
-                metrics[f"{name}.pointing_game.{method}"] = nanmean(pointing_game(maps, masks))
-                metrics[f"{name}.energy_in_mask.{method}"] = nanmean(energy_in_mask(maps, masks))
-            di = deletion_insertion(model, x, maps, s.predictions, steps=steps, seed=seed)
-            metrics[f"{name}.deletion_auc.{method}"] = float(di.deletion.mean())
-            metrics[f"{name}.insertion_auc.{method}"] = float(di.insertion.mean())
-            curves["deletion"][f"{name} {method}"] = di.deletion_curves.mean(0)
-            curves["insertion"][f"{name} {method}"] = di.insertion_curves.mean(0)
-            fractions = di.fractions
+        scored[name] = _score_maps(model, name, x, background, cfg, seed)
+        metrics.update(_measure(name, model, scored[name], x, labels, masks, background, rand,
+                                cfg, seed, steps, curves))
+        layer = _cam_layer(name, model, cfg)
+        cam_shape[name] = (layer, _output_hw(model, layer, size))
+    fractions = np.linspace(0.0, 1.0, steps + 1)
     for key in ("params", "flops", "flops_224", *(f"met_ms.{m}" for m in cfg.methods)):
         metrics[f"ratio.{key}"] = _ratio(metrics[f"teacher.{key}"], metrics[f"student.{key}"])
     metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
@@ -238,7 +280,9 @@ def build_report(
         paths["feature_maps"], f"Feature maps, {classes[labels[first]]}: first block to last",
     )
     curves_figure(fractions, curves, paths["curves"], title)
-    markdown = _markdown(data, cfg, metrics, len(idx), masks, has_masks, paths, steps)
+    metrics["report_seconds"] = time.perf_counter() - started
+    markdown = _markdown(data, cfg, metrics, len(idx), masks, has_masks, paths, steps,
+                         cam_shape if "gradcam" in cfg.methods else {})
     paths["markdown"].write_text(markdown)
     paths["json"].write_text(json.dumps({"dataset": data.spec.id, "metrics": metrics}, indent=1))
     return Report(data.spec.id, markdown, paths, metrics)
@@ -246,7 +290,7 @@ def build_report(
 
 def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: int,
               masks: np.ndarray | None, has_masks: bool, paths: dict[str, Path],
-              steps: int) -> str:
+              steps: int, cam_shape: dict[str, tuple[str, tuple[int, int]]]) -> str:
     size = data.image_size
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
     n_masked = int(masks.any(axis=(1, 2)).sum()) if masks is not None else 0
@@ -257,8 +301,9 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
         f"execution time (MET) over {min(cfg.timing_images, n)} single-image calls, "
         f"{torch.get_num_threads()} torch thread(s). SHAP: expected gradients, "
         f"{cfg.shap_nsamples} samples, {cfg.shap_background} background images. Maps explain "
-        "each model's own prediction.",
+        f"each model's own prediction. Built in {get('report_seconds'):.0f} s.",
         "",
+        *_cam_note(cam_shape),
         "## Cost",
         "",
         "| | Teacher | Student | Teacher / student |",
@@ -274,8 +319,12 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
                  f"{_fmt(get('student.accuracy'), 2)} | |")
     for method in cfg.methods:
         key = f"met_ms.{method}"
-        lines.append(f"| MET {TITLES[method].split(' (')[0]} (ms) | {_fmt(get(f'teacher.{key}'), 1)} | "
-                     f"{_fmt(get(f'student.{key}'), 1)} | {_fmt(get(f'ratio.{key}'), 1)}x |")
+        med = f"met_median_ms.{method}"
+        lines.append(
+            f"| MET {TITLES[method].split(' (')[0]} (ms), mean (median) | "
+            f"{_fmt(get(f'teacher.{key}'), 1)} ({_fmt(get(f'teacher.{med}'), 1)}) | "
+            f"{_fmt(get(f'student.{key}'), 1)} ({_fmt(get(f'student.{med}'), 1)}) | "
+            f"{_fmt(get(f'ratio.{key}'), 1)}x |")
     methods = [*cfg.methods, "random"]
     lines += ["", "## Localisation on the lesion masks (higher is better)", ""]
     if has_masks:
