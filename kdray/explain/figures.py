@@ -53,6 +53,16 @@ _METHOD_COLOURS = {"feature_maps": "tab:blue", "gradcam": "tab:orange", "shap": 
 _METHOD_TITLES = {"feature_maps": "feature map", "gradcam": "Grad-CAM", "shap": "SHAP"}
 
 
+def _save(fig: plt.Figure, path: Path, title: str) -> Path:
+    """Title, lay out, write the PNG and free the figure."""
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def explanation_grid(
     examples: list[Example], path: Path, methods: list[str], title: str = ""
 ) -> Path:
@@ -81,12 +91,7 @@ def explanation_grid(
                 _panel(ax, rgb, ex.mask, f"{model}\n{_METHOD_TITLES[method]}" if r == 0 else None)
                 if k == 0:
                     ax.set_ylabel(f"pred: {ex.predictions[model]}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def feature_map_figure(
@@ -116,12 +121,7 @@ def feature_map_figure(
                 _panel(ax, heat_overlay(image, maps[c - 1]), None, layers[c - 1].split(".")[-1])
             else:
                 ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def curves_figure(
@@ -146,9 +146,4 @@ def curves_figure(
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right", ncol=2)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
