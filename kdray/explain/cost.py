@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdray import models
 from kdray.explain.hooks import eval_mode, model_lock
 from kdray.models import count_params
 
@@ -27,22 +28,21 @@ def count_flops(model: nn.Module, size: int, backward: bool = False) -> int:
         backward: add the backward pass with respect to the input only (no parameter
             gradients), as one SHAP sample costs.
     """
-    leaf = torch.zeros(1, 3, size, size, requires_grad=backward)
+    if not backward:
+        with model_lock(model):
+            return models.count_flops(model, size)
+    leaf = torch.zeros(1, 3, size, size, requires_grad=True)
     # FlopCounterMode's module tracker refuses autograd.grad() with respect to a leaf tensor.
-    x = leaf.clone() if backward else leaf
+    x = leaf.clone()
     with model_lock(model), eval_mode(model), FlopCounterMode(display=False) as counter:
-        if backward:
-            flags = [(p, p.requires_grad) for p in model.parameters()]
-            try:
-                for p, _ in flags:
-                    p.requires_grad_(False)
-                torch.autograd.grad(model(x)[:, 0].sum(), x)
-            finally:
-                for p, flag in flags:
-                    p.requires_grad_(flag)
-        else:
-            with torch.no_grad():
-                model(x)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            torch.autograd.grad(model(x)[:, 0].sum(), x)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
     return int(counter.get_total_flops())
 
 
