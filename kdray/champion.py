@@ -10,6 +10,7 @@ with cross-entropy only (alpha = 1, same epochs, lr and seeds) as role ``baselin
 
 from __future__ import annotations
 
+import logging
 import shutil
 import statistics
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
 __all__ = ["ChampionResult", "crown_champion", "select_champion"]
+
+log = logging.getLogger("kdray")
 
 
 @dataclass
@@ -94,7 +97,11 @@ def crown_champion(
     job: StudentJob, outcomes: list[TrialOutcome], test: Split, ws: Workspace, tracker: Tracker,
     parent_run_id: str,
 ) -> ChampionResult:
-    """Select, save, score, register the champion; train and log the CE-only baseline."""
+    """Select, save, score, register the champion; train and log the CE-only baseline.
+
+    Safe to run again after the driver was killed half-way: the champion and baseline runs
+    under ``parent_run_id`` are resumed, and the champion run registers one version only.
+    """
     cfg, dataset = job.cfg, job.dataset
     chosen = select_champion(outcomes, cfg.tune.selection_tolerance)
     alpha, temperature = float(chosen.config["alpha"]), float(chosen.config["temperature"])
@@ -113,8 +120,9 @@ def crown_champion(
     shutil.rmtree(target, ignore_errors=True)
     save_model(model, spec, target)
 
-    run_id = tracker.start_run(f"champion-{dataset}", dataset, "champion", parent_run_id,
-                               tags={"kdray.source_trial_run": chosen.run_id})
+    run_id, _ = tracker.resume_or_start_run(f"champion-{dataset}", dataset, "champion",
+                                            parent_run_id,
+                                            tags={"kdray.source_trial_run": chosen.run_id})
     tracker.log_params(run_id, {"alpha": alpha, "temperature": temperature,
                                 "widths": "-".join(map(str, chosen.widths)),
                                 "depth": len(chosen.widths), "lr": chosen.lr})
@@ -127,13 +135,17 @@ def crown_champion(
     version = register_model(tracker.client, registered_name(dataset), run_id, "champion",
                              tags={"kdray.dataset": dataset})
     tracker.set_tags(run_id, {"kdray.registered_model": f"{registered_name(dataset)}/{version}"})
+    log.info("%s: champion alpha %.2f T %.1f widths %s (val acc %.3f, test acc %.3f), registered "
+             "%s v%s; CE baseline over seeds %s", dataset, alpha, temperature,
+             "-".join(map(str, chosen.widths)), chosen.best_val_accuracy, test_metrics["accuracy"],
+             registered_name(dataset), version, seeds)
 
     champion_seeds = _log_seed_rows(tracker, run_id, ray.get(champion_refs)) if champion_refs else {}
     tracker.end_run(run_id)
 
     baseline_rows = ray.get(baseline_refs)
-    baseline_run = tracker.start_run(f"baseline-{dataset}", dataset, "baseline", parent_run_id,
-                                     tags={"kdray.champion_run": run_id})
+    baseline_run, _ = tracker.resume_or_start_run(f"baseline-{dataset}", dataset, "baseline",
+                                                  parent_run_id, tags={"kdray.champion_run": run_id})
     tracker.log_params(baseline_run, {"alpha": 1.0, "temperature": temperature,
                                       "widths": "-".join(map(str, chosen.widths)),
                                       "depth": len(chosen.widths), "lr": chosen.lr, "seeds": seeds})

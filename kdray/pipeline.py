@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 
-from kdray.champion import crown_champion
+from kdray.champion import ChampionResult, crown_champion
 from kdray.config import ExperimentConfig, RayConfig
 from kdray.data.prepare import prepare_dataset
 from kdray.sweep import make_job, run_sweep
@@ -108,10 +108,17 @@ def _save_state(ws: Workspace, dataset: str, state: dict) -> None:
 def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tracker,
                 resume: bool = False) -> DatasetSummary:
     """One dataset end to end. With ``resume``, a finished dataset of the same config is returned
-    as it was, and an unfinished one continues in its parent run and Tune experiment."""
+    as it was, and an unfinished one continues in its parent run and Tune experiment; stages
+    that finished (teacher, sweep + champion) are not redone.
+
+    Without ``resume``, an unfinished earlier run of this dataset in ``ws`` is abandoned: its
+    parent run and the children still RUNNING are marked KILLED.
+    """
     key = run_key(cfg)
     state_path = _state_path(ws, dataset)
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if state and not state.get("summary") and not resume and tracker.run_exists(state["parent_run_id"]):
+        tracker.abandon(state["parent_run_id"])
     if not (resume and state and state["run_key"] == key and tracker.run_exists(state["parent_run_id"])):
         state = None
     if state and state.get("summary"):
@@ -130,15 +137,24 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         sweep_name = f"sweep-{dataset}-{data.key}-{time.strftime('%Y%m%d-%H%M%S')}"
         tracker.log_config(parent, cfg.to_dict())
         tracker.log_params(parent, {f"n_{k}": v for k, v in data.manifest.counts().items()})
-        _save_state(ws, dataset, {"run_key": key, "parent_run_id": parent, "sweep": sweep_name})
+    base = {"run_key": key, "parent_run_id": parent, "sweep": sweep_name}
+    if not state:
+        _save_state(ws, dataset, base)
     try:
         teacher = train_teacher(cfg, data, ws, tracker, parent)
         log.info("%s: teacher %s, test accuracy %.3f", dataset,
                  "reused" if teacher.reused else "trained", teacher.test_metrics["accuracy"])
-        job = make_job(cfg, data, teacher, tracker, parent)
-        outcomes = run_sweep(job, ws, name=sweep_name, restore=state is not None)
-        champion = crown_champion(job, outcomes, data.splits["test"], ws, tracker, parent)
+        if state and state.get("champion"):
+            champion, trials = ChampionResult(**state["champion"]), state["trials"]
+            log.info("%s: sweep and champion finished in an earlier run; not redone", dataset)
+        else:
+            job = make_job(cfg, data, teacher, tracker, parent)
+            outcomes = run_sweep(job, ws, name=sweep_name, restore=state is not None)
+            champion = crown_champion(job, outcomes, data.splits["test"], ws, tracker, parent)
+            trials = len(outcomes)
+            _save_state(ws, dataset, {**base, "champion": asdict(champion), "trials": trials})
         if cfg.explain.report:
+            log.info("%s: transparency report (teacher vs champion)", dataset)
             report_dataset(cfg, data, teacher.model_dir, ws.champions / dataset, ws, tracker,
                            parent, champion.run_id)
         seeds = champion.champion_seeds
@@ -164,7 +180,7 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
             student_test_accuracy_std=seeds.get("test_accuracy_std", 0.0),
             baseline_test_accuracy_std=champion.baseline_test["test_accuracy_std"],
             teacher_reused=teacher.reused,
-            trials=len(outcomes),
+            trials=trials,
             seconds=time.perf_counter() - started,
             parent_run_id=parent,
         )
@@ -180,8 +196,7 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         tracker.end_run(parent, "FAILED")
         raise
     tracker.end_run(parent)
-    _save_state(ws, dataset, {"run_key": key, "parent_run_id": parent, "sweep": sweep_name,
-                              "teacher_dir": str(teacher.model_dir),
+    _save_state(ws, dataset, {**base, "teacher_dir": str(teacher.model_dir),
                               "champion_run_id": champion.run_id, "summary": asdict(summary)})
     return summary
 

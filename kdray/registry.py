@@ -28,18 +28,25 @@ def registered_name(dataset: str, teacher: bool = False) -> str:
 
 def register_model(client: MlflowClient, name: str, run_id: str, alias: str,
                    tags: dict[str, str] | None = None) -> str:
-    """Register the run's ``model/`` artifacts as a new version of ``name`` and point ``alias`` at it.
+    """Register the run's ``model/`` artifacts as a version of ``name`` and point ``alias`` at it.
+
+    Idempotent per run: a run that already has a version of ``name`` (a stage redone after the
+    driver was killed between registering and finishing) keeps that version; no second one.
 
     Returns:
-        The new version number.
+        The version number.
     """
     try:
         client.create_registered_model(name, description="kdray model: model.safetensors + model.json")
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}"
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags or {})
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = min(existing, key=lambda v: int(v.version))
+    else:
+        source = f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}"
+        version = client.create_model_version(name, source, run_id=run_id, tags=tags or {})
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 

@@ -7,6 +7,7 @@ its best-epoch weights as its checkpoint; :mod:`kdray.champion` picks and scores
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -95,7 +96,7 @@ def train_student(
     """Train one KD student; after every epoch call ``report(metrics, checkpoint_dir)``.
 
     The checkpoint directory holds the best epoch's model (``load_model`` reads it) and
-    ``train_state.pt`` (current weights, optimiser, epoch, best so far) to resume from.
+    ``train_state.pt`` (current weights, optimiser, epoch, best accuracy) to resume from.
 
     Args:
         lr: learning rate (default ``student.lr``); seed: default the config's seed.
@@ -135,8 +136,12 @@ def train_student(
         state = torch.load(Path(resume_from) / TRAIN_STATE, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        best_model.load_state_dict(state["best_model"])
+        best_model.load_state_dict(load_model(resume_from)[0].state_dict())
         best_acc, best_epoch, start = state["best_acc"], state["best_epoch"], state["epoch"] + 1
+    # A restarted trial trains again the epochs after its last registered checkpoint (all of
+    # them if none registered before the kill): epochs its run already has stay as logged first.
+    logged = (job.tracker.logged_steps(run_id, "val_accuracy")
+              if job.tracker is not None and run_id is not None else set())
     metrics: dict[str, Any] = {}
     for epoch in range(start, s.epochs):
         loader.generator.manual_seed(seed * 100_003 + epoch)  # the epoch's order, also on resume
@@ -154,15 +159,15 @@ def train_student(
         # The running summary goes with every epoch: a trial that the scheduler stops after
         # any report has its MLflow run complete already.
         metrics.update(best_val_accuracy=best_acc, best_epoch=best_epoch, params=params, flops=flops)
-        if job.tracker is not None and run_id is not None:
+        if job.tracker is not None and run_id is not None and epoch not in logged:
             job.tracker.log_metrics(run_id, metrics, step=epoch)
         metrics["epoch"] = epoch
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
-                save_model(best_model, spec, tmp)
+                save_model(best_model, spec, tmp)  # the best epoch, also what a resume restores
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "best_model": best_model.state_dict(), "best_acc": best_acc,
-                            "best_epoch": best_epoch, "epoch": epoch}, Path(tmp) / TRAIN_STATE)
+                            "best_acc": best_acc, "best_epoch": best_epoch, "epoch": epoch},
+                           Path(tmp) / TRAIN_STATE)
                 report(metrics, Path(tmp))
     return metrics
 
@@ -184,17 +189,15 @@ def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
     trial_id = tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()
     # A trial restarted after a failure or a driver restart (Tuner.restore) keeps its run.
-    run_id = tracker.find_run(job.parent_run_id, {"kdray.trial_id": trial_id})
-    if run_id is None:
-        run_id = tracker.start_run(f"trial-{job.dataset}-{trial_id}", job.dataset, "trial",
-                                   job.parent_run_id, tags={"kdray.trial_id": trial_id})
+    run_id, resumed = tracker.resume_or_start_run(f"trial-{job.dataset}-{trial_id}", job.dataset,
+                                                  "trial", job.parent_run_id,
+                                                  tags={"kdray.trial_id": trial_id})
+    if not resumed:
         tracker.log_params(run_id, {"alpha": config["alpha"], "temperature": config["temperature"],
                                     "widths": "-".join(map(str, widths)), "depth": len(widths),
                                     "lr": lr, "epochs": cfg.student.epochs,
                                     "teacher_logits": cfg.kd.teacher_logits})
         tracker.log_config(run_id, cfg.to_dict())
-    else:
-        tracker.client.update_run(run_id, status="RUNNING")
     tracker.set_tags(run_id, {"kdray.node_id": node_id})
     checkpoint = tune.get_checkpoint()
 
@@ -213,14 +216,19 @@ def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
         # Tune ends a trial that its scheduler stops (ASHA, or max_t reached) with sys.exit(0)
         # inside tune.report, and may end the process right after: run_sweep closes the run.
         raise
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
+    except BaseException as exc:
+        # Tune may still retry the trial (tune.max_failures): run_sweep settles the final status.
+        tracker.end_run(run_id, "FAILED", error=exc)
         raise
     tracker.end_run(run_id)
 
 
-def _close_trial_runs(tracker: Tracker, grid: Any, epochs: int) -> None:
-    """Close the MLflow run of every trial (the scheduler may have stopped it mid-report)."""
+def _settle_trial_runs(tracker: Tracker, grid: Any, epochs: int) -> None:
+    """Give every trial's MLflow run the status of its Tune outcome.
+
+    Tune's final result is the truth: the scheduler may have stopped a trial mid-report (run
+    still RUNNING), and an attempt that failed before a successful retry or resume left FAILED.
+    """
     for result in grid:
         run_id = (result.metrics or {}).get("mlflow_run_id")
         if not run_id:
@@ -228,8 +236,26 @@ def _close_trial_runs(tracker: Tracker, grid: Any, epochs: int) -> None:
         epochs_run = int(result.metrics.get("epoch", -1)) + 1
         tracker.set_tags(run_id, {"kdray.epochs_run": epochs_run,
                                   "kdray.stopped_early": str(epochs_run < epochs).lower()})
-        if tracker.client.get_run(run_id).info.status == "RUNNING":
-            tracker.end_run(run_id, "FAILED" if result.error else "FINISHED")
+        status = "FAILED" if result.error else "FINISHED"
+        if tracker.client.get_run(run_id).info.status != status:
+            tracker.end_run(run_id, status, error=result.error)
+
+
+def _prune_checkpoints(grid: Any) -> None:
+    """Delete every trial checkpoint but the latest (the one holding the trial's best model).
+
+    The sweep keeps all of them while it runs (``num_to_keep=None``): Tune deletes an older
+    checkpoint as soon as a newer one registers but saves its experiment state a moment later,
+    so a driver killed in between left a state pointing at a deleted checkpoint, and the
+    restored trial failed for good. Once ``fit`` returned, the saved state is final.
+    """
+    for result in grid:
+        if result.checkpoint is None:
+            continue
+        for checkpoint, _ in result.best_checkpoints or []:
+            if checkpoint.path != result.checkpoint.path:
+                with contextlib.suppress(FileNotFoundError):  # pruned by an earlier run
+                    checkpoint.filesystem.delete_dir(checkpoint.path)
 
 
 def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -299,7 +325,9 @@ def _new_tuner(cfg: ExperimentConfig, trainable: Any, space: dict[str, Any], fir
         run_config=tune.RunConfig(
             name=name,
             storage_path=ws.ray_storage(cfg.ray.storage_path),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # All kept until the sweep ends (see _prune_checkpoints): a restore always finds
+            # the checkpoint its saved state names.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
             verbose=1,
         ),
@@ -330,7 +358,8 @@ def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False) 
     else:
         tuner = _new_tuner(cfg, trainable, space, first, ws, name)
     grid = tuner.fit()
-    _close_trial_runs(job.tracker, grid, cfg.student.epochs)
+    _settle_trial_runs(job.tracker, grid, cfg.student.epochs)
+    _prune_checkpoints(grid)
     outcomes = []
     for result in grid:
         if result.error is None and result.metrics and result.checkpoint is not None:

@@ -126,6 +126,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, best_state, stale = state["epoch"] + 1, state["best"], state["best_model"], state["stale"]
+        if rank == 0:
+            tracker.set_tags(run_id, {"kdray.resumed_from_epoch": start_epoch})
+    # Epochs after the last registered checkpoint (all, if none registered before a worker or
+    # the driver died) are trained again; those the run already has stay as logged first.
+    logged = tracker.logged_steps(run_id, "val_accuracy") if rank == 0 else set()
 
     for epoch in range(start_epoch, config["epochs"]):
         if world > 1:
@@ -159,7 +164,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                if epoch not in logged:
+                    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"},
+                                        step=epoch)
                 torch.save(
                     {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
@@ -278,8 +285,8 @@ def train_teacher(
                        tags={"kdray.dataset": dataset, "kdray.teacher_key": key})
         tmp.replace(directory)  # the teacher counts as finished only once all its files exist
         pending.unlink(missing_ok=True)
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
+    except BaseException as exc:
+        tracker.end_run(run_id, "FAILED", error=exc)
         raise
     tracker.end_run(run_id)
     return TeacherResult(directory, run_id, meta["test_metrics"], params, flops, reused=False)

@@ -15,6 +15,8 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from kdray.config import MLflowConfig
 from kdray.workspace import Workspace
@@ -102,11 +104,46 @@ class Tracker:
                                        max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def resume_or_start_run(
+        self,
+        name: str,
+        dataset: str,
+        role: str,
+        parent_run_id: str | None,
+        tags: Mapping[str, str] | None = None,
+    ) -> tuple[str, bool]:
+        """The run of this ``role`` (and ``tags``) under ``parent_run_id``, else a new one.
+
+        A stage that a killed driver left half done goes on in its own run (set back to
+        RUNNING) instead of leaving a second, forever-RUNNING run beside the new one.
+
+        Returns:
+            (run id, True if an existing run was resumed).
+        """
+        run_id = self.find_run(parent_run_id, {TAG_ROLE: role, **(tags or {})})
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id, True
+        return self.start_run(name, dataset, role, parent_run_id, tags), False
+
     def run_exists(self, run_id: str) -> bool:
+        """True for an active run, False for a deleted or unknown one.
+
+        Raises:
+            MlflowException: any other error (e.g. the tracking server stayed unreachable
+                through the client's retries): a resume must not take a transient error
+                for "no such run" and start duplicate runs.
+        """
         try:
             return self.client.get_run(run_id).info.lifecycle_stage == "active"
-        except Exception:  # deleted, or another tracking store
-            return False
+        except MlflowException as exc:
+            if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                return False
+            raise
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """Steps at which ``key`` was already logged (a resumed loop skips them: one point per epoch)."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
@@ -134,6 +171,19 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, local_dir, artifact_path)
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+    def end_run(self, run_id: str, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        """Close the run; with ``error``, record its first line as tag ``kdray.error``."""
+        if error is not None:
+            text = (str(error).strip().splitlines() or [""])[0]
+            self.set_tags(run_id, {"kdray.error": f"{type(error).__name__}: {text}"[:500]})
         self.client.set_terminated(run_id, status=status)
+
+    def abandon(self, run_id: str) -> None:
+        """Mark a run left RUNNING by an abandoned job, and its RUNNING children, KILLED."""
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}' and "
+            "attributes.status = 'RUNNING'")
+        for run in [*children, self.client.get_run(run_id)]:
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status="KILLED")
 
