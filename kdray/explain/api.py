@@ -6,6 +6,7 @@ The result is a pydantic model meant to be returned as is by a serving endpoint:
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import (
     BaseModel,
-    ConfigDict,
+    Field,
     PlainSerializer,
     PlainValidator,
     WithJsonSchema,
@@ -29,7 +30,14 @@ from kdray.explain.gradcam import grad_cam
 from kdray.explain.hooks import eval_mode, model_lock
 from kdray.explain.inputs import ImageLike, display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
-from kdray.explain.render import heat_overlay, png_bytes, signed_overlay, strip
+from kdray.explain.render import (
+    heat_layer,
+    heat_overlay,
+    png_bytes,
+    signed_layer,
+    signed_overlay,
+    strip,
+)
 from kdray.models import TeacherDenseNet, load_model
 
 __all__ = ["METHODS", "Explainer", "Explanation", "LayerMap", "MethodResult", "explain"]
@@ -45,19 +53,41 @@ Array2D = Annotated[
 ]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+def _png_from(value: Any) -> bytes:
+    """bytes as they are; a base64 string (standard or URL-safe alphabet) decoded."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        return base64.b64decode(value.replace("-", "+").replace("_", "/"), validate=True)
+    raise ValueError(f"expected PNG bytes or a base64 string, got {type(value).__name__}")
 
 
-class LayerMap(_Model):
-    """One map: the layer it was taken at, its overlay as PNG, and (optionally) the array."""
+# PNG files: bytes in Python, standard base64 in JSON (what a data: URI or any decoder takes;
+# pydantic's own "base64" is the URL-safe alphabet).
+PngBytes = Annotated[
+    bytes,
+    PlainValidator(_png_from),
+    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}),
+]
+
+
+class LayerMap(BaseModel):
+    """One map: the layer it was taken at, its overlay as PNG, and (optionally) the array.
+
+    Attributes:
+        png: the map blended over the input (heat maps at opacity 0.5).
+        heat_png: the map alone (RGB ``jet`` for heat maps, RGBA for SHAP), to draw over
+            ``Explanation.input_png`` at an opacity of the viewer's choice.
+    """
 
     layer: str
-    png: bytes
+    png: PngBytes
+    heat_png: PngBytes
     array: Array2D | None = None
 
 
-class MethodResult(_Model):
+class MethodResult(BaseModel):
     """One method's output.
 
     Attributes:
@@ -74,10 +104,10 @@ class MethodResult(_Model):
     render_ms: float
     signed: bool
     maps: list[LayerMap]
-    grid_png: bytes | None = None
+    grid_png: PngBytes | None = None
 
 
-class Explanation(_Model):
+class Explanation(BaseModel):
     """Prediction and explanations of one image."""
 
     prediction: int
@@ -86,6 +116,7 @@ class Explanation(_Model):
     target: int
     target_name: str | None
     image_size: tuple[int, int]
+    input_png: PngBytes = Field(description="the model input as PNG (what the maps are drawn over)")
     methods: dict[str, MethodResult]
     total_ms: float
 
@@ -120,13 +151,15 @@ def _render(
     """Overlays as PNG (and, for feature maps, the input + layers strip)."""
     overlays = [signed_overlay(shown, a) if method == "shap" else heat_overlay(shown, a)
                 for _, a in arrays]
+    layers = [signed_layer(a) if method == "shap" else heat_layer(a) for _, a in arrays]
     grid = None
     if method == "feature_maps":
         tile = (shown * 255 + 0.5).astype(np.uint8)
         names = ["input", *[name.split(".")[-1] for name, _ in arrays]]
         grid = png_bytes(strip([tile, *overlays], names))
-    maps = [LayerMap(layer=name, png=png_bytes(o), array=a if include_arrays else None)
-            for (name, a), o in zip(arrays, overlays, strict=True)]
+    maps = [LayerMap(layer=name, png=png_bytes(o), heat_png=png_bytes(h),
+                     array=a if include_arrays else None)
+            for (name, a), o, h in zip(arrays, overlays, layers, strict=True)]
     return maps, grid
 
 
@@ -216,6 +249,7 @@ def explain(
         prediction=pred, class_name=_name(class_names, pred),
         probabilities=[float(p) for p in probs], target=explained,
         target_name=_name(class_names, explained), image_size=(x.shape[2], x.shape[3]),
+        input_png=png_bytes((shown * 255.0 + 0.5).astype(np.uint8)),
         methods=results, total_ms=(time.perf_counter() - start) * 1e3,
     )
 

@@ -13,7 +13,8 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["heat_overlay", "png_bytes", "signed_overlay", "signed_scale", "strip"]
+__all__ = ["heat_layer", "heat_overlay", "png_bytes", "signed_layer", "signed_overlay",
+           "signed_scale", "strip"]
 
 _JET = (matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3]).astype(np.float32)
 
@@ -27,11 +28,20 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return np.clip(img, 0.0, 1.0)
 
 
+def _jet(heat: np.ndarray) -> np.ndarray:
+    return _JET[np.clip(np.asarray(heat, dtype=np.float32) * 255.0, 0, 255).astype(np.uint8)]
+
+
 def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend a [0, 1] map (H, W) over an RGB image (H, W, 3) -> uint8 (H, W, 3)."""
-    idx = np.clip(np.asarray(heat, dtype=np.float32) * 255.0, 0, 255).astype(np.uint8)
-    out = (1.0 - alpha) * _as_rgb(image) + alpha * _JET[idx]
+    out = (1.0 - alpha) * _as_rgb(image) + alpha * _jet(heat)
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def heat_layer(heat: np.ndarray) -> np.ndarray:
+    """The map alone in ``jet`` colours, uint8 (H, W, 3): drawn over the image at any opacity,
+    it gives :func:`heat_overlay` with that ``alpha``."""
+    return (_jet(heat) * 255.0 + 0.5).astype(np.uint8)
 
 
 def signed_scale(values: np.ndarray) -> float:
@@ -48,14 +58,27 @@ def signed_overlay(image: np.ndarray, values: np.ndarray, scale: float | None = 
         values: signed (H, W) attribution.
         scale: |value| drawn at full opacity; default :func:`signed_scale`.
     """
+    colour, alpha = _signed_colour(values, scale)
+    grey = _as_rgb(image).mean(axis=2, keepdims=True).repeat(3, axis=2) * 0.8 + 0.1
+    out = (1.0 - alpha) * grey + alpha * colour
+    return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _signed_colour(values: np.ndarray, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel: red or blue (H, W, 3) and its opacity (H, W, 1), growing with |value|."""
     v = np.asarray(values, dtype=np.float32)
     s = signed_scale(v) if scale is None else scale
-    strength = np.clip(np.abs(v) / s, 0.0, 1.0)[..., None]
-    grey = _as_rgb(image).mean(axis=2, keepdims=True).repeat(3, axis=2) * 0.8 + 0.1
+    alpha = 0.85 * np.clip(np.abs(v) / s, 0.0, 1.0)[..., None]
     colour = np.where(v[..., None] >= 0, np.array([0.85, 0.05, 0.05], np.float32),
                       np.array([0.05, 0.2, 0.9], np.float32))
-    out = (1.0 - 0.85 * strength) * grey + 0.85 * strength * colour
-    return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return colour, alpha
+
+
+def signed_layer(values: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """The attribution alone, uint8 RGBA (H, W, 4): :func:`signed_overlay`'s colours with their
+    opacity in the alpha channel, to draw over the image."""
+    colour, alpha = _signed_colour(values, scale)
+    return (np.concatenate([colour, alpha], axis=2) * 255.0 + 0.5).astype(np.uint8)
 
 
 def strip(tiles: list[np.ndarray], labels: list[str] | None = None, gap: int = 2) -> np.ndarray:
@@ -75,7 +98,7 @@ def strip(tiles: list[np.ndarray], labels: list[str] | None = None, gap: int = 2
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) -> PNG file bytes."""
+    """uint8 (H, W, 3) RGB or (H, W, 4) RGBA -> PNG file bytes."""
     buf = io.BytesIO()
     Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
