@@ -227,8 +227,10 @@ class ExplainConfig(_Strict):
     methods: list[Literal["feature_maps", "gradcam", "shap"]] = Field(
         default_factory=lambda: ["feature_maps", "gradcam", "shap"]
     )
-    student_layer: str | None = Field(None, description="Grad-CAM layer; None: last conv block")
-    teacher_layer: str | None = Field(None, description="Grad-CAM layer; None: last dense block")
+    student_layer: str | None = Field(
+        None, description="Grad-CAM layer; None: the deepest block with >= 7x7 output at the input size")
+    teacher_layer: str | None = Field(
+        None, description="Grad-CAM layer; None: the deepest dense block with >= 7x7 output")
     top_k_channels: int | None = Field(None, ge=1, description="feature maps: mean of the top-k channels")
     shap_background: int = Field(16, ge=1, description="stratified training images kept as background")
     shap_nsamples: int = Field(50, ge=1)

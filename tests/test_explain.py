@@ -27,8 +27,9 @@ from kdray.explain import (
     shap_maps,
 )
 from kdray.explain.expected_gradients import fast_copy
+from kdray.explain.gradcam import default_cam_layer, layer_output_size
 from kdray.explain.hooks import count_hooks
-from kdray.models import ModelSpec, StudentCNN, TeacherDenseNet, save_model
+from kdray.models import ModelSpec, StudentCNN, TeacherDenseNet, build_model, save_model
 
 SIZE = 32
 
@@ -73,6 +74,22 @@ def _assert_untouched(model: nn.Module, training: bool = False) -> None:
     assert all(m.training == training for m in model.modules())
 
 
+@pytest.mark.parametrize(("kind", "size", "expected"), [
+    ("student", 32, "features.block2"), ("student", 64, "features.block3"),
+    ("student", 224, "features.block5"), ("teacher", 32, "features.denseblock1"),
+    ("teacher", 64, "features.denseblock2"), ("teacher", 224, "features.denseblock4"),
+])
+def test_default_cam_layer_is_the_deepest_block_of_at_least_7x7(kind: str, size: int, expected: str) -> None:
+    spec = ModelSpec(kind=kind, num_classes=4, image_size=size, widths=[16, 32, 64, 128, 128])
+    model = build_model(spec)
+    assert default_cam_layer(model, size) == expected
+    assert default_cam_layer(model) == model.block_names[-1]  # no size: the last block
+    side = min(layer_output_size(model, expected, size))
+    assert side >= 7 or expected == model.block_names[0]
+    deeper = model.block_names[model.block_names.index(expected) + 1:]
+    assert all(min(layer_output_size(model, name, size)) < 7 for name in deeper)
+
+
 @pytest.mark.parametrize("which", ["student", "teacher"])
 def test_methods_shapes_and_ranges(which: str, request: pytest.FixtureRequest,
                                    images: np.ndarray) -> None:
@@ -87,7 +104,7 @@ def test_methods_shapes_and_ranges(which: str, request: pytest.FixtureRequest,
     assert top.maps.shape == (2, 1, SIZE, SIZE)
 
     cam = grad_cam(model, x)
-    assert cam.layer == model.block_names[-1]
+    assert cam.layer == default_cam_layer(model, SIZE) != model.block_names[-1]  # 32 px: not 1x1
     assert cam.maps.shape == (2, SIZE, SIZE) and cam.maps.dtype == np.float32
     assert cam.maps.min() >= 0.0 and cam.maps.max() <= 1.0 + 1e-6
     np.testing.assert_array_equal(cam.targets, fm.logits.argmax(1))

@@ -8,6 +8,7 @@ lock. ``GradCAM.__exit__`` swallows ``IndexError`` (and returns nothing); the ca
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,10 +18,11 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from kdray.explain.hooks import eval_mode, grads_only_for, model_lock
+from kdray.explain.hooks import capture_outputs, eval_mode, grads_only_for, model_lock
 from kdray.explain.inputs import ImageLike, to_batch
 
-__all__ = ["CamMaps", "ExplainError", "default_cam_layer", "grad_cam"]
+__all__ = ["MIN_CAM_SIDE", "CamMaps", "ExplainError", "default_cam_layer", "grad_cam",
+           "layer_output_size"]
 
 
 class ExplainError(RuntimeError):
@@ -44,8 +46,31 @@ class CamMaps:
     logits: np.ndarray
 
 
-def default_cam_layer(model: nn.Module) -> str:
-    """The last conv block (student) or last dense block (teacher).
+MIN_CAM_SIDE = 7  # the last block's output at 224 px in both models (and in the Grad-CAM paper)
+_SIZES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], tuple[int, int]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def layer_output_size(model: nn.Module, layer: str, image_size: int) -> tuple[int, int]:
+    """(H, W) of ``layer``'s output for an image_size x image_size input (cached per model)."""
+    sizes = _SIZES.setdefault(model, {})
+    if (layer, image_size) not in sizes:
+        names = [n for n in getattr(model, "block_names", []) if n != layer] + [layer]
+        with model_lock(model), eval_mode(model), torch.no_grad(), capture_outputs(model, names) as out:
+            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+        for name in names:
+            sizes[(name, image_size)] = (int(out[name].shape[-2]), int(out[name].shape[-1]))
+    return sizes[(layer, image_size)]
+
+
+def default_cam_layer(model: nn.Module, image_size: int | None = None,
+                      min_side: int = MIN_CAM_SIDE) -> str:
+    """The block Grad-CAM reads when none is named.
+
+    With ``image_size``: the deepest block whose output is at least ``min_side`` pixels a side
+    (at 224 px the last block of both models; at 64 px the student's ``block3`` and the
+    teacher's ``denseblock2``: a 2x2 last block would only point at a corner), or the first
+    block if none is. Without: the last block.
 
     Raises:
         ValueError: the model has no ``block_names``; pass a layer explicitly.
@@ -53,7 +78,10 @@ def default_cam_layer(model: nn.Module) -> str:
     names = getattr(model, "block_names", None)
     if not names:
         raise ValueError(f"{type(model).__name__} has no block_names; pass layer=... explicitly")
-    return names[-1]
+    if image_size is None:
+        return names[-1]
+    fitting = [n for n in names if min(layer_output_size(model, n, image_size)) >= min_side]
+    return fitting[-1] if fitting else names[0]
 
 
 def grad_cam(
@@ -67,7 +95,7 @@ def grad_cam(
     Args:
         model: a kdray model; run in eval mode under its lock, left as it was found.
         images: see :func:`kdray.explain.inputs.to_batch`.
-        layer: qualified layer name; default :func:`default_cam_layer`.
+        layer: qualified layer name; default :func:`default_cam_layer` at the input size.
         targets: class per image (or one for all); None explains the predicted class.
 
     Returns:
@@ -78,7 +106,7 @@ def grad_cam(
         ExplainError: a target beyond the model's classes.
     """
     x = to_batch(images)
-    name = layer or default_cam_layer(model)
+    name = layer or default_cam_layer(model, x.shape[-1])
     module = model.get_submodule(name)
     n = x.shape[0]
     cam_targets = None

@@ -54,7 +54,11 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
     flat = maps.flatten(1)
     lo = flat.min(1).values[:, None, None]
     hi = flat.max(1).values[:, None, None]
-    return (maps - lo) / (hi - lo).clamp_min(1e-12)
+    span = hi - lo
+    out = (maps - lo) / span.clamp_min(1e-12)
+    # Constant up to float rounding (e.g. a 1x1 block upsampled): no structure to show.
+    flat_map = span <= 1e-5 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
+    return torch.where(flat_map, torch.zeros_like(out), out)
 
 
 def reduce_activation(

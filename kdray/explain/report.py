@@ -35,8 +35,7 @@ from kdray.explain.faithfulness import (
     random_maps,
 )
 from kdray.explain.figures import Example, curves_figure, explanation_grid, feature_map_figure
-from kdray.explain.gradcam import default_cam_layer, grad_cam
-from kdray.explain.hooks import capture_outputs, eval_mode, model_lock
+from kdray.explain.gradcam import default_cam_layer, grad_cam, layer_output_size
 from kdray.explain.inputs import display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
 
@@ -76,9 +75,9 @@ class _Scored:
     seconds: float = 0.0
 
 
-def _cam_layer(model_name: str, model: nn.Module, cfg: ExplainConfig) -> str:
+def _cam_layer(model_name: str, model: nn.Module, cfg: ExplainConfig, size: int) -> str:
     chosen = cfg.teacher_layer if model_name == "teacher" else cfg.student_layer
-    return chosen or default_cam_layer(model)
+    return chosen or default_cam_layer(model, size)
 
 
 def _score_maps(model: nn.Module, name: str, x: torch.Tensor, background: np.ndarray,
@@ -90,7 +89,7 @@ def _score_maps(model: nn.Module, name: str, x: torch.Tensor, background: np.nda
     if "feature_maps" in cfg.methods:
         maps["feature_maps"] = fm.maps[:, -1]
     if "gradcam" in cfg.methods:
-        maps["gradcam"] = grad_cam(model, x, _cam_layer(name, model, cfg), preds).maps
+        maps["gradcam"] = grad_cam(model, x, _cam_layer(name, model, cfg, x.shape[-1]), preds).maps
     if "shap" in cfg.methods:
         maps["shap"] = shap_maps(model, x, background, preds, cfg.shap_nsamples, seed=seed).maps
     return _Scored(preds, fm.layers, fm.maps, maps, time.perf_counter() - t0)
@@ -100,7 +99,7 @@ def _met_ms(model: nn.Module, name: str, x: torch.Tensor, preds: np.ndarray,
             background: np.ndarray, cfg: ExplainConfig, seed: int) -> dict[str, list[float]]:
     """Single-image times per method, in ms (after one untimed warm-up call each)."""
     n = min(cfg.timing_images, len(x))
-    layer = _cam_layer(name, model, cfg)
+    layer = _cam_layer(name, model, cfg, x.shape[-1])
     calls = {
         "feature_maps": lambda i: feature_maps(model, x[i : i + 1], None, cfg.top_k_channels),
         "gradcam": lambda i: grad_cam(model, x[i : i + 1], layer, None),
@@ -171,15 +170,6 @@ def _measure(
         curves["deletion"][f"{name} {method}"] = di.deletion_curves.mean(0)
         curves["insertion"][f"{name} {method}"] = di.insertion_curves.mean(0)
     return out
-
-
-def _output_hw(model: nn.Module, layer: str, size: int) -> tuple[int, int]:
-    """Spatial size of ``layer``'s output for a size x size input."""
-    with model_lock(model), eval_mode(model), torch.no_grad(), \
-            capture_outputs(model, [layer]) as out:
-        model(torch.zeros(1, 3, size, size))
-        shape = out[layer].shape
-    return int(shape[-2]), int(shape[-1])
 
 
 def _examples(labels: np.ndarray, masks: np.ndarray | None, k: int) -> list[int]:
@@ -253,8 +243,8 @@ def build_report(
         scored[name] = _score_maps(model, name, x, background, cfg, seed)
         metrics.update(_measure(name, model, scored[name], x, labels, masks, background, rand,
                                 cfg, seed, steps, curves))
-        layer = _cam_layer(name, model, cfg)
-        cam_shape[name] = (layer, _output_hw(model, layer, size))
+        layer = _cam_layer(name, model, cfg, x.shape[-1])
+        cam_shape[name] = (layer, layer_output_size(model, layer, size))
     fractions = np.linspace(0.0, 1.0, steps + 1)
     for key in ("params", "flops", "flops_224", *(f"met_ms.{m}" for m in cfg.methods)):
         metrics[f"ratio.{key}"] = _ratio(metrics[f"teacher.{key}"], metrics[f"student.{key}"])
