@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 
 # Tests share the machine with other work: keep torch to one thread unless a test says otherwise.
 torch.set_num_threads(1)
@@ -38,3 +42,32 @@ def tiny_data(dataset: str = "eye_disease", n_per_class: int = 8, size: int = 32
     from kdray.data.prepare import in_memory_synthetic
 
     return in_memory_synthetic(dataset, n_per_class, size, seed)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that must not join another Ray, MLflow or workspace."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")}
+    return {**env, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The smoke pipeline (3 datasets) once per session: its workspace and the finished process.
+
+    ``KDRAY_TEST_SMOKE_WS=<dir>`` (developers, not CI) runs it there once and reuses it after.
+    """
+    reuse = os.environ.get("KDRAY_TEST_SMOKE_WS")
+    ws = Path(reuse) if reuse else tmp_path_factory.mktemp("smoke") / "ws"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+         "--workspace", str(ws), *(["--resume"] if reuse else [])],
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return ws, proc

@@ -13,17 +13,18 @@ from mlflow import MlflowClient
 
 from kdray.models import load_model
 
+from conftest import clean_env
+
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = ("brain_tumor", "eye_disease", "alzheimer")
 pytestmark = pytest.mark.integration
 
 
 def _run(ws: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")}
     return subprocess.run(
         [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
          "--workspace", str(ws), *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600,
     )
 
 
@@ -33,14 +34,6 @@ def _runs(client: MlflowClient, dataset: str, role: str):
         [experiment.experiment_id],
         filter_string=f"tags.`kdray.dataset` = '{dataset}' and tags.`kdray.role` = '{role}'",
     )
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("smoke") / "ws"
-    proc = _run(ws)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return ws, proc
 
 
 def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
