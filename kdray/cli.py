@@ -8,7 +8,7 @@ import sys
 
 from kdray.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
 from kdray.data.folders import DataError
-from kdray.workspace import Workspace
+from kdray.workspace import Workspace, WorkspaceError
 
 __all__ = ["build_parser", "build_report_parser", "main", "report_main"]
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace.at(args.workspace)
     try:
         rows = run_pipeline(cfg, ws, resume=args.resume)
-    except DataError as exc:
+    except (DataError, WorkspaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -68,6 +68,11 @@ class DataConfig(_Strict):
         0.15, gt=0.0, lt=0.5, description="used only when the dataset has no test folder"
     )
     split_seed: int = 0
+    skip_unreadable: bool = Field(
+        False,
+        description="leave out image files that do not decode (listed in the manifest and logged) "
+        "instead of failing with the list of them",
+    )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @field_validator("datasets")

@@ -18,7 +18,7 @@ import ray
 
 from kdray.champion import ChampionResult, crown_champion
 from kdray.config import ExperimentConfig, RayConfig
-from kdray.data.prepare import prepare_dataset
+from kdray.data.prepare import Manifest, prepare_dataset, prepare_manifest
 from kdray.sweep import make_job, run_sweep
 from kdray.teacher import train_teacher
 from kdray.tracking import Tracker
@@ -105,6 +105,16 @@ def _save_state(ws: Workspace, dataset: str, state: dict) -> None:
     tmp.replace(path)
 
 
+def log_data(tracker: Tracker, run_id: str, manifest: Manifest) -> None:
+    """The split sizes as params; files left out as unreadable (``data.skip_unreadable``) as
+    param ``n_unreadable`` and artifact ``data/unreadable_files.json`` (path and reason each)."""
+    tracker.log_params(run_id, {f"n_{k}": v for k, v in manifest.counts().items()})
+    if manifest.skipped:
+        tracker.log_params(run_id, {"n_unreadable": len(manifest.skipped)})
+        tracker.client.log_dict(run_id, {"root": manifest.root, "skipped": manifest.skipped},
+                                "data/unreadable_files.json")
+
+
 def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tracker,
                 resume: bool = False) -> DatasetSummary:
     """One dataset end to end. With ``resume``, a finished dataset of the same config is returned
@@ -136,7 +146,7 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
                                    tags={"kdray.manifest": data.manifest.fingerprint[:12]})
         sweep_name = f"sweep-{dataset}-{data.key}-{time.strftime('%Y%m%d-%H%M%S')}"
         tracker.log_config(parent, cfg.to_dict())
-        tracker.log_params(parent, {f"n_{k}": v for k, v in data.manifest.counts().items()})
+        log_data(tracker, parent, data.manifest)
     base = {"run_key": key, "parent_run_id": parent, "sweep": sweep_name}
     if not state:
         _save_state(ws, dataset, base)
@@ -266,7 +276,11 @@ def run_pipeline(cfg: ExperimentConfig, ws: Workspace, resume: bool = False) -> 
             (Ctrl-C, lost node, kill): finished datasets are not redone, an unfinished sweep
             resumes from Tune's experiment state and its trials from their checkpoints.
     """
-    ws.create()
+    ws.check()
+    # Every dataset's files are checked (and split) before MLflow or Ray start: an unreadable
+    # file stops the run here, listed with the others, with nothing half started.
+    for dataset in cfg.data.datasets:
+        prepare_manifest(cfg.data, dataset, ws)
     tracker = Tracker.open(cfg.mlflow, ws)
     log.info("workspace %s; MLflow %s (experiment %s)", ws.root, tracker.tracking_uri, cfg.mlflow.experiment)
     rows: list[DatasetSummary] = []

@@ -106,7 +106,7 @@ def test_images_of_any_kind_become_rgb_of_the_model_size(tmp_path):
 def test_dicom_slice_is_read():
     from pydicom.data import get_testdata_file
 
-    arr = read_image(get_testdata_file("MR_small.dcm"), 32)
+    arr = read_image(get_testdata_file("MR_small.dcm", download=False), 32)
     assert arr.shape == (3, 32, 32) and arr.max() > arr.min()
 
 
@@ -155,3 +155,73 @@ def test_prepare_synthetic_with_masks(workspace):
     for split in data.splits.values():
         assert split.masks is not None and split.masks.shape == (len(split), 32, 32)
     assert set(data.splits["train"].labels.tolist()) == {0, 1, 2, 3}
+
+
+def _eye_with_bad_files(root: Path) -> None:
+    """A real eye_disease layout with three unreadable files among good ones."""
+    _tree(root, list(get_spec("eye_disease").classes), per_class=5, mode="RGB")
+    (root / "glaucoma" / "broken.jpg").write_bytes(b"")
+    (root / "normal" / "notes.png").write_text("not an image\n")
+    good = (root / "cataract" / "img_0.png").read_bytes()
+    (root / "cataract" / "cut.png").write_bytes(good[: len(good) // 2])
+
+
+def test_unreadable_files_are_all_listed(tmp_path, workspace):
+    spec = get_spec("eye_disease")
+    _eye_with_bad_files(tmp_path / "eye")
+    with pytest.raises(DataError) as err:
+        build_manifest(spec, tmp_path / "eye", None, DataConfig(datasets=["eye_disease"]), workspace)
+    message = str(err.value)
+    assert "3 unreadable image file(s)" in message
+    assert "  glaucoma/broken.jpg: empty file" in message
+    assert "  normal/notes.png: not an image" in message
+    assert "  cataract/cut.png: truncated or corrupt PNG" in message
+    assert message.endswith("fix or remove them, or set data.skip_unreadable: true to leave them out")
+    assert not list(workspace.manifests.glob("*.json"))
+
+
+def test_skip_unreadable_leaves_them_out_and_records_them(tmp_path, workspace, caplog):
+    spec = get_spec("eye_disease")
+    _eye_with_bad_files(tmp_path / "eye")
+    cfg = DataConfig(datasets=["eye_disease"], roots={"eye_disease": str(tmp_path / "eye")},
+                     image_size=16, skip_unreadable=True)
+    with caplog.at_level("WARNING", logger="kdray"):
+        data = prepare_dataset(cfg, "eye_disease", workspace)
+    assert "leaving out 3 unreadable image file(s)" in caplog.text
+    manifest = data.manifest
+    assert sum(manifest.counts().values()) == 20
+    assert {e["path"] for e in manifest.entries}.isdisjoint(
+        {"glaucoma/broken.jpg", "normal/notes.png", "cataract/cut.png"})
+    assert [s["path"] for s in manifest.skipped] == [
+        "cataract/cut.png", "glaucoma/broken.jpg", "normal/notes.png"]
+    assert all(s["reason"] for s in manifest.skipped)
+    assert sum(len(s) for s in data.splits.values()) == 20
+    again = build_manifest(spec, tmp_path / "eye", None, cfg, workspace)  # reused as is
+    assert again.skipped == manifest.skipped and again.entries == manifest.entries
+    with pytest.raises(DataError, match=r"3 unreadable(.|\n)*  glaucoma/broken.jpg: empty file"):
+        build_manifest(spec, tmp_path / "eye", None, cfg.model_copy(update={"skip_unreadable": False}),
+                       workspace)
+
+
+def test_skip_unreadable_still_needs_every_class(tmp_path, workspace):
+    spec = get_spec("eye_disease")
+    _tree(tmp_path / "eye", list(spec.classes), per_class=2)
+    for f in (tmp_path / "eye" / "normal").iterdir():
+        f.write_bytes(b"")
+    cfg = DataConfig(datasets=["eye_disease"], skip_unreadable=True)
+    with pytest.raises(DataError, match=r"no readable images left for class\(es\) \['normal'\]"):
+        build_manifest(spec, tmp_path / "eye", None, cfg, workspace)
+
+
+def test_older_manifest_without_skipped_still_loads(tmp_path, workspace):
+    import json
+
+    spec = get_spec("eye_disease")
+    _tree(tmp_path / "eye", list(spec.classes), per_class=3)
+    cfg = DataConfig(datasets=["eye_disease"])
+    manifest = build_manifest(spec, tmp_path / "eye", None, cfg, workspace)
+    (path,) = workspace.manifests.glob("eye_disease-*.json")
+    stored = json.loads(path.read_text())
+    del stored["skipped"]
+    path.write_text(json.dumps(stored))
+    assert build_manifest(spec, tmp_path / "eye", None, cfg, workspace).entries == manifest.entries

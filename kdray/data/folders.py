@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kdray.data.images import read_image
 from kdray.data.specs import DatasetSpec, normalise_name
 
 __all__ = ["IMAGE_EXTENSIONS", "DataError", "read_image", "read_mask", "scan_folder"]
@@ -109,45 +110,6 @@ def scan_folder(spec: DatasetSpec, root: str | Path) -> dict[str, list[tuple[str
             folder = subdirs[0]
             continue
         return {"all": _scan_classes(spec, folder, root)}
-
-
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Min-max any numeric image (16-bit PNG, DICOM, float TIFF) to uint8."""
-    if array.dtype == np.uint8:
-        return array
-    array = array.astype(np.float32)
-    lo, hi = float(array.min()), float(array.max())
-    if hi <= lo:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return ((array - lo) / (hi - lo) * 255.0).round().astype(np.uint8)
-
-
-def _open_as_pil(path: Path) -> Image.Image:
-    if path.suffix.lower() == ".dcm":
-        import pydicom
-
-        ds = pydicom.dcmread(str(path))
-        pixels = ds.pixel_array.astype(np.float32)
-        if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-            pixels = pixels[pixels.shape[0] // 2]  # a multi-frame volume: its middle slice
-        if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-            pixels = pixels.max() - pixels
-        return Image.fromarray(_to_uint8(pixels))
-    image = Image.open(path)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(image)))
-    return image
-
-
-def read_image(path: str | Path, size: int) -> np.ndarray:
-    """Any supported file (grayscale or colour, any size) as RGB uint8 (3, size, size).
-
-    Grayscale MRI becomes three equal channels, so MRI and fundus share the model input.
-    """
-    image = _open_as_pil(Path(path)).convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def read_mask(path: str | Path, size: int) -> np.ndarray:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,8 @@ import numpy as np
 
 from kdray.config import DataConfig
 from kdray.data import synthetic
-from kdray.data.folders import read_image, read_mask, scan_folder
+from kdray.data.folders import DataError, read_image, read_mask, scan_folder
+from kdray.data.images import ImageError, check_image
 from kdray.data.specs import DatasetSpec, get_spec
 from kdray.workspace import Workspace
 
@@ -31,10 +34,12 @@ __all__ = [
     "build_manifest",
     "in_memory_synthetic",
     "prepare_dataset",
+    "prepare_manifest",
     "stratified_split",
 ]
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger("kdray")
 
 
 @dataclass
@@ -57,6 +62,8 @@ class Manifest:
     class_names: list[str]
     fingerprint: str
     entries: list[dict] = field(default_factory=list)  # {"path", "label", "split"}
+    # Unreadable files left out (data.skip_unreadable): {"path", "reason"}; older manifests lack it.
+    skipped: list[dict] = field(default_factory=list)
 
     def split_entries(self, split: str) -> list[dict]:
         return [e for e in self.entries if e["split"] == split]
@@ -112,19 +119,79 @@ def _fingerprint(spec: DatasetSpec, root: Path, found: dict, cfg: DataConfig) ->
     return h.hexdigest()
 
 
+def _unreadable_error(spec: DatasetSpec, root: Path, bad: list[dict]) -> DataError:
+    lines = "\n".join(f"  {b['path']}: {b['reason']}" for b in bad)
+    return DataError(
+        f"dataset {spec.id!r}: {len(bad)} unreadable image file(s) under {root}:\n{lines}\n"
+        "fix or remove them, or set data.skip_unreadable: true to leave them out"
+    )
+
+
+def _check_files(
+    spec: DatasetSpec, root: Path, found: dict, cfg: DataConfig
+) -> tuple[dict, list[dict]]:
+    """Decode every file once: ``found`` without the unreadable files, and those files.
+
+    Returns:
+        The kept ``found`` and the skipped files as ``{"path", "reason"}`` (empty if none).
+
+    Raises:
+        DataError: unreadable files and ``cfg.skip_unreadable`` is off (all of them listed), or a
+            class left without readable images.
+    """
+    rels = sorted({rel for items in found.values() for rel, _ in items})
+    # Threads: Pillow and zlib decode without the GIL, so checking overlaps on several cores.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = dict(zip(rels, pool.map(lambda rel: check_image(root / rel), rels), strict=True))
+    bad = [{"path": rel, "reason": reasons[rel]} for rel in rels if reasons[rel] is not None]
+    if not bad:
+        return found, []
+    if not cfg.skip_unreadable:
+        raise _unreadable_error(spec, root, bad)
+    kept = {part: [(r, lab) for r, lab in items if reasons[r] is None] for part, items in found.items()}
+    for part, items in kept.items():
+        empty = sorted(set(range(spec.num_classes)) - {lab for _, lab in items})
+        if empty:
+            raise DataError(
+                f"dataset {spec.id!r}: no readable images left for class(es) "
+                f"{[spec.classes[i] for i in empty]} ({part}) after leaving out unreadable files"
+            )
+    _warn_skipped(spec, root, bad)
+    return kept, bad
+
+
+def _warn_skipped(spec: DatasetSpec, root: Path, skipped: list[dict]) -> None:
+    log.warning("dataset %r: leaving out %d unreadable image file(s) under %s "
+                "(data.skip_unreadable; listed in the manifest's 'skipped'), e.g. %s: %s",
+                spec.id, len(skipped), root, skipped[0]["path"], skipped[0]["reason"])
+
+
 def build_manifest(
     spec: DatasetSpec, root: Path, masks_root: Path | None, cfg: DataConfig, ws: Workspace
 ) -> Manifest:
-    """Scan ``root``, split it (own test folder where there is one) and write the manifest.
+    """Scan ``root``, check every file, split (own test folder where there is one), write it.
 
-    An existing manifest with the same fingerprint is reused as is.
+    Every file is decoded once; unreadable ones fail the build, or with ``cfg.skip_unreadable``
+    are left out and recorded in ``Manifest.skipped``. An existing manifest with the same
+    fingerprint is reused as is, without checking the files again (the fingerprint covers paths
+    and sizes).
+
+    Raises:
+        DataError: a bad folder layout, or unreadable files (all listed with their reasons) while
+            ``cfg.skip_unreadable`` is off, also when a reused manifest had left files out.
     """
     root = root.resolve()
     found = scan_folder(spec, root)
     fingerprint = _fingerprint(spec, root, found, cfg)
     path = ws.manifests / f"{spec.id}-{fingerprint[:12]}.json"
     if path.is_file():
-        return Manifest(**json.loads(path.read_text()))
+        manifest = Manifest(**json.loads(path.read_text()))
+        if manifest.skipped and not cfg.skip_unreadable:  # skipping is no longer allowed
+            raise _unreadable_error(spec, root, manifest.skipped)
+        if manifest.skipped:
+            _warn_skipped(spec, root, manifest.skipped)
+        return manifest
+    found, skipped = _check_files(spec, root, found, cfg)
     entries: list[dict] = []
     if "all" in found:
         items = found["all"]
@@ -142,6 +209,7 @@ def build_manifest(
         class_names=list(spec.classes),
         fingerprint=fingerprint,
         entries=sorted(entries, key=lambda e: (SPLITS.index(e["split"]), e["path"])),
+        skipped=skipped,
     )
     _atomic_write(path, json.dumps(manifest.__dict__, indent=1))
     return manifest
@@ -154,10 +222,17 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _read(path: Path, size: int) -> np.ndarray:
+    try:
+        return read_image(path, size)
+    except ImageError as exc:  # the manifest checked it: the file changed since (same size)
+        raise DataError(f"{path}: {exc.reason}") from exc
+
+
 def _load_split(manifest: Manifest, split: str, size: int) -> Split:
     entries = manifest.split_entries(split)
     root = Path(manifest.root)
-    images = np.stack([read_image(root / e["path"], size) for e in entries]) if entries else (
+    images = np.stack([_read(root / e["path"], size) for e in entries]) if entries else (
         np.zeros((0, 3, size, size), np.uint8))
     labels = np.array([e["label"] for e in entries], dtype=np.int64)
     masks = None
@@ -207,8 +282,12 @@ def synthetic_root(cfg: DataConfig, dataset_id: str, ws: Workspace) -> Path:
     return folder
 
 
-def prepare_dataset(cfg: DataConfig, dataset_id: str, ws: Workspace) -> PreparedData:
-    """Real folder (``data.roots``) or synthetic stand-in -> manifest -> cached arrays."""
+def prepare_manifest(cfg: DataConfig, dataset_id: str, ws: Workspace) -> Manifest:
+    """Real folder (``data.roots``) or synthetic stand-in -> checked, split manifest (no arrays).
+
+    Raises:
+        DataError: a bad folder, or unreadable files (see :func:`build_manifest`).
+    """
     spec = get_spec(dataset_id)
     if dataset_id in cfg.roots:
         root = Path(cfg.roots[dataset_id]).expanduser()
@@ -217,8 +296,14 @@ def prepare_dataset(cfg: DataConfig, dataset_id: str, ws: Workspace) -> Prepared
     else:
         folder = synthetic_root(cfg, dataset_id, ws)
         root, masks_root = folder / "images", folder / "masks"
-    manifest = build_manifest(spec, root, masks_root, cfg, ws)
-    return PreparedData(spec, manifest, cfg.image_size, load_splits(manifest, cfg.image_size, ws))
+    return build_manifest(spec, root, masks_root, cfg, ws)
+
+
+def prepare_dataset(cfg: DataConfig, dataset_id: str, ws: Workspace) -> PreparedData:
+    """:func:`prepare_manifest`, then the arrays (cached)."""
+    manifest = prepare_manifest(cfg, dataset_id, ws)
+    return PreparedData(get_spec(dataset_id), manifest, cfg.image_size,
+                        load_splits(manifest, cfg.image_size, ws))
 
 
 def in_memory_synthetic(
