@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdray-installed
 
-.PHONY: install run smoke test test-fast lint format clean
+.PHONY: install run smoke serve test test-fast lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,21 @@ run: $(STAMP)  ## the main job on configs/default.yaml
 smoke: $(STAMP)  ## the whole pipeline on configs/smoke.yaml (minutes)
 	$(PY) tune/run.py --config configs/smoke.yaml --workspace workspace-smoke $(ARGS)
 
-test: $(STAMP)  ## the whole test suite
+# The HTTP service over the registry `make run` filled: http://127.0.0.1:8000/ (Ctrl-C stops it).
+# --address local: always a private Ray, never another one running on this machine.
+serve: $(STAMP)  ## serve the registered champions (serve/config.yaml) on 127.0.0.1:8000
+	KDRAY_HOME="$${KDRAY_HOME:-$(CURDIR)/workspace}" RAY_TMPDIR="$${RAY_TMPDIR:-/tmp/kdray-serve-$$(id -u)}" \
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/serve run serve/config.yaml --address local
+
+# The viewer's browser test drives Debian's chromium through chromedriver: installed when missing.
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+
+test: $(STAMP) $(CHROMEDRIVER)  ## the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only (no Ray / MLflow integration)

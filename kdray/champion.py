@@ -21,6 +21,7 @@ import ray
 from kdray.data.prepare import Split
 from kdray.engine import evaluate
 from kdray.evaluation import SCALAR_METRICS, evaluate_and_log
+from kdray.explain.background import save_background, select_background
 from kdray.models import ModelSpec, build_model, load_model, save_model
 from kdray.registry import register_model, registered_name
 from kdray.sweep import StudentJob, TrialOutcome, train_student
@@ -119,6 +120,9 @@ def crown_champion(
         model, spec = load_model(d)
     shutil.rmtree(target, ignore_errors=True)
     save_model(model, spec, target)
+    # The SHAP background travels with the registered version: a server needs only the registry.
+    save_background(target, select_background(job.train.images, job.train.labels,
+                                              cfg.explain.shap_background, cfg.seed))
 
     run_id, _ = tracker.resume_or_start_run(f"champion-{dataset}", dataset, "champion",
                                             parent_run_id,

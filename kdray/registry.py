@@ -7,16 +7,19 @@ A registered version points at a run's ``model/`` artifact folder (``model.safet
 
 from __future__ import annotations
 
+import json
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from torch import nn
 
-from kdray.models import ModelSpec, load_model
+from kdray.models import SPEC_FILE, ModelSpec, load_model
 
-__all__ = ["load_registered", "register_model", "registered_name"]
+__all__ = ["RegisteredModel", "fetch_registered", "load_registered", "register_model",
+           "registered_name"]
 
 ARTIFACT_PATH = "model"
 
@@ -51,6 +54,42 @@ def register_model(client: MlflowClient, name: str, run_id: str, alias: str,
     return str(version.version)
 
 
+@dataclass
+class RegisteredModel:
+    """A registered version copied to local disk, with what a server shows about it.
+
+    Attributes:
+        directory: local ``model.safetensors`` + ``model.json`` (+ ``explain_background.npz``
+            when the version has a SHAP background).
+        metrics: the registering run's metrics (``test_accuracy``, ``params``, ``flops``, ...).
+    """
+
+    name: str
+    alias: str
+    version: str
+    run_id: str
+    directory: Path
+    spec: ModelSpec
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def fetch_registered(name: str, alias: str, dest: str | Path,
+                     tracking_uri: str | None = None) -> RegisteredModel:
+    """Download ``name@alias`` into ``dest`` (a new folder) and read its spec and run metrics.
+
+    Raises:
+        MlflowException: no such model or alias, or the tracking store is unreachable.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    version = client.get_model_version_by_alias(name, alias)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    local = Path(client.download_artifacts(version.run_id, ARTIFACT_PATH, str(dest)))
+    spec = ModelSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
+    metrics = dict(client.get_run(version.run_id).data.metrics)
+    return RegisteredModel(name, alias, str(version.version), version.run_id, local, spec, metrics)
+
+
 def load_registered(name: str, alias: str = "champion", tracking_uri: str | None = None,
                     device: str = "cpu") -> tuple[nn.Module, ModelSpec]:
     """Load ``name@alias`` (e.g. ``kdray-brain_tumor@champion``) as a torch module in eval mode.
@@ -58,8 +97,5 @@ def load_registered(name: str, alias: str = "champion", tracking_uri: str | None
     Raises:
         MlflowException: no such model or alias.
     """
-    client = MlflowClient(tracking_uri=tracking_uri)
-    version = client.get_model_version_by_alias(name, alias)
     with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(version.run_id, ARTIFACT_PATH, tmp)
-        return load_model(Path(local), device=device)
+        return load_model(fetch_registered(name, alias, tmp, tracking_uri).directory, device=device)

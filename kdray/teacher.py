@@ -27,6 +27,7 @@ from kdray.config import ExperimentConfig
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import evaluate, make_loader, predict_logits, seed_everything, train_epoch
 from kdray.evaluation import evaluate_and_log
+from kdray.explain.background import save_background, select_background
 from kdray.models import ModelSpec, build_model, count_flops, count_params, save_model, unwrap
 from kdray.registry import register_model, registered_name
 from kdray.tracking import Tracker
@@ -276,6 +277,9 @@ def train_teacher(
                                         run_id, title=f"teacher · {dataset}")
         tmp = directory.with_name(f".{directory.name}.tmp")
         save_model(model, spec, tmp / "model")
+        train = data.splits["train"]
+        save_background(tmp / "model", select_background(train.images, train.labels,
+                                                         cfg.explain.shap_background, cfg.seed))
         np.save(tmp / LOGITS_FILE, predict_logits(model, data.splits["train"].images))
         meta = {"run_id": run_id, "params": params, "flops": flops, "best_epoch": state["best"]["epoch"],
                 "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_class"}}

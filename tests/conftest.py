@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+SERVE_TOKEN = "kdray-test-token"
 
 # Tests share the machine with other work: keep torch to one thread unless a test says otherwise.
 torch.set_num_threads(1)
@@ -71,3 +73,34 @@ def smoke_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return ws, proc
+
+
+@dataclass
+class Server:
+    url: str
+    token: str
+    workspace: Path
+    log: Path
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture(scope="session")
+def served(smoke_run, tmp_path_factory):
+    """`serve run serve/config.yaml` on the smoke run's registry: the user's path, on a free port,
+    its own Ray (``--address local``, own temp dir), a bearer token, small SHAP sample counts."""
+    from kdray.serving.launch import launch, service_config
+
+    ws, _ = smoke_run
+    config = service_config(REPO / "serve" / "config.yaml", free_port(), args={
+        "tracking_uri": f"sqlite:///{ws / 'mlflow.db'}", "shap_nsamples": 8, "max_shap_nsamples": 16,
+        "token_env": "KDRAY_TEST_SERVE_TOKEN"})
+    service = launch(config, tmp_path_factory.mktemp("serve"), cwd=REPO,
+                     env={"KDRAY_TEST_SERVE_TOKEN": SERVE_TOKEN})
+    try:
+        service.wait_ready()
+        yield Server(service.url, SERVE_TOKEN, ws, service.log)
+    finally:
+        service.stop()

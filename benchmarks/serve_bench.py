@@ -1,0 +1,279 @@
+"""The HTTP service under load, measured side by side in one run (issue 8's figures).
+
+A 224x224 student and its DenseNet121 teacher (untrained: speed does not depend on the weights)
+are registered in a temporary MLflow registry with kdray's own code; the service runs as users
+run it (``serve run`` on ``serve/config.yaml`` with overrides, 1 replica each); clients are
+asyncio (aiohttp) in this process and post a 512x512 PNG as the raw body. Printed:
+
+- /predict p50 / p99 with 1 client (goal p50 <= 15 ms);
+- throughput with 16 clients, batching on vs off, and against the CPU ceiling (the same decode +
+  forward at batch 16 in one process, no HTTP);
+- the same load against a plain FastAPI + uvicorn process serving the same model: Serve's
+  overhead at p50 (goal <= 1.3x);
+- /explain p50: feature_maps+gradcam (goal <= 60 ms), +shap (goal <= 1 s), model=both;
+- predict p99 while 4 clients keep asking for SHAP, against idle p99 (goal <= 3x).
+
+    .venv/bin/python benchmarks/serve_bench.py [--seconds 15] [--requests 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import torch
+from PIL import Image
+
+from kdray.config import MLflowConfig
+from kdray.data.images import read_image
+from kdray.engine import to_input
+from kdray.explain.background import save_background
+from kdray.models import ModelSpec, build_model, save_model
+from kdray.registry import register_model, registered_name
+from kdray.serving.launch import launch, service_config
+from kdray.tracking import Tracker
+from kdray.workspace import Workspace
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET, SIZE = "brain_tumor", 224
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def register_models(ws: Workspace) -> tuple[str, Path]:
+    """A 224-px student and teacher registered as kdray-brain_tumor(-teacher)@champion."""
+    tracker = Tracker.open(MLflowConfig(), ws)
+    classes = ["glioma", "meningioma", "notumor", "pituitary"]
+    background = np.random.default_rng(0).integers(0, 256, (16, 3, SIZE, SIZE), dtype=np.uint8)
+    student_dir = ws.root / "student"
+    for kind in ("student", "teacher"):
+        spec = ModelSpec(kind=kind, num_classes=4, image_size=SIZE, class_names=classes,
+                         widths=[16, 32, 64, 128, 128] if kind == "student" else [], dataset=DATASET)
+        torch.manual_seed(0)
+        model = build_model(spec)
+        folder = save_model(model, spec, ws.root / kind)
+        save_background(folder, background)
+        run_id = tracker.start_run(f"bench-{kind}", DATASET, kind)
+        tracker.log_artifacts(run_id, str(folder), "model")
+        tracker.log_metrics(run_id, {"params": sum(p.numel() for p in model.parameters())})
+        register_model(tracker.client, registered_name(DATASET, teacher=kind == "teacher"), run_id, "champion")
+        tracker.end_run(run_id)
+    return tracker.tracking_uri, student_dir
+
+
+def test_png(size: int = 512) -> bytes:
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:size, :size]
+    image = (128 + 60 * np.sin(xx / 23.0) * np.cos(yy / 31.0) + rng.normal(0, 12, (size, size)))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def _timed(session: aiohttp.ClientSession, url: str, body: bytes) -> float:
+    started = time.perf_counter()
+    async with session.post(url, data=body, headers={"Content-Type": "image/png"}) as response:
+        await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{url}: {response.status} {await response.text()}")
+    return (time.perf_counter() - started) * 1e3
+
+
+async def latencies(url: str, body: bytes, n: int, warmup: int = 10) -> list[float]:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(warmup):
+            await _timed(session, url, body)
+        return [await _timed(session, url, body) for _ in range(n)]
+
+
+async def throughput(url: str, body: bytes, clients: int, seconds: float) -> tuple[float, list[float]]:
+    """Requests per second with ``clients`` closed-loop clients, and their latencies."""
+    done: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < stop:
+            done.append(await _timed(session, url, body))
+
+    connector = aiohttp.TCPConnector(limit=clients + 8)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(_timed(session, url, body) for _ in range(clients)))  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        return len(done) / (time.perf_counter() - started), done
+
+
+async def predict_under_shap(predict_url: str, shap_url: str, body: bytes, n: int) -> list[float]:
+    """Predict latencies of one client while 4 clients keep asking for SHAP."""
+    stop = asyncio.Event()
+
+    async def shap_client(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            await _timed(session, shap_url, body)
+
+    async with aiohttp.ClientSession() as session:
+        load = [asyncio.create_task(shap_client(session)) for _ in range(4)]
+        await asyncio.sleep(2.0)  # let the SHAP load build up
+        result = await latencies(predict_url, body, n, warmup=0)
+        stop.set()
+        await asyncio.gather(*load)
+    return result
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def ceiling(student_dir: Path, body: bytes, seconds: float) -> float:
+    """Images/s of decode + resize + forward at batch 16 in this process (2 threads, no HTTP)."""
+    from kdray.models import load_model
+
+    torch.set_num_threads(2)
+    model, _ = load_model(student_dir)
+    count, started = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - started < seconds:
+            batch = np.stack([read_image(body, SIZE) for _ in range(16)])
+            model(to_input(torch.from_numpy(batch)))
+            count += 16
+    return count / (time.perf_counter() - started)
+
+
+PLAIN_APP = textwrap.dedent('''
+    """The same model behind plain FastAPI + uvicorn in one process (the benchmark's reference)."""
+    import sys
+    import torch
+    from fastapi import FastAPI, Request
+    from starlette.concurrency import run_in_threadpool
+    from kdray.data.images import read_image
+    from kdray.engine import to_input
+    from kdray.models import load_model
+
+    torch.set_num_threads(1)  # as the Predictor replica (num_cpus: 1)
+    model, spec = load_model(sys.argv[1])
+    app = FastAPI()
+
+    def _predict(body: bytes) -> list[float]:
+        x = to_input(torch.from_numpy(read_image(body, spec.image_size)[None]))
+        with torch.inference_mode():
+            return torch.softmax(model(x), 1)[0].tolist()
+
+    @app.post("/v1/models/brain_tumor/predict")
+    async def predict(request: Request) -> dict:
+        probs = await run_in_threadpool(_predict, await request.body())
+        return {"probabilities": probs}
+
+    if __name__ == "__main__":
+        import uvicorn
+        uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+''')
+
+
+def run_plain(student_dir: Path, body: bytes, n: int, seconds: float, tmp: Path) -> tuple[list[float], float]:
+    script = tmp / "plain_app.py"
+    script.write_text(PLAIN_APP)
+    port = _port()
+    proc = subprocess.Popen([sys.executable, str(script), str(student_dir), str(port)], cwd=REPO)
+    url = f"http://127.0.0.1:{port}/v1/models/{DATASET}/predict"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                asyncio.run(latencies(url, body, 1, warmup=0))
+                break
+            except (aiohttp.ClientError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        lat = asyncio.run(latencies(url, body, n))
+        rps, _ = asyncio.run(throughput(url, body, 16, seconds))
+        return lat, rps
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def serve_measure(uri: str, body: bytes, tmp: Path, batching: bool, n: int, seconds: float,
+                  full: bool) -> dict[str, object]:
+    user_config = {"max_batch_size": 16 if batching else 1, "batch_wait_timeout_s": 0.005}
+    config = service_config(REPO / "serve" / "config.yaml", _port(),
+                            args={"tracking_uri": uri, "datasets": [DATASET]},
+                            deployments={"Predictor": {"user_config": user_config}})
+    service = launch(config, tmp / f"serve-{'on' if batching else 'off'}", cwd=REPO)
+    out: dict[str, object] = {}
+    try:
+        service.wait_ready()
+        base = f"{service.url}/v1/models/{DATASET}"
+        predict = f"{base}/predict"
+        if full:
+            out["predict_1"] = asyncio.run(latencies(predict, body, n))
+        out["rps_16"], out["lat_16"] = asyncio.run(throughput(predict, body, 16, seconds))
+        if full:
+            explain = f"{base}/explain"
+            k = max(10, n // 10)
+            out["explain_fast"] = asyncio.run(latencies(f"{explain}?methods=feature_maps,gradcam", body, k))
+            out["explain_shap"] = asyncio.run(latencies(f"{explain}?methods=feature_maps,gradcam,shap", body, k, 2))
+            out["explain_both"] = asyncio.run(latencies(f"{explain}?methods=feature_maps,gradcam&model=both", body, k, 2))
+            out["explain_both_shap"] = asyncio.run(latencies(f"{explain}?methods=feature_maps,gradcam,shap&model=both", body, 5, 1))
+            out["predict_under_shap"] = asyncio.run(predict_under_shap(predict, f"{explain}?methods=shap", body, n))
+    finally:
+        service.stop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each 16-client load")
+    parser.add_argument("--requests", type=int, default=300, help="requests per latency series")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kdray-serve-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        ws = Workspace(tmp / "ws").create()
+        uri, student_dir = register_models(ws)
+        body = test_png()
+        print(f"student 224x224 widths 16-32-64-128-128; request: {len(body) / 1024:.0f} KB 512x512 PNG; "
+              f"{torch.get_num_threads()} cores visible to torch")
+        cpu_ceiling = ceiling(student_dir, body, min(args.seconds, 10.0))
+        on = serve_measure(uri, body, tmp, True, args.requests, args.seconds, full=True)
+        off = serve_measure(uri, body, tmp, False, args.requests, args.seconds, full=False)
+        plain_lat, plain_rps = run_plain(student_dir, body, args.requests, args.seconds, tmp)
+
+    p1 = on["predict_1"]
+    print(f"\n/predict 1 client: p50 {pct(p1, 50):.1f} ms, p99 {pct(p1, 99):.1f} ms (goal p50 <= 15 ms)")
+    print(f"plain FastAPI+uvicorn 1 client: p50 {pct(plain_lat, 50):.1f} ms, p99 {pct(plain_lat, 99):.1f} ms")
+    print(f"Serve / plain, p50 at 1 client: {pct(p1, 50) / pct(plain_lat, 50):.2f}x (goal <= 1.3x)")
+    print(f"16 clients: batching on {on['rps_16']:.1f} req/s (p50 {pct(on['lat_16'], 50):.0f} ms), "
+          f"off {off['rps_16']:.1f} req/s (p50 {pct(off['lat_16'], 50):.0f} ms), plain {plain_rps:.1f} req/s")
+    print(f"batching on / off, 16 clients: {on['rps_16'] / off['rps_16']:.2f}x (goal >= 2x on GPU replicas)")
+    print(f"CPU ceiling (decode + forward at batch 16, one process, no HTTP): {cpu_ceiling:.1f} img/s; "
+          f"Serve with batching / ceiling: {on['rps_16'] / cpu_ceiling:.2f}x (goal >= 0.7x)")
+    print(f"Serve / plain throughput, 16 clients: {on['rps_16'] / plain_rps:.2f}x")
+    for key, label, goal in (("explain_fast", "feature_maps+gradcam, student", "<= 60 ms"),
+                             ("explain_shap", "+ shap, student", "<= 1000 ms"),
+                             ("explain_both", "feature_maps+gradcam, model=both", ""),
+                             ("explain_both_shap", "all three, model=both", "")):
+        values = on[key]
+        print(f"/explain {label}: p50 {pct(values, 50):.0f} ms" + (f" (goal {goal})" if goal else ""))
+    under = on["predict_under_shap"]
+    print(f"predict p99 idle {pct(p1, 99):.1f} ms, under 4 SHAP clients {pct(under, 99):.1f} ms: "
+          f"{pct(under, 99) / pct(p1, 99):.2f}x (goal <= 3x); p50 {pct(under, 50):.1f} ms")
+    print(f"medians for the record: predict {statistics.median(p1):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""The HTTP front door: a FastAPI ingress over the Predictor and Explainer deployments.
+
+``build_app(args)`` is the Ray Serve application builder that ``serve/config.yaml`` imports
+(through ``serve/app.py``). Every answer that is not a success is JSON
+(:class:`~kdray.serving.schemas.ErrorBody`) with a 4xx for bad input, never a 500.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based views re-create the route
+# functions, and FastAPI would resolve string annotations (`Request`) in Serve's module instead.
+import asyncio
+import hmac
+import logging
+import pathlib
+import time
+from typing import Any, Literal
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kdray import __version__
+from kdray.data.specs import DATASETS
+from kdray.explain.api import METHODS
+from kdray.explain.gradcam import ExplainError
+from kdray.serving.deployments import Explainer, Predictor
+from kdray.serving.schemas import (
+    ErrorBody,
+    ExplainResponse,
+    ModelCard,
+    ModelsResponse,
+    ModelVersion,
+    PredictResponse,
+    ReadyBody,
+)
+from kdray.serving.settings import load_settings
+from kdray.serving.store import ModelUnavailable
+from kdray.serving.uploads import RAW_TYPES, UploadError, decode_upload, read_upload
+
+__all__ = ["Gateway", "app", "build_app"]
+
+log = logging.getLogger("kdray.serve")
+STATIC = pathlib.Path(__file__).resolve().parent / "static"
+STATUS_TIMEOUT_S = 10.0
+
+
+class ApiError(Exception):
+    """Answered as ``status`` with an :class:`ErrorBody`."""
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+def _json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=error, detail=detail).model_dump(), status_code=status, headers=headers)
+
+
+app = FastAPI(
+    title="kdray",
+    version=__version__,
+    description="Transparent medical image classifiers: the distilled student predicts; feature "
+    "maps, Grad-CAM and SHAP explain it, beside its DenseNet121 teacher. Images: multipart "
+    "field `file`, or the raw body with its content type (PNG, JPEG, BMP, TIFF, DICOM).",
+)
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return _json_error(exc.status, exc.error, exc.detail, exc.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _json_error(exc.status_code, error, str(exc.detail), getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return _json_error(422, "invalid_request", "; ".join(parts))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected %s", type(exc).__name__)  # no request data in logs
+    return _json_error(500, "internal_error", f"unexpected {type(exc).__name__}; see the server log")
+
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
+# The served datasets, as the schema's enum (clients and fuzzers see them); any other name is a 404.
+DatasetPath = Path(description="dataset id", json_schema_extra={"enum": sorted(DATASETS)})
+_IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(RAW_TYPES)},
+}}}
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Gateway:
+    """Routes, limits, auth and decoding; the models live in the deployments it holds handles to."""
+
+    def __init__(self, predictor: DeploymentHandle, explainer: DeploymentHandle,
+                 shap_explainer: DeploymentHandle, settings: dict[str, Any]) -> None:
+        self.settings = load_settings(settings)
+        self.predictor, self.explainer, self.shap = predictor, explainer, shap_explainer
+        self._cards: dict[str, dict[str, Any]] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        token = self.settings.token()
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token",
+                           {"WWW-Authenticate": "Bearer"})
+
+    async def _statuses(self) -> dict[str, dict[str, Any]]:
+        async def one(name: str, handle: DeploymentHandle) -> dict[str, Any]:
+            try:
+                return await asyncio.wait_for(handle.status.remote(), STATUS_TIMEOUT_S)
+            except Exception as exc:  # replica starting, restarting or gone
+                return {"ready": False, "loaded": [], "cards": {},
+                        "errors": {name: f"{type(exc).__name__}: {exc}"[:300]}}
+
+        names = {"Predictor": self.predictor, "Explainer": self.explainer, "ShapExplainer": self.shap}
+        results = await asyncio.gather(*(one(n, h) for n, h in names.items()))
+        statuses = dict(zip(names, results, strict=True))
+        for status in statuses.values():
+            self._cards.update(status["cards"])
+        return statuses
+
+    async def _card(self, dataset: str, role: str = "student") -> dict[str, Any]:
+        """The loaded model's card; 404 for a dataset not served, 503 while it is not loaded."""
+        if dataset not in DATASETS:
+            raise ApiError(404, "unknown_dataset", f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+        if self.settings.datasets is not None and dataset not in self.settings.datasets:
+            raise ApiError(404, "unknown_dataset", f"dataset {dataset!r} is not served here")
+        key = f"{dataset}/{role}"
+        if key not in self._cards:
+            statuses = await self._statuses()
+            if key not in self._cards:
+                reasons = [e for s in statuses.values() for k, e in s["errors"].items()
+                           if k in (key, "registry") or "/" not in k]
+                raise ApiError(503, "model_unavailable",
+                               f"{key} is not loaded: {'; '.join(dict.fromkeys(reasons)) or 'loading'}",
+                               {"Retry-After": "10"})
+        return self._cards[key]
+
+    def _deadline(self, started: float) -> float:
+        return max(0.001, self.settings.request_timeout_s - (time.perf_counter() - started))
+
+    async def _gather(self, responses: list[Any], started: float) -> list[Any]:
+        """Await deployment calls within the request's deadline; map their errors to HTTP."""
+        try:
+            return await asyncio.wait_for(asyncio.gather(*responses), self._deadline(started))
+        except TimeoutError:
+            for response in responses:
+                response.cancel()
+            raise ApiError(504, "timeout", f"not done within {self.settings.request_timeout_s:g} s "
+                           "(args.request_timeout_s)") from None
+        except ModelUnavailable as exc:
+            raise ApiError(503, "model_unavailable", str(exc), {"Retry-After": "10"}) from None
+        except BackPressureError:
+            raise ApiError(503, "busy", "too many requests queued; retry later", {"Retry-After": "1"}) from None
+        except ExplainError as exc:
+            raise ApiError(422, "cannot_explain", str(exc)) from None
+
+    async def _image(self, request: Request, size: int) -> Any:
+        try:
+            upload = await read_upload(request, self.settings.max_body_bytes)
+            return await run_in_threadpool(decode_upload, upload, size, self.settings.max_pixels)
+        except UploadError as exc:
+            raise ApiError(exc.status, exc.error, exc.detail) from None
+
+    # -- routes --------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def viewer(self) -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz", summary="Alive")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=ReadyBody, summary="Every configured model loaded",
+             responses={503: {"model": ReadyBody}})
+    async def readyz(self) -> JSONResponse:
+        statuses = await self._statuses()
+        body = ReadyBody(
+            ready=all(s["ready"] for s in statuses.values()),
+            models=sorted({m for s in statuses.values() for m in s["loaded"]}),
+            errors={f"{n}: {k}": e for n, s in statuses.items() for k, e in s["errors"].items()},
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+    @app.get("/v1/models", response_model=ModelsResponse, responses=_ERRORS,
+             summary="Served models: classes, registry versions, test metrics, size, methods")
+    async def models(self, request: Request) -> ModelsResponse:
+        self._authorize(request)
+        await self._statuses()
+        cards = []
+        for key in sorted(k for k in self._cards if k.endswith("/student")):
+            dataset = key.split("/")[0]
+            student, teacher = self._cards[key], self._cards.get(f"{dataset}/teacher")
+            cards.append(ModelCard(dataset=dataset, title=student["title"], classes=student["classes"],
+                                   image_size=student["image_size"], student=student["entry"],
+                                   teacher=teacher["entry"] if teacher else None))
+        return ModelsResponse(models=cards)
+
+    @app.post("/v1/models/{dataset}/predict", response_model=PredictResponse, responses=_ERRORS,
+              openapi_extra=_IMAGE_BODY, summary="Classify one image with the student")
+    async def predict(self, request: Request, dataset: str = DatasetPath) -> PredictResponse:
+        started = time.perf_counter()
+        self._authorize(request)
+        card = await self._card(dataset)
+        image = await self._image(request, card["image_size"])
+        (probs,) = await self._gather([self.predictor.predict.remote(dataset, image)], started)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return PredictResponse(
+            dataset=dataset, label=card["classes"][best], class_index=best,
+            probabilities=dict(zip(card["classes"], probs, strict=True)),
+            model=ModelVersion(**card["entry"]["registry"]),
+            server_ms=(time.perf_counter() - started) * 1e3,
+        )
+
+    @app.post("/v1/models/{dataset}/explain", response_model=ExplainResponse, responses=_ERRORS,
+              response_model_exclude_none=True, openapi_extra=_IMAGE_BODY,
+              summary="Predict and explain one image: feature maps, Grad-CAM, SHAP; student, teacher or both")
+    async def explain(
+        self,
+        request: Request,
+        dataset: str = DatasetPath,
+        methods: str = Query("feature_maps,gradcam", description=f"comma-separated, any of {', '.join(METHODS)}"),
+        model: Literal["student", "teacher", "both"] = Query("student", description="both: the paper's comparison"),
+        include_arrays: bool = Query(False, description="add the raw maps as nested lists"),
+        nsamples: int | None = Query(None, ge=1, description="SHAP samples (default and upper bound: server args)"),
+        target: int | None = Query(None, ge=0, description="class index to explain (default: the prediction)"),
+    ) -> ExplainResponse:
+        started = time.perf_counter()
+        self._authorize(request)
+        wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in METHODS]
+        if unknown or not wanted:
+            raise ApiError(422, "invalid_method", f"unknown method(s) {unknown or [methods]}; expected any of {list(METHODS)}")
+        n = nsamples or self.settings.shap_nsamples
+        if n > self.settings.max_shap_nsamples:
+            raise ApiError(422, "invalid_request", f"nsamples {n} above the server's limit {self.settings.max_shap_nsamples}")
+        if model != "student" and not self.settings.teacher:
+            raise ApiError(422, "invalid_model", "this server does not serve teachers (args.teacher: false)")
+        roles = ["student", "teacher"] if model == "both" else [model]
+        cards = {role: await self._card(dataset, role) for role in roles}
+        for role, card in cards.items():
+            missing = [m for m in wanted if m not in card["entry"]["methods"]]
+            if missing:
+                raise ApiError(422, "invalid_method", f"{missing} not available for the {role} (no SHAP background registered)")
+            if target is not None and target >= len(card["classes"]):
+                raise ApiError(422, "invalid_request", f"target {target} beyond the {len(card['classes'])} classes")
+        image = await self._image(request, cards["student" if "student" in cards else "teacher"]["image_size"])
+        fast, slow = [m for m in wanted if m != "shap"], [m for m in wanted if m == "shap"]
+        calls, owners = [], []
+        for role in roles:
+            for handle, part in ((self.explainer, fast), (self.shap, slow)):
+                if part:
+                    calls.append(handle.explain.remote(dataset, role, image, part, n, include_arrays, target))
+                    owners.append(role)
+        results = await self._gather(calls, started)
+        merged: dict[str, Any] = {}
+        for role, result in zip(owners, results, strict=True):
+            if role in merged:  # the SHAP part of this model's explanation ran beside the rest
+                merged[role].methods.update(result.methods)
+                merged[role].total_ms = max(merged[role].total_ms, result.total_ms)
+            else:
+                merged[role] = result
+        label_from = merged["teacher" if model == "teacher" else "student"]
+        return ExplainResponse(
+            dataset=dataset, label=label_from.class_name or str(label_from.prediction),
+            explanations=merged,
+            models={role: ModelVersion(**cards[role]["entry"]["registry"]) for role in roles},
+            agreement=(merged["student"].prediction == merged["teacher"].prediction) if model == "both" else None,
+            server_ms=(time.perf_counter() - started) * 1e3,
+        )
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The Ray Serve application (``import_path: serve.app:build_app`` in ``serve/config.yaml``).
+
+    Args:
+        args: :class:`~kdray.serving.settings.ServeSettings` fields (the config's ``args``).
+
+    Raises:
+        ConfigError: a bad or unknown key, named.
+    """
+    settings = load_settings(args)
+    # Resolved once here, so every replica reads the same registry whatever its working dir.
+    resolved = settings.model_dump() | {"tracking_uri": settings.resolved_tracking_uri()}
+    shap = Explainer.options(name="ShapExplainer", max_ongoing_requests=2, max_queued_requests=64)
+    return Gateway.bind(Predictor.bind(resolved), Explainer.bind(resolved), shap.bind(resolved), resolved)

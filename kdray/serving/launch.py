@@ -1,0 +1,95 @@
+"""Run the service from a Serve config file in a child process, as ``serve run`` does for users.
+
+For tests, benchmarks and scripts that need the real service on a free port: the child runs
+``serve run <config> --address local`` (a private Ray, never another one on the machine) with its
+own Ray temp dir, and :meth:`Service.stop` shuts Serve and that Ray down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Service", "launch", "service_config"]
+
+
+def service_config(base: str | Path, port: int, args: dict[str, Any] | None = None,
+                   deployments: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``base`` (a Serve config file) on ``port``, with application ``args`` and per-deployment
+    options (``{"Predictor": {"user_config": {...}}}``) overridden."""
+    config = yaml.safe_load(Path(base).read_text())
+    config["http_options"]["port"] = port
+    application = config["applications"][0]
+    application["args"] = {**application.get("args", {}), **(args or {})}
+    for deployment in application.get("deployments", []):
+        deployment.update((deployments or {}).get(deployment["name"], {}))
+    return config
+
+
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def wait_ready(self, timeout_s: float = 240.0) -> None:
+        """Block until ``/readyz`` answers 200.
+
+        Raises:
+            RuntimeError: the process exited, or it was not ready in time (with the log's tail).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError("serve run exited:\n" + self.log.read_text()[-5000:])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready in {timeout_s:g} s:\n" + self.log.read_text()[-5000:])
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Ctrl-C to ``serve run`` (it shuts Serve and its Ray down), then kill what is left."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def launch(config: dict[str, Any], workdir: str | Path, cwd: str | Path = ".",
+           env: dict[str, str] | None = None) -> Service:
+    """Write ``config`` into ``workdir`` and start ``serve run`` on it (not waiting for it).
+
+    Args:
+        cwd: where ``import_path`` resolves (the checkout, for ``serve.app:build_app``).
+        env: extra environment (e.g. the bearer token's variable).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path, log = workdir / "serve-config.yaml", workdir / "serve.log"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KDRAY_HOME")}
+    child_env.update(RAY_TMPDIR=f"/tmp/kdray-svc-{os.getpid()}-{config['http_options']['port']}",
+                     RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    serve_cli = Path(sys.executable).parent / "serve"
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen([str(serve_cli), "run", str(path), "--address", "local"],
+                                   cwd=cwd, env=child_env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return Service(f"http://127.0.0.1:{config['http_options']['port']}", process, log)

@@ -1,0 +1,80 @@
+"""Request and response bodies of the HTTP API (they make ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from kdray.explain.api import Explanation
+
+__all__ = [
+    "ErrorBody",
+    "ExplainResponse",
+    "ModelCard",
+    "ModelEntry",
+    "ModelVersion",
+    "ModelsResponse",
+    "PredictResponse",
+    "ReadyBody",
+]
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: a machine-readable ``error`` and a sentence for people."""
+
+    error: str = Field(description="e.g. payload_too_large, unsupported_media_type, bad_image")
+    detail: str
+
+
+class ModelVersion(BaseModel):
+    name: str = Field(description="registered model name, e.g. kdray-brain_tumor")
+    alias: str
+    version: str
+    run_id: str
+
+
+class ModelEntry(BaseModel):
+    registry: ModelVersion
+    architecture: str = Field(description="student widths, or densenet121")
+    params: int
+    flops: int = Field(description="FLOPs of one forward pass at image_size")
+    test_metrics: dict[str, float] = Field(description="test_accuracy, test_f1_macro, ... of the run")
+    methods: list[str] = Field(description="explanation methods available for this model")
+
+
+class ModelCard(BaseModel):
+    dataset: str
+    title: str
+    classes: list[str]
+    image_size: int = Field(description="side of the square model input; uploads are resized to it")
+    student: ModelEntry
+    teacher: ModelEntry | None = None
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelCard]
+
+
+class PredictResponse(BaseModel):
+    dataset: str
+    label: str
+    class_index: int
+    probabilities: dict[str, float]
+    model: ModelVersion
+    server_ms: float = Field(description="time from request received to response ready")
+
+
+class ExplainResponse(BaseModel):
+    dataset: str
+    label: str = Field(description="the student's prediction (the teacher's with model=teacher)")
+    explanations: dict[Literal["student", "teacher"], Explanation]
+    models: dict[Literal["student", "teacher"], ModelVersion]
+    agreement: bool | None = Field(None, description="model=both: do teacher and student predict the same class")
+    server_ms: float
+
+
+class ReadyBody(BaseModel):
+    ready: bool
+    models: list[str] = Field(description="loaded models, as <dataset>/<role>")
+    errors: dict[str, str] = Field(description="models not loaded, with the reason")
