@@ -115,7 +115,7 @@ def _png_size(b64: str) -> tuple[int, int]:
 def test_explain_teacher_beside_student_every_method(served):
     for dataset in DATASETS:
         response = _call(served, "POST", f"/v1/models/{dataset}/explain",
-                         params={"methods": "feature_maps,gradcam,shap", "model": "both"},
+                         params={"methods": "feature_maps,gradcam,shap", "model": "both", "render": "both"},
                          files={"file": ("x.png", _test_image(served.workspace, dataset))})
         assert response.status_code == 200, response.text
         body = response.json()
@@ -137,6 +137,16 @@ def test_explain_teacher_beside_student_every_method(served):
             assert blocks == ([f"features.denseblock{i}" for i in range(1, 5)] if role == "teacher"
                               else [f"features.block{i}" for i in range(1, len(blocks) + 1)])
             assert explanation["methods"]["shap"]["signed"] is True
+    default = _call(served, "POST", "/v1/models/brain_tumor/explain",
+                    files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))}).json()
+    methods = default["explanations"]["student"]["methods"]
+    assert set(methods) == {"feature_maps", "gradcam"}  # the default methods
+    for result in methods.values():  # render=overlay by default, and no feature-map strip
+        assert all(set(m) == {"layer", "png"} for m in result["maps"]) and "grid_png" not in result
+    layers = _call(served, "POST", "/v1/models/brain_tumor/explain", params={"render": "layer"},
+                   files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))}).json()
+    for result in layers["explanations"]["student"]["methods"].values():
+        assert all(set(m) == {"layer", "heat_png"} for m in result["maps"])
     arrays = _call(served, "POST", "/v1/models/brain_tumor/explain",
                    params={"methods": "gradcam", "include_arrays": "true", "target": 1},
                    files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))}).json()

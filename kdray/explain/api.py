@@ -73,17 +73,17 @@ PngBytes = Annotated[
 
 
 class LayerMap(BaseModel):
-    """One map: the layer it was taken at, its overlay as PNG, and (optionally) the array.
+    """One map: the layer it was taken at, its images as PNG, and (optionally) the array.
 
     Attributes:
-        png: the map blended over the input (heat maps at opacity 0.5).
+        png: the map blended over the input (heat maps at opacity 0.5); ``render`` overlay|both.
         heat_png: the map alone (RGB ``jet`` for heat maps, RGBA for SHAP), to draw over
-            ``Explanation.input_png`` at an opacity of the viewer's choice.
+            ``Explanation.input_png`` at an opacity of the viewer's choice; ``render`` layer|both.
     """
 
     layer: str
-    png: PngBytes
-    heat_png: PngBytes
+    png: PngBytes | None = None
+    heat_png: PngBytes | None = None
     array: Array2D | None = None
 
 
@@ -145,22 +145,29 @@ def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         return model(x).float().numpy()
 
 
+Render = Literal["overlay", "layer", "both"]
+
+
 def _render(
-    method: str, arrays: list[tuple[str, np.ndarray]], shown: np.ndarray, include_arrays: bool
+    method: str, arrays: list[tuple[str, np.ndarray]], shown: np.ndarray, include_arrays: bool,
+    render: Render, grid: bool,
 ) -> tuple[list[LayerMap], bytes | None]:
-    """Overlays as PNG (and, for feature maps, the input + layers strip)."""
-    overlays = [signed_overlay(shown, a) if method == "shap" else heat_overlay(shown, a)
-                for _, a in arrays]
-    layers = [signed_layer(a) if method == "shap" else heat_layer(a) for _, a in arrays]
-    grid = None
-    if method == "feature_maps":
+    """The maps as PNG: overlays and/or the maps alone (and, for feature maps, the strip)."""
+    signed = method == "shap"
+    overlays = ([signed_overlay(shown, a) if signed else heat_overlay(shown, a) for _, a in arrays]
+                if render != "layer" or (grid and method == "feature_maps") else None)
+    maps = [LayerMap(layer=name,
+                     png=png_bytes(overlays[i]) if render != "layer" else None,
+                     heat_png=png_bytes(signed_layer(a) if signed else heat_layer(a))
+                     if render != "overlay" else None,
+                     array=a if include_arrays else None)
+            for i, (name, a) in enumerate(arrays)]
+    strip_png = None
+    if grid and method == "feature_maps":
         tile = (shown * 255 + 0.5).astype(np.uint8)
         names = ["input", *[name.split(".")[-1] for name, _ in arrays]]
-        grid = png_bytes(strip([tile, *overlays], names))
-    maps = [LayerMap(layer=name, png=png_bytes(o), heat_png=png_bytes(h),
-                     array=a if include_arrays else None)
-            for (name, a), o, h in zip(arrays, overlays, layers, strict=True)]
-    return maps, grid
+        strip_png = png_bytes(strip([tile, *overlays], names))
+    return maps, strip_png
 
 
 def explain(
@@ -176,6 +183,8 @@ def explain(
     cam_layer: str | None = None,
     seed: int = 0,
     include_arrays: bool = True,
+    render: Render = "both",
+    grid: bool = True,
 ) -> Explanation:
     """Predict one image and explain it with the requested methods.
 
@@ -194,6 +203,9 @@ def explain(
         cam_layer: Grad-CAM layer; default from ``cfg``, else the last block.
         seed: SHAP sampling seed.
         include_arrays: keep the float maps in the result (``to_json`` drops them by default).
+        render: per map, ``overlay`` (``png``: blended over the input), ``layer`` (``heat_png``:
+            the map alone) or ``both``.
+        grid: feature maps: also the input + every layer as one strip (``grid_png``).
 
     Returns:
         :class:`Explanation`.
@@ -237,10 +249,10 @@ def explain(
             sm = shap_maps(model, x, background, tgt(), cfg.shap_nsamples, seed=seed)
             arrays = [("input", sm.maps[0])]
         t1 = time.perf_counter()
-        maps, grid = _render(method, arrays, shown, include_arrays)
+        maps, strip_png = _render(method, arrays, shown, include_arrays, render, grid)
         results[method] = MethodResult(method=method, time_ms=(t1 - t0) * 1e3,
                                        render_ms=(time.perf_counter() - t1) * 1e3,
-                                       signed=method == "shap", maps=maps, grid_png=grid)
+                                       signed=method == "shap", maps=maps, grid_png=strip_png)
     logits = _predict(model, x) if logits is None else logits
     probs = torch.softmax(torch.from_numpy(logits[0]), 0).numpy()
     pred = int(probs.argmax())

@@ -1,4 +1,4 @@
-"""The HTTP front door: a FastAPI ingress over the Predictor and Explainer deployments.
+"""The HTTP front door: a FastAPI ingress that predicts itself and hands explanations on.
 
 ``build_app(args)`` is the Ray Serve application builder that ``serve/config.yaml`` imports
 (through ``serve/app.py``). Every answer that is not a success is JSON
@@ -14,21 +14,23 @@ import pathlib
 import time
 from typing import Any, Literal
 
-from fastapi import FastAPI, Path, Query, Request
+import torch
+from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdray import __version__
 from kdray.data.specs import DATASETS
+from kdray.devices import assigned_cpus, assigned_device, use_assigned_threads
 from kdray.explain.api import METHODS
 from kdray.explain.gradcam import ExplainError
-from kdray.serving.deployments import Explainer, Predictor
+from kdray.serving.deployments import BatchPredictor, Explainer, store_status
 from kdray.serving.schemas import (
     ErrorBody,
     ExplainResponse,
@@ -39,7 +41,7 @@ from kdray.serving.schemas import (
     ReadyBody,
 )
 from kdray.serving.settings import load_settings
-from kdray.serving.store import ModelUnavailable
+from kdray.serving.store import ModelStore, ModelUnavailable
 from kdray.serving.uploads import RAW_TYPES, UploadError, decode_upload, read_upload
 
 __all__ = ["Gateway", "app", "build_app"]
@@ -47,6 +49,29 @@ __all__ = ["Gateway", "app", "build_app"]
 log = logging.getLogger("kdray.serve")
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 STATUS_TIMEOUT_S = 10.0
+
+
+class Timings:
+    """Named durations of one request, sent back as a standard ``Server-Timing`` header
+    (browsers' devtools show it; the benchmark reads it)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._last = self.started
+        self.parts: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        """Close the part that ran since the previous mark (or the start)."""
+        now = time.perf_counter()
+        self.parts.append((name, (now - self._last) * 1e3))
+        self._last = now
+
+    @property
+    def total_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1e3
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in [*self.parts, ("total", self.total_ms)])
 
 
 class ApiError(Exception):
@@ -104,16 +129,29 @@ _IMAGE_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@serve.deployment(name="Gateway", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="Gateway", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
 class Gateway:
-    """Routes, limits, auth and decoding; the models live in the deployments it holds handles to."""
+    """Routes, limits, auth, decoding and batched prediction (the students live here); the
+    explanations go to the Explainer and ShapExplainer deployments it holds handles to."""
 
-    def __init__(self, predictor: DeploymentHandle, explainer: DeploymentHandle,
-                 shap_explainer: DeploymentHandle, settings: dict[str, Any]) -> None:
+    def __init__(self, explainer: DeploymentHandle, shap_explainer: DeploymentHandle,
+                 settings: dict[str, Any]) -> None:
         self.settings = load_settings(settings)
-        self.predictor, self.explainer, self.shap = predictor, explainer, shap_explainer
+        device = assigned_device()
+        store = ModelStore(self.settings.resolved_tracking_uri(), self.settings.datasets,
+                           self.settings.alias, ("student",), device=device, channels_last=True)
+        # CPU: one forward pass per CPU of this replica, one torch thread each; GPU: one at a time.
+        workers = 1 if device.type == "cuda" else assigned_cpus()
+        torch.set_num_threads(1 if workers > 1 else use_assigned_threads())
+        self.predictor = BatchPredictor(store, workers)
+        self.explainer, self.shap = explainer, shap_explainer
         self._cards: dict[str, dict[str, Any]] = {}
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``user_config``: ``max_batch_size`` (1 turns batching off), ``batch_wait_timeout_s``."""
+        self.predictor.configure(int(config.get("max_batch_size", 8)),
+                                 float(config.get("batch_wait_timeout_s", 0.0)))
 
     # -- helpers -------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -133,9 +171,10 @@ class Gateway:
                 return {"ready": False, "loaded": [], "cards": {},
                         "errors": {name: f"{type(exc).__name__}: {exc}"[:300]}}
 
-        names = {"Predictor": self.predictor, "Explainer": self.explainer, "ShapExplainer": self.shap}
+        names = {"Explainer": self.explainer, "ShapExplainer": self.shap}
         results = await asyncio.gather(*(one(n, h) for n, h in names.items()))
-        statuses = dict(zip(names, results, strict=True))
+        statuses = {"Gateway": await run_in_threadpool(store_status, self.predictor.store),
+                    **dict(zip(names, results, strict=True))}
         for status in statuses.values():
             self._cards.update(status["cards"])
         return statuses
@@ -161,12 +200,13 @@ class Gateway:
         return max(0.001, self.settings.request_timeout_s - (time.perf_counter() - started))
 
     async def _gather(self, responses: list[Any], started: float) -> list[Any]:
-        """Await deployment calls within the request's deadline; map their errors to HTTP."""
+        """Await predictions and deployment calls within the request's deadline; map errors to HTTP."""
         try:
             return await asyncio.wait_for(asyncio.gather(*responses), self._deadline(started))
         except TimeoutError:
-            for response in responses:
-                response.cancel()
+            for response in responses:  # deployment calls: stop the replica's work too
+                if isinstance(response, DeploymentResponse):
+                    response.cancel()
             raise ApiError(504, "timeout", f"not done within {self.settings.request_timeout_s:g} s "
                            "(args.request_timeout_s)") from None
         except ModelUnavailable as exc:
@@ -176,10 +216,13 @@ class Gateway:
         except ExplainError as exc:
             raise ApiError(422, "cannot_explain", str(exc)) from None
 
-    async def _image(self, request: Request, size: int) -> Any:
+    async def _image(self, request: Request, size: int, timings: Timings) -> Any:
         try:
             upload = await read_upload(request, self.settings.max_body_bytes)
-            return await run_in_threadpool(decode_upload, upload, size, self.settings.max_pixels)
+            timings.mark("read")
+            image = await run_in_threadpool(decode_upload, upload, size, self.settings.max_pixels)
+            timings.mark("decode")
+            return image
         except UploadError as exc:
             raise ApiError(exc.status, exc.error, exc.detail) from None
 
@@ -219,18 +262,21 @@ class Gateway:
 
     @app.post("/v1/models/{dataset}/predict", response_model=PredictResponse, responses=_ERRORS,
               openapi_extra=_IMAGE_BODY, summary="Classify one image with the student")
-    async def predict(self, request: Request, dataset: str = DatasetPath) -> PredictResponse:
-        started = time.perf_counter()
+    async def predict(self, request: Request, response: Response,
+                      dataset: str = DatasetPath) -> PredictResponse:
+        timings = Timings()
         self._authorize(request)
         card = await self._card(dataset)
-        image = await self._image(request, card["image_size"])
-        (probs,) = await self._gather([self.predictor.predict.remote(dataset, image)], started)
+        image = await self._image(request, card["image_size"], timings)
+        (probs,) = await self._gather([self.predictor.predict(dataset, image)], timings.started)
+        timings.mark("model")
         best = max(range(len(probs)), key=probs.__getitem__)
+        response.headers["Server-Timing"] = timings.header()
         return PredictResponse(
             dataset=dataset, label=card["classes"][best], class_index=best,
             probabilities=dict(zip(card["classes"], probs, strict=True)),
             model=ModelVersion(**card["entry"]["registry"]),
-            server_ms=(time.perf_counter() - started) * 1e3,
+            server_ms=timings.total_ms,
         )
 
     @app.post("/v1/models/{dataset}/explain", response_model=ExplainResponse, responses=_ERRORS,
@@ -239,14 +285,18 @@ class Gateway:
     async def explain(
         self,
         request: Request,
+        response: Response,
         dataset: str = DatasetPath,
         methods: str = Query("feature_maps,gradcam", description=f"comma-separated, any of {', '.join(METHODS)}"),
         model: Literal["student", "teacher", "both"] = Query("student", description="both: the paper's comparison"),
         include_arrays: bool = Query(False, description="add the raw maps as nested lists"),
+        render: Literal["overlay", "layer", "both"] = Query(
+            "overlay", description="per map: overlay (png: blended over the input), layer "
+            "(heat_png: the map alone, to draw over input_png at any opacity) or both"),
         nsamples: int | None = Query(None, ge=1, description="SHAP samples (default and upper bound: server args)"),
         target: int | None = Query(None, ge=0, description="class index to explain (default: the prediction)"),
     ) -> ExplainResponse:
-        started = time.perf_counter()
+        timings = Timings()
         self._authorize(request)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in METHODS]
@@ -265,15 +315,17 @@ class Gateway:
                 raise ApiError(422, "invalid_method", f"{missing} not available for the {role} (no SHAP background registered)")
             if target is not None and target >= len(card["classes"]):
                 raise ApiError(422, "invalid_request", f"target {target} beyond the {len(card['classes'])} classes")
-        image = await self._image(request, cards["student" if "student" in cards else "teacher"]["image_size"])
+        image = await self._image(request, cards[roles[0]]["image_size"], timings)
         fast, slow = [m for m in wanted if m != "shap"], [m for m in wanted if m == "shap"]
         calls, owners = [], []
         for role in roles:
             for handle, part in ((self.explainer, fast), (self.shap, slow)):
                 if part:
-                    calls.append(handle.explain.remote(dataset, role, image, part, n, include_arrays, target))
+                    calls.append(handle.explain.remote(dataset, role, image, part, n, include_arrays,
+                                                       target, render))
                     owners.append(role)
-        results = await self._gather(calls, started)
+        results = await self._gather(calls, timings.started)
+        timings.mark("explain")
         merged: dict[str, Any] = {}
         for role, result in zip(owners, results, strict=True):
             if role in merged:  # the SHAP part of this model's explanation ran beside the rest
@@ -282,12 +334,13 @@ class Gateway:
             else:
                 merged[role] = result
         label_from = merged["teacher" if model == "teacher" else "student"]
+        response.headers["Server-Timing"] = timings.header()
         return ExplainResponse(
             dataset=dataset, label=label_from.class_name or str(label_from.prediction),
             explanations=merged,
             models={role: ModelVersion(**cards[role]["entry"]["registry"]) for role in roles},
             agreement=(merged["student"].prediction == merged["teacher"].prediction) if model == "both" else None,
-            server_ms=(time.perf_counter() - started) * 1e3,
+            server_ms=timings.total_ms,
         )
 
 
@@ -303,5 +356,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = load_settings(args)
     # Resolved once here, so every replica reads the same registry whatever its working dir.
     resolved = settings.model_dump() | {"tracking_uri": settings.resolved_tracking_uri()}
-    shap = Explainer.options(name="ShapExplainer", max_ongoing_requests=2, max_queued_requests=64)
-    return Gateway.bind(Predictor.bind(resolved), Explainer.bind(resolved), shap.bind(resolved), resolved)
+    shap = Explainer.options(name="ShapExplainer", max_ongoing_requests=2, max_queued_requests=64,
+                             ray_actor_options={"num_cpus": 0})
+    return Gateway.bind(Explainer.bind(resolved), shap.bind(resolved), resolved)

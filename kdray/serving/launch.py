@@ -25,7 +25,7 @@ __all__ = ["Service", "launch", "service_config"]
 def service_config(base: str | Path, port: int, args: dict[str, Any] | None = None,
                    deployments: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """``base`` (a Serve config file) on ``port``, with application ``args`` and per-deployment
-    options (``{"Predictor": {"user_config": {...}}}``) overridden."""
+    options (``{"Gateway": {"user_config": {...}}}``) overridden."""
     config = yaml.safe_load(Path(base).read_text())
     config["http_options"]["port"] = port
     application = config["applications"][0]

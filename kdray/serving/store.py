@@ -75,12 +75,16 @@ class ModelStore:
         alias: the alias to load.
         roles: ``("student",)`` or ``("student", "teacher")``.
         device: where the models live (see :func:`kdray.devices.assigned_device`).
+        channels_last: keep the weights in channels-last memory format, for forward passes only:
+            on CPU the students' max-pooling is then about 2x faster (same outputs to 1e-8).
     """
 
     def __init__(self, tracking_uri: str, datasets: list[str] | None, alias: str,
-                 roles: tuple[Role, ...], device: torch.device | str = "cpu") -> None:
+                 roles: tuple[Role, ...], device: torch.device | str = "cpu",
+                 channels_last: bool = False) -> None:
         self.tracking_uri = tracking_uri
         self.device = torch.device(device)
+        self.channels_last = channels_last
         self.alias = alias
         self.roles = roles
         self._wanted = datasets
@@ -104,6 +108,8 @@ class ModelStore:
         registered = fetch_registered(name, self.alias, dest, self.tracking_uri)
         model, _ = load_model(registered.directory, device=self.device)
         model.requires_grad_(False)  # inference only; explanations enable what they need
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         return LoadedModel(dataset, role, registered, model, load_background(registered.directory))
 
     def retry_missing(self, min_interval_s: float = 10.0) -> None:

@@ -132,7 +132,7 @@ function pending(methods) {
 async function explainStep(dataset, file, methods, seq) {
   const form = new FormData();
   form.append("file", file);
-  const result = await api(`/v1/models/${dataset}/explain?model=both&methods=${methods.join(",")}`, { method: "POST", body: form });
+  const result = await api(`/v1/models/${dataset}/explain?model=both&render=layer&methods=${methods.join(",")}`, { method: "POST", body: form });
   if (seq !== state.seq) return null;  // a newer image replaced this one
   for (const role of ["student", "teacher"]) {
     const explanation = result.explanations[role];
