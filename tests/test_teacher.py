@@ -23,8 +23,40 @@ from conftest import tiny_data
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def observing_loop(log_dir: Path, fail_at_epoch: int | None = None):
-    """Wrap the product's per-worker loop: record what each rank trains on, optionally fail once."""
+class _KillAfterFirstBatch:
+    """A loader that hands out one batch and then kills its own worker process (SIGKILL)."""
+
+    def __init__(self, loader, registered: Path):
+        self.loader, self.sampler, self.registered = loader, loader.sampler, registered
+
+    def __iter__(self):
+        import os
+        import signal
+        import time
+
+        for i, batch in enumerate(self.loader):
+            if i == 1:
+                # Ray Train's controller learns of a report by polling the workers (every 2 s):
+                # kill only once it has registered the last checkpoint, so resuming from it is
+                # what the test can demand (a kill inside that window repeats one more epoch).
+                deadline = time.monotonic() + 60
+                while not self.registered.exists() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def observing_loop(log_dir: Path, fail_at_epoch: int | None = None, kill_rank: int | None = None,
+                   run_dir: Path | None = None):
+    """Wrap the product's per-worker loop: record what each rank trains on, optionally fail once.
+
+    With ``kill_rank`` the failure at ``fail_at_epoch`` is that rank's process killed mid-epoch
+    (after its first batch, once the controller registered a checkpoint in ``run_dir``) instead
+    of an exception.
+    """
 
     def loop(config):
         import ray
@@ -48,9 +80,11 @@ def observing_loop(log_dir: Path, fail_at_epoch: int | None = None):
             with open(log_dir / f"rank{rank}.log", "a") as f:
                 f.write(f"{epoch} {' '.join(map(str, sorted(loader.sampler)))}\n")
             marker = log_dir / "failed-once"
-            if fail_at_epoch == epoch and not marker.exists():
+            if fail_at_epoch == epoch and not marker.exists() and kill_rank in (None, rank):
                 marker.touch()
-                raise RuntimeError("injected worker failure")
+                if kill_rank is None:
+                    raise RuntimeError("injected worker failure")
+                loader = _KillAfterFirstBatch(loader, run_dir / "checkpoint_manager_snapshot.json")
             out = original(model, loader, *args, **kwargs)
             val = ray.get(config["data"])["val"].images
             np.save(log_dir / f"rank{rank}-logits.npy", predict_logits(unwrap(model), val))
@@ -122,6 +156,24 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, tmp_path):
     assert _epochs_logged(tracker, run_id) == [0, 1, 2]  # one run, each epoch logged once
     experiment = MlflowClient(tracker.tracking_uri).search_runs([tracker.experiment_id])
     assert len(experiment) == 1
+
+
+@pytest.mark.integration
+def test_killed_worker_process_mid_epoch_resumes_from_the_last_checkpoint(ray_local, tmp_path):
+    """Two DDP workers; rank 1's process is SIGKILLed inside epoch 2: the group restarts once."""
+    # Batches of 4, 2 images per rank: 4 steps an epoch, so the kill lands inside the epoch.
+    cfg, data, tracker, spec, run_id = _setup(tmp_path, num_workers=2, epochs=3, max_failures=1,
+                                              batch_size=4)
+    state = fit_teacher(cfg, data, spec, tracker, run_id, "kill", str(tmp_path / "ray"),
+                        loop=observing_loop(tmp_path, fail_at_epoch=1, kill_rank=1,
+                                            run_dir=tmp_path / "ray" / "kill"))
+    assert (tmp_path / "failed-once").exists()
+    for rank in (0, 1):
+        epochs_run = [int(line.split()[0]) for line in (tmp_path / f"rank{rank}.log").read_text().splitlines()]
+        assert epochs_run == [0, 1, 1, 2], (rank, epochs_run)  # epoch 2 again, not from scratch
+    assert state["epoch"] == 2
+    assert _epochs_logged(tracker, run_id) == [0, 1, 2]  # one set of epochs in one run
+    assert len(MlflowClient(tracker.tracking_uri).search_runs([tracker.experiment_id])) == 1
 
 
 def test_teacher_key_tracks_data_and_recipe_not_scaling():
