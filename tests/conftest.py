@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +106,61 @@ def served(smoke_run, tmp_path_factory):
         yield Server(service.url, SERVE_TOKEN, ws, service.log)
     finally:
         service.stop()
+
+
+class Proxy:
+    """A TCP proxy in front of a server, for outages of an exact length.
+
+    Forwards 127.0.0.1:<port> to the server; ``down()`` refuses and cuts, ``up()`` reopens."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port = target_port, free_port()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.up()
+
+    def up(self) -> None:
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def down(self) -> None:
+        _close(self._listener)  # shutdown() wakes the blocked accept(); close() alone would not
+        with self._lock:
+            for conn in self._conns:
+                _close(conn)
+            self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        _close(dst)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

@@ -2,6 +2,8 @@
 
 Both "nodes" run on this machine (`ray start --head` + `ray start --address`, one CPU each);
 the driver joins with --address and logs through MLFLOW_TRACKING_URI, as on a real cluster.
+The server is reached through a TCP proxy that goes down for a few seconds once the first trial
+has logged: the trials ride the outage out (MLflow's client retries) instead of failing.
 Only processes this test starts are stopped (never `ray stop`, which would stop every Ray here).
 """
 
@@ -12,12 +14,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+
+from conftest import Proxy
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -83,22 +88,55 @@ def cluster(tmp_path):
             _stop(proc)
 
 
+def _outage_once_a_trial_logged(server_uri: str, proxy: Proxy, seconds: float, done: threading.Event,
+                                outage: dict[str, float]) -> None:
+    """Watch the server directly; take the proxy down for ``seconds`` after a trial's first epoch."""
+    client = MlflowClient(tracking_uri=server_uri)
+    while not done.is_set():
+        experiment = client.get_experiment_by_name("kdray")
+        trials = client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'trial'") if experiment else []
+        if any("val_accuracy" in t.data.metrics for t in trials):
+            proxy.down()
+            outage["start"] = time.time()
+            time.sleep(seconds)
+            proxy.up()
+            outage["end"] = time.time()
+            return
+        time.sleep(0.2)
+
+
 def test_smoke_sweep_spans_both_nodes_and_logs_to_the_server(cluster, tmp_path):
     address, mlflow_uri, env = cluster
-    env = {**env, "MLFLOW_TRACKING_URI": mlflow_uri}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-         "--workspace", str(tmp_path / "ws"), "--address", address,
-         "--set", "data.datasets=[brain_tumor]", "--set", "ray.num_cpus=null",
-         "--set", f"ray.storage_path={tmp_path / 'shared'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proxy = Proxy(int(mlflow_uri.rsplit(":", 1)[1]))
+    env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}"}
+    done, outage = threading.Event(), {}
+    watcher = threading.Thread(target=_outage_once_a_trial_logged, args=(mlflow_uri, proxy, 5.0, done, outage))
+    watcher.start()
+    try:
+            proc = subprocess.run(
+            [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
+             "--workspace", str(tmp_path / "ws"), "--address", address,
+             "--set", "data.datasets=[brain_tumor]", "--set", "ray.num_cpus=null",
+             "--set", f"ray.storage_path={tmp_path / 'shared'}"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+    finally:
+        done.set()
+        watcher.join()
+        proxy.down()
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert outage.get("end"), "the server never went down: no trial logged an epoch"
     assert not (tmp_path / "ws" / "mlflow.db").exists()  # everything went to the server
     client = MlflowClient(tracking_uri=mlflow_uri)
     experiment = client.get_experiment_by_name("kdray")
     trials = client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'trial'")
-    assert len(trials) == 2
+    assert len(trials) == 2  # each trial exactly one run, outage or not
+    for trial in trials:
+        assert trial.info.status == "FINISHED", trial.data.tags.get("kdray.error")
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
+        assert sorted(steps) == list(range(int(trial.data.tags["kdray.epochs_run"]))), steps
+    # The outage hit the sweep while it ran: at least one trial was still running then.
+    assert any(t.info.end_time / 1e3 > outage["start"] for t in trials)
     nodes = {t.data.tags["kdray.node_id"] for t in trials}
     assert len(nodes) == 2, f"trials ran on {nodes}"
     assert client.get_model_version_by_alias("kdray-brain_tumor", "champion").run_id
