@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import torch
 
 from kdray.data.prepare import Split
+from kdray.devices import use_assigned_threads
 from kdray.engine import evaluate
 from kdray.evaluation import SCALAR_METRICS, evaluate_and_log
 from kdray.explain.background import save_background, select_background
@@ -67,7 +69,11 @@ def select_champion(outcomes: list[TrialOutcome], tolerance: float) -> TrialOutc
 
 def retrain_and_score(job: StudentJob, alpha: float, temperature: float, widths: list[int],
                       lr: float, seed: int, test: Split) -> dict[str, float]:
-    """Train one student from scratch (best epoch by validation) and score it on ``test``."""
+    """Train one student from scratch (best epoch by validation) and score it on ``test``.
+
+    Runs as a Ray task: torch threads from the task's CPUs, the GPU Ray assigned if any.
+    """
+    use_assigned_threads(default=torch.get_num_threads())
     spec = ModelSpec(kind="student", num_classes=len(job.class_names), image_size=job.image_size,
                      class_names=job.class_names, widths=widths, dataset=job.dataset)
     best = build_model(spec)

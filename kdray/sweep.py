@@ -23,6 +23,7 @@ from ray import tune
 
 from kdray.config import ExperimentConfig, widths_for
 from kdray.data.prepare import PreparedData, Split
+from kdray.devices import assigned_device, use_assigned_threads
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
 from kdray.losses import KDLoss
 from kdray.models import ModelSpec, build_model, count_flops, count_params, load_model, save_model
@@ -74,7 +75,8 @@ class StudentJob:
 ReportFn = Callable[[dict[str, Any], Path], None]
 
 
-def _teacher_source(job: StudentJob, alpha: float) -> tuple[tuple[np.ndarray, ...], Callable | None]:
+def _teacher_source(job: StudentJob, alpha: float, device: torch.device,
+                    ) -> tuple[tuple[np.ndarray, ...], Callable | None]:
     """Extra loader columns and a live teacher, per the job's logit source (none when alpha == 1)."""
     if alpha >= 1.0:
         return (), None
@@ -82,7 +84,7 @@ def _teacher_source(job: StudentJob, alpha: float) -> tuple[tuple[np.ndarray, ..
         return (job.teacher_logits,), None
     if job.teacher_dir is None:
         raise ValueError("a KD student with alpha < 1 needs teacher_logits or teacher_dir")
-    teacher, _ = load_model(job.teacher_dir)
+    teacher, _ = load_model(job.teacher_dir, device=device)
     teacher.requires_grad_(False)
     return (), teacher
 
@@ -91,9 +93,13 @@ def train_student(
     job: StudentJob, alpha: float, temperature: float, widths: list[int],
     report: ReportFn | None = None, run_id: str | None = None, lr: float | None = None,
     seed: int | None = None, best_model_out: torch.nn.Module | None = None,
-    resume_from: Path | None = None,
+    resume_from: Path | None = None, device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Train one KD student; after every epoch call ``report(metrics, checkpoint_dir)``.
+
+    Every student job (trial, champion retraining, baseline) trains where Ray placed it: on the
+    GPU Ray assigned to this worker or task, else on the CPU (:func:`kdray.devices.assigned_device`),
+    with mixed precision and pinned host memory on CUDA. The best epoch is kept on the CPU.
 
     The checkpoint directory holds the best epoch's model (``load_model`` reads it) and
     ``train_state.pt`` (current weights, optimiser, epoch, best accuracy) to resume from.
@@ -103,6 +109,7 @@ def train_student(
         best_model_out: a module of the same spec that receives the best epoch's weights.
         resume_from: a checkpoint directory written by an earlier report: training goes on
             from the epoch after it, exactly as if it had not stopped.
+        device: overrides the assigned device.
 
     Returns:
         The last epoch's metrics plus ``best_val_accuracy``, ``best_epoch``, ``params`` and
@@ -117,11 +124,15 @@ def train_student(
     # The best epoch so far: what each report's directory holds.
     best_model = best_model_out if best_model_out is not None else build_model(spec)
     params, flops = count_params(model), count_flops(model, job.image_size)
+    device = torch.device(device) if device is not None else assigned_device()
+    model.to(device)
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
     loss_fn = KDLoss(alpha, temperature)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr or s.lr, weight_decay=s.weight_decay)
-    extra_columns, live_teacher = _teacher_source(job, alpha)
+    extra_columns, live_teacher = _teacher_source(job, alpha, device)
     loader = make_loader((job.train.images, job.train.labels, *extra_columns), s.batch_size,
-                         shuffle=True, seed=seed)
+                         shuffle=True, seed=seed, pin_memory=cuda)
 
     def kd(logits: torch.Tensor, y: torch.Tensor, extras: tuple, x: torch.Tensor) -> dict:
         if live_teacher is not None:
@@ -146,9 +157,9 @@ def train_student(
     for epoch in range(start, s.epochs):
         loader.generator.manual_seed(seed * 100_003 + epoch)  # the epoch's order, also on resume
         started = time.perf_counter()
-        stats = train_epoch(model, loader, kd, optimizer)
+        stats = train_epoch(model, loader, kd, optimizer, device, scaler)
         seconds = time.perf_counter() - started
-        val_metrics, _ = evaluate(model, job.val, job.class_names)
+        val_metrics, _ = evaluate(model, job.val, job.class_names, device)
         if val_metrics["accuracy"] > best_acc:
             best_acc, best_epoch = val_metrics["accuracy"], epoch
             best_model.load_state_dict(model.state_dict())
@@ -183,7 +194,7 @@ def trial_hyperparameters(config: dict[str, Any], cfg: ExperimentConfig) -> tupl
 def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
     """One Tune trial: a :func:`train_student` run with its own MLflow run."""
     cfg = job.cfg
-    torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
+    use_assigned_threads(default=max(1, int(cfg.tune.cpus_per_trial)))  # the trial's CPUs
     widths, lr = trial_hyperparameters(config, cfg)
     tracker = job.tracker
     trial_id = tune.get_context().get_trial_id()
