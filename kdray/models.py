@@ -28,6 +28,8 @@ __all__ = [
     "count_flops",
     "count_params",
     "load_model",
+    "load_model_files",
+    "model_files",
     "save_model",
 ]
 
@@ -244,4 +246,20 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     spec = ModelSpec.from_dict(json.loads((directory / SPEC_FILE).read_text()))
     model = build_model(spec)
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(device)))
+    return model.to(device).eval(), spec
+
+
+def model_files(directory: str | Path) -> dict[str, bytes]:
+    """A model saved by :func:`save_model` as bytes: it can travel through Ray's object store to
+    workers on other nodes, which have no access to this machine's disk."""
+    return {name: (Path(directory) / name).read_bytes() for name in (SPEC_FILE, WEIGHTS_FILE)}
+
+
+def load_model_files(files: dict[str, bytes], device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """:func:`load_model` from :func:`model_files`' bytes (no pickle: JSON and safetensors)."""
+    from safetensors.torch import load as load_bytes
+
+    spec = ModelSpec.from_dict(json.loads(files[SPEC_FILE]))
+    model = build_model(spec)
+    model.load_state_dict(load_bytes(files[WEIGHTS_FILE]))
     return model.to(device).eval(), spec

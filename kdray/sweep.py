@@ -26,7 +26,16 @@ from kdray.data.prepare import PreparedData, Split
 from kdray.devices import assigned_device, use_assigned_threads
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
 from kdray.losses import KDLoss
-from kdray.models import ModelSpec, build_model, count_flops, count_params, load_model, save_model
+from kdray.models import (
+    ModelSpec,
+    build_model,
+    count_flops,
+    count_params,
+    load_model,
+    load_model_files,
+    model_files,
+    save_model,
+)
 from kdray.teacher import TeacherResult
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
@@ -57,7 +66,9 @@ class StudentJob:
     """What every trial needs besides its hyper-parameters (shipped once via the object store).
 
     Exactly one of ``teacher_logits`` (the cache: logits on the training split, row-aligned with
-    ``train``) and ``teacher_dir`` (a saved teacher, run live on every batch) is set.
+    ``train``) and ``teacher_files`` (the saved teacher's files as bytes, run live on every batch)
+    is set. Both travel with the job through Ray's object store: a trial on any node needs no
+    path on the driver's disk.
     """
 
     cfg: ExperimentConfig
@@ -67,7 +78,7 @@ class StudentJob:
     train: Split
     val: Split
     teacher_logits: np.ndarray | None = None
-    teacher_dir: str | None = None
+    teacher_files: dict[str, bytes] | None = None
     tracker: Tracker | None = None
     parent_run_id: str | None = None
 
@@ -82,9 +93,9 @@ def _teacher_source(job: StudentJob, alpha: float, device: torch.device,
         return (), None
     if job.teacher_logits is not None:
         return (job.teacher_logits,), None
-    if job.teacher_dir is None:
-        raise ValueError("a KD student with alpha < 1 needs teacher_logits or teacher_dir")
-    teacher, _ = load_model(job.teacher_dir, device=device)
+    if job.teacher_files is None:
+        raise ValueError("a KD student with alpha < 1 needs teacher_logits or teacher_files")
+    teacher, _ = load_model_files(job.teacher_files, device=device)
     teacher.requires_grad_(False)
     return (), teacher
 
@@ -317,7 +328,7 @@ def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, 
         cfg, data.spec.id, list(data.spec.classes), data.image_size, data.splits["train"],
         data.splits["val"],
         teacher_logits=teacher.train_logits().astype(np.float32) if cached else None,
-        teacher_dir=None if cached else str(teacher.model_dir),
+        teacher_files=None if cached else model_files(teacher.model_dir),
         tracker=tracker, parent_run_id=parent_run_id,
     )
 

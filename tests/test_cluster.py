@@ -2,6 +2,7 @@
 
 Both "nodes" run on this machine (`ray start --head` + `ray start --address`, one CPU each);
 the driver joins with --address and logs through MLFLOW_TRACKING_URI, as on a real cluster.
+Trials run the teacher live (`kd.teacher_logits: live`), so its weights reach the second node.
 The server is reached through a TCP proxy that goes down for a few seconds once the first trial
 has logged: the trials ride the outage out (MLflow's client retries) instead of failing.
 Only processes this test starts are stopped (never `ray stop`, which would stop every Ray here).
@@ -9,6 +10,7 @@ Only processes this test starts are stopped (never `ray stop`, which would stop 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -40,13 +42,19 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process group at once, SIGKILL what is left after 10 s (ours only)."""
+    running = [p for p in procs if p.poll() is None]
+    for proc in running:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+    deadline = time.time() + 10
+    for proc in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -84,8 +92,7 @@ def cluster(tmp_path):
         time.sleep(5)
         yield address, f"http://127.0.0.1:{mlflow_port}", env
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        _stop_all(list(reversed(procs)))
 
 
 def _outage_once_a_trial_logged(server_uri: str, proxy: Proxy, seconds: float, done: threading.Event,
@@ -117,6 +124,7 @@ def test_smoke_sweep_spans_both_nodes_and_logs_to_the_server(cluster, tmp_path):
             [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
              "--workspace", str(tmp_path / "ws"), "--address", address,
              "--set", "data.datasets=[brain_tumor]", "--set", "ray.num_cpus=null",
+             "--set", "kd.teacher_logits=live",  # the teacher itself travels to both nodes
              "--set", f"ray.storage_path={tmp_path / 'shared'}"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
@@ -138,6 +146,7 @@ def test_smoke_sweep_spans_both_nodes_and_logs_to_the_server(cluster, tmp_path):
     # The outage hit the sweep while it ran: at least one trial was still running then.
     assert any(t.info.end_time / 1e3 > outage["start"] for t in trials)
     nodes = {t.data.tags["kdray.node_id"] for t in trials}
-    assert len(nodes) == 2, f"trials ran on {nodes}"
+    assert len(nodes) == 2, f"trials ran on {nodes}"  # one live-teacher trial per node
+    assert {t.data.params["teacher_logits"] for t in trials} == {"live"}
     assert client.get_model_version_by_alias("kdray-brain_tumor", "champion").run_id
     assert (tmp_path / "shared").is_dir()  # Ray results went to the configured storage path

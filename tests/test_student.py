@@ -7,7 +7,14 @@ import pytest
 
 from kdray.config import ExperimentConfig
 from kdray.engine import predict_logits
-from kdray.models import ModelSpec, TeacherDenseNet, build_model, load_model, save_model
+from kdray.models import (
+    ModelSpec,
+    TeacherDenseNet,
+    build_model,
+    load_model,
+    model_files,
+    save_model,
+)
 from kdray.sweep import StudentJob, train_student
 
 from conftest import tiny_data
@@ -55,15 +62,28 @@ def test_cached_trial_never_calls_the_teacher(setup, monkeypatch):
 
 def test_live_trial_runs_the_teacher_on_every_batch(setup, monkeypatch):
     calls = _count_teacher_calls(monkeypatch)
-    train_student(_job(setup, teacher_dir=str(setup[2])), 0.5, 4.0, [4, 8, 8, 16, 16])
+    train_student(_job(setup, teacher_files=model_files(setup[2])), 0.5, 4.0, [4, 8, 8, 16, 16])
     n_train = len(setup[0].splits["train"])
     assert sum(calls) == 2 * n_train  # two epochs, every training image once each
+
+
+def test_a_live_trial_needs_no_path_on_the_drivers_disk(setup, tmp_path, monkeypatch):
+    """The teacher travels as bytes with the job: a node without the driver's disk can run it."""
+    import shutil
+
+    copy = tmp_path / "teacher"
+    shutil.copytree(setup[2], copy)
+    job = _job(setup, teacher_files=model_files(copy))
+    shutil.rmtree(copy)
+    calls = _count_teacher_calls(monkeypatch)
+    train_student(job, 0.5, 4.0, [4, 8, 8, 16, 16])
+    assert sum(calls) == 2 * len(setup[0].splits["train"])
 
 
 def test_cache_and_live_give_the_same_soft_targets(setup):
     """Students see un-augmented images, so the cache is exactly what the live teacher gives."""
     a = train_student(_job(setup, teacher_logits=setup[3]), 0.3, 2.0, [4, 8, 8, 16, 16])
-    b = train_student(_job(setup, teacher_dir=str(setup[2])), 0.3, 2.0, [4, 8, 8, 16, 16])
+    b = train_student(_job(setup, teacher_files=model_files(setup[2])), 0.3, 2.0, [4, 8, 8, 16, 16])
     assert a["train_soft"] == pytest.approx(b["train_soft"], rel=1e-4)
     assert a["val_accuracy"] == b["val_accuracy"]
 
@@ -71,7 +91,7 @@ def test_cache_and_live_give_the_same_soft_targets(setup):
 def test_ce_only_needs_no_teacher(setup):
     out = train_student(_job(setup), 1.0, 4.0, [4, 8, 8, 16, 16])
     assert out["train_soft"] == 0.0
-    with pytest.raises(ValueError, match="teacher_logits or teacher_dir"):
+    with pytest.raises(ValueError, match="teacher_logits or teacher_files"):
         train_student(_job(setup), 0.5, 4.0, [4, 8, 8, 16, 16])
 
 
