@@ -60,7 +60,9 @@ class DataConfig(_Strict):
         description="dataset id -> folder of a real copy; datasets not listed use synthetic data",
     )
     masks_roots: dict[str, str] = Field(
-        default_factory=dict, description="dataset id -> folder mirroring roots with lesion masks"
+        default_factory=dict,
+        description="dataset id -> folder mirroring the root with lesion masks (same relative "
+        "paths, any image format, white = lesion; images without one are fine)",
     )
     image_size: int = Field(64, ge=16, le=1024, description="model input side; images are resized")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)

@@ -157,6 +157,71 @@ def test_prepare_synthetic_with_masks(workspace):
     assert set(data.splits["train"].labels.tolist()) == {0, 1, 2, 3}
 
 
+def _brain_masks(images: Path, masks: Path, classes: list[str], ext: str = ".png") -> int:
+    """A lesion mask (white square) for every image of ``classes``, same relative path."""
+    n = 0
+    for image in sorted(images.rglob("*.png")):
+        rel = image.relative_to(images)
+        if rel.parent.name in classes:
+            mask = np.zeros((30, 40), np.uint8)
+            mask[5:15, 10:20] = 255
+            (masks / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save((masks / rel).with_suffix(ext))
+            n += 1
+    return n
+
+
+def test_masks_only_for_the_lesion_classes_are_kept_per_image(tmp_path, workspace):
+    """Real mask sets have none for healthy images: the others keep theirs."""
+    spec = get_spec("brain_tumor")
+    _tree(tmp_path / "bt" / "Training", list(spec.classes), per_class=8)
+    _tree(tmp_path / "bt" / "Testing", list(spec.classes), per_class=2)
+    tumours = [c for c in spec.classes if c != "notumor"]
+    n_masks = _brain_masks(tmp_path / "bt", tmp_path / "masks", tumours, ext=".jpg")  # any format
+    cfg = DataConfig(datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")},
+                     masks_roots={"brain_tumor": str(tmp_path / "masks")}, image_size=20)
+    data = prepare_dataset(cfg, "brain_tumor", workspace)
+    assert sum("mask" in e for e in data.manifest.entries) == n_masks == 30
+    notumor = spec.classes.index("notumor")
+    for split in data.splits.values():
+        assert split.masks is not None and split.masks.shape == (len(split), 20, 20)
+        has = split.masks.any(axis=(1, 2))
+        assert not has[split.labels == notumor].any()
+        assert has[split.labels != notumor].all()
+        assert not split.masks[has].all(axis=(1, 2)).any()  # a square, not the whole image
+
+
+def test_masks_added_after_a_first_run_are_picked_up(tmp_path, workspace):
+    spec = get_spec("brain_tumor")
+    _tree(tmp_path / "bt" / "Training", list(spec.classes), per_class=6)
+    _tree(tmp_path / "bt" / "Testing", list(spec.classes), per_class=2)
+    roots = {"brain_tumor": str(tmp_path / "bt")}
+    masks_roots = {"brain_tumor": str(tmp_path / "masks")}
+    cfg = DataConfig(datasets=["brain_tumor"], roots=roots, masks_roots=masks_roots, image_size=20)
+    first = prepare_dataset(cfg, "brain_tumor", workspace)  # the masks folder does not exist yet
+    assert first.splits["test"].masks is None
+    _brain_masks(tmp_path / "bt", tmp_path / "masks", ["glioma"])
+    second = prepare_dataset(cfg, "brain_tumor", workspace)
+    assert second.manifest.fingerprint != first.manifest.fingerprint  # new manifest and cache
+    assert [e["path"] for e in second.manifest.entries] == [e["path"] for e in first.manifest.entries]
+    glioma = spec.classes.index("glioma")
+    test = second.splits["test"]
+    assert test.masks is not None and test.masks.any(axis=(1, 2)).tolist() == (test.labels == glioma).tolist()
+
+
+def test_an_unreadable_mask_is_a_clear_error(tmp_path, workspace):
+    spec = get_spec("brain_tumor")
+    _tree(tmp_path / "bt" / "Training", list(spec.classes), per_class=6)
+    _tree(tmp_path / "bt" / "Testing", list(spec.classes), per_class=2)
+    bad = tmp_path / "masks" / "Testing" / "glioma" / "img_0.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a png")
+    cfg = DataConfig(datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")},
+                     masks_roots={"brain_tumor": str(tmp_path / "masks")}, image_size=20)
+    with pytest.raises(DataError, match="lesion mask .*img_0.png"):
+        prepare_dataset(cfg, "brain_tumor", workspace)
+
+
 def _eye_with_bad_files(root: Path) -> None:
     """A real eye_disease layout with three unreadable files among good ones."""
     _tree(root, list(get_spec("eye_disease").classes), per_class=5, mode="RGB")

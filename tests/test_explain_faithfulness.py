@@ -157,3 +157,37 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     assert m["ratio.params"] == pytest.approx(m["teacher.params"] / m["student.params"])
     assert all(np.isfinite(v) for v in m.values())
     assert json.loads(report.paths["json"].read_text())["metrics"] == m
+
+
+def test_real_layout_with_masks_only_for_tumours_is_scored_on_those(tmp_path: Path) -> None:
+    """Brain MRI in the Kaggle layout, masks for the tumour classes only (as real mask sets)."""
+    import shutil
+
+    from kdray.config import DataConfig
+    from kdray.data.prepare import prepare_dataset
+    from kdray.data.synthetic import generate
+    from kdray.workspace import Workspace
+
+    generate("brain_tumor", tmp_path / "bt", tmp_path / "masks", 6, 48, 0)
+    healthy = [p for p in (tmp_path / "masks").rglob("*") if p.is_dir() and p.name == "notumor"]
+    assert healthy
+    for folder in healthy:
+        shutil.rmtree(folder)
+    cfg = DataConfig(datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")},
+                     masks_roots={"brain_tumor": str(tmp_path / "masks")}, image_size=32)
+    data = prepare_dataset(cfg, "brain_tumor", Workspace(tmp_path / "ws").create())
+    test = data.splits["test"]
+    notumor = data.spec.classes.index("notumor")
+    assert test.masks is not None and (test.labels == notumor).any()
+    torch.manual_seed(0)
+    teacher, student = StudentCNN(4, [8, 16, 16, 16]).eval(), StudentCNN(4, [4, 8, 8, 8]).eval()
+    explain_cfg = ExplainConfig(report_images=len(test), timing_images=1, grid_examples=2,
+                                shap_background=4, shap_nsamples=4)
+    report = build_report(data, teacher, student, explain_cfg, tmp_path / "report")
+    n_masked = int((test.labels != notumor).sum())
+    assert 0 < n_masked < len(test)
+    assert f"{len(test)} test images scored ({n_masked} with a lesion mask)" in report.markdown
+    assert "No lesion masks" not in report.markdown
+    for model in ("teacher", "student"):
+        for method in ("feature_maps", "gradcam", "shap", "random"):
+            assert np.isfinite(report.metrics[f"{model}.pointing_game.{method}"]), (model, method)

@@ -1,8 +1,9 @@
 """From a config to in-memory arrays: synthetic generation, the split manifest, the array cache.
 
 The manifest (``<workspace>/manifests/<dataset>-<fingerprint>.json``) fixes the split once; the
-fingerprint covers the file list, the fractions and the seed, so the same data and settings
-always give the same split, and any change gives a new manifest. Arrays are cached as ``.npz``
+fingerprint covers the file list, the fractions and the seed (and, with a masks root, the mask
+files), so the same data and settings always give the same split, and any change gives a new
+manifest. Arrays are cached as ``.npz``
 per manifest and image size and shipped to Ray workers through the object store, so workers
 need no shared disk.
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from kdray.config import DataConfig
 from kdray.data import synthetic
-from kdray.data.folders import DataError, read_image, read_mask, scan_folder
+from kdray.data.folders import IMAGE_EXTENSIONS, DataError, read_image, read_mask, scan_folder
 from kdray.data.images import ImageError, check_image
 from kdray.data.specs import DatasetSpec, get_spec
 from kdray.workspace import Workspace
@@ -44,7 +45,12 @@ log = logging.getLogger("kdray")
 
 @dataclass
 class Split:
-    """One split in memory: images uint8 (N, 3, H, W), labels int64 (N,), masks bool or None."""
+    """One split in memory: images uint8 (N, 3, H, W), labels int64 (N,), masks bool or None.
+
+    ``masks`` (N, H, W) is set when any image of the split has a lesion mask; an image without
+    one (a healthy class, or a mask set that skips it) has an empty mask, which the localisation
+    scores leave out.
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -61,7 +67,8 @@ class Manifest:
     masks_root: str | None
     class_names: list[str]
     fingerprint: str
-    entries: list[dict] = field(default_factory=list)  # {"path", "label", "split"}
+    # {"path", "label", "split"} and "mask" (relative to masks_root) where the image has one.
+    entries: list[dict] = field(default_factory=list)
     # Unreadable files left out (data.skip_unreadable): {"path", "reason"}; older manifests lack it.
     skipped: list[dict] = field(default_factory=list)
 
@@ -110,12 +117,39 @@ def stratified_split(
     return result
 
 
-def _fingerprint(spec: DatasetSpec, root: Path, found: dict, cfg: DataConfig) -> str:
+def find_masks(masks_root: Path | None, rels: list[str]) -> dict[str, str]:
+    """The mask file of each image that has one, relative to ``masks_root``.
+
+    The mask tree mirrors the image tree: the same relative path, in any image format (the
+    same path with another extension also counts, e.g. ``glioma/001.jpg`` -> ``glioma/001.png``).
+    Images without a mask file are simply absent from the result.
+    """
+    if masks_root is None or not masks_root.is_dir():
+        return {}
+    by_stem: dict[str, list[str]] = {}
+    for path in masks_root.rglob("*"):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            rel = path.relative_to(masks_root)
+            by_stem.setdefault(rel.with_suffix("").as_posix(), []).append(rel.as_posix())
+    out = {}
+    for rel in rels:
+        candidates = by_stem.get(Path(rel).with_suffix("").as_posix())
+        if candidates:
+            out[rel] = rel if rel in candidates else sorted(candidates)[0]
+    return out
+
+
+def _fingerprint(spec: DatasetSpec, root: Path, found: dict, cfg: DataConfig,
+                 masks_root: Path | None, masks: dict[str, str]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([spec.id, str(root), cfg.val_fraction, cfg.test_fraction, cfg.split_seed]).encode())
     for part in sorted(found):
         for rel, label in found[part]:
             h.update(f"{part}|{rel}|{label}|{(root / rel).stat().st_size}\n".encode())
+    if masks_root is not None:  # masks added (or changed) later give a new manifest and cache
+        h.update(f"masks|{masks_root}\n".encode())
+        for rel, mask in sorted(masks.items()):
+            h.update(f"{rel}|{mask}|{(masks_root / mask).stat().st_size}\n".encode())
     return h.hexdigest()
 
 
@@ -181,8 +215,10 @@ def build_manifest(
             ``cfg.skip_unreadable`` is off, also when a reused manifest had left files out.
     """
     root = root.resolve()
+    masks_root = masks_root.resolve() if masks_root else None
     found = scan_folder(spec, root)
-    fingerprint = _fingerprint(spec, root, found, cfg)
+    masks = find_masks(masks_root, [rel for part in found.values() for rel, _ in part])
+    fingerprint = _fingerprint(spec, root, found, cfg, masks_root, masks)
     path = ws.manifests / f"{spec.id}-{fingerprint[:12]}.json"
     if path.is_file():
         manifest = Manifest(**json.loads(path.read_text()))
@@ -202,10 +238,16 @@ def build_manifest(
         entries += [{"path": rel, "label": lab, "split": "test"} for rel, lab in found["test"]]
     names = stratified_split([lab for _, lab in items], fractions, cfg.split_seed)
     entries += [{"path": rel, "label": lab, "split": s} for (rel, lab), s in zip(items, names, strict=True)]
+    for entry in entries:
+        if entry["path"] in masks:
+            entry["mask"] = masks[entry["path"]]
+    if masks_root is not None:
+        log.info("dataset %r: %d of %d images have a lesion mask under %s", spec.id,
+                 sum("mask" in e for e in entries), len(entries), masks_root)
     manifest = Manifest(
         dataset=spec.id,
         root=str(root),
-        masks_root=str(masks_root.resolve()) if masks_root else None,
+        masks_root=str(masks_root) if masks_root else None,
         class_names=list(spec.classes),
         fingerprint=fingerprint,
         entries=sorted(entries, key=lambda e: (SPLITS.index(e["split"]), e["path"])),
@@ -236,11 +278,19 @@ def _load_split(manifest: Manifest, split: str, size: int) -> Split:
         np.zeros((0, 3, size, size), np.uint8))
     labels = np.array([e["label"] for e in entries], dtype=np.int64)
     masks = None
-    if manifest.masks_root:
+    if manifest.masks_root and any("mask" in e for e in entries):
         mroot = Path(manifest.masks_root)
-        if entries and all((mroot / e["path"]).is_file() for e in entries):
-            masks = np.stack([read_mask(mroot / e["path"], size) for e in entries])
+        empty = np.zeros((size, size), bool)
+        masks = np.stack([_read_mask(mroot / e["mask"], size) if "mask" in e else empty
+                          for e in entries])
     return Split(images, labels, masks)
+
+
+def _read_mask(path: Path, size: int) -> np.ndarray:
+    try:
+        return read_mask(path, size)
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"lesion mask {path}: unreadable ({exc})") from exc
 
 
 def load_splits(manifest: Manifest, size: int, ws: Workspace) -> dict[str, Split]:
