@@ -1,10 +1,21 @@
-"""Teacher training through Ray Train's TorchTrainer vs the same loop in plain PyTorch.
+"""Teacher training through Ray Train's TorchTrainer vs the same work in a plain PyTorch loop.
 
-One run, side by side: the same data, model, batch, augmentation and threads. Prints the
-per-epoch training time of each and their ratio (goal: TorchTrainer / plain <= 1.15), the fixed
-start-up cost of a TorchTrainer fit, and images/s with 1 and 2 CPU workers.
+What a user pays, measured side by side in one run on the same data, model, batch, augmentation
+and threads:
 
-    .venv/bin/python benchmarks/train_overhead.py [--images-per-class 128] [--size 64] [--epochs 2]
+- Ray Train, whole epoch: the wall time between two successive epoch reports of the product's
+  ``fit_teacher`` (training, rank-0 validation, MLflow logging, checkpoint save and
+  ``ray.train.report``), read from the MLflow timestamps of each epoch's metrics; the first
+  epoch is excluded (warm-up).
+- plain, whole epoch: the same training, validation, LR schedule step and checkpoint save
+  (``torch.save`` of the same state) in a loop in this process, first epoch excluded.
+- Ray Train fixed start-up: ``fit()``'s wall time minus its epochs (worker group start, data
+  through the object store, shutdown).
+
+Prints ``Ray Train / plain, whole epoch: <ratio>`` (goal <= 1.15 at 1 worker) and
+``Ray Train fixed start-up: <seconds> s``, then where the epoch's extra time goes.
+
+    .venv/bin/python benchmarks/train_overhead.py [--images-per-class 96] [--size 64] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -22,75 +33,118 @@ from mlflow import MlflowClient
 from kdray.augment import build_augment
 from kdray.config import ExperimentConfig, MLflowConfig, RayConfig
 from kdray.data.prepare import in_memory_synthetic
-from kdray.engine import make_loader, seed_everything, train_epoch
+from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
 from kdray.models import ModelSpec, build_model
 from kdray.pipeline import ray_session
-from kdray.teacher import _ce_loss, fit_teacher
+from kdray.teacher import STATE_FILE, _ce_loss, fit_teacher
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
 
-def plain_epochs(cfg: ExperimentConfig, data, spec: ModelSpec, epochs: int) -> list[float]:
-    torch.set_num_threads(cfg.teacher.cpus_per_worker)
+def plain_epochs(cfg: ExperimentConfig, data, spec: ModelSpec, epochs: int, out: Path) -> dict[str, list[float]]:
+    """The product's per-epoch work without Ray: seconds per whole epoch and per part."""
+    t = cfg.teacher
+    torch.set_num_threads(t.cpus_per_worker)
     seed_everything(cfg.seed)
     model = build_model(spec)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.teacher.lr)
-    train = data.splits["train"]
-    loader = make_loader((train.images, train.labels), cfg.teacher.batch_size, True, cfg.seed)
-    augment = build_augment(cfg.teacher.augment)
-    times = []
-    for _ in range(epochs):
-        started = time.perf_counter()
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    train, val = data.splits["train"], data.splits["val"]
+    loader = make_loader((train.images, train.labels), t.batch_size, True, cfg.seed)
+    augment = build_augment(t.augment)
+    parts: dict[str, list[float]] = {"epoch": [], "train": [], "validate": [], "checkpoint": []}
+    best_state = None
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
         train_epoch(model, loader, _ce_loss, optimizer, "cpu", None, augment)
-        times.append(time.perf_counter() - started)
-    return times
+        t1 = time.perf_counter()
+        metrics = evaluate(model, val, list(data.spec.classes))[0]
+        scheduler.step(metrics["loss"])
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        t2 = time.perf_counter()
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_model": best_state},
+                   out / STATE_FILE)
+        t3 = time.perf_counter()
+        for key, value in (("epoch", t3 - t0), ("train", t1 - t0), ("validate", t2 - t1), ("checkpoint", t3 - t2)):
+            parts[key].append(value)
+    return parts
 
 
-def trainer_epochs(cfg, data, spec, tracker: Tracker, storage: str, name: str) -> tuple[list[float], list[float], float]:
+def trainer_epochs(cfg, data, spec, tracker: Tracker, storage: str, name: str) -> dict[str, object]:
+    """The product's ``fit_teacher``: whole-epoch times between reports, train-only times, wall."""
     run_id = tracker.start_run(name, data.spec.id, "benchmark")
-    started = time.perf_counter()
+    started = time.time()
     fit_teacher(cfg, data, spec, tracker, run_id, name, storage)
-    wall = time.perf_counter() - started
+    wall = time.time() - started
     client = MlflowClient(tracker.tracking_uri)
-    secs = [m.value for m in sorted(client.get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.step)]
-    ips = [m.value for m in sorted(client.get_metric_history(run_id, "images_per_second"), key=lambda m: m.step)]
-    return secs, ips, wall
+    history = sorted(client.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.step)
+    stamps = [m.timestamp / 1e3 for m in history]  # logged once per epoch, just before the report
+    train_only = [m.value for m in sorted(client.get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.step)]
+    return {"epochs": [b - a for a, b in zip(stamps, stamps[1:], strict=False)], "train": train_only,
+            "wall": wall, "first_report": stamps[0] - started, "after_last": started + wall - stamps[-1],
+            "checkpoint_mb": _checkpoint_mb(Path(storage) / name)}
+
+
+def _checkpoint_mb(run_dir: Path) -> float:
+    files = list(run_dir.glob(f"checkpoint_*/{STATE_FILE}"))
+    return max((f.stat().st_size for f in files), default=0) / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images-per-class", type=int, default=128)
+    parser.add_argument("--images-per-class", type=int, default=96)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=2, help="per measurement; the first warms up")
+    parser.add_argument("--epochs", type=int, default=4, help="per side; the first one warms up")
+    parser.add_argument("--two-workers", action="store_true", help="also time 2 workers x 1 CPU")
     args = parser.parse_args()
+    if args.epochs < 3:
+        parser.error("--epochs must be at least 3 (the first is excluded, two make a median)")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     data = in_memory_synthetic("brain_tumor", args.images_per_class, args.size, val_fraction=0.1,
                                test_fraction=0.1)
     spec = ModelSpec(kind="teacher", num_classes=4, image_size=args.size, class_names=list(data.spec.classes))
     base = {"epochs": args.epochs, "batch_size": 32, "cpus_per_worker": 2, "num_workers": 1}
     cfg1 = ExperimentConfig.model_validate({"teacher": base})
-    cfg2 = ExperimentConfig.model_validate({"teacher": {**base, "num_workers": 2, "cpus_per_worker": 1}})
     n = len(data.splits["train"])
-    print(f"DenseNet121 teacher, {n} training images {args.size}x{args.size}, batch 32, "
-          f"{args.epochs} epochs per measurement (the first one warms up)")
+    print(f"DenseNet121 teacher, {n} training / {len(data.splits['val'])} validation images "
+          f"{args.size}x{args.size}, batch 32, 2 threads, {args.epochs} epochs per side "
+          "(the first excluded)")
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
         tracker = Tracker.open(MLflowConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db"), ws)
-        # The product's local Ray (workers at normal priority, private temp dir).
-        with ray_session(RayConfig(num_cpus=2), ws):
-            plain_a = plain_epochs(cfg1, data, spec, args.epochs)
-            ray1, ips1, wall1 = trainer_epochs(cfg1, data, spec, tracker, tmp, "w1")
-            plain_b = plain_epochs(cfg1, data, spec, args.epochs)
-            ray2, ips2, wall2 = trainer_epochs(cfg2, data, spec, tracker, tmp, "w2")
-    plain = statistics.median(plain_a[1:] + plain_b[1:])
-    trainer = statistics.median(ray1[1:])
-    print(f"\n{'':34}{'epoch s':>10}{'images/s':>10}")
-    print(f"{'plain PyTorch (2 threads)':34}{plain:>10.2f}{n / plain:>10.1f}")
-    print(f"{'TorchTrainer, 1 worker x 2 CPUs':34}{trainer:>10.2f}{statistics.median(ips1[1:]):>10.1f}")
-    print(f"{'TorchTrainer, 2 workers x 1 CPU':34}{statistics.median(ray2[1:]):>10.2f}{statistics.median(ips2[1:]):>10.1f}")
-    print(f"\nratio TorchTrainer(1 worker) / plain, per epoch: {trainer / plain:.3f}  (goal <= 1.15)")
-    print(f"fit() wall time incl. worker start-up and validation: 1 worker {wall1:.1f} s, "
-          f"2 workers {wall2:.1f} s, vs {args.epochs} plain epochs {sum(plain_a):.1f} s")
+        with ray_session(RayConfig(num_cpus=2), ws):  # the product's local Ray
+            plain_a = plain_epochs(cfg1, data, spec, args.epochs, Path(tmp))
+            ray1 = trainer_epochs(cfg1, data, spec, tracker, tmp, "w1")
+            plain_b = plain_epochs(cfg1, data, spec, args.epochs, Path(tmp))  # before and after
+            ray2 = None
+            if args.two_workers:
+                cfg2 = ExperimentConfig.model_validate(
+                    {"teacher": {**base, "num_workers": 2, "cpus_per_worker": 1}})
+                ray2 = trainer_epochs(cfg2, data, spec, tracker, tmp, "w2")
+
+    def med(parts: dict, key: str) -> float:
+        return statistics.median(parts[key][1:] if key != "epochs" else parts[key])
+
+    plain = statistics.median(plain_a["epoch"][1:] + plain_b["epoch"][1:])
+    trainer = statistics.median(ray1["epochs"])
+    startup = ray1["wall"] - args.epochs * trainer
+    print(f"Ray Train / plain, whole epoch: {trainer / plain:.3f}")
+    print(f"Ray Train fixed start-up: {startup:.1f} s")
+    print(f"\nwhole epoch: Ray Train {trainer:.2f} s, plain {plain:.2f} s (goal: ratio <= 1.15)")
+    plain_parts = {k: statistics.median(plain_a[k][1:] + plain_b[k][1:]) for k in ("train", "validate", "checkpoint")}
+    ray_train = statistics.median(ray1["train"][1:])
+    print(f"  training pass: Ray Train {ray_train:.2f} s, plain {plain_parts['train']:.2f} s")
+    print(f"  plain validation {plain_parts['validate']:.2f} s, checkpoint save {plain_parts['checkpoint']:.3f} s "
+          f"({ray1['checkpoint_mb']:.1f} MB)")
+    rest = trainer - ray_train - plain_parts["validate"] - plain_parts["checkpoint"]
+    print(f"  the rest of a Ray Train epoch (MLflow log, checkpoint upload, report): {rest:.2f} s")
+    print(f"fit(): wall {ray1['wall']:.1f} s = first report after {ray1['first_report']:.1f} s "
+          f"(start-up + epoch 1), {len(ray1['epochs'])} epochs between reports, "
+          f"{ray1['after_last']:.1f} s after the last report")
+    if ray2 is not None:
+        print(f"2 workers x 1 CPU: whole epoch {statistics.median(ray2['epochs']):.2f} s "
+              f"({n / statistics.median(ray2['epochs']):.1f} images/s)")
 
 
 if __name__ == "__main__":
