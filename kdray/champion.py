@@ -14,14 +14,16 @@ import logging
 import shutil
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from kdray.data.prepare import Split
 from kdray.devices import use_assigned_threads
-from kdray.engine import evaluate
+from kdray.engine import evaluate, softmax
 from kdray.evaluation import SCALAR_METRICS, evaluate_and_log
 from kdray.explain.background import save_background, select_background
 from kdray.models import ModelSpec, build_model, load_model, save_model
@@ -30,7 +32,7 @@ from kdray.sweep import StudentJob, TrialOutcome, train_student
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
-__all__ = ["ChampionResult", "crown_champion", "select_champion"]
+__all__ = ["ChampionResult", "baseline_probabilities_path", "crown_champion", "select_champion"]
 
 log = logging.getLogger("kdray")
 
@@ -49,9 +51,17 @@ class ChampionResult:
     val_accuracy: float
     test_metrics: dict[str, Any]
     baseline_run_id: str
-    baseline_test: dict[str, float]  # test_accuracy / test_f1_macro: mean and std over seeds
+    baseline_test: dict[str, float]  # test_accuracy / test_f1_macro / test_ece: mean and std over seeds
     champion_seeds: dict[str, float] = field(default_factory=dict)  # same, champion retrains
     seeds: list[int] = field(default_factory=list)
+
+
+PROBABILITIES = "test_probabilities"  # a retrain's test-split class probabilities, not a metric
+
+
+def baseline_probabilities_path(ws: Workspace, dataset: str) -> Path:
+    """The CE baseline's (first seed's) test-split probabilities, written by the champion stage."""
+    return ws.champions / f"{dataset}-baseline-test-probabilities.npy"
 
 
 def select_champion(outcomes: list[TrialOutcome], tolerance: float) -> TrialOutcome:
@@ -78,14 +88,15 @@ def retrain_and_score(job: StudentJob, alpha: float, temperature: float, widths:
                      class_names=job.class_names, widths=widths, dataset=job.dataset)
     best = build_model(spec)
     final = train_student(job, alpha, temperature, widths, lr=lr, seed=seed, best_model_out=best)
-    metrics, _ = evaluate(best, test, job.class_names)
+    metrics, logits = evaluate(best, test, job.class_names)
     return {"val_accuracy": final["best_val_accuracy"], "test_accuracy": metrics["accuracy"],
-            "test_f1_macro": metrics["f1_macro"], "seed": seed}
+            "test_f1_macro": metrics["f1_macro"], "test_ece": metrics["ece"], "seed": seed,
+            PROBABILITIES: softmax(logits).astype(np.float32)}
 
 
 def _mean_std(rows: list[dict[str, float]]) -> dict[str, float]:
     out = {}
-    for key in ("test_accuracy", "test_f1_macro"):
+    for key in ("test_accuracy", "test_f1_macro", "test_ece"):
         values = [r[key] for r in rows]
         out[f"{key}_mean"] = statistics.fmean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -94,7 +105,8 @@ def _mean_std(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def _log_seed_rows(tracker: Tracker, run_id: str, rows: list[dict[str, float]]) -> dict[str, float]:
     for step, row in enumerate(rows):
-        tracker.log_metrics(run_id, {f"seed_{k}": v for k, v in row.items()}, step=step)
+        tracker.log_metrics(run_id, {f"seed_{k}": v for k, v in row.items() if k != PROBABILITIES},
+                            step=step)
     stats = _mean_std(rows)
     tracker.log_metrics(run_id, stats)
     return stats
@@ -164,8 +176,10 @@ def crown_champion(
     tracker.log_metrics(baseline_run, {
         "val_accuracy": statistics.fmean(r["val_accuracy"] for r in baseline_rows),
         "test_accuracy": stats["test_accuracy_mean"], "test_f1_macro": stats["test_f1_macro_mean"],
-        "params": chosen.params, "flops": chosen.flops,
+        "test_ece": stats["test_ece_mean"], "params": chosen.params, "flops": chosen.flops,
     })
+    # The report's reliability diagram shows the baseline beside teacher and champion.
+    np.save(baseline_probabilities_path(ws, dataset), baseline_rows[0][PROBABILITIES])
     tracker.end_run(baseline_run)
     return ChampionResult(
         run_id=run_id, trial_run_id=chosen.run_id, version=version, alpha=alpha,

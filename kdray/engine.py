@@ -13,9 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdray.data.prepare import Split
-from kdray.metrics import classification_metrics
+from kdray.metrics import calibration, classification_metrics
 
-__all__ = ["evaluate", "make_loader", "predict_logits", "seed_everything", "to_input", "train_epoch"]
+__all__ = [
+    "evaluate",
+    "make_loader",
+    "predict_logits",
+    "seed_everything",
+    "softmax",
+    "to_input",
+    "train_epoch",
+]
 
 # loss_fn(logits, labels, extras, inputs) -> {"loss": ..., other scalars}; ``extras`` are the
 # loader's per-sample tensors after images and labels (e.g. cached teacher logits).
@@ -120,8 +128,15 @@ def evaluate(
     model: nn.Module, split: Split, class_names: list[str], device: torch.device | str = "cpu",
     batch_size: int = 128,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics (plus ``loss``: mean cross-entropy) of ``model`` on ``split``, and its logits."""
+    """Metrics (plus ``loss``: mean cross-entropy, ``ece``: expected calibration error) of
+    ``model`` on ``split``, and its logits."""
     logits = predict_logits(model, split.images, batch_size=batch_size, device=device)
     metrics = classification_metrics(split.labels, logits.argmax(1), class_names)
     metrics["loss"] = float(F.cross_entropy(torch.from_numpy(logits), _as_tensor(split.labels)))
+    metrics["ece"] = calibration(softmax(logits), split.labels)["ece"]
     return metrics, logits
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities (N, classes) from logits, in float64."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), dim=1).numpy()

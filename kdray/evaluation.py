@@ -14,7 +14,7 @@ from kdray.tracking import Tracker
 
 __all__ = ["SCALAR_METRICS", "evaluate_and_log"]
 
-SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss")
+SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss", "ece")
 
 
 def evaluate_and_log(

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["classification_metrics", "confusion_matrix"]
+__all__ = ["calibration", "classification_metrics", "confusion_matrix"]
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -62,4 +62,35 @@ def classification_metrics(
         "f1_macro": float(f1.mean()),
         "per_class": per_class,
         "confusion": cm.tolist(),
+    }
+
+
+def calibration(probabilities: np.ndarray, labels: Sequence[int] | np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error of the top label, over ``bins`` equal-width confidence bins.
+
+    ECE = sum over bins of (share of samples in the bin) x |accuracy - mean confidence| (Guo et
+    al. 2017); 0 is perfectly calibrated. Also returns each bin's mean confidence, accuracy and
+    count (NaN for empty bins), for a reliability diagram.
+
+    Args:
+        probabilities: (N, classes), rows summing to 1.
+        labels: (N,) true classes.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if p.ndim != 2 or p.shape[0] != y.shape[0] or y.size == 0:
+        raise ValueError(f"probabilities {p.shape} and labels {y.shape} do not match")
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    index = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    count = np.bincount(index, minlength=bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, confidence, bins) / count
+        accuracy = np.bincount(index, correct, bins) / count
+    gaps = np.where(count > 0, np.abs(accuracy - mean_confidence), 0.0)
+    return {
+        "ece": float((count / y.size * gaps).sum()),
+        "bin_confidence": mean_confidence.tolist(),
+        "bin_accuracy": accuracy.tolist(),
+        "bin_count": count.astype(np.int64).tolist(),
     }

@@ -55,6 +55,11 @@ class DatasetSummary:
     trials: int
     seconds: float
     parent_run_id: str
+    # Expected calibration error on the test split (means over seeds when given); NaN in the
+    # summary of a run made before kdray measured it.
+    teacher_test_ece: float = float("nan")
+    student_test_ece: float = float("nan")
+    baseline_test_ece: float = float("nan")
 
 
 @contextmanager
@@ -193,6 +198,9 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
             trials=trials,
             seconds=time.perf_counter() - started,
             parent_run_id=parent,
+            teacher_test_ece=teacher.test_metrics.get("ece", float("nan")),
+            student_test_ece=seeds.get("test_ece_mean", champion.test_metrics.get("ece", float("nan"))),
+            baseline_test_ece=champion.baseline_test.get("test_ece_mean", float("nan")),
         )
         tracker.set_tags(parent, {"kdray.teacher_run": teacher.run_id,
                                   "kdray.champion_run": champion.run_id,
@@ -214,8 +222,8 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
 def format_summary(rows: list[DatasetSummary]) -> str:
     """A Markdown table per run: teacher vs champion vs CE-only baseline, per dataset."""
     lines = [
-        "| dataset | model | test acc | test F1 | params | MFLOPs | alpha | T | widths |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | model | test acc | test F1 | ECE | params | MFLOPs | alpha | T | widths |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def pm(mean: float, std: float, seeds: str) -> str:
@@ -224,16 +232,19 @@ def format_summary(rows: list[DatasetSummary]) -> str:
     for r in rows:
         lines += [
             f"| {r.dataset} | teacher DenseNet121 | {r.teacher_test_accuracy:.3f} | {r.teacher_test_f1:.3f} "
+            f"| {r.teacher_test_ece:.3f} "
             f"| {r.teacher_params:,} | {r.teacher_flops / 1e6:.1f} | | | |",
             f"| {r.dataset} | KD student (champion) | {pm(r.student_test_accuracy, r.student_test_accuracy_std, r.seeds)} "
-            f"| {r.student_test_f1:.3f} | {r.student_params:,} | {r.student_flops / 1e6:.1f} | {r.alpha:.2f} "
+            f"| {r.student_test_f1:.3f} | {r.student_test_ece:.3f} | {r.student_params:,} | {r.student_flops / 1e6:.1f} | {r.alpha:.2f} "
             f"| {r.temperature:.2f} | {r.widths} |",
             f"| {r.dataset} | CE-only baseline | {pm(r.baseline_test_accuracy, r.baseline_test_accuracy_std, r.seeds)} "
-            f"| {r.baseline_test_f1:.3f} | {r.student_params:,} | {r.student_flops / 1e6:.1f} | 1.00 | | {r.widths} |",
+            f"| {r.baseline_test_f1:.3f} | {r.baseline_test_ece:.3f} | {r.student_params:,} | {r.student_flops / 1e6:.1f} | 1.00 | | {r.widths} |",
         ]
     lines.append("")
     lines.append("KD gain (student − baseline test accuracy): " + ", ".join(
         f"{r.dataset} {r.kd_gain:+.3f}" for r in rows))
+    lines.append("ECE: expected calibration error on the test split (15 bins, lower is better); "
+                 "reliability diagrams in each dataset's report.")
     return "\n".join(lines)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
+from kdray.champion import baseline_probabilities_path
 from kdray.config import ExperimentConfig
 from kdray.data.prepare import PreparedData
 from kdray.explain.report import Report, build_report
@@ -30,7 +33,9 @@ def report_dataset(
     teacher, _ = load_model(teacher_dir)
     student, _ = load_model(champion_dir)
     out = ws.reports / data.spec.id
-    report = build_report(data, teacher, student, cfg.explain, out, seed=cfg.seed)
+    baseline = baseline_probabilities_path(ws, data.spec.id)
+    report = build_report(data, teacher, student, cfg.explain, out, seed=cfg.seed,
+                          baseline_probabilities=np.load(baseline) if baseline.is_file() else None)
     tracker.log_metrics(parent_run_id, {f"explain.{k}": v for k, v in report.metrics.items()})
     tracker.log_artifacts(parent_run_id, str(out), "transparency")
     if champion_run_id is not None:

@@ -139,9 +139,10 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     data = PreparedData(spec, manifest, SIZE, splits)
     cfg = ExplainConfig(report_images=8, timing_images=2, grid_examples=3, shap_background=4,
                         shap_nsamples=8)
-    report = build_report(data, teacher, student, cfg, tmp_path / "report")
+    uniform = np.full((len(d["labels"]), 4), 0.25)  # a baseline that always says "no idea"
+    report = build_report(data, teacher, student, cfg, tmp_path / "report", baseline_probabilities=uniform)
 
-    for key in ("markdown", "json", "grid", "feature_maps", "curves"):
+    for key in ("markdown", "json", "grid", "feature_maps", "curves", "reliability"):
         assert report.paths[key].is_file(), key
     assert Image.open(report.paths["grid"]).size[0] > 600
     assert report.markdown == report.paths["markdown"].read_text()
@@ -156,6 +157,9 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
         assert m[f"{model}.flops_224"] > m[f"{model}.flops"] > 0
     assert m["ratio.params"] == pytest.approx(m["teacher.params"] / m["student.params"])
     assert all(np.isfinite(v) for v in m.values())
+    accuracy = float((d["labels"] == 0).mean())  # the uniform baseline's argmax is class 0
+    assert m["baseline.ece"] == pytest.approx(abs(accuracy - 0.25))
+    assert "| CE-only baseline |" in report.markdown and "![Reliability diagram](reliability.png)" in report.markdown
     assert json.loads(report.paths["json"].read_text())["metrics"] == m
 
 

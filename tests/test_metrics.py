@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from kdray.metrics import classification_metrics
+from kdray.metrics import calibration, classification_metrics
 
 
 def test_metrics_match_scikit_learn():
@@ -29,3 +29,39 @@ def test_perfect_and_invalid():
         classification_metrics([0, 1], [0], ["x", "y"])
     with pytest.raises(ValueError):
         classification_metrics([], [], ["x"])
+
+
+def _independent_ece(p: np.ndarray, y: np.ndarray, bins: int) -> float:
+    """ECE written out sample by sample, to check the vectorised one."""
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = [i for i in range(len(y)) if lo < p[i].max() <= hi or (b == 0 and p[i].max() == 0)]
+        if members:
+            acc = np.mean([p[i].argmax() == y[i] for i in members])
+            conf = np.mean([p[i].max() for i in members])
+            total += len(members) / len(y) * abs(acc - conf)
+    return total
+
+
+def test_calibration_error_matches_its_definition():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(300, 4)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = rng.integers(0, 4, 300)
+    c = calibration(p, y, bins=10)
+    assert c["ece"] == pytest.approx(_independent_ece(p, y, 10), abs=1e-9)
+    assert sum(c["bin_count"]) == 300
+    assert c["ece"] > 0.3  # random labels, confident model: badly calibrated
+
+
+def test_a_calibrated_model_has_no_error_and_overconfidence_shows():
+    # 80 % confident and right 80 % of the time: perfectly calibrated.
+    p = np.tile([0.8, 0.2], (100, 1))
+    y = np.array([0] * 80 + [1] * 20)
+    assert calibration(p, y)["ece"] == pytest.approx(0.0, abs=1e-12)
+    # 99 % confident, right 80 % of the time: the gap is the error.
+    p = np.tile([0.99, 0.01], (100, 1))
+    assert calibration(p, y)["ece"] == pytest.approx(0.19)
+    with pytest.raises(ValueError):
+        calibration(p, y[:50])

@@ -50,6 +50,8 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
             assert "cfg.kd.alpha" in run.data.params  # the resolved config
         assert "test_accuracy" in teacher.data.metrics
+        for run in (teacher, champion, baseline):
+            assert 0.0 <= run.data.metrics["test_ece"] <= 1.0  # calibration beside accuracy
         assert len(client.get_metric_history(teacher.info.run_id, "val_accuracy")) == 1  # 1 epoch
         assert len(trials) >= 2
         for trial in trials:
@@ -70,7 +72,9 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
         assert {"config.yaml", "test_confusion.png", "model"} <= {a.path for a in client.list_artifacts(teacher.info.run_id)}
         assert {"summary.md", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
         report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "transparency")}
-        assert {"transparency/report.md", "transparency/explanations.png"} <= report_files
+        assert {"transparency/report.md", "transparency/explanations.png",
+                "transparency/reliability.png"} <= report_files
+        assert {"explain.teacher.ece", "explain.student.ece", "explain.baseline.ece"} <= set(parent.data.metrics)
         assert "explain.student.met_ms.gradcam" in parent.data.metrics
         assert "feature_maps.png" in {a.path for a in client.list_artifacts(champion.info.run_id)}
     assert "| brain_tumor | KD student (champion) |" in proc.stdout

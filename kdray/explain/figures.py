@@ -147,3 +147,35 @@ def curves_figure(
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right", ncol=2)
     return _save(fig, path, title)
+
+
+def reliability_figure(calibrations: dict[str, dict], path: Path, title: str = "") -> Path:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, per model.
+
+    Args:
+        calibrations: label -> :func:`kdray.metrics.calibration` result (``ece``, bins).
+        path: PNG to write.
+    """
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 5.4), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="perfectly calibrated")
+    colours = ("#1f4e9c", "#d9822b", "#3a9d5d", "#8e44ad")
+    bins = len(next(iter(calibrations.values()))["bin_count"]) if calibrations else 1
+    width = 1.0 / bins / (len(calibrations) + 1)
+    for i, (label, c) in enumerate(calibrations.items()):
+        conf, acc = np.asarray(c["bin_confidence"], float), np.asarray(c["bin_accuracy"], float)
+        seen = np.isfinite(conf)
+        colour = colours[i % len(colours)]
+        ax.plot(conf[seen], acc[seen], "o-", color=colour, markersize=3.5, linewidth=1.3,
+                label=f"{label} (ECE {c['ece']:.3f})")
+        centres = (np.arange(bins) + 0.5) / bins
+        hist.bar(centres + (i - (len(calibrations) - 1) / 2) * width, c["bin_count"], width=width,
+                 color=colour, alpha=0.8)
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    hist.set_xlabel("confidence (top-class probability)")
+    hist.set_ylabel("images")
+    hist.grid(alpha=0.3)
+    return _save(fig, path, title)

@@ -8,6 +8,8 @@
 * ``explanations.png``: example rows, input | teacher maps | student maps, mask outlined;
 * ``feature_maps.png``: one image through every block of both models;
 * ``deletion_insertion.png``: mean deletion and insertion curves;
+* ``reliability.png``: calibration on the whole test split (teacher, student, and the CE-only
+  baseline when given), with each model's expected calibration error;
 * ``report.json``: the flat metrics.
 """
 
@@ -24,6 +26,7 @@ from torch import nn
 
 from kdray.config import ExplainConfig
 from kdray.data.prepare import PreparedData
+from kdray.engine import predict_logits, softmax
 from kdray.explain.background import select_background, stratified_indices
 from kdray.explain.cost import count_flops, count_params, time_call
 from kdray.explain.expected_gradients import shap_maps
@@ -34,14 +37,22 @@ from kdray.explain.faithfulness import (
     pointing_game,
     random_maps,
 )
-from kdray.explain.figures import Example, curves_figure, explanation_grid, feature_map_figure
+from kdray.explain.figures import (
+    Example,
+    curves_figure,
+    explanation_grid,
+    feature_map_figure,
+    reliability_figure,
+)
 from kdray.explain.gradcam import default_cam_layer, grad_cam, layer_output_size
 from kdray.explain.inputs import display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
+from kdray.metrics import calibration
 
 __all__ = ["Report", "build_report"]
 
 MODELS = ("teacher", "student")
+CALIBRATION_LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "CE-only baseline"}
 TITLES = {"feature_maps": "Feature maps (last block)", "gradcam": "Grad-CAM", "shap": "SHAP",
           "random": "Random map (baseline)"}
 
@@ -53,7 +64,8 @@ class Report:
     Attributes:
         dataset: dataset id.
         markdown: the text of ``report.md``.
-        paths: ``markdown``, ``json``, ``grid``, ``feature_maps``, ``curves`` -> file.
+        paths: ``markdown``, ``json``, ``grid``, ``feature_maps``, ``curves``, ``reliability``
+            -> file.
         metrics: flat ``name -> number`` (e.g. ``student.met_ms.shap``,
             ``teacher.pointing_game.gradcam``, ``ratio.flops``); NaN scores are left out.
     """
@@ -197,6 +209,7 @@ def build_report(
     *,
     seed: int = 0,
     steps: int = 12,
+    baseline_probabilities: np.ndarray | None = None,
 ) -> Report:
     """Measure and write the transparency report of one dataset (see the module docstring).
 
@@ -209,6 +222,8 @@ def build_report(
         out_dir: folder to write into (created).
         seed: seeds the image choice, SHAP sampling and random maps.
         steps: deletion / insertion curve steps.
+        baseline_probabilities: the CE-only baseline's class probabilities on the whole test
+            split, to show its calibration beside the two models'.
 
     Returns:
         :class:`Report`.
@@ -270,6 +285,15 @@ def build_report(
         paths["feature_maps"], f"Feature maps, {classes[labels[first]]}: first block to last",
     )
     curves_figure(fractions, curves, paths["curves"], title)
+    calibrations = {name: calibration(softmax(predict_logits(model, test.images)), test.labels)
+                    for name, model in (("teacher", teacher), ("student", student))}
+    if baseline_probabilities is not None and len(baseline_probabilities) == len(test):
+        calibrations["baseline"] = calibration(baseline_probabilities, test.labels)
+    for name, c in calibrations.items():
+        metrics[f"{name}.ece"] = c["ece"]
+    paths["reliability"] = out / "reliability.png"
+    reliability_figure({CALIBRATION_LABELS[n]: c for n, c in calibrations.items()}, paths["reliability"],
+                       f"Calibration, {data.spec.id} test split ({len(test)} images)")
     metrics["report_seconds"] = time.perf_counter() - started
     markdown = _markdown(data, cfg, metrics, len(idx), masks, has_masks, paths, steps,
                          cam_shape if "gradcam" in cfg.methods else {})
@@ -350,6 +374,16 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
             f"{_fmt(get(f'student.deletion_auc.{method}'))} | "
             f"{_fmt(get(f'teacher.insertion_auc.{method}'))} | "
             f"{_fmt(get(f'student.insertion_auc.{method}'))} |")
+    lines += [
+        "", "## Calibration (whole test split)", "",
+        "Expected calibration error of the top class (15 equal-width confidence bins; 0 is "
+        "perfect, lower is better): the gap between how sure a model is and how often it is "
+        "right.", "",
+        "| Model | ECE |", "|---|---:|",
+        *(f"| {CALIBRATION_LABELS[n]} | {_fmt(get(f'{n}.ece'))} |"
+          for n in ("teacher", "student", "baseline") if f"{n}.ece" in m),
+        "", f"![Reliability diagram]({paths['reliability'].name})",
+    ]
     lines += [
         "", "## Figures", "",
         f"![Example explanations]({paths['grid'].name})", "",
