@@ -45,7 +45,11 @@ def test_teacher_is_densenet121_without_inplace_relu():
     assert teacher(torch.rand(2, 3, 32, 32)).shape == (2, 4)
     assert 6_900_000 < count_params(teacher) < 7_100_000  # DenseNet121 with a 4-class head
     assert not any(m.inplace for m in teacher.modules() if isinstance(m, nn.ReLU))
-    assert teacher.get_submodule("features.denseblock4") is not None
+    from torchvision.models import densenet121
+    from torchvision.models.densenet import _DenseBlock
+
+    assert isinstance(teacher.get_submodule("features.denseblock4"), _DenseBlock)
+    assert count_params(teacher) == count_params(densenet121(num_classes=4))  # the same network
     assert count_params(_student((16, 32, 64, 128, 128))) < count_params(teacher) / 10
 
 

@@ -295,7 +295,8 @@ def test_global_statistics_do_not_reveal_the_class(dataset_id: str) -> None:
     stats_acc = stats_accuracy(images, labels, train, test)
     cnn_acc = cnn_accuracy(images, labels, train, test)
     print(f"{dataset_id}: stats {stats_acc:.3f}  cnn {cnn_acc:.3f}")
-    assert stats_acc < 0.55, f"global statistics classify {dataset_id} too well: {stats_acc:.3f}"
+    # Measured 0.25 / 0.36 / 0.41 on 2026-12-01 (chance 0.25); the README quotes these figures.
+    assert stats_acc < 0.45, f"global statistics classify {dataset_id} too well: {stats_acc:.3f}"
     assert cnn_acc - stats_acc >= 0.25, (
         f"{dataset_id}: cnn {cnn_acc:.3f} is not well above global statistics {stats_acc:.3f}"
     )
