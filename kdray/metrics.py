@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = ["calibration", "classification_metrics", "confusion_matrix"]
+
+log = logging.getLogger("kdray")
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -24,7 +27,10 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Accuracy, macro precision / recall / F1, a per-class report and the confusion matrix.
 
-    A class that is never predicted (or never present) gets precision (recall) 0, as in
+    Macro averages run over the classes that occur in ``y_true`` or ``y_pred`` (scikit-learn's
+    default): a class absent from a small split altogether would otherwise count as a 0 and
+    drag every macro score down; it is logged as a warning and keeps its 0 row in
+    ``per_class``. A class that is present but never predicted gets precision 0, as in
     scikit-learn's ``zero_division=0``.
 
     Returns:
@@ -46,6 +52,11 @@ def classification_metrics(
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    present = (support > 0) | (predicted > 0)
+    if not present.all():
+        log.warning("classes %s occur neither in the labels nor in the predictions of this split: "
+                    "macro scores average over the other %d", [class_names[i] for i in np.flatnonzero(~present)],
+                    int(present.sum()))
     per_class = {
         name: {
             "precision": float(precision[i]),
@@ -57,9 +68,9 @@ def classification_metrics(
     }
     return {
         "accuracy": float(tp.sum() / y_true.size),
-        "precision_macro": float(precision.mean()),
-        "recall_macro": float(recall.mean()),
-        "f1_macro": float(f1.mean()),
+        "precision_macro": float(precision[present].mean()),
+        "recall_macro": float(recall[present].mean()),
+        "f1_macro": float(f1[present].mean()),
         "per_class": per_class,
         "confusion": cm.tolist(),
     }

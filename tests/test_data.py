@@ -121,6 +121,14 @@ def test_stratified_split_is_deterministic_and_stratified():
         assert names.count("test") == 8 and names.count("val") == 8
 
 
+def test_a_class_too_small_for_every_split_is_named_in_a_warning(caplog):
+    labels = [0] * 20 + [1] * 2  # class 1: two images for train, val and test
+    with caplog.at_level("WARNING", logger="kdray"):
+        names = stratified_split(labels, {"val": 0.2, "test": 0.2}, seed=0, names=["normal", "rare"])
+    assert "'rare' has only 2 image(s)" in caplog.text and "'normal'" not in caplog.text
+    assert len([n for n, lab in zip(names, labels, strict=True) if lab == 1]) == 2
+
+
 def test_manifest_is_written_once_and_stable(tmp_path, workspace):
     spec = get_spec("eye_disease")
     _tree(tmp_path / "eye", list(spec.classes), per_class=10, mode="RGB")

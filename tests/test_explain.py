@@ -154,6 +154,20 @@ def test_explain_result_and_json(student: StudentCNN, images: np.ndarray) -> Non
     _assert_untouched(student)
 
 
+def test_gradcam_keeps_the_gradients_it_found(student: StudentCNN, images: np.ndarray) -> None:
+    """pytorch-grad-cam zeroes every .grad; a model explained mid-training keeps its own."""
+    for i, p in enumerate(student.parameters()):
+        p.grad = torch.full_like(p, float(i + 1))
+    before = [p.grad.clone() for p in student.parameters()]
+    try:
+        explain(student, images[0], methods=["gradcam"])
+        after = [p.grad for p in student.parameters()]
+        assert all(a is not None and torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    finally:
+        for p in student.parameters():
+            p.grad = None
+
+
 def test_hooks_released_after_errors(student: StudentCNN, images: np.ndarray) -> None:
     student.train()  # the caller's mode must come back too
     try:

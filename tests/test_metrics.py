@@ -22,6 +22,18 @@ def test_metrics_match_scikit_learn():
     assert sum(c["support"] for c in m["per_class"].values()) == 200
 
 
+def test_a_class_absent_from_the_split_does_not_count_in_macro_scores(caplog):
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0, 1, 1, 1, 2, 0])
+    with caplog.at_level("WARNING", logger="kdray"):
+        m = classification_metrics(y, p, ["a", "b", "c", "d"])  # no "d" at all
+    for ours, avg in (("precision_macro", skm.precision_score), ("recall_macro", skm.recall_score),
+                      ("f1_macro", skm.f1_score)):
+        assert m[ours] == pytest.approx(avg(y, p, average="macro", zero_division=0))
+    assert m["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert "['d']" in caplog.text
+
+
 def test_perfect_and_invalid():
     m = classification_metrics([0, 1, 2], [0, 1, 2], ["x", "y", "z"])
     assert m["accuracy"] == 1.0 and m["f1_macro"] == 1.0

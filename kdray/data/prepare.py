@@ -93,18 +93,23 @@ class PreparedData:
 
 
 def stratified_split(
-    labels: list[int], fractions: dict[str, float], seed: int
+    labels: list[int], fractions: dict[str, float], seed: int, names: list[str] | None = None
 ) -> list[str]:
     """Assign each index a split name, per class, with a seeded shuffle.
 
     ``fractions`` maps split names to shares of each class (the rest goes to ``train``); a class
-    with at least len(fractions) + 1 images gets at least one image in every split.
+    with at least len(fractions) + 1 images gets at least one image in every split. A smaller
+    class is logged as a warning (by its name in ``names``), since some split then lacks it.
     """
     result = ["train"] * len(labels)
     by_label: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         by_label.setdefault(label, []).append(i)
     for label, indices in sorted(by_label.items()):
+        if len(indices) <= len(fractions):
+            log.warning("class %r has only %d image(s): too few for one in each of train and %s; "
+                        "some of these splits will have none of it",
+                        names[label] if names else label, len(indices), " and ".join(fractions))
         order = np.random.default_rng([seed, label]).permutation(len(indices))
         start = 0
         for name, share in fractions.items():
@@ -236,7 +241,7 @@ def build_manifest(
         items = found["train"]
         fractions = {"val": cfg.val_fraction}
         entries += [{"path": rel, "label": lab, "split": "test"} for rel, lab in found["test"]]
-    names = stratified_split([lab for _, lab in items], fractions, cfg.split_seed)
+    names = stratified_split([lab for _, lab in items], fractions, cfg.split_seed, list(spec.classes))
     entries += [{"path": rel, "label": lab, "split": s} for (rel, lab), s in zip(items, names, strict=True)]
     for entry in entries:
         if entry["path"] in masks:

@@ -64,11 +64,13 @@ def grads_only_for(model: nn.Module, keep: nn.Module | None) -> Iterator[None]:
     Grad-CAM needs the gradient at one layer's output only; pytorch-grad-cam gets it from
     ``loss.backward()``, which would otherwise run the backward pass through the whole network
     and fill every parameter's ``.grad``. With only the target layer's own parameters trainable,
-    autograd stops at that layer. Flags are restored and the kept parameters' ``.grad`` cleared
-    afterwards.
+    autograd stops at that layer. pytorch-grad-cam also calls ``model.zero_grad()``, which drops
+    every parameter's ``.grad``: flags and gradients are put back afterwards, so a model explained
+    between a backward pass and its optimiser step keeps its gradients.
     """
     kept = {id(p) for p in keep.parameters()} if keep is not None else set()
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
     for p, _ in flags:
         # Kept parameters are switched on even in a frozen model: the layer's output needs a
         # gradient for Grad-CAM to read one.
@@ -76,10 +78,9 @@ def grads_only_for(model: nn.Module, keep: nn.Module | None) -> Iterator[None]:
     try:
         yield
     finally:
-        for p, flag in flags:
+        for (p, flag), grad in zip(flags, grads, strict=True):
             p.requires_grad_(flag)
-            if id(p) in kept:
-                p.grad = None
+            p.grad = grad
 
 
 @contextmanager
