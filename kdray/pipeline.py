@@ -81,7 +81,11 @@ def ray_session(cfg: RayConfig, ws: Workspace) -> Iterator[None]:
         # runs them at normal priority unless the user sets RAY_worker_niceness.
         os.environ.setdefault("RAY_worker_niceness", "0")
         # address="local" never attaches to another Ray that happens to run on this machine.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
+        # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner asks
+        # every second whether the Train controller still lives: without it the cleaner cannot
+        # clean up after a dead controller and warns on every check (dozens of lines per fit).
+        # It listens on 127.0.0.1 (8265, or the next free port).
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True,
                  _temp_dir=cfg.temp_dir or f"/tmp/kdray-ray-{os.getuid()}")
     try:
         yield
