@@ -54,6 +54,10 @@ class ChampionResult:
     baseline_test: dict[str, float]  # test_accuracy / test_f1_macro / test_ece: mean and std over seeds
     champion_seeds: dict[str, float] = field(default_factory=dict)  # same, champion retrains
     seeds: list[int] = field(default_factory=list)
+    # Test accuracy per seed, in the order of ``seeds``: the KD gain is paired by seed. With
+    # one seed, the champion's is its own test accuracy.
+    champion_seed_accuracy: list[float] = field(default_factory=list)
+    baseline_seed_accuracy: list[float] = field(default_factory=list)
 
 
 PROBABILITIES = "test_probabilities"  # a retrain's test-split class probabilities, not a metric
@@ -162,7 +166,8 @@ def crown_champion(
              "-".join(map(str, chosen.widths)), chosen.best_val_accuracy, test_metrics["accuracy"],
              registered_name(dataset), version, seeds)
 
-    champion_seeds = _log_seed_rows(tracker, run_id, ray.get(champion_refs)) if champion_refs else {}
+    champion_rows = ray.get(champion_refs) if champion_refs else []
+    champion_seeds = _log_seed_rows(tracker, run_id, champion_rows) if champion_rows else {}
     tracker.end_run(run_id)
 
     baseline_rows = ray.get(baseline_refs)
@@ -187,4 +192,7 @@ def crown_champion(
         flops=chosen.flops, val_accuracy=chosen.best_val_accuracy,
         test_metrics={k: test_metrics[k] for k in SCALAR_METRICS},
         baseline_run_id=baseline_run, baseline_test=stats, champion_seeds=champion_seeds, seeds=seeds,
+        champion_seed_accuracy=([r["test_accuracy"] for r in champion_rows] if champion_rows
+                                else [test_metrics["accuracy"]]),
+        baseline_seed_accuracy=[r["test_accuracy"] for r in baseline_rows],
     )

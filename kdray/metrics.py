@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["calibration", "classification_metrics", "confusion_matrix"]
+__all__ = ["calibration", "classification_metrics", "confusion_matrix", "paired_difference"]
 
 log = logging.getLogger("kdray")
 
@@ -105,3 +105,26 @@ def calibration(probabilities: np.ndarray, labels: Sequence[int] | np.ndarray, b
         "bin_accuracy": accuracy.tolist(),
         "bin_count": count.astype(np.int64).tolist(),
     }
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Mean and spread of ``a - b`` over paired runs (the same seeds), with a paired t-test.
+
+    Returns:
+        ``mean``, ``std`` (sample std of the differences), ``n``, and ``p``: the two-sided p-value
+        of a paired t-test (mean difference 0), NaN with fewer than two pairs.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"need two equal, non-empty series (got {np.shape(a)} and {np.shape(b)})")
+    n, mean = int(d.size), float(d.mean())
+    if n < 2:
+        return {"mean": mean, "std": float("nan"), "n": n, "p": float("nan")}
+    std = float(d.std(ddof=1))
+    if std == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+    else:
+        from scipy import stats
+
+        p = float(2.0 * stats.t.sf(abs(mean / (std / np.sqrt(n))), n - 1))
+    return {"mean": mean, "std": std, "n": n, "p": p}

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import ray
 from kdray.champion import ChampionResult, crown_champion
 from kdray.config import ExperimentConfig, RayConfig
 from kdray.data.prepare import Manifest, prepare_dataset, prepare_manifest
+from kdray.metrics import paired_difference
 from kdray.sweep import make_job, run_sweep
 from kdray.teacher import train_teacher
 from kdray.tracking import Tracker
@@ -60,6 +62,10 @@ class DatasetSummary:
     teacher_test_ece: float = float("nan")
     student_test_ece: float = float("nan")
     baseline_test_ece: float = float("nan")
+    # The KD gain paired by seed: spread of the per-seed gains and a paired t-test's p-value
+    # (NaN with one seed).
+    kd_gain_std: float = float("nan")
+    kd_gain_p: float = float("nan")
 
 
 @contextmanager
@@ -205,6 +211,7 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
             teacher_test_ece=teacher.test_metrics.get("ece", float("nan")),
             student_test_ece=seeds.get("test_ece_mean", champion.test_metrics.get("ece", float("nan"))),
             baseline_test_ece=champion.baseline_test.get("test_ece_mean", float("nan")),
+            **_paired_gain(champion),
         )
         tracker.set_tags(parent, {"kdray.teacher_run": teacher.run_id,
                                   "kdray.champion_run": champion.run_id,
@@ -221,6 +228,23 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
     _save_state(ws, dataset, {**base, "teacher_dir": str(teacher.model_dir),
                               "champion_run_id": champion.run_id, "summary": asdict(summary)})
     return summary
+
+
+def _paired_gain(champion: ChampionResult) -> dict[str, float]:
+    a, b = champion.champion_seed_accuracy, champion.baseline_seed_accuracy
+    if not a or len(a) != len(b):  # a state written before kdray kept the per-seed figures
+        return {}
+    gain = paired_difference(a, b)
+    return {"kd_gain_std": gain["std"], "kd_gain_p": gain["p"]}
+
+
+def _gain_words(r: DatasetSummary) -> str:
+    n = len(r.seeds.split())
+    if n < 2 or not math.isfinite(r.kd_gain_p):
+        return f"{r.dataset} {r.kd_gain:+.3f} (one seed: no uncertainty; set `seeds: [0, 1, 2]`)"
+    verdict = "larger than its uncertainty" if r.kd_gain_p < 0.05 else "within noise"
+    return (f"{r.dataset} {r.kd_gain:+.3f} ± {r.kd_gain_std:.3f} over {n} seeds, paired t-test "
+            f"p = {r.kd_gain_p:.2f}: {verdict}")
 
 
 def format_summary(rows: list[DatasetSummary]) -> str:
@@ -245,8 +269,10 @@ def format_summary(rows: list[DatasetSummary]) -> str:
             f"| {r.baseline_test_f1:.3f} | {r.baseline_test_ece:.3f} | {r.student_params:,} | {r.student_flops / 1e6:.1f} | 1.00 | | {r.widths} |",
         ]
     lines.append("")
-    lines.append("KD gain (student − baseline test accuracy): " + ", ".join(
-        f"{r.dataset} {r.kd_gain:+.3f}" for r in rows))
+    lines.append("KD gain (student − baseline test accuracy, paired by seed; ± is the std of the "
+                 "per-seed gains, p a two-sided paired t-test, 'larger than its uncertainty' at "
+                 "p < 0.05):")
+    lines += [f"- {_gain_words(r)}" for r in rows]
     lines.append("ECE: expected calibration error on the test split (15 bins, lower is better); "
                  "reliability diagrams in each dataset's report.")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from kdray.metrics import calibration, classification_metrics
+from kdray.metrics import calibration, classification_metrics, paired_difference
 
 
 def test_metrics_match_scikit_learn():
@@ -77,3 +77,15 @@ def test_a_calibrated_model_has_no_error_and_overconfidence_shows():
     assert calibration(p, y)["ece"] == pytest.approx(0.19)
     with pytest.raises(ValueError):
         calibration(p, y[:50])
+
+
+def test_paired_difference_is_scipys_paired_t_test():
+    from scipy import stats
+
+    student, baseline = [0.91, 0.93, 0.90, 0.94], [0.90, 0.90, 0.89, 0.90]
+    d = paired_difference(student, baseline)
+    assert d["n"] == 4 and d["mean"] == pytest.approx(0.0225)
+    assert d["std"] == pytest.approx(np.std(np.subtract(student, baseline), ddof=1))
+    assert d["p"] == pytest.approx(stats.ttest_rel(student, baseline).pvalue)
+    one = paired_difference([0.9], [0.8])
+    assert one["mean"] == pytest.approx(0.1) and np.isnan(one["p"]) and np.isnan(one["std"])

@@ -1,0 +1,48 @@
+"""The run summary: the KD gain paired by seed, with its uncertainty, or the honest lack of one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kdray.champion import ChampionResult
+from kdray.pipeline import DatasetSummary, _paired_gain, format_summary
+
+
+def _row(dataset: str, seeds: str, gain: float, std: float = float("nan"), p: float = float("nan")):
+    return DatasetSummary(
+        dataset=dataset, teacher_test_accuracy=0.95, teacher_test_f1=0.95, student_test_accuracy=0.9,
+        student_test_f1=0.9, baseline_test_accuracy=0.9 - gain, baseline_test_f1=0.88, kd_gain=gain,
+        alpha=0.5, temperature=4.0, widths="16-32", lr=1e-3, teacher_params=7_000_000,
+        student_params=100_000, teacher_flops=10**8, student_flops=10**7, seeds=seeds,
+        student_test_accuracy_std=0.01, baseline_test_accuracy_std=0.01, teacher_reused=False,
+        trials=4, seconds=1.0, parent_run_id="x", teacher_test_ece=0.05, student_test_ece=0.04,
+        baseline_test_ece=0.06, kd_gain_std=std, kd_gain_p=p,
+    )
+
+
+def test_the_gain_says_whether_it_exceeds_its_uncertainty():
+    text = format_summary([
+        _row("brain_tumor", "0 1 2", 0.030, 0.004, 0.01),
+        _row("eye_disease", "0 1 2", -0.010, 0.030, 0.62),
+        _row("alzheimer", "0", 0.058),
+    ])
+    assert "- brain_tumor +0.030 ± 0.004 over 3 seeds, paired t-test p = 0.01: larger than its uncertainty" in text
+    assert "- eye_disease -0.010 ± 0.030 over 3 seeds, paired t-test p = 0.62: within noise" in text
+    assert "- alzheimer +0.058 (one seed: no uncertainty; set `seeds: [0, 1, 2]`)" in text
+    assert "| ECE |" in text and "| 0.050 |" in text
+
+
+def test_the_gain_is_paired_seed_by_seed():
+    champion = ChampionResult(
+        run_id="r", trial_run_id="t", version="1", alpha=0.5, temperature=4.0, widths=[16], lr=1e-3,
+        params=1, flops=1, val_accuracy=0.9, test_metrics={"accuracy": 0.9}, baseline_run_id="b",
+        baseline_test={}, seeds=[0, 1, 2], champion_seed_accuracy=[0.90, 0.92, 0.95],
+        baseline_seed_accuracy=[0.88, 0.90, 0.93],  # every seed +0.02: no spread, clearly a gain
+    )
+    gain = _paired_gain(champion)
+    assert gain["kd_gain_std"] == pytest.approx(0.0, abs=1e-12) and gain["kd_gain_p"] < 1e-6
+    shuffled = _paired_gain(replace(champion, baseline_seed_accuracy=[0.93, 0.88, 0.90]))
+    assert shuffled["kd_gain_p"] > 0.5  # the same numbers unpaired carry no evidence
+    assert _paired_gain(replace(champion, champion_seed_accuracy=[])) == {}  # an older state
