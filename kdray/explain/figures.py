@@ -165,8 +165,12 @@ def reliability_figure(calibrations: dict[str, dict], path: Path, title: str = "
         conf, acc = np.asarray(c["bin_confidence"], float), np.asarray(c["bin_accuracy"], float)
         seen = np.isfinite(conf)
         colour = colours[i % len(colours)]
-        ax.plot(conf[seen], acc[seen], "o-", color=colour, markersize=3.5, linewidth=1.3,
-                label=f"{label} (ECE {c['ece']:.3f})")
+        count = np.asarray(c["bin_count"], float)
+        # A bin of one or two images swings between 0 and 1: the line is faint and each point's
+        # area follows its share of the images, so the eye goes to the bins that carry weight.
+        ax.plot(conf[seen], acc[seen], "-", color=colour, linewidth=1.0, alpha=0.45)
+        ax.scatter(conf[seen], acc[seen], s=8 + 400 * count[seen] / count.sum(), color=colour,
+                   alpha=0.85, edgecolors="white", linewidths=0.5, label=f"{label} (ECE {c['ece']:.3f})")
         centres = (np.arange(bins) + 0.5) / bins
         hist.bar(centres + (i - (len(calibrations) - 1) / 2) * width, c["bin_count"], width=width,
                  color=colour, alpha=0.8)
@@ -174,7 +178,10 @@ def reliability_figure(calibrations: dict[str, dict], path: Path, title: str = "
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    legend = ax.legend(fontsize=7, loc="upper left")
+    for handle in legend.legend_handles:
+        if hasattr(handle, "set_sizes"):
+            handle.set_sizes([30])
     hist.set_xlabel("confidence (top-class probability)")
     hist.set_ylabel("images")
     hist.grid(alpha=0.3)
