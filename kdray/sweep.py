@@ -8,6 +8,7 @@ its best-epoch weights as its checkpoint; :mod:`kdray.champion` picks and scores
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import tempfile
 import time
@@ -40,7 +41,15 @@ from kdray.teacher import TeacherResult
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
-__all__ = ["StudentJob", "TrialOutcome", "make_job", "run_sweep", "search_space", "train_student"]
+__all__ = [
+    "StudentJob",
+    "TrialOutcome",
+    "make_job",
+    "run_sweep",
+    "sampler_seed",
+    "search_space",
+    "train_student",
+]
 
 log = logging.getLogger("kdray")
 TRAIN_STATE = "train_state.pt"
@@ -301,14 +310,25 @@ def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
     return space, first
 
 
-def _search_alg(cfg: ExperimentConfig, first: dict[str, Any]) -> Any:
+def sampler_seed(seed: int, dataset: str) -> int:
+    """The search's seed for one dataset: reproducible, and different per dataset.
+
+    One seed for all datasets made the three sweeps try the same alpha, T, widths and lr in the
+    same order; this derives a seed from ``tune.seed`` and the dataset id (not Python's salted
+    ``hash``, so it is the same in every process and run).
+    """
+    return int(hashlib.sha256(f"{seed}:{dataset}".encode()).hexdigest()[:8], 16)
+
+
+def _search_alg(cfg: ExperimentConfig, first: dict[str, Any], dataset: str) -> Any:
+    seed = sampler_seed(cfg.tune.seed, dataset)
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=METRIC, mode="max", seed=cfg.tune.seed, points_to_evaluate=[first])
+        return OptunaSearch(metric=METRIC, mode="max", seed=seed, points_to_evaluate=[first])
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.tune.seed, points_to_evaluate=[first])
+    return BasicVariantGenerator(random_state=seed, points_to_evaluate=[first])
 
 
 def _scheduler(cfg: ExperimentConfig) -> Any:
@@ -334,7 +354,7 @@ def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, 
 
 
 def _new_tuner(cfg: ExperimentConfig, trainable: Any, space: dict[str, Any], first: dict[str, Any],
-               ws: Workspace, name: str) -> tune.Tuner:
+               ws: Workspace, name: str, dataset: str) -> tune.Tuner:
     t = cfg.tune
     return tune.Tuner(
         trainable,
@@ -342,7 +362,7 @@ def _new_tuner(cfg: ExperimentConfig, trainable: Any, space: dict[str, Any], fir
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent_trials,
-            search_alg=_search_alg(cfg, first), scheduler=_scheduler(cfg),
+            search_alg=_search_alg(cfg, first, dataset), scheduler=_scheduler(cfg),
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -378,7 +398,7 @@ def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False) 
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=space)
     else:
-        tuner = _new_tuner(cfg, trainable, space, first, ws, name)
+        tuner = _new_tuner(cfg, trainable, space, first, ws, name, job.dataset)
     grid = tuner.fit()
     _settle_trial_runs(job.tracker, grid, cfg.student.epochs)
     _prune_checkpoints(grid)

@@ -160,3 +160,22 @@ def test_resume_from_a_checkpoint_continues_exactly(setup, tmp_path):
     assert resumed_reports == [1]  # only the epoch after the checkpoint ran
     for key in ("train_loss", "val_loss", "val_accuracy", "best_val_accuracy"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-5), key
+
+
+def test_each_dataset_gets_its_own_reproducible_search():
+    """One seed for all datasets made the three sweeps try the same points in the same order."""
+    from kdray.sweep import METRIC, _search_alg, sampler_seed, search_space
+
+    cfg = ExperimentConfig.model_validate({"tune": {"search": "optuna"}})
+    space, first = search_space(cfg)
+
+    def points(dataset: str) -> list[dict]:
+        searcher = _search_alg(cfg, first, dataset)
+        searcher.set_search_properties(METRIC, "max", space)
+        return [searcher.suggest(f"t{i}") for i in range(4)]
+
+    brain, eye = points("brain_tumor"), points("eye_disease")
+    assert brain[0] == eye[0] == first  # the configured student comes first everywhere
+    assert brain[1:] != eye[1:]  # then each dataset searches on its own
+    assert points("brain_tumor") == brain  # and the same again next time
+    assert sampler_seed(0, "brain_tumor") == sampler_seed(0, "brain_tumor") != sampler_seed(1, "brain_tumor")
