@@ -7,6 +7,7 @@ with a :class:`ConfigError` that names the key path (``kd.alpha``), before any w
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -277,6 +278,17 @@ class ExperimentConfig(_Strict):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _student_fits_the_image(self) -> ExperimentConfig:
+        # Every student block max-pools by 2: more blocks than log2(image_size) pool to nothing.
+        deepest = int(math.floor(math.log2(self.data.image_size)))
+        if self.student.depth > deepest:
+            raise ValueError(
+                f"student.depth: {self.student.depth} blocks is too deep for data.image_size "
+                f"{self.data.image_size} (each block halves the image; at most {deepest})"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe nested dict (what is logged to MLflow as the resolved config)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -289,6 +290,11 @@ def _prune_checkpoints(grid: Any) -> None:
                     checkpoint.filesystem.delete_dir(checkpoint.path)
 
 
+def max_depth(image_size: int) -> int:
+    """The most student blocks an image of ``image_size`` allows (each block max-pools by 2)."""
+    return int(math.floor(math.log2(image_size)))
+
+
 def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tune's param space and its first point (``kd`` and ``student`` settings, always tried)."""
     t, s = cfg.tune, cfg.student
@@ -304,8 +310,13 @@ def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
     }
     if s.widths is None:
         # The configured student is always among the choices, so the first point is valid.
+        # Every block halves the image: depths that would pool it below 1x1 are left out.
+        deepest = max_depth(cfg.data.image_size)
         for key, default in (("base_width", s.base_width), ("growth", s.growth), ("depth", s.depth)):
-            space[key] = tune.choice(sorted({*getattr(t, key), default}))
+            choices = {*getattr(t, key), default}
+            if key == "depth":
+                choices = {d for d in choices if d <= deepest} | {default}
+            space[key] = tune.choice(sorted(choices))
             first[key] = default
     return space, first
 

@@ -179,3 +179,15 @@ def test_each_dataset_gets_its_own_reproducible_search():
     assert brain[1:] != eye[1:]  # then each dataset searches on its own
     assert points("brain_tumor") == brain  # and the same again next time
     assert sampler_seed(0, "brain_tumor") == sampler_seed(0, "brain_tumor") != sampler_seed(1, "brain_tumor")
+
+
+def test_the_search_never_proposes_a_student_deeper_than_the_image_allows():
+    from kdray.sweep import search_space
+
+    cfg = ExperimentConfig.model_validate({"data": {"image_size": 32}, "tune": {"depth": [4, 5, 6]}})
+    space, _ = search_space(cfg)
+    assert sorted(space["depth"].categories) == [4, 5]  # 6 blocks would pool 32 px to nothing
+    wide, _ = search_space(ExperimentConfig.model_validate({"tune": {"depth": [4, 5, 6]}}))  # 64 px
+    assert sorted(wide["depth"].categories) == [4, 5, 6]
+    with pytest.raises(ValueError, match="student.depth: 6 blocks is too deep for data.image_size 32"):
+        ExperimentConfig.model_validate({"data": {"image_size": 32}, "student": {"depth": 6}})
