@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdray.data.specs import DATASETS
 
 __all__ = [
+    "max_student_depth",
     "widths_for",
     "AugmentConfig",
     "ConfigError",
@@ -129,6 +130,11 @@ class TeacherConfig(_Strict):
     use_gpu: bool = False
     max_failures: int = Field(0, ge=-1, description="worker-failure restarts; -1 = unlimited")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+def max_student_depth(image_size: int) -> int:
+    """The most student blocks an image of ``image_size`` allows (each block max-pools by 2)."""
+    return int(math.floor(math.log2(image_size)))
 
 
 def widths_for(base: int, growth: float, depth: int) -> list[int]:
@@ -282,7 +288,7 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _student_fits_the_image(self) -> ExperimentConfig:
         # Every student block max-pools by 2: more blocks than log2(image_size) pool to nothing.
-        deepest = int(math.floor(math.log2(self.data.image_size)))
+        deepest = max_student_depth(self.data.image_size)
         if self.student.depth > deepest:
             raise ValueError(
                 f"student.depth: {self.student.depth} blocks is too deep for data.image_size "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import ray
 import torch
 from ray import tune
 
-from kdray.config import ExperimentConfig, widths_for
+from kdray.config import ExperimentConfig, max_student_depth, widths_for
 from kdray.data.prepare import PreparedData, Split
 from kdray.devices import assigned_device, use_assigned_threads
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
@@ -290,11 +289,6 @@ def _prune_checkpoints(grid: Any) -> None:
                     checkpoint.filesystem.delete_dir(checkpoint.path)
 
 
-def max_depth(image_size: int) -> int:
-    """The most student blocks an image of ``image_size`` allows (each block max-pools by 2)."""
-    return int(math.floor(math.log2(image_size)))
-
-
 def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tune's param space and its first point (``kd`` and ``student`` settings, always tried)."""
     t, s = cfg.tune, cfg.student
@@ -311,7 +305,7 @@ def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
     if s.widths is None:
         # The configured student is always among the choices, so the first point is valid.
         # Every block halves the image: depths that would pool it below 1x1 are left out.
-        deepest = max_depth(cfg.data.image_size)
+        deepest = max_student_depth(cfg.data.image_size)
         for key, default in (("base_width", s.base_width), ("growth", s.growth), ("depth", s.depth)):
             choices = {*getattr(t, key), default}
             if key == "depth":
