@@ -3,9 +3,14 @@
 Selection rule (``tune.selection_tolerance``): the best validation accuracy wins, but among
 trials within the tolerance of it the one with the fewest FLOPs is taken — a small student is
 the point of distillation. The champion gets its own MLflow run (role ``champion``) and is
-registered as ``kdray-<dataset>@champion``. The KD ablation trains the champion's architecture
-with cross-entropy only (alpha = 1, same epochs, lr and seeds) as role ``baseline``; with
-``seeds: [...]`` both are retrained per seed and reported as mean ± std.
+registered as ``kdray-<dataset>@champion``.
+
+The KD ablation, role ``baseline``, is the champion's architecture trained with cross-entropy
+only (alpha = 1), tuned as fairly as the champion: its own Tune search with the same budget
+(``tune.num_samples`` trials, sampler and scheduler) over what it can tune, the learning rate,
+over the same range; the trial with the best validation accuracy is the baseline (runs with
+role ``baseline-trial``). With ``seeds: [...]`` champion and baseline are each retrained per
+seed at their chosen hyper-parameters and reported as mean ± std.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from kdray.evaluation import SCALAR_METRICS, evaluate_and_log
 from kdray.explain.background import save_background, select_background
 from kdray.models import ModelSpec, build_model, load_model, save_model
 from kdray.registry import register_model, registered_name
-from kdray.sweep import StudentJob, TrialOutcome, train_student
+from kdray.sweep import StudentJob, TrialOutcome, baseline_search_space, run_sweep, train_student
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
@@ -58,6 +63,10 @@ class ChampionResult:
     # one seed, the champion's is its own test accuracy.
     champion_seed_accuracy: list[float] = field(default_factory=list)
     baseline_seed_accuracy: list[float] = field(default_factory=list)
+    # How the baseline was chosen: its lr and the number of its search's finished trials (NaN
+    # and 0 in the state of a run made before the baseline had its own search).
+    baseline_lr: float = float("nan")
+    baseline_trials: int = 0
 
 
 PROBABILITIES = "test_probabilities"  # a retrain's test-split class probabilities, not a metric
@@ -98,6 +107,16 @@ def retrain_and_score(job: StudentJob, alpha: float, temperature: float, widths:
             PROBABILITIES: softmax(logits).astype(np.float32)}
 
 
+def score_checkpoint(outcome: TrialOutcome, test: Split, class_names: list[str]) -> dict[str, Any]:
+    """A finished trial's best-epoch model scored on ``test`` (the single-seed path)."""
+    with outcome.checkpoint.as_directory() as d:
+        model, _ = load_model(d)
+    metrics, logits = evaluate(model, test, class_names)
+    return {"val_accuracy": outcome.best_val_accuracy, "test_accuracy": metrics["accuracy"],
+            "test_f1_macro": metrics["f1_macro"], "test_ece": metrics["ece"],
+            PROBABILITIES: softmax(logits).astype(np.float32)}
+
+
 def _mean_std(rows: list[dict[str, float]]) -> dict[str, float]:
     out = {}
     for key in ("test_accuracy", "test_f1_macro", "test_ece"):
@@ -118,22 +137,27 @@ def _log_seed_rows(tracker: Tracker, run_id: str, rows: list[dict[str, float]]) 
 
 def crown_champion(
     job: StudentJob, outcomes: list[TrialOutcome], test: Split, ws: Workspace, tracker: Tracker,
-    parent_run_id: str,
+    parent_run_id: str, baseline_sweep: str, restore: bool = False,
 ) -> ChampionResult:
-    """Select, save, score, register the champion; train and log the CE-only baseline.
+    """Select, save, score, register the champion; search, train and log the CE-only baseline.
+
+    Args:
+        baseline_sweep: the Tune experiment name of the baseline's search.
+        restore: continue that search if an earlier, killed run started it.
 
     Safe to run again after the driver was killed half-way: the champion and baseline runs
-    under ``parent_run_id`` are resumed, and the champion run registers one version only.
+    under ``parent_run_id`` are resumed, the baseline's search is restored, and the champion
+    run registers one version only.
     """
     cfg, dataset = job.cfg, job.dataset
     chosen = select_champion(outcomes, cfg.tune.selection_tolerance)
     alpha, temperature = float(chosen.config["alpha"]), float(chosen.config["temperature"])
     seeds = list(cfg.seeds) or [cfg.seed]
 
-    # Baselines (and multi-seed champion retrains) run as Ray tasks while the champion is scored.
+    # Multi-seed champion retrains run as Ray tasks while the champion is scored and the
+    # baseline searched.
     remote = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(retrain_and_score)
     job_ref = ray.put(job)
-    baseline_refs = [remote.remote(job_ref, 1.0, temperature, chosen.widths, chosen.lr, s, test) for s in seeds]
     champion_refs = ([remote.remote(job_ref, alpha, temperature, chosen.widths, chosen.lr, s, test)
                       for s in seeds] if cfg.seeds else [])
 
@@ -151,7 +175,8 @@ def crown_champion(
                                             tags={"kdray.source_trial_run": chosen.run_id})
     tracker.log_params(run_id, {"alpha": alpha, "temperature": temperature,
                                 "widths": "-".join(map(str, chosen.widths)),
-                                "depth": len(chosen.widths), "lr": chosen.lr})
+                                "depth": len(chosen.widths), "lr": chosen.lr,
+                                "selected_from": len(outcomes)})
     tracker.log_config(run_id, cfg.to_dict())
     tracker.log_metrics(run_id, {"val_accuracy": chosen.best_val_accuracy, "params": chosen.params,
                                  "flops": chosen.flops})
@@ -161,28 +186,42 @@ def crown_champion(
     version = register_model(tracker.client, registered_name(dataset), run_id, "champion",
                              tags={"kdray.dataset": dataset})
     tracker.set_tags(run_id, {"kdray.registered_model": f"{registered_name(dataset)}/{version}"})
-    log.info("%s: champion alpha %.2f T %.1f widths %s (val acc %.3f, test acc %.3f), registered "
-             "%s v%s; CE baseline over seeds %s", dataset, alpha, temperature,
-             "-".join(map(str, chosen.widths)), chosen.best_val_accuracy, test_metrics["accuracy"],
-             registered_name(dataset), version, seeds)
+    log.info("%s: champion alpha %.2f T %.1f widths %s lr %.4f (val acc %.3f, test acc %.3f), "
+             "registered %s v%s", dataset, alpha, temperature, "-".join(map(str, chosen.widths)),
+             chosen.lr, chosen.best_val_accuracy, test_metrics["accuracy"], registered_name(dataset),
+             version)
+
+    log.info("%s: CE-only baseline: searching lr over %d trials (alpha 1, widths %s)", dataset,
+             cfg.tune.num_samples, "-".join(map(str, chosen.widths)))
+    baseline_outcomes = run_sweep(job, ws, baseline_sweep, restore=restore, role="baseline-trial",
+                                  search=baseline_search_space(cfg, chosen.widths, temperature, chosen.lr))
+    base = select_champion(baseline_outcomes, 0.0)  # one architecture: best validation accuracy
+    baseline_refs = [remote.remote(job_ref, 1.0, temperature, base.widths, base.lr, s, test)
+                     for s in seeds] if cfg.seeds else []
 
     champion_rows = ray.get(champion_refs) if champion_refs else []
     champion_seeds = _log_seed_rows(tracker, run_id, champion_rows) if champion_rows else {}
     tracker.end_run(run_id)
 
-    baseline_rows = ray.get(baseline_refs)
+    baseline_rows = (ray.get(baseline_refs) if baseline_refs
+                     else [{**score_checkpoint(base, test, job.class_names), "seed": cfg.seed}])
     baseline_run, _ = tracker.resume_or_start_run(f"baseline-{dataset}", dataset, "baseline",
-                                                  parent_run_id, tags={"kdray.champion_run": run_id})
+                                                  parent_run_id, tags={"kdray.champion_run": run_id,
+                                                                       "kdray.source_trial_run": base.run_id})
     tracker.log_params(baseline_run, {"alpha": 1.0, "temperature": temperature,
-                                      "widths": "-".join(map(str, chosen.widths)),
-                                      "depth": len(chosen.widths), "lr": chosen.lr, "seeds": seeds})
+                                      "widths": "-".join(map(str, base.widths)),
+                                      "depth": len(base.widths), "lr": base.lr, "seeds": seeds,
+                                      "selected_from": len(baseline_outcomes)})
     tracker.log_config(baseline_run, cfg.to_dict())
     stats = _log_seed_rows(tracker, baseline_run, baseline_rows)
     tracker.log_metrics(baseline_run, {
-        "val_accuracy": statistics.fmean(r["val_accuracy"] for r in baseline_rows),
+        "val_accuracy": base.best_val_accuracy,
         "test_accuracy": stats["test_accuracy_mean"], "test_f1_macro": stats["test_f1_macro_mean"],
-        "test_ece": stats["test_ece_mean"], "params": chosen.params, "flops": chosen.flops,
+        "test_ece": stats["test_ece_mean"], "params": base.params, "flops": base.flops,
     })
+    log.info("%s: CE-only baseline lr %.4f (val acc %.3f, best of %d), test acc %.3f over seeds %s",
+             dataset, base.lr, base.best_val_accuracy, len(baseline_outcomes),
+             stats["test_accuracy_mean"], seeds)
     # The report's reliability diagram shows the baseline beside teacher and champion.
     np.save(baseline_probabilities_path(ws, dataset), baseline_rows[0][PROBABILITIES])
     tracker.end_run(baseline_run)
@@ -195,4 +234,5 @@ def crown_champion(
         champion_seed_accuracy=([r["test_accuracy"] for r in champion_rows] if champion_rows
                                 else [test_metrics["accuracy"]]),
         baseline_seed_accuracy=[r["test_accuracy"] for r in baseline_rows],
+        baseline_lr=base.lr, baseline_trials=len(baseline_outcomes),
     )

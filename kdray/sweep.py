@@ -44,6 +44,7 @@ from kdray.workspace import Workspace
 __all__ = [
     "StudentJob",
     "TrialOutcome",
+    "baseline_search_space",
     "make_job",
     "run_sweep",
     "sampler_seed",
@@ -204,15 +205,20 @@ def train_student(
 
 
 def trial_hyperparameters(config: dict[str, Any], cfg: ExperimentConfig) -> tuple[list[int], float]:
-    """A trial's (widths, lr): explicit ``student.widths`` win over the searched base/growth/depth."""
+    """A trial's (widths, lr): widths fixed by the search (the baseline's, ``"16-32-64"``), else
+    explicit ``student.widths``, else the searched base/growth/depth."""
     s = cfg.student
-    widths = s.resolved_widths() if s.widths is not None else widths_for(
-        int(config["base_width"]), float(config["growth"]), int(config["depth"]))
+    if "widths" in config:
+        widths = [int(w) for w in str(config["widths"]).split("-")]
+    elif s.widths is not None:
+        widths = s.resolved_widths()
+    else:
+        widths = widths_for(int(config["base_width"]), float(config["growth"]), int(config["depth"]))
     return widths, float(config.get("lr", s.lr))
 
 
-def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
-    """One Tune trial: a :func:`train_student` run with its own MLflow run."""
+def _kd_trial(config: dict[str, Any], job: StudentJob, role: str = "trial") -> None:
+    """One Tune trial: a :func:`train_student` run with its own MLflow run (tag ``kdray.role``)."""
     cfg = job.cfg
     use_assigned_threads(default=max(1, int(cfg.tune.cpus_per_trial)))  # the trial's CPUs
     widths, lr = trial_hyperparameters(config, cfg)
@@ -220,14 +226,14 @@ def _kd_trial(config: dict[str, Any], job: StudentJob) -> None:
     trial_id = tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()
     # A trial restarted after a failure or a driver restart (Tuner.restore) keeps its run.
-    run_id, resumed = tracker.resume_or_start_run(f"trial-{job.dataset}-{trial_id}", job.dataset,
-                                                  "trial", job.parent_run_id,
+    run_id, resumed = tracker.resume_or_start_run(f"{role}-{job.dataset}-{trial_id}", job.dataset,
+                                                  role, job.parent_run_id,
                                                   tags={"kdray.trial_id": trial_id})
     if not resumed:
         tracker.log_params(run_id, {"alpha": config["alpha"], "temperature": config["temperature"],
                                     "widths": "-".join(map(str, widths)), "depth": len(widths),
                                     "lr": lr, "epochs": cfg.student.epochs,
-                                    "teacher_logits": cfg.kd.teacher_logits})
+                                    "teacher_logits": cfg.kd.teacher_logits if config["alpha"] < 1 else "none"})
         tracker.log_config(run_id, cfg.to_dict())
     tracker.set_tags(run_id, {"kdray.node_id": node_id})
     checkpoint = tune.get_checkpoint()
@@ -315,6 +321,16 @@ def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
     return space, first
 
 
+def baseline_search_space(cfg: ExperimentConfig, widths: list[int], temperature: float, lr: float,
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The CE-only baseline's search: what it can tune (lr, over the KD search's range), with the
+    champion's widths and alpha = 1 fixed. Its first point is the champion's own lr."""
+    t = cfg.tune
+    space = {"alpha": 1.0, "temperature": temperature, "widths": "-".join(map(str, widths)),
+             "lr": tune.loguniform(*t.lr)}
+    return space, {"lr": min(max(lr, t.lr[0]), t.lr[1])}
+
+
 def sampler_seed(seed: int, dataset: str) -> int:
     """The search's seed for one dataset: reproducible, and different per dataset.
 
@@ -381,21 +397,29 @@ def _new_tuner(cfg: ExperimentConfig, trainable: Any, space: dict[str, Any], fir
     )
 
 
-def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False) -> list[TrialOutcome]:
-    """Run the Tune search for one dataset; return every trial that finished with a checkpoint.
+def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False,
+              search: tuple[dict[str, Any], dict[str, Any]] | None = None, role: str = "trial",
+              ) -> list[TrialOutcome]:
+    """Run a Tune search for one dataset; return every trial that finished with a checkpoint.
+
+    The same budget (``tune.num_samples`` trials, sampler, scheduler, resources) serves the KD
+    sweep and the CE-only baseline's search.
 
     Args:
         name: the Tune experiment's name under the Ray storage path.
         restore: continue that experiment (``Tuner.restore``) if it exists: finished trials
             stay, unfinished and errored ones resume from their last checkpoint.
+        search: (param space, first point); default the KD search (:func:`search_space`).
+        role: the trials' ``kdray.role`` in MLflow (``trial``, ``baseline-trial``).
 
     Raises:
         RuntimeError: no trial finished.
     """
     cfg, t = job.cfg, job.cfg.tune
-    space, first = search_space(cfg)
+    space, first = search or search_space(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(_kd_trial, job=job), {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+        tune.with_parameters(_kd_trial, job=job, role=role),
+        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
     )
     path = f"{ws.ray_storage(cfg.ray.storage_path).rstrip('/')}/{name}"
     if restore and tune.Tuner.can_restore(path):
@@ -416,5 +440,5 @@ def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False) 
                                          float(m["best_val_accuracy"]), int(m["params"]),
                                          int(m["flops"]), result.checkpoint))
     if not outcomes:
-        raise RuntimeError(f"no KD trial of {name} finished; see the Ray Tune errors above")
+        raise RuntimeError(f"no trial of {name} finished; see the Ray Tune errors above")
     return outcomes

@@ -67,6 +67,22 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
         assert float(baseline.data.params["alpha"]) == 1.0
         assert baseline.data.params["widths"] == champion.data.params["widths"]
         assert "test_accuracy" in baseline.data.metrics
+        # The baseline had the KD sweep's budget over lr and is its best trial on validation.
+        baseline_trials = _runs(client, dataset, "baseline-trial")
+        assert len(baseline_trials) == len(trials) == 2  # smoke: tune.num_samples 2
+        for trial in baseline_trials:
+            assert trial.info.status == "FINISHED"
+            assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert float(trial.data.params["alpha"]) == 1.0
+            assert trial.data.params["widths"] == champion.data.params["widths"]
+            assert 0.001 <= float(trial.data.params["lr"]) <= 0.01
+        assert len({t.data.params["lr"] for t in baseline_trials}) == 2
+        assert baseline_trials[0].data.params["lr"] != baseline_trials[1].data.params["lr"]
+        best = {t.info.run_id: t for t in baseline_trials}[baseline.data.tags["kdray.source_trial_run"]]
+        assert best.data.metrics["best_val_accuracy"] == max(t.data.metrics["best_val_accuracy"]
+                                                              for t in baseline_trials)
+        assert baseline.data.params["lr"] == best.data.params["lr"]
+        assert baseline.data.metrics["val_accuracy"] == best.data.metrics["best_val_accuracy"]
         artifacts = {a.path for a in client.list_artifacts(champion.info.run_id)}
         assert {"config.yaml", "test_confusion.png", "model"} <= artifacts
         assert {"config.yaml", "test_confusion.png", "model"} <= {a.path for a in client.list_artifacts(teacher.info.run_id)}
@@ -78,6 +94,7 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
         assert "explain.student.met_ms.gradcam" in parent.data.metrics
         assert "feature_maps.png" in {a.path for a in client.list_artifacts(champion.info.run_id)}
     assert "| brain_tumor | KD student (champion) |" in proc.stdout
+    assert "2 CE trials |" in proc.stdout and "How each side was chosen" in proc.stdout
     assert (ws / "reports" / "summary.csv").read_text().count("\n") == 4
     # Ray Train's PlacementGroupCleaner warned every second without the State API (dashboard).
     assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr

@@ -1,8 +1,8 @@
 """Kill the driver (and its local Ray) at five points of one run, resume each time with --resume.
 
 Kill points, in the order one run meets them: during the teacher's Ray Train fit, mid-trial,
-between trials (one trial done, others not), during the champion's seed retraining and CE
-baseline, and during the transparency report. After the last resume every MLflow run is
+between trials (one trial done, others not), during the CE baseline's search (while the
+champion's seeds retrain), and during the transparency report. After the last resume every MLflow run is
 FINISHED, every stage has exactly one run, every epoch one metric point, and the champion and
 teacher are registered once each.
 
@@ -108,7 +108,8 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
         ("mid-trial", lambda: bool(trial_epochs()) and 2 <= max(trial_epochs()) < STUDENT_EPOCHS - 1),
         ("between trials", lambda: STUDENT_EPOCHS in trial_epochs()
          and (len(trial_epochs()) < TRIALS or min(trial_epochs()) < STUDENT_EPOCHS)),
-        ("during the champion retraining", lambda: bool(db.runs("champion")) and not db.runs("baseline")),
+        ("during the baseline's search", lambda: bool(db.runs("champion")) and bool(db.epochs("baseline-trial"))
+         and max(db.epochs("baseline-trial")) >= 2 and not db.runs("baseline")),
         # The champion stage is saved as done just before the report starts: wait for its line.
         ("during the report", lambda: f"{DATASET}: transparency report" in (tmp_path / "run4.log").read_text()
          and not db.has_metric("parent", "explain.")),
@@ -123,6 +124,9 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
     assert f"{DATASET}: teacher reused" in resumed.stderr
     logs = "".join((tmp_path / f"run{i}.log").read_text() for i in range(1, len(kill_points)))
     assert f"{DATASET}: restoring the Tune experiment" in logs
+    run4 = (tmp_path / "run4.log").read_text()  # started after the kill in the baseline's search
+    assert any(f"{DATASET}: restoring the Tune experiment" in line and line.rstrip().endswith("-baseline")
+               for line in run4.splitlines()), run4[-3000:]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("kdray")
@@ -132,7 +136,7 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
         by_role.setdefault(run.data.tags["kdray.role"], []).append(run)
         assert run.info.status == "FINISHED", (run.info.run_name, run.info.status, run.data.tags.get("kdray.error"))
     assert {role: len(v) for role, v in by_role.items()} == {
-        "parent": 1, "teacher": 1, "trial": TRIALS, "champion": 1, "baseline": 1}
+        "parent": 1, "teacher": 1, "trial": TRIALS, "champion": 1, "baseline-trial": TRIALS, "baseline": 1}
     trial_ids = [r.data.tags["kdray.trial_id"] for r in by_role["trial"]]
     assert len(set(trial_ids)) == TRIALS  # none lost, none doubled
 
@@ -141,7 +145,7 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
     steps = [m.step for m in client.get_metric_history(teacher.info.run_id, "val_accuracy")]
     assert sorted(steps) == list(range(TEACHER_EPOCHS))
     assert int(teacher.data.tags["kdray.resumed_from_epoch"]) >= 1  # from its checkpoint, not epoch 0
-    for trial in by_role["trial"]:
+    for trial in by_role["trial"] + by_role["baseline-trial"]:
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
         assert len(steps) == len(set(steps)) == int(trial.data.tags["kdray.epochs_run"]), steps
 

@@ -191,3 +191,25 @@ def test_the_search_never_proposes_a_student_deeper_than_the_image_allows():
     assert sorted(wide["depth"].categories) == [4, 5, 6]
     with pytest.raises(ValueError, match="student.depth: 6 blocks is too deep for data.image_size 32"):
         ExperimentConfig.model_validate({"data": {"image_size": 32}, "student": {"depth": 6}})
+
+
+def test_the_baseline_searches_lr_only_with_the_champions_widths():
+    """The CE baseline's search: the KD sweep's budget over lr; alpha 1 and widths fixed."""
+    from ray.tune.search.variant_generator import parse_spec_vars
+
+    from kdray.sweep import METRIC, _search_alg, baseline_search_space, trial_hyperparameters
+
+    cfg = ExperimentConfig.model_validate({"tune": {"search": "optuna", "lr": [0.001, 0.01]}})
+    space, first = baseline_search_space(cfg, [8, 16, 32], temperature=3.0, lr=0.02)
+    assert first == {"lr": 0.01}  # the champion's lr, clipped to the searched range
+    constants, domains, _ = parse_spec_vars(space)
+    assert [path for path, _ in domains] == [("lr",)]
+    searcher = _search_alg(cfg, first, "brain_tumor")
+    searcher.set_search_properties(METRIC, "max", space)
+    fixed = {path[0]: value for path, value in constants}
+    points = [{**fixed, **searcher.suggest(f"t{i}")} for i in range(5)]  # as Tune merges them
+    assert points[0]["lr"] == 0.01
+    assert len({p["lr"] for p in points}) == 5 and all(0.001 <= p["lr"] <= 0.01 for p in points)
+    for point in points:
+        assert point["alpha"] == 1.0
+        assert trial_hyperparameters(point, cfg) == ([8, 16, 32], point["lr"])
