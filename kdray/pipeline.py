@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -69,6 +69,9 @@ class DatasetSummary:
     # The baseline's own search: its chosen lr and how many trials it was chosen from.
     baseline_lr: float = float("nan")
     baseline_trials: int = 0
+    # Teacher-student agreement from the transparency report (``agreement.*`` of its metrics;
+    # empty without a report).
+    agreement: dict[str, float] = field(default_factory=dict)
 
 
 @contextmanager
@@ -182,10 +185,12 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
                                       baseline_sweep=f"{sweep_name}-baseline", restore=state is not None)
             trials = len(outcomes)
             _save_state(ws, dataset, {**base, "champion": asdict(champion), "trials": trials})
+        agreement: dict[str, float] = {}
         if cfg.explain.report:
             log.info("%s: transparency report (teacher vs champion)", dataset)
-            report_dataset(cfg, data, teacher.model_dir, ws.champions / dataset, ws, tracker,
-                           parent, champion.run_id)
+            report = report_dataset(cfg, data, teacher.model_dir, ws.champions / dataset, ws, tracker,
+                                    parent, champion.run_id)
+            agreement = {k: v for k, v in report.metrics.items() if k.startswith("agreement.")}
         seeds = champion.champion_seeds
         student_acc = seeds.get("test_accuracy_mean", champion.test_metrics["accuracy"])
         summary = DatasetSummary(
@@ -218,6 +223,7 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
             **_paired_gain(champion),
             baseline_lr=champion.baseline_lr,
             baseline_trials=champion.baseline_trials,
+            agreement=agreement,
         )
         tracker.set_tags(parent, {"kdray.teacher_run": teacher.run_id,
                                   "kdray.champion_run": champion.run_id,
@@ -262,6 +268,22 @@ def _chosen_from(trials: int) -> str:
     return f"{trials} CE trials" if trials else "no search"
 
 
+AGREEMENT_METHODS = {"gradcam": "Grad-CAM", "shap": "SHAP", "feature_maps": "feature maps"}
+
+
+def _agreement_words(r: DatasetSummary) -> str:
+    a = r.agreement
+    get = lambda key: f"{a[key]:.2f}" if math.isfinite(a.get(key, math.nan)) else "n/a"  # noqa: E731
+    parts = [f"{r.dataset}: labels {get('agreement.predictions')} ({get('agreement.predictions_test')})"]
+    for method, title in AGREEMENT_METHODS.items():
+        if f"agreement.rank_correlation.{method}" in a or f"agreement.top10_overlap.{method}" in a:
+            parts.append(f"{title} {get(f'agreement.rank_correlation.{method}')} / "
+                         f"{get(f'agreement.top10_overlap.{method}')} "
+                         f"({get(f'agreement.rank_correlation_random.{method}')} / "
+                         f"{get(f'agreement.top10_overlap_random.{method}')})")
+    return "; ".join(parts)
+
+
 def format_summary(rows: list[DatasetSummary]) -> str:
     """A Markdown table per run: teacher vs champion vs CE-only baseline, per dataset."""
     lines = [
@@ -297,6 +319,12 @@ def format_summary(rows: list[DatasetSummary]) -> str:
                  "per-seed gains, p a two-sided paired t-test, 'larger than its uncertainty' at "
                  "p < 0.05):")
     lines += [f"- {_gain_words(r)}" for r in rows]
+    if any(r.agreement for r in rows):
+        lines.append("")
+        lines.append("Teacher–student agreement on the report's images: labels (whole test split in "
+                     "brackets); per method, rank correlation / top-10 % IoU of the two maps of an "
+                     "image, with a random map's in brackets:")
+        lines += [f"- {_agreement_words(r)}" for r in rows if r.agreement]
     lines.append("ECE: expected calibration error on the test split (15 bins, lower is better); "
                  "reliability diagrams in each dataset's report.")
     return "\n".join(lines)
@@ -305,10 +333,15 @@ def format_summary(rows: list[DatasetSummary]) -> str:
 def _write_summary(rows: list[DatasetSummary], ws: Workspace) -> None:
     ws.reports.mkdir(parents=True, exist_ok=True)
     (ws.reports / "summary.md").write_text(format_summary(rows) + "\n")
+    def flat(r: DatasetSummary) -> dict:
+        row = asdict(r)
+        return {**row, **row.pop("agreement")}  # one column per agreement score
+
+    flats = [flat(r) for r in rows]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(asdict(rows[0])))
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for f in flats for k in f)))
     writer.writeheader()
-    writer.writerows(asdict(r) for r in rows)
+    writer.writerows(flats)
     (ws.reports / "summary.csv").write_text(buf.getvalue())
 
 

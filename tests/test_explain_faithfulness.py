@@ -174,6 +174,37 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     assert m["baseline.ece"] == pytest.approx(abs(accuracy - 0.25))
     assert "| CE-only baseline |" in report.markdown and "![Reliability diagram](reliability.png)" in report.markdown
     assert json.loads(report.paths["json"].read_text())["metrics"] == m
+    assert "## Teacher–student agreement" in report.markdown
+    for method in ("gradcam", "shap"):
+        assert {f"agreement.rank_correlation.{method}", f"agreement.top10_overlap_random.{method}"} <= set(m)
+    # DenseNet121's last block is 1x1 at this size: a constant map has no ranking to compare.
+    assert "agreement.rank_correlation.feature_maps" not in m
+
+
+def test_a_student_agrees_with_itself_and_not_with_a_random_map(trained, tmp_path: Path) -> None:
+    """Agreement in the report: a model explained beside itself agrees fully; beside an untrained
+    copy of its architecture less; a random map hardly."""
+    student, d = trained
+    spec = get_spec(DATASET)
+    manifest = Manifest(dataset=DATASET, root="", masks_root=None, class_names=list(spec.classes),
+                        fingerprint="test")
+    test = Split(d["images"], d["labels"], d["masks"])
+    data = PreparedData(spec, manifest, SIZE, {"train": Split(d["train_images"], d["train_labels"]),
+                                               "val": test, "test": test})
+    cfg = ExplainConfig(methods=["gradcam", "shap"], report_images=8, timing_images=1,
+                        grid_examples=1, shap_background=4, shap_nsamples=8)
+    same = build_report(data, student, student, cfg, tmp_path / "same").metrics
+    assert same["agreement.predictions"] == same["agreement.predictions_test"] == 1.0
+    for method in ("gradcam", "shap"):
+        assert same[f"agreement.rank_correlation.{method}"] == pytest.approx(1.0)
+        assert same[f"agreement.top10_overlap.{method}"] == pytest.approx(1.0)
+        assert same[f"agreement.rank_correlation_random.{method}"] < 0.5, same
+        assert same[f"agreement.top10_overlap_random.{method}"] < 0.5, same
+    torch.manual_seed(3)
+    untrained = StudentCNN(4, [16, 32, 64]).eval()  # the trained student's architecture
+    other = build_report(data, untrained, student, cfg, tmp_path / "other").metrics
+    assert other["agreement.rank_correlation.gradcam"] < 0.9, other
+    assert other["agreement.predictions_test"] < 1.0, other
 
 
 def test_real_layout_with_masks_only_for_tumours_is_scored_on_those(tmp_path: Path) -> None:

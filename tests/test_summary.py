@@ -46,3 +46,15 @@ def test_the_gain_is_paired_seed_by_seed():
     shuffled = _paired_gain(replace(champion, baseline_seed_accuracy=[0.93, 0.88, 0.90]))
     assert shuffled["kd_gain_p"] > 0.5  # the same numbers unpaired carry no evidence
     assert _paired_gain(replace(champion, champion_seed_accuracy=[])) == {}  # an older state
+
+
+def test_the_summary_gives_teacher_student_agreement_beside_a_random_map():
+    row = replace(_row("brain_tumor", "0", 0.01), agreement={
+        "agreement.predictions": 0.9375, "agreement.predictions_test": 0.91,
+        "agreement.rank_correlation.gradcam": 0.62, "agreement.rank_correlation_random.gradcam": 0.03,
+        "agreement.top10_overlap.gradcam": 0.41, "agreement.top10_overlap_random.gradcam": 0.05,
+    })
+    text = format_summary([row, _row("eye_disease", "0", 0.0)])  # no report: no agreement line
+    assert "- brain_tumor: labels 0.94 (0.91); Grad-CAM 0.62 / 0.41 (0.03 / 0.05)" in text
+    assert "- eye_disease:" not in text
+    assert "Teacher–student agreement" not in format_summary([_row("eye_disease", "0", 0.0)])

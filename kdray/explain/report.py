@@ -8,6 +8,9 @@
 * ``explanations.png``: example rows, input | teacher maps | student maps, mask outlined;
 * ``feature_maps.png``: one image through every block of both models;
 * ``deletion_insertion.png``: mean deletion and insertion curves;
+* teacher-student agreement: how often the student's label is the teacher's, and per method how
+  alike their maps of the same image are (rank correlation, top-10 % overlap), against a random
+  map (:mod:`kdray.explain.agreement`);
 * ``reliability.png``: calibration on the whole test split (teacher, student, and the CE-only
   baseline when given), with each model's expected calibration error;
 * ``report.json``: the flat metrics.
@@ -27,6 +30,7 @@ from torch import nn
 from kdray.config import ExplainConfig
 from kdray.data.prepare import PreparedData
 from kdray.engine import predict_logits, softmax
+from kdray.explain.agreement import prediction_agreement, rank_correlation, top_overlap
 from kdray.explain.background import select_background, stratified_indices
 from kdray.explain.cost import count_flops, count_params, time_call
 from kdray.explain.expected_gradients import shap_maps
@@ -184,6 +188,23 @@ def _measure(
     return out
 
 
+TOP_FRACTION = 0.1  # the top-pixel overlap compares each map's top 10 %
+
+
+def _agreement(scored: dict[str, _Scored], rand: np.ndarray) -> dict[str, float]:
+    """Teacher-student agreement on the scored images: labels, and each method's maps against
+    the same score between the teacher's map and a random one."""
+    teacher, student = scored["teacher"], scored["student"]
+    out = {"agreement.predictions": prediction_agreement(teacher.predictions, student.predictions)}
+    for method, t_maps in teacher.maps.items():
+        s_maps = student.maps[method]
+        out[f"agreement.rank_correlation.{method}"] = nanmean(rank_correlation(t_maps, s_maps))
+        out[f"agreement.rank_correlation_random.{method}"] = nanmean(rank_correlation(t_maps, rand))
+        out[f"agreement.top10_overlap.{method}"] = nanmean(top_overlap(t_maps, s_maps, TOP_FRACTION))
+        out[f"agreement.top10_overlap_random.{method}"] = nanmean(top_overlap(t_maps, rand, TOP_FRACTION))
+    return out
+
+
 def _examples(labels: np.ndarray, masks: np.ndarray | None, k: int) -> list[int]:
     """Up to ``k`` positions, classes in turn, images with a lesion mask first within a class."""
     order: list[list[int]] = []
@@ -260,6 +281,7 @@ def build_report(
                                 cfg, seed, steps, curves))
         layer = _cam_layer(name, model, cfg, x.shape[-1])
         cam_shape[name] = (layer, layer_output_size(model, layer, size))
+    metrics.update(_agreement(scored, rand))
     fractions = np.linspace(0.0, 1.0, steps + 1)
     for key in ("params", "flops", "flops_224", *(f"met_ms.{m}" for m in cfg.methods)):
         metrics[f"ratio.{key}"] = _ratio(metrics[f"teacher.{key}"], metrics[f"student.{key}"])
@@ -285,8 +307,11 @@ def build_report(
         paths["feature_maps"], f"Feature maps, {classes[labels[first]]}: first block to last",
     )
     curves_figure(fractions, curves, paths["curves"], title)
-    calibrations = {name: calibration(softmax(predict_logits(model, test.images)), test.labels)
-                    for name, model in (("teacher", teacher), ("student", student))}
+    probabilities = {name: softmax(predict_logits(model, test.images))
+                     for name, model in (("teacher", teacher), ("student", student))}
+    metrics["agreement.predictions_test"] = prediction_agreement(
+        probabilities["teacher"].argmax(1), probabilities["student"].argmax(1))
+    calibrations = {name: calibration(p, test.labels) for name, p in probabilities.items()}
     if baseline_probabilities is not None and len(baseline_probabilities) == len(test):
         calibrations["baseline"] = calibration(baseline_probabilities, test.labels)
     for name, c in calibrations.items():
@@ -374,6 +399,25 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
             f"{_fmt(get(f'student.deletion_auc.{method}'))} | "
             f"{_fmt(get(f'teacher.insertion_auc.{method}'))} | "
             f"{_fmt(get(f'student.insertion_auc.{method}'))} |")
+    lines += [
+        "", "## Teacher–student agreement", "",
+        "Does the student stand in for the teacher? Labels: share of images where the student "
+        f"predicts the teacher's class ({_fmt(get('agreement.predictions'), 2)} on the {n} scored "
+        f"images, {_fmt(get('agreement.predictions_test'), 2)} on the whole test split). Maps: "
+        "per image, Spearman rank correlation of the teacher's and the student's map over the "
+        f"pixels, and intersection over union of their top {TOP_FRACTION:.0%} pixels; each beside "
+        "the same score of the teacher's map against a random map of the same smoothness (what "
+        "agreement by chance looks like). Each map explains its own model's prediction.",
+        "",
+        "| Method | Rank correlation | random map | Top-10 % overlap (IoU) | random map |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method in cfg.methods:
+        lines.append(
+            f"| {TITLES[method]} | {_fmt(get(f'agreement.rank_correlation.{method}'), 2)} | "
+            f"{_fmt(get(f'agreement.rank_correlation_random.{method}'), 2)} | "
+            f"{_fmt(get(f'agreement.top10_overlap.{method}'), 2)} | "
+            f"{_fmt(get(f'agreement.top10_overlap_random.{method}'), 2)} |")
     lines += [
         "", "## Calibration (whole test split)", "",
         "Expected calibration error of the top class (15 equal-width confidence bins; 0 is "
