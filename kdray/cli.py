@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tune/run.py",
         "Train a DenseNet121 teacher per dataset with Ray Train, search KD students (alpha, "
         "temperature, width, depth, lr) with Ray Tune, log every run to MLflow, register the "
-        "champion, train its CE-only baseline and write the transparency report.",
+        "champion, search its CE-only baseline (lr, same budget) and write the transparency "
+        "report.",
         "override one config key, e.g. --set kd.alpha=0.3 --set data.datasets=[brain_tumor]; "
         "repeatable; values are YAML",
     )
