@@ -178,6 +178,7 @@ def crown_champion(
                                 "depth": len(chosen.widths), "lr": chosen.lr,
                                 "selected_from": len(outcomes)})
     tracker.log_config(run_id, cfg.to_dict())
+    tracker.client.log_inputs(run_id, job.inputs("train", "val", "test"))
     tracker.log_metrics(run_id, {"val_accuracy": chosen.best_val_accuracy, "params": chosen.params,
                                  "flops": chosen.flops})
     test_metrics = evaluate_and_log(model, test, spec.class_names, tracker, run_id,
@@ -213,6 +214,7 @@ def crown_champion(
                                       "depth": len(base.widths), "lr": base.lr, "seeds": seeds,
                                       "selected_from": len(baseline_outcomes)})
     tracker.log_config(baseline_run, cfg.to_dict())
+    tracker.client.log_inputs(baseline_run, job.inputs("train", "val", "test"))
     stats = _log_seed_rows(tracker, baseline_run, baseline_rows)
     tracker.log_metrics(baseline_run, {
         "val_accuracy": base.best_val_accuracy,

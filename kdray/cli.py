@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imported here so --help and config errors answer without loading Ray and torch.
     from kdray.pipeline import format_summary, run_pipeline
+    from kdray.tracking import Tracker, ui_hint
 
     ws = Workspace.at(args.workspace)
     try:
@@ -82,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: continue with the same command and --resume", file=sys.stderr)
         return 130
     print(format_summary(rows))
-    print(f"\nsummary written to {ws.reports / 'summary.md'}; MLflow: mlflow ui --backend-store-uri "
-          f"sqlite:///{ws.mlflow_db}")
+    tracker = Tracker.open(cfg.mlflow, ws)
+    print(f"\nsummary written to {ws.reports / 'summary.md'}\n"
+          f"{ui_hint(tracker.tracking_uri, tracker.experiment_id)}")
     return 0
 
 

@@ -19,7 +19,8 @@ import ray
 
 from kdray.champion import ChampionResult, crown_champion
 from kdray.config import ExperimentConfig, RayConfig
-from kdray.data.prepare import Manifest, prepare_dataset, prepare_manifest
+from kdray.data.mlflow_inputs import split_inputs
+from kdray.data.prepare import PreparedData, prepare_dataset, prepare_manifest
 from kdray.metrics import paired_difference
 from kdray.sweep import make_job, run_sweep
 from kdray.teacher import train_teacher
@@ -126,9 +127,12 @@ def _save_state(ws: Workspace, dataset: str, state: dict) -> None:
     tmp.replace(path)
 
 
-def log_data(tracker: Tracker, run_id: str, manifest: Manifest) -> None:
-    """The split sizes as params; files left out as unreadable (``data.skip_unreadable``) as
-    param ``n_unreadable`` and artifact ``data/unreadable_files.json`` (path and reason each)."""
+def log_data(tracker: Tracker, run_id: str, data: PreparedData) -> None:
+    """The splits as MLflow dataset inputs and their sizes as params; files left out as
+    unreadable (``data.skip_unreadable``) as param ``n_unreadable`` and artifact
+    ``data/unreadable_files.json`` (path and reason each)."""
+    manifest = data.manifest
+    tracker.client.log_inputs(run_id, split_inputs(data))
     tracker.log_params(run_id, {f"n_{k}": v for k, v in manifest.counts().items()})
     if manifest.skipped:
         tracker.log_params(run_id, {"n_unreadable": len(manifest.skipped)})
@@ -167,7 +171,7 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
                                    tags={"kdray.manifest": data.manifest.fingerprint[:12]})
         sweep_name = f"sweep-{dataset}-{data.key}-{time.strftime('%Y%m%d-%H%M%S')}"
         tracker.log_config(parent, cfg.to_dict())
-        log_data(tracker, parent, data.manifest)
+        log_data(tracker, parent, data)
     base = {"run_key": key, "parent_run_id": parent, "sweep": sweep_name}
     if not state:
         _save_state(ws, dataset, base)

@@ -13,7 +13,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from ray import tune
 
 from kdray.config import ExperimentConfig, max_student_depth, widths_for
+from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, Split
 from kdray.devices import assigned_device, use_assigned_threads
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
@@ -91,6 +92,12 @@ class StudentJob:
     teacher_files: dict[str, bytes] | None = None
     tracker: Tracker | None = None
     parent_run_id: str | None = None
+    # The splits as MLflow dataset inputs (kdray.data.mlflow_inputs), logged on every student run.
+    data_inputs: list[Any] = field(default_factory=list)
+
+    def inputs(self, *splits: str) -> list[Any]:
+        """The dataset inputs of these splits (context tag ``mlflow.data.context``)."""
+        return [d for d in self.data_inputs if any(t.value in splits for t in d.tags)]
 
 
 ReportFn = Callable[[dict[str, Any], Path], None]
@@ -235,6 +242,7 @@ def _kd_trial(config: dict[str, Any], job: StudentJob, role: str = "trial") -> N
                                     "lr": lr, "epochs": cfg.student.epochs,
                                     "teacher_logits": cfg.kd.teacher_logits if config["alpha"] < 1 else "none"})
         tracker.log_config(run_id, cfg.to_dict())
+        tracker.client.log_inputs(run_id, job.inputs("train", "val"))
     tracker.set_tags(run_id, {"kdray.node_id": node_id})
     checkpoint = tune.get_checkpoint()
 
@@ -370,7 +378,7 @@ def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, 
         data.splits["val"],
         teacher_logits=teacher.train_logits().astype(np.float32) if cached else None,
         teacher_files=None if cached else model_files(teacher.model_dir),
-        tracker=tracker, parent_run_id=parent_run_id,
+        tracker=tracker, parent_run_id=parent_run_id, data_inputs=split_inputs(data),
     )
 
 

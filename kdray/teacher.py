@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kdray.augment import build_augment
 from kdray.config import ExperimentConfig
+from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import evaluate, make_loader, predict_logits, seed_everything, train_epoch
 from kdray.evaluation import evaluate_and_log
@@ -262,6 +263,7 @@ def train_teacher(
                                     "batch_size": cfg.teacher.batch_size, "lr": cfg.teacher.lr,
                                     "num_workers": cfg.teacher.num_workers,
                                     "image_size": data.image_size, **data.manifest.counts()})
+        tracker.client.log_inputs(run_id, split_inputs(data))
         pending.parent.mkdir(parents=True, exist_ok=True)
         pending.write_text(run_id)
     try:

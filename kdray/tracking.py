@@ -21,7 +21,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from kdray.config import MLflowConfig
 from kdray.workspace import Workspace
 
-__all__ = ["Tracker", "flatten", "resolve_tracking_uri"]
+__all__ = ["LOCAL_UI", "Tracker", "flatten", "resolve_tracking_uri", "runs_url", "ui_hint"]
 
 TAG_DATASET = "kdray.dataset"
 TAG_ROLE = "kdray.role"
@@ -34,6 +34,28 @@ def resolve_tracking_uri(cfg: MLflowConfig, ws: Workspace) -> str:
     if uri:
         return uri
     return f"sqlite:///{ws.mlflow_db.resolve()}"
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+
+
+def runs_url(tracking_uri: str, experiment_id: str) -> str:
+    """The UI page of the experiment's runs table (``#/experiments/<id>/runs``).
+
+    MLflow 3 opens an experiment's bare URL on its GenAI overview (traces, token usage); the
+    runs table with its Dataset column has its own route. A tracking server serves the UI at
+    its own address; a local store is seen through ``mlflow ui`` on :data:`LOCAL_UI`.
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """What to run and open to compare the runs in the MLflow UI."""
+    url = runs_url(tracking_uri, experiment_id)
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow runs: {url}"
+    return f"MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open {url}"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

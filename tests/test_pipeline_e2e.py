@@ -50,6 +50,15 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
             assert "cfg.kd.alpha" in run.data.params  # the resolved config
         assert "test_accuracy" in teacher.data.metrics
+        # Every run names the data it saw (MLflow's "Dataset" column): one digest per dataset.
+        seen = {run.info.run_id: {(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs}
+                for run in (parent, teacher, champion, baseline, *trials)}
+        digest = parent.data.tags["kdray.manifest"]
+        everything = {(f"{dataset}-{split}", digest) for split in ("train", "val", "test")}
+        for run in (parent, teacher, champion, baseline):
+            assert seen[run.info.run_id] == everything, run.info.run_name
+        for trial in trials:
+            assert seen[trial.info.run_id] == {(f"{dataset}-train", digest), (f"{dataset}-val", digest)}
         for run in (teacher, champion, baseline):
             assert 0.0 <= run.data.metrics["test_ece"] <= 1.0  # calibration beside accuracy
         assert len(client.get_metric_history(teacher.info.run_id, "val_accuracy")) == 1  # 1 epoch

@@ -22,7 +22,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from kdray.config import DataConfig, MLflowConfig
-from kdray.data.prepare import build_manifest
+from kdray.data.prepare import build_manifest, prepare_dataset
 from kdray.data.specs import get_spec
 from kdray.pipeline import log_data
 from kdray.tracking import Tracker
@@ -87,15 +87,29 @@ def test_unreadable_files_stop_the_run_before_anything_starts(tmp_path):
 def test_skipped_files_are_recorded_on_the_run(tmp_path):
     bad = _eye_folder(tmp_path / "eye")
     ws = Workspace(tmp_path / "ws").create()
-    cfg = DataConfig(datasets=["eye_disease"], skip_unreadable=True)
+    cfg = DataConfig(datasets=["eye_disease"], skip_unreadable=True, image_size=32,
+                     roots={"eye_disease": str(tmp_path / "eye")})
     manifest = build_manifest(get_spec("eye_disease"), tmp_path / "eye", None, cfg, ws)
     assert sorted(s["path"] for s in manifest.skipped) == sorted(bad)
     assert not {e["path"] for e in manifest.entries} & set(bad)
     tracker = Tracker.open(MLflowConfig(), ws)
     run_id = tracker.start_run("parent-eye", "eye_disease", "parent")
-    log_data(tracker, run_id, manifest)
+    data = prepare_dataset(cfg, "eye_disease", ws)
+    assert data.manifest.skipped == manifest.skipped
+    log_data(tracker, run_id, data)
     client = MlflowClient(tracking_uri=tracker.tracking_uri)
-    assert client.get_run(run_id).data.params["n_unreadable"] == str(len(bad))
+    run = client.get_run(run_id)
+    assert run.data.params["n_unreadable"] == str(len(bad))
+    # The splits are the run's MLflow dataset inputs: the manifest's digest, counts per class.
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"eye_disease-train", "eye_disease-val", "eye_disease-test"}
+    for split, counted in manifest.counts().items():
+        entry = inputs[f"eye_disease-{split}"]
+        assert entry.dataset.digest == manifest.fingerprint[:12]
+        assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", split)]
+        profile = json.loads(entry.dataset.profile)
+        assert profile["num_images"] == counted == sum(profile["class_counts"].values())
+        assert set(profile["class_counts"]) == set(get_spec("eye_disease").classes)
     recorded = json.loads(Path(client.download_artifacts(run_id, "data/unreadable_files.json",
                                                          str(tmp_path))).read_text())
     assert {s["path"]: s["reason"] for s in recorded["skipped"]} == {

@@ -5,15 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from kdray.serving.loadtest import run_load
 
 pytestmark = pytest.mark.integration
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def _images(ws: Path, per_dataset: int = 3) -> list[Path]:
@@ -30,18 +27,6 @@ def test_sixteen_clients_for_thirty_seconds_mixing_predict_and_explain(served):
     assert not result.errors, result.summary()
     assert len(result.latencies_ms.get("predict", [])) > 100
     assert {"explain?methods=feature_maps,gradcam", "explain?methods=shap&model=both"} <= set(result.latencies_ms)
-
-
-@pytest.fixture()
-def browser():
-    # No skip when chromium is missing: `make test` installs it (chromium, chromium-driver).
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1400"):
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 def test_viewer_asks_for_the_token_then_shows_every_explanation(served, browser, tmp_path):

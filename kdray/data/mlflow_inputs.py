@@ -1,0 +1,43 @@
+"""The data a run saw, as MLflow dataset inputs (the runs table's "Dataset" column).
+
+Each split is one MLflow dataset: named ``<dataset>-<split>``, its digest the manifest's
+fingerprint (the same files and split give the same digest), its source the data root (or the
+synthetic stand-in), its profile the image and per-class counts, tagged with the split as
+MLflow's ``mlflow.data.context``. Plain entities, so they travel to Ray workers with a job.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from mlflow.entities import Dataset, DatasetInput, InputTag
+
+from kdray.data.prepare import PreparedData
+
+__all__ = ["CONTEXT_TAG", "split_inputs"]
+
+CONTEXT_TAG = "mlflow.data.context"  # MLflow's own tag: shown next to the dataset in the UI
+DIGEST_LENGTH = 12
+
+
+def split_inputs(data: PreparedData, splits: tuple[str, ...] = ("train", "val", "test")) -> list[DatasetInput]:
+    """One :class:`~mlflow.entities.DatasetInput` per split of ``data`` (those that exist)."""
+    classes = list(data.spec.classes)
+    manifest = data.manifest
+    source = json.dumps({"uri": manifest.root, "masks": manifest.masks_root})
+    out = []
+    for split in splits:
+        if split not in data.splits:
+            continue
+        labels = np.asarray(data.splits[split].labels)
+        counts = {name: int((labels == i).sum()) for i, name in enumerate(classes)}
+        profile = {"num_images": int(len(labels)), "class_counts": counts,
+                   "image_size": data.image_size}
+        schema = {"images": f"uint8 RGB {data.image_size}x{data.image_size}",
+                  "labels": f"int class index into {classes}"}
+        dataset = Dataset(name=f"{manifest.dataset}-{split}", digest=manifest.fingerprint[:DIGEST_LENGTH],
+                          source_type="local", source=source, schema=json.dumps(schema),
+                          profile=json.dumps(profile))
+        out.append(DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, split)]))
+    return out

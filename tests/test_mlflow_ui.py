@@ -1,0 +1,70 @@
+"""The MLflow UI on a finished run: the URL kdray prints opens the runs table, with datasets.
+
+A real ``mlflow server`` on the smoke run's store and Debian's headless chromium; the screenshot
+is kept in the workspace (``reports/mlflow_runs.png``) and its path printed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from kdray.tracking import runs_url, ui_hint
+
+from conftest import BIN, clean_env, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_runs_url_and_hint():
+    assert runs_url("http://mlflow.internal:5000/", "7") == "http://mlflow.internal:5000/#/experiments/7/runs"
+    assert runs_url("sqlite:////ws/mlflow.db", "1") == "http://127.0.0.1:5000/#/experiments/1/runs"
+    assert ui_hint("sqlite:////ws/mlflow.db", "1") == (
+        "MLflow: mlflow ui --backend-store-uri sqlite:////ws/mlflow.db, then open "
+        "http://127.0.0.1:5000/#/experiments/1/runs")
+
+
+def test_the_printed_url_opens_the_runs_table_with_datasets(smoke_run, browser):
+    ws, proc = smoke_run
+    store = f"sqlite:///{ws / 'mlflow.db'}"
+    experiment = MlflowClient(store).get_experiment_by_name("kdray").experiment_id
+    assert ui_hint(store, experiment) in proc.stdout  # what the run printed at its end
+    port = free_port()
+    log_path = ws / "mlflow-ui.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", store, "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.5)
+        browser.get(runs_url(base, experiment))
+        text = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        WebDriverWait(browser, 90).until(lambda d: "brain_tumor-train" in text(d))
+        body = text(browser)
+        shot = ws / "reports" / "mlflow_runs.png"
+        browser.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        assert "/runs" in browser.current_url and "overview" not in browser.current_url
+        assert "Training runs" in body and "Dataset" in body
+        for dataset in ("brain_tumor", "eye_disease", "alzheimer"):
+            assert dataset in body  # each dataset's parent run, with the data it saw
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
