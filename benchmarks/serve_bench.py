@@ -41,7 +41,7 @@ from kdray.data.images import read_image
 from kdray.engine import to_input
 from kdray.explain.background import save_background
 from kdray.models import ModelSpec, build_model, save_model
-from kdray.registry import register_model, registered_name
+from kdray.registry import log_model_folder, register_model, registered_name
 from kdray.serving.launch import launch, service_config
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
@@ -70,7 +70,7 @@ def register_models(ws: Workspace) -> tuple[str, Path]:
         folder = save_model(model, spec, ws.root / kind)
         save_background(folder, background)
         run_id = tracker.start_run(f"bench-{kind}", DATASET, kind)
-        tracker.log_artifacts(run_id, str(folder), "model")
+        log_model_folder(tracker.client, run_id, folder)
         tracker.log_metrics(run_id, {"params": sum(p.numel() for p in model.parameters())})
         register_model(tracker.client, registered_name(DATASET, teacher=kind == "teacher"), run_id, "champion")
         tracker.end_run(run_id)

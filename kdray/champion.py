@@ -32,7 +32,7 @@ from kdray.engine import evaluate, softmax
 from kdray.evaluation import SCALAR_METRICS, evaluate_and_log
 from kdray.explain.background import save_background, select_background
 from kdray.models import ModelSpec, build_model, load_model, save_model
-from kdray.registry import register_model, registered_name
+from kdray.registry import log_model_folder, register_model, registered_name
 from kdray.sweep import StudentJob, TrialOutcome, baseline_search_space, run_sweep, train_student
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
@@ -183,7 +183,7 @@ def crown_champion(
                                  "flops": chosen.flops})
     test_metrics = evaluate_and_log(model, test, spec.class_names, tracker, run_id,
                                     title=f"student · {dataset}")
-    tracker.log_artifacts(run_id, str(target), "model")
+    log_model_folder(tracker.client, run_id, target)  # an MLflow pyfunc holding kdray's files
     version = register_model(tracker.client, registered_name(dataset), run_id, "champion",
                              tags={"kdray.dataset": dataset})
     tracker.set_tags(run_id, {"kdray.registered_model": f"{registered_name(dataset)}/{version}"})

@@ -1,27 +1,83 @@
-"""The MLflow Model Registry: kdray models registered by name and alias, loaded with kdray's code.
+"""The MLflow Model Registry: kdray models registered by name and alias.
 
-A registered version points at a run's ``model/`` artifact folder (``model.safetensors`` +
-``model.json``); loading downloads that folder and rebuilds the module with
-:func:`kdray.models.load_model` — no pickle, no torch.export graph.
+A registered version points at a run's ``model/`` artifact folder, an MLflow pyfunc model made
+from code (:mod:`kdray.mlflow_model`): ``mlflow.pyfunc.load_model("models:/kdray-<dataset>@champion")``
+and ``mlflow models predict`` work on it (images in, class probabilities out). Its
+``artifacts/kdray_model/`` holds kdray's own files (``model.safetensors`` + ``model.json`` and the
+SHAP background), which :func:`load_registered` rebuilds with :func:`kdray.models.load_model`
+for the explanation path — no pickle, no torch.export graph anywhere.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from torch import nn
 
 from kdray.models import SPEC_FILE, ModelSpec, load_model
 
-__all__ = ["RegisteredModel", "fetch_registered", "load_registered", "register_model",
-           "registered_name"]
+__all__ = ["RegisteredModel", "fetch_registered", "load_registered", "log_model_folder",
+           "register_model", "registered_name"]
 
 ARTIFACT_PATH = "model"
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+KDRAY_FILES = Path("artifacts") / "kdray_model"  # kdray's files inside the pyfunc model folder
+
+
+def _signature(spec: ModelSpec) -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([ColSpec(DataType.float, name) for name in spec.class_names]),
+    )
+
+
+def log_model_folder(client: MlflowClient, run_id: str, folder: str | Path) -> None:
+    """Log a saved kdray model folder as the run's ``model/``: an MLflow pyfunc from code.
+
+    The pyfunc keeps the folder's files as its ``kdray_model`` artifact, with a signature
+    (uint8 RGB images (N, H, W, 3) in, one probability column per class out) and the running
+    environment's versions of the packages it needs.
+    """
+    import mlflow.pyfunc
+
+    folder = Path(folder)
+    spec = ModelSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
+    with tempfile.TemporaryDirectory() as tmp:
+        # MLflow keeps an artifact under its folder's own name: name it what the loader reads.
+        files = shutil.copytree(folder, Path(tmp) / KDRAY_FILES.name)
+        out = Path(tmp) / ARTIFACT_PATH
+        example = np.zeros((1, spec.image_size, spec.image_size, 3), dtype=np.uint8)
+        with warnings.catch_warnings():  # MLflow's advice on type hints, for an explicit signature
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+            mlflow.pyfunc.save_model(
+                path=str(out), python_model=str(PYFUNC_CODE), artifacts={"kdray_model": str(files)},
+                signature=_signature(spec), input_example=example, pip_requirements=_requirements(),
+                metadata={"kdray.kind": spec.kind, "kdray.dataset": spec.dataset or ""},
+            )
+        client.log_artifacts(run_id, str(out), ARTIFACT_PATH)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("kdray", "torch", "torchvision", "safetensors", "numpy", "pandas", "pillow",
+                    "mlflow"):
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            out.append(package)
+    return out
 
 
 def registered_name(dataset: str, teacher: bool = False) -> str:
@@ -85,6 +141,8 @@ def fetch_registered(name: str, alias: str, dest: str | Path,
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     local = Path(client.download_artifacts(version.run_id, ARTIFACT_PATH, str(dest)))
+    if (local / KDRAY_FILES / SPEC_FILE).is_file():  # a pyfunc model folder; older: the files
+        local = local / KDRAY_FILES
     spec = ModelSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
     metrics = dict(client.get_run(version.run_id).data.metrics)
     return RegisteredModel(name, alias, str(version.version), version.run_id, local, spec, metrics)

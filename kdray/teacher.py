@@ -30,7 +30,7 @@ from kdray.engine import evaluate, make_loader, predict_logits, seed_everything,
 from kdray.evaluation import evaluate_and_log
 from kdray.explain.background import save_background, select_background
 from kdray.models import ModelSpec, build_model, count_flops, count_params, save_model, unwrap
-from kdray.registry import register_model, registered_name
+from kdray.registry import log_model_folder, register_model, registered_name
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
@@ -286,7 +286,7 @@ def train_teacher(
         meta = {"run_id": run_id, "params": params, "flops": flops, "best_epoch": state["best"]["epoch"],
                 "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_class"}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        tracker.log_artifacts(run_id, str(tmp / "model"), "model")
+        log_model_folder(tracker.client, run_id, tmp / "model")
         register_model(tracker.client, registered_name(dataset, teacher=True), run_id, "champion",
                        tags={"kdray.dataset": dataset, "kdray.teacher_key": key})
         tmp.replace(directory)  # the teacher counts as finished only once all its files exist

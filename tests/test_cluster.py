@@ -4,7 +4,9 @@ Both "nodes" run on this machine (`ray start --head` + `ray start --address`, on
 the driver joins with --address and logs through MLFLOW_TRACKING_URI, as on a real cluster.
 Trials run the teacher live (`kd.teacher_logits: live`), so its weights reach the second node.
 The server is reached through a TCP proxy that goes down for a few seconds once the first trial
-has logged: the trials ride the outage out (MLflow's client retries) instead of failing.
+has logged: the trials ride the outage out (MLflow's client retries) instead of failing. The
+registered champion then loads from the server with `mlflow.pyfunc.load_model` and predicts
+through `mlflow models predict`.
 Only processes this test starts are stopped (never `ray stop`, which would stop every Ray here).
 """
 
@@ -55,6 +57,36 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _champion_loads_with_standard_mlflow_tooling(mlflow_uri: str, tmp_path: Path) -> None:
+    """``mlflow.pyfunc.load_model`` and ``mlflow models predict`` on the champion, from the server."""
+    import json
+
+    import mlflow
+    import numpy as np
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(mlflow_uri)  # process-wide (and sets $MLFLOW_TRACKING_URI): undone below
+    try:
+        model = mlflow.pyfunc.load_model("models:/kdray-brain_tumor@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    images = np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    probabilities = model.predict(images)
+    assert list(probabilities.columns) == ["glioma", "meningioma", "notumor", "pituitary"]
+    np.testing.assert_allclose(probabilities.to_numpy().sum(1), 1.0, rtol=1e-5)
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"inputs": images[:1].tolist()}))
+    cli = subprocess.run(
+        [str(BIN / "mlflow"), "models", "predict", "-m", "models:/kdray-brain_tumor@champion",
+         "-i", str(request), "-t", "json", "--env-manager", "local"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}, capture_output=True, text=True,
+        timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    predictions = json.loads(cli.stdout.strip().splitlines()[-1])["predictions"]
+    assert predictions[0].keys() == set(probabilities.columns)
+    assert list(predictions[0].values()) == pytest.approx(list(probabilities.iloc[0]), abs=1e-5)
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -149,4 +181,5 @@ def test_smoke_sweep_spans_both_nodes_and_logs_to_the_server(cluster, tmp_path):
     assert len(nodes) == 2, f"trials ran on {nodes}"  # one live-teacher trial per node
     assert {t.data.params["teacher_logits"] for t in trials} == {"live"}
     assert client.get_model_version_by_alias("kdray-brain_tumor", "champion").run_id
+    _champion_loads_with_standard_mlflow_tooling(mlflow_uri, tmp_path)
     assert (tmp_path / "shared").is_dir()  # Ray results went to the configured storage path
