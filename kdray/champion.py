@@ -117,6 +117,24 @@ def score_checkpoint(outcome: TrialOutcome, test: Split, class_names: list[str])
             PROBABILITIES: softmax(logits).astype(np.float32)}
 
 
+def _is_seed_run(outcome: TrialOutcome, seed: int, cfg: Any) -> bool:
+    """Is this finished trial exactly what a retrain with ``seed`` would do? (Trials train with
+    the config's seed; one the scheduler stopped early did not run every epoch.)"""
+    return seed == cfg.seed and outcome.epochs_run >= cfg.student.epochs
+
+
+def _seed_rows(outcome: TrialOutcome, seeds: list[int], refs: dict[int, Any], test: Split,
+               job: StudentJob) -> list[dict[str, Any]]:
+    """One scored row per seed, in the order of ``seeds``: retrained (``refs``) or the trial's own."""
+    rows = []
+    for seed in seeds:
+        if seed in refs:
+            rows.append(ray.get(refs[seed]))
+        else:
+            rows.append({**score_checkpoint(outcome, test, job.class_names), "seed": seed})
+    return rows
+
+
 def _mean_std(rows: list[dict[str, float]]) -> dict[str, float]:
     out = {}
     for key in ("test_accuracy", "test_f1_macro", "test_ece"):
@@ -155,11 +173,12 @@ def crown_champion(
     seeds = list(cfg.seeds) or [cfg.seed]
 
     # Multi-seed champion retrains run as Ray tasks while the champion is scored and the
-    # baseline searched.
+    # baseline searched. The selected trial itself is the run of seed ``seed`` when it trained
+    # every epoch: that seed is scored from its checkpoint instead of being trained again.
     remote = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(retrain_and_score)
     job_ref = ray.put(job)
-    champion_refs = ([remote.remote(job_ref, alpha, temperature, chosen.widths, chosen.lr, s, test)
-                      for s in seeds] if cfg.seeds else [])
+    champion_refs = ({s: remote.remote(job_ref, alpha, temperature, chosen.widths, chosen.lr, s, test)
+                      for s in seeds if not _is_seed_run(chosen, s, cfg)} if cfg.seeds else {})
 
     target = ws.champions / dataset
     with chosen.checkpoint.as_directory() as d:
@@ -197,15 +216,14 @@ def crown_champion(
     baseline_outcomes = run_sweep(job, ws, baseline_sweep, restore=restore, role="baseline-trial",
                                   search=baseline_search_space(cfg, chosen.widths, temperature, chosen.lr))
     base = select_champion(baseline_outcomes, 0.0)  # one architecture: best validation accuracy
-    baseline_refs = [remote.remote(job_ref, 1.0, temperature, base.widths, base.lr, s, test)
-                     for s in seeds] if cfg.seeds else []
+    baseline_refs = ({s: remote.remote(job_ref, 1.0, temperature, base.widths, base.lr, s, test)
+                      for s in seeds if not _is_seed_run(base, s, cfg)} if cfg.seeds else {})
 
-    champion_rows = ray.get(champion_refs) if champion_refs else []
+    champion_rows = _seed_rows(chosen, seeds, champion_refs, test, job) if cfg.seeds else []
     champion_seeds = _log_seed_rows(tracker, run_id, champion_rows) if champion_rows else {}
     tracker.end_run(run_id)
 
-    baseline_rows = (ray.get(baseline_refs) if baseline_refs
-                     else [{**score_checkpoint(base, test, job.class_names), "seed": cfg.seed}])
+    baseline_rows = _seed_rows(base, seeds, baseline_refs, test, job)
     baseline_run, _ = tracker.resume_or_start_run(f"baseline-{dataset}", dataset, "baseline",
                                                   parent_run_id, tags={"kdray.champion_run": run_id,
                                                                        "kdray.source_trial_run": base.run_id})

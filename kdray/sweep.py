@@ -70,6 +70,7 @@ class TrialOutcome:
     params: int
     flops: int
     checkpoint: Any  # ray.tune.Checkpoint holding the best epoch's model
+    epochs_run: int = -1  # fewer than student.epochs: stopped early by the scheduler
 
 
 @dataclass
@@ -446,7 +447,8 @@ def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False,
             m = result.metrics
             outcomes.append(TrialOutcome(m["mlflow_run_id"], dict(result.config), widths, lr,
                                          float(m["best_val_accuracy"]), int(m["params"]),
-                                         int(m["flops"]), result.checkpoint))
+                                         int(m["flops"]), result.checkpoint,
+                                         epochs_run=int(m.get("epoch", -1)) + 1))
     if not outcomes:
         raise RuntimeError(f"no trial of {name} finished; see the Ray Tune errors above")
     return outcomes

@@ -213,3 +213,16 @@ def test_the_baseline_searches_lr_only_with_the_champions_widths():
     for point in points:
         assert point["alpha"] == 1.0
         assert trial_hyperparameters(point, cfg) == ([8, 16, 32], point["lr"])
+
+
+def test_the_selected_trial_is_its_seeds_run_only_when_it_trained_every_epoch():
+    from kdray.champion import _is_seed_run
+    from kdray.sweep import TrialOutcome
+
+    cfg = ExperimentConfig.model_validate({"seed": 0, "student": {"epochs": 6}})
+    full = TrialOutcome("r", {}, [4], 1e-3, 0.9, 1, 1, None, epochs_run=6)
+    assert _is_seed_run(full, 0, cfg)  # trained with the config's seed, every epoch: no retrain
+    assert not _is_seed_run(full, 1, cfg)
+    stopped = TrialOutcome("r", {}, [4], 1e-3, 0.9, 1, 1, None, epochs_run=3)  # ASHA stopped it
+    assert not _is_seed_run(stopped, 0, cfg)
+    assert not _is_seed_run(TrialOutcome("r", {}, [4], 1e-3, 0.9, 1, 1, None), 0, cfg)  # unknown
