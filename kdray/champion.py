@@ -194,8 +194,9 @@ def crown_champion(
                                             tags={"kdray.source_trial_run": chosen.run_id})
     tracker.log_params(run_id, {"alpha": alpha, "temperature": temperature,
                                 "widths": "-".join(map(str, chosen.widths)),
-                                "depth": len(chosen.widths), "lr": chosen.lr,
-                                "selected_from": len(outcomes)})
+                                "depth": len(chosen.widths), "lr": chosen.lr})
+    # A tag, not a param: a resume that finishes a trial that had failed may count one more.
+    tracker.set_tags(run_id, {"kdray.selected_from": len(outcomes)})
     tracker.log_config(run_id, cfg.to_dict())
     tracker.client.log_inputs(run_id, job.inputs("train", "val", "test"))
     tracker.log_metrics(run_id, {"val_accuracy": chosen.best_val_accuracy, "params": chosen.params,
@@ -229,8 +230,8 @@ def crown_champion(
                                                                        "kdray.source_trial_run": base.run_id})
     tracker.log_params(baseline_run, {"alpha": 1.0, "temperature": temperature,
                                       "widths": "-".join(map(str, base.widths)),
-                                      "depth": len(base.widths), "lr": base.lr, "seeds": seeds,
-                                      "selected_from": len(baseline_outcomes)})
+                                      "depth": len(base.widths), "lr": base.lr, "seeds": seeds})
+    tracker.set_tags(baseline_run, {"kdray.selected_from": len(baseline_outcomes)})
     tracker.log_config(baseline_run, cfg.to_dict())
     tracker.client.log_inputs(baseline_run, job.inputs("train", "val", "test"))
     stats = _log_seed_rows(tracker, baseline_run, baseline_rows)

@@ -92,6 +92,7 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
                                                               for t in baseline_trials)
         assert baseline.data.params["lr"] == best.data.params["lr"]
         assert baseline.data.metrics["val_accuracy"] == best.data.metrics["best_val_accuracy"]
+        assert baseline.data.tags["kdray.selected_from"] == champion.data.tags["kdray.selected_from"] == "2"
         artifacts = {a.path for a in client.list_artifacts(champion.info.run_id)}
         assert {"config.yaml", "test_confusion.png", "model"} <= artifacts
         assert {"config.yaml", "test_confusion.png", "model"} <= {a.path for a in client.list_artifacts(teacher.info.run_id)}
