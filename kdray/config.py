@@ -273,8 +273,9 @@ class RayConfig(_Strict):
 class ExperimentConfig(_Strict):
     seed: int = 0
     seeds: list[int] = Field(
-        default_factory=list,
-        description="retrain champion and CE baseline on each seed; report mean and std",
+        default_factory=lambda: [0, 1, 2],
+        description="champion and CE baseline on each seed: mean and std, paired KD-gain test "
+        "([]: one seed, no uncertainty)",
     )
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)

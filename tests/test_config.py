@@ -16,6 +16,7 @@ def test_shipped_configs_load():
     assert default.data.datasets == ["brain_tumor", "eye_disease", "alzheimer"]
     assert smoke.teacher.epochs < default.teacher.epochs
     assert default.student.resolved_widths() == [16, 32, 64, 128, 128]
+    assert default.seeds == [0, 1, 2] and smoke.seeds == []  # the default shows spread; smoke is quick
 
 
 @pytest.mark.parametrize(
