@@ -6,11 +6,6 @@ is kept in the workspace (``reports/mlflow_runs.png``) and its path printed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
-import urllib.request
-
 import pytest
 from mlflow import MlflowClient
 from selenium.webdriver.common.by import By
@@ -18,7 +13,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from kdray.tracking import runs_url, ui_hint
 
-from conftest import BIN, clean_env, free_port
+from conftest import mlflow_server
 
 pytestmark = pytest.mark.integration
 
@@ -36,24 +31,7 @@ def test_the_printed_url_opens_the_runs_table_with_datasets(smoke_run, browser):
     store = f"sqlite:///{ws / 'mlflow.db'}"
     experiment = MlflowClient(store).get_experiment_by_name("kdray").experiment_id
     assert ui_hint(store, experiment) in proc.stdout  # what the run printed at its end
-    port = free_port()
-    log_path = ws / "mlflow-ui.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", store, "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
-            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.5)
+    with mlflow_server(store, ws / "mlflow-ui.log") as base:
         browser.get(runs_url(base, experiment))
         text = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
         WebDriverWait(browser, 90).until(lambda d: "brain_tumor-train" in text(d))
@@ -65,6 +43,3 @@ def test_the_printed_url_opens_the_runs_table_with_datasets(smoke_run, browser):
         assert "Training runs" in body and "Dataset" in body
         for dataset in ("brain_tumor", "eye_disease", "alzheimer"):
             assert dataset in body  # each dataset's parent run, with the data it saw
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)

@@ -9,10 +9,7 @@ check fails with an error instead of answering "no such run" (which would start 
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,44 +21,26 @@ from kdray.config import MLflowConfig
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
-from conftest import BIN, Proxy, clean_env, free_port
+from conftest import Proxy, mlflow_server
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 (open for the server's whole life)
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", (root / "artifacts").as_uri(), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()
-            time.sleep(0.5)
-    yield port, root
-    os.killpg(proc.pid, 15)
-    proc.wait(30)
-    log.close()
+    with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "server.log",
+                       "--default-artifact-root", (root / "artifacts").as_uri()) as url:
+        yield int(url.rsplit(":", 1)[1]), root
 
 
 @pytest.fixture()
-def proxied(mlflow_server, tmp_path, monkeypatch):
+def proxied(server, tmp_path, monkeypatch):
     # Retries as MLflow ships them are 7 with backoff factor 2 (minutes in all); a shorter
     # schedule keeps the test quick and still spans the outage.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "6")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    proxy = Proxy(mlflow_server[0])
+    proxy = Proxy(server[0])
     ws = Workspace(tmp_path / "ws").create()
     tracker = Tracker.open(MLflowConfig(tracking_uri=f"http://127.0.0.1:{proxy.port}",
                                        experiment=f"outage-{tmp_path.name}"), ws)
