@@ -101,20 +101,23 @@ def retrain_and_score(job: StudentJob, alpha: float, temperature: float, widths:
                      class_names=job.class_names, widths=widths, dataset=job.dataset)
     best = build_model(spec)
     final = train_student(job, alpha, temperature, widths, lr=lr, seed=seed, best_model_out=best)
-    metrics, logits = evaluate(best, test, job.class_names)
-    return {"val_accuracy": final["best_val_accuracy"], "test_accuracy": metrics["accuracy"],
+    return _seed_row(best, test, job.class_names, final["best_val_accuracy"], seed)
+
+
+def _seed_row(model: torch.nn.Module, test: Split, class_names: list[str], val_accuracy: float,
+              seed: int) -> dict[str, Any]:
+    """One seed's model scored on ``test``: the row the seed statistics are made of."""
+    metrics, logits = evaluate(model, test, class_names)
+    return {"val_accuracy": val_accuracy, "test_accuracy": metrics["accuracy"],
             "test_f1_macro": metrics["f1_macro"], "test_ece": metrics["ece"], "seed": seed,
             PROBABILITIES: softmax(logits).astype(np.float32)}
 
 
-def score_checkpoint(outcome: TrialOutcome, test: Split, class_names: list[str]) -> dict[str, Any]:
-    """A finished trial's best-epoch model scored on ``test`` (the single-seed path)."""
+def score_checkpoint(outcome: TrialOutcome, test: Split, class_names: list[str], seed: int) -> dict[str, Any]:
+    """A finished trial's best-epoch model scored on ``test``, as the run of ``seed``."""
     with outcome.checkpoint.as_directory() as d:
         model, _ = load_model(d)
-    metrics, logits = evaluate(model, test, class_names)
-    return {"val_accuracy": outcome.best_val_accuracy, "test_accuracy": metrics["accuracy"],
-            "test_f1_macro": metrics["f1_macro"], "test_ece": metrics["ece"],
-            PROBABILITIES: softmax(logits).astype(np.float32)}
+    return _seed_row(model, test, class_names, outcome.best_val_accuracy, seed)
 
 
 def _is_seed_run(outcome: TrialOutcome, seed: int, cfg: Any) -> bool:
@@ -131,7 +134,7 @@ def _seed_rows(outcome: TrialOutcome, seeds: list[int], refs: dict[int, Any], te
         if seed in refs:
             rows.append(ray.get(refs[seed]))
         else:
-            rows.append({**score_checkpoint(outcome, test, job.class_names), "seed": seed})
+            rows.append(score_checkpoint(outcome, test, job.class_names, seed))
     return rows
 
 

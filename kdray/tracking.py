@@ -37,6 +37,7 @@ def resolve_tracking_uri(cfg: MLflowConfig, ws: Workspace) -> str:
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+SERVER_SCHEMES = ("http://", "https://")  # a tracking server, which serves the UI itself
 
 
 def runs_url(tracking_uri: str, experiment_id: str) -> str:
@@ -46,14 +47,14 @@ def runs_url(tracking_uri: str, experiment_id: str) -> str:
     runs table with its Dataset column has its own route. A tracking server serves the UI at
     its own address; a local store is seen through ``mlflow ui`` on :data:`LOCAL_UI`.
     """
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(SERVER_SCHEMES) else LOCAL_UI
     return f"{base}/#/experiments/{experiment_id}/runs"
 
 
 def ui_hint(tracking_uri: str, experiment_id: str) -> str:
     """What to run and open to compare the runs in the MLflow UI."""
     url = runs_url(tracking_uri, experiment_id)
-    if tracking_uri.startswith(("http://", "https://")):
+    if tracking_uri.startswith(SERVER_SCHEMES):
         return f"MLflow runs: {url}"
     return f"MLflow: mlflow ui --backend-store-uri {tracking_uri}, then open {url}"
 
