@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import matplotlib.pyplot as plt
 from torch import nn
 
 from kdray.data.prepare import Split
@@ -35,5 +34,4 @@ def evaluate_and_log(
     )
     fig = confusion_figure(metrics["confusion"], class_names, title or f"{prefix} confusion matrix")
     tracker.log_figure(run_id, fig, f"{prefix}_confusion.png")
-    plt.close(fig)
     return metrics

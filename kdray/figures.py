@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -17,7 +16,8 @@ __all__ = ["confusion_figure"]
 def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> Figure:
     """A labelled confusion-matrix heat map (rows true, columns predicted)."""
     cm = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2.5, 1.1 * len(class_names) + 2))
+    fig = Figure(figsize=(1.2 * len(class_names) + 2.5, 1.1 * len(class_names) + 2))
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names, rotation=35, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)

@@ -208,17 +208,44 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _NoModuleTracker:
+    """Stands in for FlopCounterMode's module tracker: every count goes to "Global"."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModuleTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def flop_counter() -> Any:
+    """``torch.utils.flop_counter.FlopCounterMode`` (total only) that is safe beside other threads.
+
+    FlopCounterMode's module tracker installs process-wide module hooks, which attach gradient
+    hooks to the outputs of every module that runs in any thread while it counts; an
+    ``autograd.grad`` in another thread then fails ("A leaf node was passed to
+    _will_engine_execute_node", seen with two datasets' reports at once). The counting itself
+    is a dispatch mode, which is thread-local; without the tracker only the per-module
+    breakdown, which kdray does not use, is lost.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracker()
+    return counter
+
+
 def count_flops(model: nn.Module, image_size: int) -> int:
     """FLOPs of one forward pass on one (3, image_size, image_size) image.
 
     Counted by ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs), not by hand.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.no_grad():
         model(torch.zeros(1, 3, image_size, image_size, device=device))
     model.train(was_training)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,9 @@ from kdray.models import (
     ModelSpec,
     StudentCNN,
     build_model,
+    count_flops,
     count_params,
+    flop_counter,
     init_teacher_weights,
     load_model,
     save_model,
@@ -88,3 +92,34 @@ def test_teacher_weights_errors(tmp_path):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown model kind"):
         build_model(ModelSpec(kind="giraffe", num_classes=2, image_size=8))  # type: ignore[arg-type]
+
+
+def test_counting_flops_leaves_autograd_in_other_threads_alone():
+    """Two datasets' pipelines share the driver: one counts FLOPs while another's report takes
+    input gradients. torch's FlopCounterMode hooks every module in the process and broke the
+    other thread's autograd.grad; kdray's counter does not, and still counts the same."""
+    counted = _student([8, 16, 32])
+    other = _student([8, 16, 32])
+    expected = count_flops(counted, 32)
+    errors, stop = [], threading.Event()
+
+    def input_gradients() -> None:
+        try:
+            while not stop.is_set():
+                x = torch.rand(2, 3, 32, 32, requires_grad=True)
+                torch.autograd.grad(other(x).sum(), x)
+        except Exception as exc:  # noqa: BLE001 - the assertion below reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=input_gradients)
+    thread.start()
+    try:
+        counts = {count_flops(counted, 32) for _ in range(150)}
+        with flop_counter() as counter, torch.no_grad():  # only this thread's work is counted
+            counted.eval()(torch.zeros(1, 3, 32, 32))
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert counts == {expected}
+    assert counter.get_total_flops() == expected

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from kdray import models
 from kdray.explain.hooks import eval_mode, model_lock
@@ -31,10 +30,8 @@ def count_flops(model: nn.Module, size: int, backward: bool = False) -> int:
     if not backward:
         with model_lock(model):
             return models.count_flops(model, size)
-    leaf = torch.zeros(1, 3, size, size, requires_grad=True)
-    # FlopCounterMode's module tracker refuses autograd.grad() with respect to a leaf tensor.
-    x = leaf.clone()
-    with model_lock(model), eval_mode(model), FlopCounterMode(display=False) as counter:
+    x = torch.zeros(1, 3, size, size, requires_grad=True)
+    with model_lock(model), eval_mode(model), models.flop_counter() as counter:
         flags = [(p, p.requires_grad) for p in model.parameters()]
         try:
             for p, _ in flags:

@@ -8,9 +8,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from kdray.explain.render import heat_overlay, signed_overlay  # noqa: E402
 
@@ -53,13 +53,12 @@ _METHOD_COLOURS = {"feature_maps": "tab:blue", "gradcam": "tab:orange", "shap": 
 _METHOD_TITLES = {"feature_maps": "feature map", "gradcam": "Grad-CAM", "shap": "SHAP"}
 
 
-def _save(fig: plt.Figure, path: Path, title: str) -> Path:
-    """Title, lay out, write the PNG and free the figure."""
+def _save(fig: Figure, path: Path, title: str) -> Path:
+    """Title, lay out, write the PNG."""
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -78,8 +77,8 @@ def explanation_grid(
     """
     models = ["teacher", "student"]
     ncols = 1 + len(models) * len(methods)
-    fig, axes = plt.subplots(len(examples), ncols, figsize=(1.75 * ncols, 1.95 * len(examples) + 0.5),
-                             squeeze=False)
+    fig = Figure(figsize=(1.75 * ncols, 1.95 * len(examples) + 0.5))
+    axes = fig.subplots(len(examples), ncols, squeeze=False)
     for r, ex in enumerate(examples):
         _panel(axes[r, 0], ex.image, ex.mask, "input" if r == 0 else None)
         axes[r, 0].set_ylabel(f"true: {ex.label}", fontsize=8)
@@ -110,8 +109,8 @@ def feature_map_figure(
         path: PNG to write.
     """
     ncols = 1 + max(len(layers) for layers, _ in rows.values())
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.7 * ncols, 1.9 * len(rows) + 0.4),
-                             squeeze=False)
+    fig = Figure(figsize=(1.7 * ncols, 1.9 * len(rows) + 0.4))
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, (name, (layers, maps)) in enumerate(rows.items()):
         _panel(axes[r, 0], image, mask, "input")
         axes[r, 0].set_ylabel(name, fontsize=9)
@@ -135,7 +134,8 @@ def curves_figure(
             colour by method, solid for the teacher, dashed for the student.
         path: PNG to write.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    fig = Figure(figsize=(9.5, 3.6))
+    axes = fig.subplots(1, 2)
     for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
         for label, curve in curves[kind].items():
             model, _, method = label.partition(" ")
@@ -156,7 +156,8 @@ def reliability_figure(calibrations: dict[str, dict], path: Path, title: str = "
         calibrations: label -> :func:`kdray.metrics.calibration` result (``ece``, bins).
         path: PNG to write.
     """
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 5.4), height_ratios=(3, 1), sharex=True)
+    fig = Figure(figsize=(4.6, 5.4))
+    ax, hist = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="perfectly calibrated")
     colours = ("#1f4e9c", "#d9822b", "#3a9d5d", "#8e44ad")
     bins = len(next(iter(calibrations.values()))["bin_count"]) if calibrations else 1
