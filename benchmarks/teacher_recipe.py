@@ -75,6 +75,8 @@ def train(kind: str, cfg: ExperimentConfig, data, recipe: dict, epochs: int, see
         else:
             scheduler.step()
         curve.append(vm["accuracy"])
+        print(f"  {kind} epoch {len(curve)}/{epochs}: val {vm['accuracy']:.3f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
         if vm["accuracy"] > best[0]:
             best = (vm["accuracy"], {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(best[1])
