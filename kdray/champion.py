@@ -127,14 +127,16 @@ def _is_seed_run(outcome: TrialOutcome, seed: int, cfg: Any) -> bool:
 
 
 def _seed_rows(outcome: TrialOutcome, seeds: list[int], refs: dict[int, Any], test: Split,
-               job: StudentJob) -> list[dict[str, Any]]:
+               job: StudentJob, side: str) -> list[dict[str, Any]]:
     """One scored row per seed, in the order of ``seeds``: retrained (``refs``) or the trial's own."""
     rows = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds, 1):
         if seed in refs:
             rows.append(ray.get(refs[seed]))
         else:
             rows.append(score_checkpoint(outcome, test, job.class_names, seed))
+        log.info("%s: %s seed %d (%d/%d, %s): test acc %.3f", job.dataset, side, seed, i, len(seeds),
+                 "retrained" if seed in refs else "its trial's run", rows[-1]["test_accuracy"])
     return rows
 
 
@@ -223,11 +225,11 @@ def crown_champion(
     baseline_refs = ({s: remote.remote(job_ref, 1.0, temperature, base.widths, base.lr, s, test)
                       for s in seeds if not _is_seed_run(base, s, cfg)} if cfg.seeds else {})
 
-    champion_rows = _seed_rows(chosen, seeds, champion_refs, test, job) if cfg.seeds else []
+    champion_rows = _seed_rows(chosen, seeds, champion_refs, test, job, "KD champion") if cfg.seeds else []
     champion_seeds = _log_seed_rows(tracker, run_id, champion_rows) if champion_rows else {}
     tracker.end_run(run_id)
 
-    baseline_rows = _seed_rows(base, seeds, baseline_refs, test, job)
+    baseline_rows = _seed_rows(base, seeds, baseline_refs, test, job, "CE baseline")
     baseline_run, _ = tracker.resume_or_start_run(f"baseline-{dataset}", dataset, "baseline",
                                                   parent_run_id, tags={"kdray.champion_run": run_id,
                                                                        "kdray.source_trial_run": base.run_id})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from kdray.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
 from kdray.data.folders import DataError
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stopped: finished datasets are kept, the unfinished sweep resumes")
     parser.add_argument("--address", metavar="ADDR", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print Ray's, Tune's and MLflow's output on the terminal too (default: "
+                        "kdray's progress lines there, everything in <workspace>/logs/run-*.log)")
     return parser
 
 
@@ -70,18 +74,30 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     # Imported here so --help and config errors answer without loading Ray and torch.
+    from kdray.console import calm_console, log_path_for
     from kdray.pipeline import format_summary, run_pipeline
     from kdray.tracking import Tracker, ui_hint
 
     ws = Workspace.at(args.workspace)
+    log_path = None
     try:
-        rows = run_pipeline(cfg, ws, resume=args.resume)
+        ws.check()
+        log_path = None if args.verbose else log_path_for(ws.logs)
+        with calm_console(log_path, verbose=args.verbose):
+            rows = run_pipeline(cfg, ws, resume=args.resume)
     except (DataError, WorkspaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: continue with the same command and --resume", file=sys.stderr)
+        print("interrupted: continue with the same command and --resume"
+              + (f" (full log: {log_path})" if log_path else ""), file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        if log_path:
+            print(f"kdray failed; Ray's and Tune's output before the error is in {log_path}",
+                  file=sys.stderr)
+        return 1
     print(format_summary(rows))
     tracker = Tracker.open(cfg.mlflow, ws)
     print(f"\nsummary written to {ws.reports / 'summary.md'}\n"

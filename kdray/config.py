@@ -268,6 +268,10 @@ class RayConfig(_Strict):
     temp_dir: str | None = Field(
         None, description="temp dir of the local Ray kdray starts; None: /tmp/kdray-ray-<uid>"
     )
+    max_concurrent_datasets: int = Field(
+        1, ge=1, description="datasets whose pipelines (teacher, sweep, champion, report) run at "
+        "once; 1 on a laptop, up to the number of datasets on a cluster with room for their sweeps"
+    )
 
 
 class ExperimentConfig(_Strict):

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -370,6 +371,31 @@ def rebuild_reports(cfg: ExperimentConfig, ws: Workspace) -> list[Path]:
     return paths
 
 
+def _run_concurrently(cfg: ExperimentConfig, ws: Workspace, tracker: Tracker,
+                      resume: bool) -> list[DatasetSummary]:
+    """``ray.max_concurrent_datasets`` dataset pipelines at once, each in a driver thread (Ray
+    Train and Tune calls are thread-safe in the driver; Ray's scheduler shares the cluster
+    between their trials). A dataset that fails does not stop the others: every one runs to its
+    end, then the first error is raised (the finished ones keep their state for ``--resume``)."""
+    datasets = list(cfg.data.datasets)
+    workers = min(cfg.ray.max_concurrent_datasets, len(datasets))
+    log.info("datasets %s: %d pipelines at once", ", ".join(datasets), workers)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdray-dataset")
+    futures = [pool.submit(run_dataset, cfg, dataset, ws, tracker, resume) for dataset in datasets]
+    try:
+        wait(futures)
+    except BaseException:  # Ctrl-C: do not wait for the others; Ray's shutdown stops them
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    failed = [(d, f.exception()) for d, f in zip(datasets, futures, strict=True) if f.exception()]
+    for dataset, exc in failed:
+        log.error("%s: failed: %s: %s", dataset, type(exc).__name__, exc)
+    if failed:
+        raise failed[0][1]
+    return [f.result() for f in futures]
+
+
 def run_pipeline(cfg: ExperimentConfig, ws: Workspace, resume: bool = False) -> list[DatasetSummary]:
     """Run every configured dataset; write ``reports/summary.{md,csv}`` in the workspace.
 
@@ -385,10 +411,14 @@ def run_pipeline(cfg: ExperimentConfig, ws: Workspace, resume: bool = False) -> 
         prepare_manifest(cfg.data, dataset, ws)
     tracker = Tracker.open(cfg.mlflow, ws)
     log.info("workspace %s; MLflow %s (experiment %s)", ws.root, tracker.tracking_uri, cfg.mlflow.experiment)
-    rows: list[DatasetSummary] = []
     with ray_session(cfg.ray, ws):
-        for dataset in cfg.data.datasets:
-            rows.append(run_dataset(cfg, dataset, ws, tracker, resume))
+        if cfg.ray.max_concurrent_datasets > 1 and len(cfg.data.datasets) > 1:
+            rows = _run_concurrently(cfg, ws, tracker, resume)
+        else:
+            rows = []
+            for i, dataset in enumerate(cfg.data.datasets, 1):
+                log.info("dataset %d/%d: %s", i, len(cfg.data.datasets), dataset)
+                rows.append(run_dataset(cfg, dataset, ws, tracker, resume))
     _write_summary(rows, ws)
     for row in rows:  # every dataset's parent run carries the whole run's table
         tracker.client.log_artifact(row.parent_run_id, str(ws.reports / "summary.md"))

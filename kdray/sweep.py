@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from ray import tune
 
 from kdray.config import ExperimentConfig, max_student_depth, widths_for
+from kdray.console import eta
 from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, Split
 from kdray.devices import assigned_device, use_assigned_threads
@@ -38,6 +40,7 @@ from kdray.models import (
     model_files,
     save_model,
 )
+from kdray.provenance import SOURCE_TAG, source_digest
 from kdray.teacher import TeacherResult
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
@@ -244,7 +247,7 @@ def _kd_trial(config: dict[str, Any], job: StudentJob, role: str = "trial") -> N
                                     "teacher_logits": cfg.kd.teacher_logits if config["alpha"] < 1 else "none"})
         tracker.log_config(run_id, cfg.to_dict())
         tracker.client.log_inputs(run_id, job.inputs("train", "val"))
-    tracker.set_tags(run_id, {"kdray.node_id": node_id})
+    tracker.set_tags(run_id, {"kdray.node_id": node_id, SOURCE_TAG: source_digest()})
     checkpoint = tune.get_checkpoint()
 
     def report(metrics: dict[str, Any], best_dir: Path) -> None:
@@ -383,8 +386,39 @@ def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, 
     )
 
 
+class SweepProgress(tune.Callback):
+    """A console line each time a trial ends: trials done / total, how many the scheduler stopped
+    early, the best validation accuracy so far, ETA from the pace so far. Runs in the driver."""
+
+    def __init__(self, dataset: str, label: str, total: int, epochs: int) -> None:
+        self.dataset, self.label, self.total, self.epochs = dataset, label, total, epochs
+        self.started = time.perf_counter()
+        self.ended: dict[str, str] = {}  # trial id -> "done" / "stopped" / "error"
+
+    def setup(self, **info: Any) -> None:
+        self.started = time.perf_counter()
+
+    def _line(self, trials: list[Any]) -> None:
+        best = max((t.last_result.get(METRIC, -1.0) for t in trials if t.last_result), default=-1.0)
+        stopped = sum(v == "stopped" for v in self.ended.values())
+        errors = sum(v == "error" for v in self.ended.values())
+        extra = (f", {stopped} stopped early" if stopped else "") + (f", {errors} failed" if errors else "")
+        log.info("%s: %s %d/%d trials done%s · best val acc %s%s", self.dataset, self.label,
+                 len(self.ended), self.total, extra, f"{best:.3f}" if best >= 0 else "n/a",
+                 eta(time.perf_counter() - self.started, len(self.ended), self.total))
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        epochs_run = int(trial.last_result.get("epoch", -1)) + 1 if trial.last_result else 0
+        self.ended[trial.trial_id] = "done" if epochs_run >= self.epochs else "stopped"
+        self._line(trials)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = "error"
+        self._line(trials)
+
+
 def _new_tuner(cfg: ExperimentConfig, trainable: Any, space: dict[str, Any], first: dict[str, Any],
-               ws: Workspace, name: str, dataset: str) -> tune.Tuner:
+               ws: Workspace, name: str, dataset: str, progress: SweepProgress) -> tune.Tuner:
     t = cfg.tune
     return tune.Tuner(
         trainable,
@@ -401,9 +435,33 @@ def _new_tuner(cfg: ExperimentConfig, trainable: Any, space: dict[str, Any], fir
             # the checkpoint its saved state names.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
-            verbose=1,
+            callbacks=[progress],
+            verbose=1,  # Tune's tables: in the run's log file (the terminal has kdray's lines)
         ),
     )
+
+
+_TUNE_REGISTRY_LOCK = threading.Lock()
+
+
+def _register_trainable(job: StudentJob, role: str) -> str:
+    """Register this dataset's trial function with Tune; return its name for the Tuner.
+
+    Tune's registries (``with_parameters``' object-store parameters, the trainable registry) flush
+    a shared dict without a lock; two datasets' sweeps starting at once in the driver
+    (``ray.max_concurrent_datasets``) made it fail with "dictionary changed size during
+    iteration". Registering here, one thread at a time, and handing the Tuner the name leaves
+    Tune nothing to register. The name is per dataset and role, the same on a resume.
+    """
+    t = job.cfg.tune
+    name = f"{'kd' if role == 'trial' else 'ce'}_trial_{job.dataset}"
+    with _TUNE_REGISTRY_LOCK:
+        trainable = tune.with_resources(
+            tune.with_parameters(_kd_trial, job=job, role=role),
+            {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+        )
+        tune.register_trainable(name, trainable)
+    return name
 
 
 def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False,
@@ -426,17 +484,19 @@ def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False,
     """
     cfg, t = job.cfg, job.cfg.tune
     space, first = search or search_space(cfg)
-    trainable = tune.with_resources(
-        tune.with_parameters(_kd_trial, job=job, role=role),
-        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
-    )
+    trainable = _register_trainable(job, role)
     path = f"{ws.ray_storage(cfg.ray.storage_path).rstrip('/')}/{name}"
+    label = "KD sweep" if role == "trial" else "CE baseline search"
+    progress = SweepProgress(job.dataset, label, t.num_samples, cfg.student.epochs)
     if restore and tune.Tuner.can_restore(path):
         log.info("%s: restoring the Tune experiment %s", job.dataset, path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=space)
     else:
-        tuner = _new_tuner(cfg, trainable, space, first, ws, name, job.dataset)
+        if role == "trial":  # the baseline's search is announced by crown_champion
+            log.info("%s: KD sweep: %d trials, %d at a time, up to %d epochs each (scheduler %s)",
+                     job.dataset, t.num_samples, t.max_concurrent_trials, cfg.student.epochs, t.scheduler)
+        tuner = _new_tuner(cfg, trainable, space, first, ws, name, job.dataset, progress)
     grid = tuner.fit()
     _settle_trial_runs(job.tracker, grid, cfg.student.epochs)
     _prune_checkpoints(grid)

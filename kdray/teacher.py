@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from kdray.augment import build_augment
 from kdray.config import ExperimentConfig
+from kdray.console import MetricWatcher, eta
 from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import evaluate, make_loader, predict_logits, seed_everything, train_epoch
@@ -33,6 +35,8 @@ from kdray.models import ModelSpec, build_model, count_flops, count_params, save
 from kdray.registry import log_model_folder, register_model, registered_name
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
+
+log = logging.getLogger("kdray")
 
 __all__ = ["TeacherResult", "fit_teacher", "teacher_key", "train_teacher"]
 
@@ -233,6 +237,21 @@ def fit_teacher(
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def _epoch_progress(dataset: str, epochs: int, done_before: set[int]):
+    """The console line per teacher epoch (val accuracy, best so far, ETA from this run's pace)."""
+    started, best, fresh = time.perf_counter(), [-1.0], [0]
+
+    def on_point(step: int, value: float) -> None:
+        best[0] = max(best[0], value)
+        if step in done_before:  # logged before a resume: not part of this run's pace
+            return
+        fresh[0] += 1
+        log.info("%s: teacher epoch %d/%d · val acc %.3f (best %.3f)%s", dataset, step + 1, epochs,
+                 value, best[0], eta(time.perf_counter() - started, fresh[0], epochs - len(done_before)))
+
+    return on_point
+
+
 def train_teacher(
     cfg: ExperimentConfig, data: PreparedData, ws: Workspace, tracker: Tracker,
     parent_run_id: str | None = None,
@@ -266,9 +285,15 @@ def train_teacher(
         tracker.client.log_inputs(run_id, split_inputs(data))
         pending.parent.mkdir(parents=True, exist_ok=True)
         pending.write_text(run_id)
+    t = cfg.teacher
+    log.info("%s: teacher %s, %d epoch%s on %d Ray Train worker%s × %d CPU%s", dataset, t.arch,
+             t.epochs, "s" * (t.epochs != 1), t.num_workers, "s" * (t.num_workers != 1),
+             t.cpus_per_worker, " + 1 GPU" if t.use_gpu else "")
     try:
-        state = fit_teacher(cfg, data, spec, tracker, run_id, f"teacher-{dataset}-{key}",
-                            ws.ray_storage(cfg.ray.storage_path))
+        with MetricWatcher(tracker.client, run_id, "val_accuracy",
+                           _epoch_progress(dataset, t.epochs, tracker.logged_steps(run_id, "val_accuracy"))):
+            state = fit_teacher(cfg, data, spec, tracker, run_id, f"teacher-{dataset}-{key}",
+                                ws.ray_storage(cfg.ray.storage_path))
         model = build_model(spec)
         model.load_state_dict(state["best_model"])
         model.eval()

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from kdray.config import MLflowConfig
+from kdray.provenance import SOURCE_TAG, source_digest
 from kdray.workspace import Workspace
 
 __all__ = ["LOCAL_UI", "Tracker", "flatten", "resolve_tracking_uri", "runs_url", "ui_hint"]
@@ -112,7 +113,7 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
     ) -> str:
         """Create a run tagged with dataset and role (nested under ``parent_run_id``)."""
-        all_tags = {TAG_DATASET: dataset, TAG_ROLE: role, **(tags or {})}
+        all_tags = {TAG_DATASET: dataset, TAG_ROLE: role, SOURCE_TAG: source_digest(), **(tags or {})}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)

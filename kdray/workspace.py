@@ -100,6 +100,11 @@ class Workspace:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def logs(self) -> Path:
+        """``tune/run.py``'s full console logs (Ray, Tune, MLflow), one file per run."""
+        return self.root / "logs"
+
     def ray_storage(self, override: str | None = None) -> str:
         """Where Ray Train / Tune persist runs: ``override`` (a shared path or URI) or local."""
         return override or str(self.ray_results)

@@ -1,7 +1,10 @@
-"""The smoke sweep on a local 2-node Ray cluster logging to an MLflow tracking server.
+"""The smoke pipeline submitted as a Ray job to a local 2-node cluster, logging to an MLflow server.
 
-Both "nodes" run on this machine (`ray start --head` + `ray start --address`, one CPU each);
-the driver joins with --address and logs through MLFLOW_TRACKING_URI, as on a real cluster.
+Both "nodes" run on this machine (`ray start --head` + `ray start --address`, one CPU each).
+The run goes in through the Jobs API as a cluster user's would: `ray job submit --working-dir
+<a copy of the checkout>`, MLFLOW_TRACKING_URI in the job's runtime_env. The copy's kdray differs
+from the installed one, so the runs' source digests show which code the driver and the trials on
+both nodes ran. Two datasets run at once (`ray.max_concurrent_datasets: 2`).
 Trials run the teacher live (`kd.teacher_logits: live`), so its weights reach the second node.
 The server is reached through a TCP proxy that goes down for a few seconds once the first trial
 has logged: the trials ride the outage out (MLflow's client retries) instead of failing. The
@@ -13,7 +16,9 @@ Only processes this test starts are stopped (never `ray stop`, which would stop 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +30,8 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+
+from kdray.provenance import source_digest
 
 from conftest import Proxy
 
@@ -61,8 +68,6 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
 
 def _champion_loads_with_standard_mlflow_tooling(mlflow_uri: str, tmp_path: Path) -> None:
     """``mlflow.pyfunc.load_model`` and ``mlflow models predict`` on the champion, from the server."""
-    import json
-
     import mlflow
     import numpy as np
 
@@ -105,7 +110,7 @@ def cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    ray_port, mlflow_port = _free_port(), _free_port()
+    ray_port, mlflow_port, dashboard_port = _free_port(), _free_port(), _free_port()
     temp_dir = f"/tmp/kdray-cl-{os.getpid()}"
     procs = []
     try:
@@ -114,17 +119,26 @@ def cluster(tmp_path):
                              "--artifacts-destination", str(tmp_path / "server-artifacts")],
                             env, tmp_path / "mlflow.log"))
         procs.append(_start([str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
-                             "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-                             "--node-ip-address=127.0.0.1"], env, tmp_path / "head.log"))
+                             "--num-cpus=1", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+                             # the dashboard serves the Jobs API (`ray job submit`)
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard_port}"], env, tmp_path / "head.log"))
         address = f"127.0.0.1:{ray_port}"
         time.sleep(8)
+        # Its own temp dir, as on a real node: with a shared one the two nodes' runtime-env agents
+        # manage the same unpacked working_dir, and one deletes it under the other's processes.
         procs.append(_start([str(BIN / "ray"), "start", "--block", f"--address={address}", "--num-cpus=1",
-                             "--node-ip-address=127.0.0.1"], env, tmp_path / "worker.log"))
+                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}-w"],
+                            env, tmp_path / "worker.log"))
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 90)
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        _wait_http(f"{dashboard}/api/version", 90)
         time.sleep(5)
-        yield address, f"http://127.0.0.1:{mlflow_port}", env
+        yield address, dashboard, f"http://127.0.0.1:{mlflow_port}", env
     finally:
         _stop_all(list(reversed(procs)))
+        for path in (temp_dir, f"{temp_dir}-w"):  # this test's Ray sessions only
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _outage_once_a_trial_logged(server_uri: str, proxy: Proxy, seconds: float, done: threading.Event,
@@ -144,42 +158,88 @@ def _outage_once_a_trial_logged(server_uri: str, proxy: Proxy, seconds: float, d
         time.sleep(0.2)
 
 
-def test_smoke_sweep_spans_both_nodes_and_logs_to_the_server(cluster, tmp_path):
-    address, mlflow_uri, env = cluster
+def _checkout_to_ship(tmp_path: Path) -> tuple[Path, str]:
+    """A copy of this checkout (git's files, no .venv or workspace) whose kdray differs from the
+    installed one by a comment: its source digest tells which kdray a process imported."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                           cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    checkout = tmp_path / "checkout"
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    with open(checkout / "kdray" / "__init__.py", "a") as f:
+        f.write("# shipped to the cluster by `ray job submit --working-dir` (tests/test_cluster.py)\n")
+    digest = subprocess.run([sys.executable, "-c", "from kdray.provenance import source_digest; "
+                             "print(source_digest())"], cwd=checkout, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert digest != source_digest()  # the copy is told apart from the installed kdray
+    return checkout, digest
+
+
+def _overlap(a, b) -> bool:
+    return a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
+
+
+def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_server(cluster, tmp_path):
+    """`ray job submit --working-dir <checkout>` (the Jobs API): the driver and every trial on both
+    nodes run the shipped kdray; two datasets' pipelines run at once; MLflow goes down once."""
+    address, dashboard, mlflow_uri, env = cluster
+    checkout, shipped = _checkout_to_ship(tmp_path)
     proxy = Proxy(int(mlflow_uri.rsplit(":", 1)[1]))
-    env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}"}
+    # Jobs take their environment from runtime_env: the driver and every worker log to the proxy.
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}"}}
     done, outage = threading.Event(), {}
     watcher = threading.Thread(target=_outage_once_a_trial_logged, args=(mlflow_uri, proxy, 5.0, done, outage))
     watcher.start()
     try:
-            proc = subprocess.run(
-            [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-             "--workspace", str(tmp_path / "ws"), "--address", address,
-             "--set", "data.datasets=[brain_tumor]", "--set", "ray.num_cpus=null",
+        proc = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(checkout),
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             sys.executable, "tune/run.py", "--config", "configs/smoke.yaml",
+             "--workspace", str(tmp_path / "ws"),
+             "--set", "data.datasets=[brain_tumor, eye_disease]", "--set", "ray.max_concurrent_datasets=2",
+             # One trial at a time per sweep: on the two CPUs, one sweep cannot take both while
+             # the other waits, so the datasets' trials overlap if their pipelines do.
+             "--set", "tune.max_concurrent_trials=1",
+             "--set", "ray.num_cpus=null",
              "--set", "kd.teacher_logits=live",  # the teacher itself travels to both nodes
              "--set", f"ray.storage_path={tmp_path / 'shared'}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
         )
     finally:
         done.set()
         watcher.join()
         proxy.down()
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout, proc.stdout[-3000:]
     assert outage.get("end"), "the server never went down: no trial logged an epoch"
     assert not (tmp_path / "ws" / "mlflow.db").exists()  # everything went to the server
     client = MlflowClient(tracking_uri=mlflow_uri)
     experiment = client.get_experiment_by_name("kdray")
-    trials = client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'trial'")
-    assert len(trials) == 2  # each trial exactly one run, outage or not
+    runs = client.search_runs([experiment.experiment_id], "")
+    parents = {r.data.tags["kdray.dataset"]: r for r in runs if r.data.tags["kdray.role"] == "parent"}
+    assert set(parents) == {"brain_tumor", "eye_disease"}
+    trials = [r for r in runs if r.data.tags["kdray.role"] == "trial"]
+    by_dataset = {d: [t for t in trials if t.data.tags["kdray.dataset"] == d] for d in parents}
+    for dataset, dataset_trials in by_dataset.items():
+        assert len(dataset_trials) == 2  # each trial exactly one run, outage or not
+        for trial in dataset_trials:  # nested under its own dataset's parent run
+            assert trial.data.tags["mlflow.parentRunId"] == parents[dataset].info.run_id
     for trial in trials:
         assert trial.info.status == "FINISHED", trial.data.tags.get("kdray.error")
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
         assert sorted(steps) == list(range(int(trial.data.tags["kdray.epochs_run"]))), steps
-    # The outage hit the sweep while it ran: at least one trial was still running then.
+    # The two datasets ran at once: some brain_tumor trial ran while an eye_disease trial ran.
+    assert any(_overlap(a, b) for a in by_dataset["brain_tumor"] for b in by_dataset["eye_disease"]), \
+        [(t.data.tags["kdray.dataset"], t.info.start_time, t.info.end_time) for t in trials]
+    # The outage hit the sweeps while they ran: at least one trial was still running then.
     assert any(t.info.end_time / 1e3 > outage["start"] for t in trials)
-    nodes = {t.data.tags["kdray.node_id"] for t in trials}
-    assert len(nodes) == 2, f"trials ran on {nodes}"  # one live-teacher trial per node
+    assert len({t.data.tags["kdray.node_id"] for t in trials}) == 2  # trials on both nodes
+    # The driver and the trials on both nodes ran the kdray the job shipped, not the installed one.
+    assert {r.data.tags["kdray.source_digest"] for r in [*parents.values(), *trials]} == {shipped}
     assert {t.data.params["teacher_logits"] for t in trials} == {"live"}
-    assert client.get_model_version_by_alias("kdray-brain_tumor", "champion").run_id
+    for dataset in parents:
+        assert client.get_model_version_by_alias(f"kdray-{dataset}", "champion").run_id
     _champion_loads_with_standard_mlflow_tooling(mlflow_uri, tmp_path)
     assert (tmp_path / "shared").is_dir()  # Ray results went to the configured storage path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,8 +107,27 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
     assert "| brain_tumor | KD student (champion) |" in proc.stdout
     assert "2 CE trials |" in proc.stdout and "How each side was chosen" in proc.stdout
     assert (ws / "reports" / "summary.csv").read_text().count("\n") == 4
+
+
+def test_the_console_shows_progress_and_the_log_file_the_rest(smoke_run):
+    """(Needs a fresh smoke run: with KDRAY_TEST_SMOKE_WS a resumed run has no epochs to show.)"""
+    ws, proc = smoke_run
+    terminal = proc.stdout + proc.stderr
+    (log_path,) = re.findall(r"the full log \(Ray, Tune, MLflow\) is (\S+);", proc.stderr)
+    log = Path(log_path).read_text()
+    assert Path(log_path).parent == ws / "logs"
+    for dataset in ("brain_tumor", "eye_disease", "alzheimer"):
+        assert f"{dataset}: teacher epoch 1/1 · val acc" in terminal
+        assert f"{dataset}: KD sweep 2/2 trials done" in terminal
+        assert f"{dataset}: CE baseline search 2/2 trials done" in terminal
+        assert f"{dataset}: teacher epoch 1/1 · val acc" in log  # kdray's lines are in both
+    # Ray's worker lines and Tune's tables went to the log file only.
+    for chatter in ("(RayTrainWorker pid=", "Trial status:", "Started a local Ray instance"):
+        assert chatter in log
+        assert chatter not in terminal
+    assert len(terminal.splitlines()) < 120, terminal
     # Ray Train's PlacementGroupCleaner warned every second without the State API (dashboard).
-    assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr
+    assert "Failed to query Ray Train Controller" not in terminal + log
 
 
 def test_champions_are_registered_and_load_by_alias(smoke_run):
