@@ -23,6 +23,7 @@ from kdray.config import AugmentConfig, ExperimentConfig, load_config
 from kdray.data.prepare import prepare_dataset
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
 from kdray.models import ModelSpec, build_model
+from kdray.teacher import make_scheduler, step_scheduler
 from kdray.workspace import Workspace
 
 RECIPES: dict[str, dict] = {
@@ -60,20 +61,14 @@ def train(kind: str, cfg: ExperimentConfig, data, recipe: dict, epochs: int, see
         lr, batch, wd, augment = s.lr, s.batch_size, s.weight_decay, None
     model = build_model(spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
-    if recipe.get("schedule") == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    else:
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    scheduler = make_scheduler(optimizer, recipe.get("schedule", "plateau"), epochs)
     loader = make_loader((train_split.images, train_split.labels), batch, shuffle=True, seed=seed)
     curve, best, started = [], (-1.0, None), time.perf_counter()
     loss_fn = _ce(recipe.get("label_smoothing", 0.0))
     for _ in range(epochs):
         train_epoch(model, loader, loss_fn, optimizer, "cpu", None, augment)
         vm, _ = evaluate(model, val, classes)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(vm["loss"])
-        else:
-            scheduler.step()
+        step_scheduler(scheduler, vm["loss"])
         curve.append(vm["accuracy"])
         print(f"  {kind} epoch {len(curve)}/{epochs}: val {vm['accuracy']:.3f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)

@@ -125,6 +125,10 @@ class TeacherConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     early_stopping_patience: int = Field(0, ge=0, description="0 disables early stopping")
+    schedule: Literal["plateau", "cosine"] = Field(
+        "plateau", description="lr schedule: plateau halves lr after 2 epochs without a lower "
+        "validation loss; cosine anneals lr to 0 over the epochs"
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: int = Field(2, ge=1)
     use_gpu: bool = False

@@ -74,6 +74,20 @@ def _ce_loss(logits: torch.Tensor, y: torch.Tensor, _extras: tuple, _x: torch.Te
     return {"loss": F.cross_entropy(logits, y)}
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int) -> Any:
+    """The teacher's lr schedule (``teacher.schedule``), stepped once per epoch by :func:`step_scheduler`."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+
+
+def step_scheduler(scheduler: Any, val_loss: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
+
+
 def _validate_on_rank0(
     model: torch.nn.Module, val: Split, class_names: list[str], device: torch.device, rank: int,
     world: int,
@@ -117,7 +131,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                          seed=config["seed"], pin_memory=use_amp)
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    scheduler = make_scheduler(optimizer, config["schedule"], config["epochs"])
     tracker: Tracker = config["tracker"]
     run_id: str = config["run_id"]
 
@@ -145,7 +159,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         stats = train_epoch(model, loader, _ce_loss, optimizer, device, scaler, augment)
         seconds = time.perf_counter() - started
         val_metrics = _validate_on_rank0(unwrap(model), val, config["class_names"], device, rank, world)
-        scheduler.step(val_metrics["loss"])
+        step_scheduler(scheduler, val_metrics["loss"])
         improved = val_metrics["accuracy"] > best["val_accuracy"] or (
             val_metrics["accuracy"] == best["val_accuracy"] and val_metrics["loss"] < best["val_loss"]
         )
@@ -209,6 +223,7 @@ def fit_teacher(
         "lr": t.lr,
         "weight_decay": t.weight_decay,
         "patience": t.early_stopping_patience,
+        "schedule": t.schedule,
         "augment": t.augment,
         "seed": cfg.seed,
         "threads": t.cpus_per_worker,

@@ -17,6 +17,10 @@ def test_shipped_configs_load():
     assert smoke.teacher.epochs < default.teacher.epochs
     assert default.student.resolved_widths() == [16, 32, 64, 128, 128]
     assert default.seeds == [0, 1, 2] and smoke.seeds == []  # the default shows spread; smoke is quick
+    paper = load_config(REPO / "configs" / "paper.yaml")
+    assert paper.teacher.epochs > default.teacher.epochs and paper.teacher.schedule == "cosine"
+    assert paper.student == default.student  # only the teacher and the data differ
+    load_config(REPO / "configs" / "cluster.yaml")
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -186,3 +187,25 @@ def test_teacher_key_tracks_data_and_recipe_not_scaling():
     assert teacher_key(ExperimentConfig.model_validate({"teacher": {"lr": 0.01}}), data) != key
     assert teacher_key(ExperimentConfig.model_validate({"teacher": {"augment": {"rotation": 5}}}), data) != key
     assert teacher_key(base, tiny_data(n_per_class=3, size=16)) != key
+
+
+def test_the_cosine_schedule_anneals_the_teacher_lr_to_zero_and_plateau_waits_for_the_loss():
+    from kdray.teacher import make_scheduler, step_scheduler
+
+    model = torch.nn.Linear(2, 2)
+    cosine = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = make_scheduler(cosine, "cosine", epochs=4)
+    lrs = []
+    for _ in range(4):
+        step_scheduler(scheduler, val_loss=1.0)
+        lrs.append(cosine.param_groups[0]["lr"])
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(1, 5)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    plateau = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = make_scheduler(plateau, "plateau", epochs=4)
+    for loss in (1.0, 1.0, 1.0):  # no lower loss for 2 epochs after the first: still 1e-3
+        step_scheduler(scheduler, loss)
+    assert plateau.param_groups[0]["lr"] == pytest.approx(1e-3)
+    step_scheduler(scheduler, 1.0)  # the third epoch without improvement halves it
+    assert plateau.param_groups[0]["lr"] == pytest.approx(5e-4)
