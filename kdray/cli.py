@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so --help and config errors answer without loading Ray and torch.
     from kdray.console import calm_console, log_path_for
     from kdray.pipeline import format_summary, run_pipeline
-    from kdray.tracking import Tracker, ui_hint
+    from kdray.tracking import Tracker, compare_url, ui_hint
 
     ws = Workspace.at(args.workspace)
     log_path = None
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     tracker = Tracker.open(cfg.mlflow, ws)
     print(f"\nsummary written to {ws.reports / 'summary.md'}\n"
           f"{ui_hint(tracker.tracking_uri, tracker.experiment_id)}")
+    for row in rows:  # a saved view per dataset: its KD trials side by side
+        trials = tracker.child_runs(row.parent_run_id, "trial")
+        print(f"  {row.dataset}'s {len(trials)} KD trials compared: "
+              f"{compare_url(tracker.tracking_uri, tracker.experiment_id, trials)}")
     return 0
 
 

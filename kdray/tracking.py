@@ -7,11 +7,13 @@ trial processes that Ray reuses between trials.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -50,6 +52,15 @@ def runs_url(tracking_uri: str, experiment_id: str) -> str:
     """
     base = tracking_uri.rstrip("/") if tracking_uri.startswith(SERVER_SCHEMES) else LOCAL_UI
     return f"{base}/#/experiments/{experiment_id}/runs"
+
+
+def compare_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The UI page comparing ``run_ids`` side by side (``#/compare-runs``: parameters and metrics
+    as a table, parallel coordinates, scatter and contour plots). A URL is the view, saved."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(SERVER_SCHEMES) else LOCAL_UI
+    runs = quote(json.dumps(run_ids, separators=(",", ":")))
+    experiments = quote(json.dumps([experiment_id], separators=(",", ":")))
+    return f"{base}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
 def ui_hint(tracking_uri: str, experiment_id: str) -> str:
@@ -164,6 +175,14 @@ class Tracker:
             if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
                 return False
             raise
+
+    def child_runs(self, parent_run_id: str, role: str) -> list[str]:
+        """Ids of the runs of ``role`` nested under ``parent_run_id``, oldest first."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TAG_ROLE}` = '{role}'",
+            order_by=["attributes.start_time ASC"])
+        return [r.info.run_id for r in runs]
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
         """Steps at which ``key`` was already logged (a resumed loop skips them: one point per epoch)."""
