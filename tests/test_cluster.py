@@ -177,6 +177,19 @@ def _checkout_to_ship(tmp_path: Path) -> tuple[Path, str]:
     return checkout, digest
 
 
+def _submit(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``ray job submit``, again while the head has no job agent yet. The dashboard answers
+    before its agent has registered; Ray then refuses the submission, before creating any job,
+    with "No available agent to submit job, please try again later" (seen once in a fresh clone)."""
+    deadline = time.time() + 120
+    while True:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr \
+                or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
 def _overlap(a, b) -> bool:
     return a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
 
@@ -193,7 +206,7 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
     watcher = threading.Thread(target=_outage_once_a_trial_logged, args=(mlflow_uri, proxy, 5.0, done, outage))
     watcher.start()
     try:
-        proc = subprocess.run(
+        proc = _submit(
             [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(checkout),
              "--runtime-env-json", json.dumps(runtime_env), "--",
              sys.executable, "tune/run.py", "--config", "configs/smoke.yaml",
@@ -205,7 +218,7 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
              "--set", "ray.num_cpus=null",
              "--set", "kd.teacher_logits=live",  # the teacher itself travels to both nodes
              "--set", f"ray.storage_path={tmp_path / 'shared'}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+            cwd=tmp_path, env=env,
         )
     finally:
         done.set()

@@ -197,6 +197,7 @@ def test_the_cosine_schedule_anneals_the_teacher_lr_to_zero_and_plateau_waits_fo
     scheduler = make_scheduler(cosine, "cosine", epochs=4)
     lrs = []
     for _ in range(4):
+        cosine.step()  # (an epoch's updates come first, as in the loop)
         step_scheduler(scheduler, val_loss=1.0)
         lrs.append(cosine.param_groups[0]["lr"])
     expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(1, 5)]
@@ -205,6 +206,7 @@ def test_the_cosine_schedule_anneals_the_teacher_lr_to_zero_and_plateau_waits_fo
     plateau = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = make_scheduler(plateau, "plateau", epochs=4)
     for loss in (1.0, 1.0, 1.0):  # no lower loss for 2 epochs after the first: still 1e-3
+        plateau.step()
         step_scheduler(scheduler, loss)
     assert plateau.param_groups[0]["lr"] == pytest.approx(1e-3)
     step_scheduler(scheduler, 1.0)  # the third epoch without improvement halves it
