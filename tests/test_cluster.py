@@ -6,7 +6,7 @@ The run goes in through the Jobs API as a cluster user's would: `ray job submit 
 from the installed one, so the runs' source digests show which code the driver and the trials on
 both nodes ran. Two datasets run at once (`ray.max_concurrent_datasets: 2`).
 Trials run the teacher live (`kd.teacher_logits: live`), so its weights reach the second node.
-The server is reached through a TCP proxy that goes down for a few seconds once the first trial
+The server is reached through a TCP proxy that goes down for a few seconds once a trial of each dataset
 has logged: the trials ride the outage out (MLflow's client retries) instead of failing. The
 registered champion then loads from the server with `mlflow.pyfunc.load_model` and predicts
 through `mlflow models predict`.
@@ -142,13 +142,15 @@ def cluster(tmp_path):
 
 
 def _outage_once_a_trial_logged(server_uri: str, proxy: Proxy, seconds: float, done: threading.Event,
-                                outage: dict[str, float]) -> None:
-    """Watch the server directly; take the proxy down for ``seconds`` after a trial's first epoch."""
+                                outage: dict[str, float], datasets: tuple[str, ...]) -> None:
+    """Watch the server directly; take the proxy down for ``seconds`` once a trial of every one of
+    ``datasets`` has logged an epoch (so the outage stalls every pipeline alike, in its sweep)."""
     client = MlflowClient(tracking_uri=server_uri)
     while not done.is_set():
         experiment = client.get_experiment_by_name("kdray")
         trials = client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'trial'") if experiment else []
-        if any("val_accuracy" in t.data.metrics for t in trials):
+        logged = {t.data.tags["kdray.dataset"] for t in trials if "val_accuracy" in t.data.metrics}
+        if logged >= set(datasets):
             proxy.down()
             outage["start"] = time.time()
             time.sleep(seconds)
@@ -190,8 +192,15 @@ def _submit(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
         time.sleep(3)
 
 
-def _overlap(a, b) -> bool:
-    return a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
+def _trained(client: MlflowClient, run) -> tuple[int, int]:
+    """When a trial trained: its start to its last epoch's metric (a run that ASHA stopped is
+    ended later, when the sweep settles its runs)."""
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    return run.info.start_time, max(m.timestamp for m in history)
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
 
 
 def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_server(cluster, tmp_path):
@@ -203,7 +212,8 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
     # Jobs take their environment from runtime_env: the driver and every worker log to the proxy.
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}"}}
     done, outage = threading.Event(), {}
-    watcher = threading.Thread(target=_outage_once_a_trial_logged, args=(mlflow_uri, proxy, 5.0, done, outage))
+    watcher = threading.Thread(target=_outage_once_a_trial_logged,
+                               args=(mlflow_uri, proxy, 5.0, done, outage, ("brain_tumor", "eye_disease")))
     watcher.start()
     try:
         proc = _submit(
@@ -243,11 +253,13 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
         assert trial.info.status == "FINISHED", trial.data.tags.get("kdray.error")
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
         assert sorted(steps) == list(range(int(trial.data.tags["kdray.epochs_run"]))), steps
-    # The two datasets ran at once: some brain_tumor trial ran while an eye_disease trial ran.
-    assert any(_overlap(a, b) for a in by_dataset["brain_tumor"] for b in by_dataset["eye_disease"]), \
-        [(t.data.tags["kdray.dataset"], t.info.start_time, t.info.end_time) for t in trials]
-    # The outage hit the sweeps while they ran: at least one trial was still running then.
-    assert any(t.info.end_time / 1e3 > outage["start"] for t in trials)
+    # The two datasets ran at once: some brain_tumor trial (KD or the baseline's search) trained
+    # while an eye_disease trial did.
+    tune_trials = {d: [_trained(client, r) for r in runs if r.data.tags["kdray.dataset"] == d
+                       and r.data.tags["kdray.role"] in ("trial", "baseline-trial")] for d in parents}
+    assert any(_overlap(a, b) for a in tune_trials["brain_tumor"] for b in tune_trials["eye_disease"]), tune_trials
+    # The outage hit the Tune searches while they ran: some trial (KD or baseline) ended after it.
+    assert any(end / 1e3 > outage["start"] for d in tune_trials for _, end in tune_trials[d])
     assert len({t.data.tags["kdray.node_id"] for t in trials}) == 2  # trials on both nodes
     # The driver and the trials on both nodes ran the kdray the job shipped, not the installed one.
     assert {r.data.tags["kdray.source_digest"] for r in [*parents.values(), *trials]} == {shipped}
