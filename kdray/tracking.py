@@ -43,6 +43,11 @@ LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 SERVER_SCHEMES = ("http://", "https://")  # a tracking server, which serves the UI itself
 
 
+def ui_base(tracking_uri: str) -> str:
+    """Where the UI of ``tracking_uri`` is: the server itself, or ``mlflow ui`` on :data:`LOCAL_UI`."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(SERVER_SCHEMES) else LOCAL_UI
+
+
 def runs_url(tracking_uri: str, experiment_id: str) -> str:
     """The UI page of the experiment's runs table (``#/experiments/<id>/runs``).
 
@@ -50,14 +55,14 @@ def runs_url(tracking_uri: str, experiment_id: str) -> str:
     runs table with its Dataset column has its own route. A tracking server serves the UI at
     its own address; a local store is seen through ``mlflow ui`` on :data:`LOCAL_UI`.
     """
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(SERVER_SCHEMES) else LOCAL_UI
+    base = ui_base(tracking_uri)
     return f"{base}/#/experiments/{experiment_id}/runs"
 
 
 def compare_url(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> str:
     """The UI page comparing ``run_ids`` side by side (``#/compare-runs``: parameters and metrics
     as a table, parallel coordinates, scatter and contour plots). A URL is the view, saved."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(SERVER_SCHEMES) else LOCAL_UI
+    base = ui_base(tracking_uri)
     runs = quote(json.dumps(run_ids, separators=(",", ":")))
     experiments = quote(json.dumps([experiment_id], separators=(",", ":")))
     return f"{base}/#/compare-runs?runs={runs}&experiments={experiments}"
