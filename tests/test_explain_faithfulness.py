@@ -177,8 +177,31 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     assert "## Teacher–student agreement" in report.markdown
     for method in ("gradcam", "shap"):
         assert {f"agreement.rank_correlation.{method}", f"agreement.top10_overlap_random.{method}"} <= set(m)
-    # DenseNet121's last block is 1x1 at this size: a constant map has no ranking to compare.
-    assert "agreement.rank_correlation.feature_maps" not in m
+    # Feature maps are scored at Grad-CAM's block (DenseNet121's last block is 1x1 at this size
+    # and would be a constant map, with no ranking to compare).
+    assert np.isfinite(m["agreement.rank_correlation.feature_maps"])
+    assert "The scored feature maps" in report.markdown
+
+
+def test_the_report_scores_the_feature_map_of_gradcams_block(trained) -> None:
+    from kdray.explain.gradcam import default_cam_layer, layer_output_size
+    from kdray.explain.inputs import to_batch
+    from kdray.explain.layer_maps import feature_maps
+    from kdray.explain.report import _score_maps
+
+    student, d = trained
+    x = to_batch(d["images"][:4])
+    background = d["train_images"][:4]
+    cfg = ExplainConfig(methods=["feature_maps"])
+    layer = default_cam_layer(student, SIZE)
+    assert layer != student.block_names[-1] and min(layer_output_size(student, layer, SIZE)) >= 7
+    scored = _score_maps(student, "student", x, background, cfg, seed=0)
+    expected = feature_maps(student, x, [layer]).maps[:, 0]
+    np.testing.assert_allclose(scored.maps["feature_maps"], expected, atol=1e-6)
+    named = cfg.model_copy(update={"student_layer": student.block_names[0]})
+    scored = _score_maps(student, "student", x, background, named, seed=0)
+    expected = feature_maps(student, x, [student.block_names[0]]).maps[:, 0]
+    np.testing.assert_allclose(scored.maps["feature_maps"], expected, atol=1e-6)
 
 
 def test_a_student_agrees_with_itself_and_not_with_a_random_map(trained, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ __all__ = ["Report", "build_report"]
 
 MODELS = ("teacher", "student")
 CALIBRATION_LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "CE-only baseline"}
-TITLES = {"feature_maps": "Feature maps (last block)", "gradcam": "Grad-CAM", "shap": "SHAP",
+TITLES = {"feature_maps": "Feature maps (Grad-CAM's block)", "gradcam": "Grad-CAM", "shap": "SHAP",
           "random": "Random map (baseline)"}
 
 
@@ -96,16 +96,24 @@ def _cam_layer(model_name: str, model: nn.Module, cfg: ExplainConfig, size: int)
     return chosen or default_cam_layer(model, size)
 
 
+def _feature_layer_index(layers: list[str], cam_layer: str) -> int:
+    """Which feature map the report scores: Grad-CAM's block if it is one of them, else the last."""
+    return layers.index(cam_layer) if cam_layer in layers else len(layers) - 1
+
+
 def _score_maps(model: nn.Module, name: str, x: torch.Tensor, background: np.ndarray,
                 cfg: ExplainConfig, seed: int) -> _Scored:
     t0 = time.perf_counter()
     fm = feature_maps(model, x, None, cfg.top_k_channels)
     preds = fm.logits.argmax(1)
     maps: dict[str, np.ndarray] = {}
+    layer = _cam_layer(name, model, cfg, x.shape[-1])
     if "feature_maps" in cfg.methods:
-        maps["feature_maps"] = fm.maps[:, -1]
+        # Scored at the block Grad-CAM reads (>= 7x7 by default): a 2x2 last block at 64 px,
+        # upsampled, peaks in a corner and cannot localise anything.
+        maps["feature_maps"] = fm.maps[:, _feature_layer_index(fm.layers, layer)]
     if "gradcam" in cfg.methods:
-        maps["gradcam"] = grad_cam(model, x, _cam_layer(name, model, cfg, x.shape[-1]), preds).maps
+        maps["gradcam"] = grad_cam(model, x, layer, preds).maps
     if "shap" in cfg.methods:
         maps["shap"] = shap_maps(model, x, background, preds, cfg.shap_nsamples, seed=seed).maps
     return _Scored(preds, fm.layers, fm.maps, maps, time.perf_counter() - t0)
@@ -135,7 +143,8 @@ def _cam_note(cam_shape: dict[str, tuple[str, tuple[int, int]]]) -> list[str]:
     if not cam_shape:
         return []
     parts = [f"{name} `{layer}` ({h}x{w})" for name, (layer, (h, w)) in cam_shape.items()]
-    note = f"Grad-CAM layers: {', '.join(parts)}."
+    note = (f"Grad-CAM layers: {', '.join(parts)}. The scored feature maps (the channel mean) "
+            "are those blocks' too; `feature_maps.png` shows every block.")
     if min(min(hw) for _, hw in cam_shape.values()) < 4:
         note += (" A map this coarse, upsampled to the input, peaks in a corner of the image, so "
                  "the pointing game and energy in mask cannot credit it; `explain.student_layer` "
