@@ -190,6 +190,10 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
                                       baseline_sweep=f"{sweep_name}-baseline", restore=state is not None)
             trials = len(outcomes)
             _save_state(ws, dataset, {**base, "champion": asdict(champion), "trials": trials})
+        # Before the report: it finds the learning curves through these tags.
+        tracker.set_tags(parent, {"kdray.teacher_run": teacher.run_id,
+                                  "kdray.champion_run": champion.run_id,
+                                  "kdray.baseline_run": champion.baseline_run_id})
         agreement: dict[str, float] = {}
         if cfg.explain.report:
             log.info("%s: transparency report (teacher vs champion)", dataset)
@@ -230,9 +234,6 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
             baseline_trials=champion.baseline_trials,
             agreement=agreement,
         )
-        tracker.set_tags(parent, {"kdray.teacher_run": teacher.run_id,
-                                  "kdray.champion_run": champion.run_id,
-                                  "kdray.baseline_run": champion.baseline_run_id})
         tracker.log_metrics(parent, {k: v for k, v in asdict(summary).items()
                                      if isinstance(v, float | int) and not isinstance(v, bool)})
     except KeyboardInterrupt:

@@ -15,9 +15,41 @@ from kdray.models import load_model
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
-__all__ = ["report_dataset"]
+__all__ = ["learning_curves", "report_dataset"]
 
 log = logging.getLogger("kdray")
+
+
+def _val_accuracy(tracker: Tracker, run_id: str | None) -> list[float]:
+    """A run's ``val_accuracy`` per epoch (step), the last point of each step."""
+    if not run_id:
+        return []
+    by_step = {m.step: m.value
+               for m in sorted(tracker.client.get_metric_history(run_id, "val_accuracy"),
+                               key=lambda m: (m.step, m.timestamp))}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def learning_curves(tracker: Tracker, parent_run_id: str) -> dict[str, list[float]]:
+    """Validation accuracy per epoch of a dataset's teacher, KD champion and CE-only baseline.
+
+    Found through the parent run's tags (``kdray.teacher_run``, ``kdray.champion_run``,
+    ``kdray.baseline_run``); the champion's and the baseline's curves are those of the sweep
+    trials they were chosen from (``kdray.source_trial_run``). A run that is not there gives no
+    curve.
+    """
+    tags = tracker.client.get_run(parent_run_id).data.tags
+
+    def source_trial(run_id: str | None) -> str | None:
+        if not run_id:
+            return None
+        return tracker.client.get_run(run_id).data.tags.get("kdray.source_trial_run")
+
+    runs = {"teacher": tags.get("kdray.teacher_run"),
+            "student": source_trial(tags.get("kdray.champion_run")),
+            "baseline": source_trial(tags.get("kdray.baseline_run"))}
+    curves = {name: _val_accuracy(tracker, run_id) for name, run_id in runs.items()}
+    return {name: values for name, values in curves.items() if values}
 
 
 def report_dataset(
@@ -35,7 +67,8 @@ def report_dataset(
     out = ws.reports / data.spec.id
     baseline = baseline_probabilities_path(ws, data.spec.id)
     report = build_report(data, teacher, student, cfg.explain, out, seed=cfg.seed,
-                          baseline_probabilities=np.load(baseline) if baseline.is_file() else None)
+                          baseline_probabilities=np.load(baseline) if baseline.is_file() else None,
+                          learning_curves=learning_curves(tracker, parent_run_id))
     tracker.log_metrics(parent_run_id, {f"explain.{k}": v for k, v in report.metrics.items()})
     tracker.log_artifacts(parent_run_id, str(out), "transparency")
     if champion_run_id is not None:

@@ -144,10 +144,15 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     cfg = ExplainConfig(report_images=8, timing_images=2, grid_examples=3, shap_background=4,
                         shap_nsamples=8)
     uniform = np.full((len(d["labels"]), 4), 0.25)  # a baseline that always says "no idea"
-    report = build_report(data, teacher, student, cfg, tmp_path / "report", baseline_probabilities=uniform)
+    curves = {"teacher": [0.5, 0.9, 0.8], "student": [0.6, 0.7], "baseline": []}
+    report = build_report(data, teacher, student, cfg, tmp_path / "report", baseline_probabilities=uniform,
+                          learning_curves=curves)
 
-    for key in ("markdown", "json", "grid", "feature_maps", "curves", "reliability"):
+    for key in ("markdown", "json", "grid", "feature_maps", "curves", "reliability", "learning_curves"):
         assert report.paths[key].is_file(), key
+    assert "| teacher | 3 | 0.900 (2) | 0.800 |" in report.markdown
+    assert "| KD student | 2 | 0.700 (2) | 0.700 |" in report.markdown
+    assert "| CE-only baseline | 0 |" not in report.markdown  # no curve, no row
     assert Image.open(report.paths["grid"]).size[0] > 600
     assert report.markdown == report.paths["markdown"].read_text()
     assert "| Parameters |" in report.markdown and "Pointing game" in report.markdown

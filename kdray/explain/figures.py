@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from kdray.explain.render import heat_overlay, signed_overlay  # noqa: E402
 
-__all__ = ["Example", "curves_figure", "explanation_grid", "feature_map_figure"]
+__all__ = ["Example", "curves_figure", "explanation_grid", "feature_map_figure",
+           "learning_curves_figure", "reliability_figure"]
 
 MASK_COLOUR = "#39ff14"
 
@@ -186,4 +188,32 @@ def reliability_figure(calibrations: dict[str, dict], path: Path, title: str = "
     hist.set_xlabel("confidence (top-class probability)")
     hist.set_ylabel("images")
     hist.grid(alpha=0.3)
+    return _save(fig, path, title)
+
+
+def learning_curves_figure(curves: dict[str, Sequence[float]], path: Path, title: str = "") -> Path:
+    """Validation accuracy per epoch, one line per model, each model's best epoch marked.
+
+    Args:
+        curves: label -> validation accuracy of epochs 1, 2, ...
+        path: PNG to write.
+    """
+    fig = Figure(figsize=(5.6, 3.6))
+    ax = fig.subplots()
+    colours = ("#1f4e9c", "#d9822b", "#3a9d5d", "#8e44ad")
+    for i, (label, values) in enumerate(curves.items()):
+        y = np.asarray(values, float)
+        if not len(y):
+            continue
+        x = np.arange(1, len(y) + 1)
+        colour = colours[i % len(colours)]
+        best = int(np.argmax(y))
+        ax.plot(x, y, "-o", color=colour, markersize=2.5, linewidth=1.2,
+                label=f"{label} (best {y[best]:.3f}, epoch {best + 1})")
+        ax.scatter([x[best]], [y[best]], s=40, color=colour, edgecolors="black", linewidths=0.6, zorder=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path, title)

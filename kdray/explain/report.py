@@ -13,6 +13,8 @@
   map (:mod:`kdray.explain.agreement`);
 * ``reliability.png``: calibration on the whole test split (teacher, student, and the CE-only
   baseline when given), with each model's expected calibration error;
+* ``learning_curves.png``: validation accuracy per epoch of teacher, KD champion and CE-only
+  baseline, when given (does the teacher know more than the student learns alone?);
 * ``report.json``: the flat metrics.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +49,7 @@ from kdray.explain.figures import (
     curves_figure,
     explanation_grid,
     feature_map_figure,
+    learning_curves_figure,
     reliability_figure,
 )
 from kdray.explain.gradcam import default_cam_layer, grad_cam, layer_output_size
@@ -240,6 +244,7 @@ def build_report(
     seed: int = 0,
     steps: int = 12,
     baseline_probabilities: np.ndarray | None = None,
+    learning_curves: Mapping[str, Sequence[float]] | None = None,
 ) -> Report:
     """Measure and write the transparency report of one dataset (see the module docstring).
 
@@ -254,6 +259,8 @@ def build_report(
         steps: deletion / insertion curve steps.
         baseline_probabilities: the CE-only baseline's class probabilities on the whole test
             split, to show its calibration beside the two models'.
+        learning_curves: ``teacher`` / ``student`` / ``baseline`` -> validation accuracy per
+            epoch (their MLflow runs'), shown as a figure and a table; None or empty: no section.
 
     Returns:
         :class:`Report`.
@@ -328,17 +335,40 @@ def build_report(
     paths["reliability"] = out / "reliability.png"
     reliability_figure({CALIBRATION_LABELS[n]: c for n, c in calibrations.items()}, paths["reliability"],
                        f"Calibration, {data.spec.id} test split ({len(test)} images)")
+    curves = {k: [float(v) for v in vals] for k, vals in (learning_curves or {}).items() if len(vals)}
+    if curves:
+        paths["learning_curves"] = out / "learning_curves.png"
+        learning_curves_figure({CALIBRATION_LABELS.get(k, k): v for k, v in curves.items()},
+                               paths["learning_curves"], f"Learning curves, {data.spec.id}")
     metrics["report_seconds"] = time.perf_counter() - started
     markdown = _markdown(data, cfg, metrics, len(idx), masks, has_masks, paths, steps,
-                         cam_shape if "gradcam" in cfg.methods else {})
+                         cam_shape if "gradcam" in cfg.methods else {}, curves)
     paths["markdown"].write_text(markdown)
     paths["json"].write_text(json.dumps({"dataset": data.spec.id, "metrics": metrics}, indent=1))
     return Report(data.spec.id, markdown, paths, metrics)
 
 
+def _curves_section(curves: dict[str, list[float]], paths: dict[str, Path]) -> list[str]:
+    if not curves:
+        return []
+    lines = [
+        "", "## Learning curves (validation accuracy per epoch)", "",
+        "Does the teacher know more than the student learns on its own? Validation accuracy per "
+        "epoch from each model's MLflow run: the teacher's training, the KD champion's and the "
+        "CE-only baseline's sweep trials (their seeds retrain the same recipes).", "",
+        "| Model | Epochs | Best (epoch) | Last epoch |", "|---|---:|---:|---:|",
+    ]
+    for name, values in curves.items():
+        best = int(np.argmax(values))
+        lines.append(f"| {CALIBRATION_LABELS.get(name, name)} | {len(values)} | "
+                     f"{values[best]:.3f} ({best + 1}) | {values[-1]:.3f} |")
+    return [*lines, "", f"![Learning curves]({paths['learning_curves'].name})"]
+
+
 def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: int,
               masks: np.ndarray | None, has_masks: bool, paths: dict[str, Path],
-              steps: int, cam_shape: dict[str, tuple[str, tuple[int, int]]]) -> str:
+              steps: int, cam_shape: dict[str, tuple[str, tuple[int, int]]],
+              curves: dict[str, list[float]]) -> str:
     size = data.image_size
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
     n_masked = int(masks.any(axis=(1, 2)).sum()) if masks is not None else 0
@@ -427,6 +457,7 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
             f"{_fmt(get(f'agreement.rank_correlation_random.{method}'), 2)} | "
             f"{_fmt(get(f'agreement.top10_overlap.{method}'), 2)} | "
             f"{_fmt(get(f'agreement.top10_overlap_random.{method}'), 2)} |")
+    lines += _curves_section(curves, paths)
     lines += [
         "", "## Calibration (whole test split)", "",
         "Expected calibration error of the top class (15 equal-width confidence bins; 0 is "
