@@ -265,6 +265,25 @@ def _gain_words(r: DatasetSummary) -> str:
             f"p = {r.kd_gain_p:.2f}: {verdict}")
 
 
+def _teacher_words(r: DatasetSummary) -> str:
+    """Is the teacher above what the student learns alone (the CE-only baseline)?
+
+    Above / below when the margin exceeds the baseline's seed spread (its std), else level.
+    """
+    margin = r.teacher_test_accuracy - r.baseline_test_accuracy
+    several = len(r.seeds.split()) > 1
+    spread = r.baseline_test_accuracy_std if several else 0.0
+    head = (f"{r.dataset} {margin:+.3f} (baseline seed std {spread:.3f})" if several
+            else f"{r.dataset} {margin:+.3f} (one seed: no spread)")
+    if margin > spread:
+        return f"{head}: above it, the paper's setting"
+    if margin < -spread:
+        return (f"{head}: below it; the teacher knows less than the student learns alone, so "
+                "this KD gain does not test the paper's claim (README: How strong the teacher "
+                "is; configs/paper.yaml)")
+    return f"{head}: level with it; the teacher has little to teach, the KD gain says little"
+
+
 def _lr(lr: float) -> str:
     return f"{lr:.4f}" if math.isfinite(lr) else "champion's"
 
@@ -325,6 +344,10 @@ def format_summary(rows: list[DatasetSummary]) -> str:
                  "per-seed gains, p a two-sided paired t-test, 'larger than its uncertainty' at "
                  "p < 0.05):")
     lines += [f"- {_gain_words(r)}" for r in rows]
+    lines.append("")
+    lines.append("Teacher margin (teacher − CE-only baseline test accuracy: does the teacher know "
+                 "more than the student learns alone?):")
+    lines += [f"- {_teacher_words(r)}" for r in rows]
     if any(r.agreement for r in rows):
         lines.append("")
         lines.append("Teacher–student agreement on the report's images: labels (whole test split in "
