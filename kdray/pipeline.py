@@ -273,8 +273,12 @@ def _teacher_words(r: DatasetSummary) -> str:
     margin = r.teacher_test_accuracy - r.baseline_test_accuracy
     several = len(r.seeds.split()) > 1
     spread = r.baseline_test_accuracy_std if several else 0.0
-    head = (f"{r.dataset} {margin:+.3f} (baseline seed std {spread:.3f})" if several
-            else f"{r.dataset} {margin:+.3f} (one seed: no spread)")
+    if several and spread > 0:
+        head = f"{r.dataset} {margin:+.3f} ({margin / spread:+.1f} × the baseline's seed std {spread:.3f})"
+    elif several:
+        head = f"{r.dataset} {margin:+.3f} (the baseline's seeds agree exactly)"
+    else:
+        head = f"{r.dataset} {margin:+.3f} (one seed: no spread)"
     if margin > spread:
         return f"{head}: above it, the paper's setting"
     if margin < -spread:

@@ -67,8 +67,8 @@ def test_the_summary_says_whether_the_teacher_is_above_the_ce_baseline():
     below = replace(above, dataset="eye_disease", teacher_test_accuracy=0.75)
     one_seed = replace(above, dataset="x", seeds="0", teacher_test_accuracy=0.89)
     text = format_summary([above, level, below, one_seed])
-    assert "- brain_tumor +0.050 (baseline seed std 0.020): above it, the paper's setting" in text
-    assert "- alzheimer +0.010 (baseline seed std 0.020): level with it;" in text
-    assert "- eye_disease -0.150 (baseline seed std 0.020): below it;" in text
+    assert "- brain_tumor +0.050 (+2.5 × the baseline's seed std 0.020): above it, the paper's setting" in text
+    assert "- alzheimer +0.010 (+0.5 × the baseline's seed std 0.020): level with it;" in text
+    assert "- eye_disease -0.150 (-7.5 × the baseline's seed std 0.020): below it;" in text
     assert "does not test the paper's claim" in text.split("- eye_disease -0.150")[1]
     assert "- x -0.010 (one seed: no spread): below it;" in text
