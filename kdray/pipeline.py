@@ -268,24 +268,28 @@ def _gain_words(r: DatasetSummary) -> str:
 def _teacher_words(r: DatasetSummary) -> str:
     """Is the teacher above what the student learns alone (the CE-only baseline)?
 
-    Above / below when the margin exceeds the baseline's seed spread (its std), else level.
+    Above / below when the margin exceeds twice the baseline's seed std (the teacher is one
+    seed too, so a margin of one std is what two seeds of the same model can differ by); else
+    level.
     """
     margin = r.teacher_test_accuracy - r.baseline_test_accuracy
     several = len(r.seeds.split()) > 1
     spread = r.baseline_test_accuracy_std if several else 0.0
+    bar = 2.0 * spread
     if several and spread > 0:
         head = f"{r.dataset} {margin:+.3f} ({margin / spread:+.1f} × the baseline's seed std {spread:.3f})"
     elif several:
         head = f"{r.dataset} {margin:+.3f} (the baseline's seeds agree exactly)"
     else:
         head = f"{r.dataset} {margin:+.3f} (one seed: no spread)"
-    if margin > spread:
+    if margin > bar:
         return f"{head}: above it, the paper's setting"
-    if margin < -spread:
+    if margin < -bar:
         return (f"{head}: below it; the teacher knows less than the student learns alone, so "
                 "this KD gain does not test the paper's claim (README: How strong the teacher "
                 "is; configs/paper.yaml)")
-    return f"{head}: level with it; the teacher has little to teach, the KD gain says little"
+    return (f"{head}: level with it (within twice the baseline's seed std); the teacher has "
+            "little to teach, the KD gain says little")
 
 
 def _lr(lr: float) -> str:
