@@ -19,6 +19,7 @@ __all__ = ["Example", "curves_figure", "explanation_grid", "feature_map_figure",
            "learning_curves_figure", "reliability_figure"]
 
 MASK_COLOUR = "#39ff14"
+MODEL_COLOURS = ("#1f4e9c", "#d9822b", "#3a9d5d", "#8e44ad")  # one per model, in order
 
 
 @dataclass
@@ -161,13 +162,12 @@ def reliability_figure(calibrations: dict[str, dict], path: Path, title: str = "
     fig = Figure(figsize=(4.6, 5.4))
     ax, hist = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="perfectly calibrated")
-    colours = ("#1f4e9c", "#d9822b", "#3a9d5d", "#8e44ad")
     bins = len(next(iter(calibrations.values()))["bin_count"]) if calibrations else 1
     width = 1.0 / bins / (len(calibrations) + 1)
     for i, (label, c) in enumerate(calibrations.items()):
         conf, acc = np.asarray(c["bin_confidence"], float), np.asarray(c["bin_accuracy"], float)
         seen = np.isfinite(conf)
-        colour = colours[i % len(colours)]
+        colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
         count = np.asarray(c["bin_count"], float)
         # A bin of one or two images swings between 0 and 1: the line is faint and each point's
         # area follows its share of the images, so the eye goes to the bins that carry weight.
@@ -200,13 +200,12 @@ def learning_curves_figure(curves: dict[str, Sequence[float]], path: Path, title
     """
     fig = Figure(figsize=(5.6, 3.6))
     ax = fig.subplots()
-    colours = ("#1f4e9c", "#d9822b", "#3a9d5d", "#8e44ad")
     for i, (label, values) in enumerate(curves.items()):
         y = np.asarray(values, float)
         if not len(y):
             continue
         x = np.arange(1, len(y) + 1)
-        colour = colours[i % len(colours)]
+        colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
         best = int(np.argmax(y))
         ax.plot(x, y, "-o", color=colour, markersize=2.5, linewidth=1.2,
                 label=f"{label} (best {y[best]:.3f}, epoch {best + 1})")
