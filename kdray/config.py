@@ -50,9 +50,17 @@ class _Strict(BaseModel):
 class SyntheticConfig(_Strict):
     """The synthetic stand-in written for every dataset that has no ``data.roots`` entry."""
 
-    n_per_class: int = Field(200, ge=4, description="images per class, all splits together")
+    n_per_class: int = Field(300, ge=4, description="images per class, all splits together")
     size: int = Field(96, ge=16, le=1024, description="side of the generated PNG files")
     seed: int = 0
+    student_fraction: float = Field(
+        0.25, gt=0.0, le=1.0,
+        description="share of each class of a synthetic training split that the students (KD "
+        "trials, champion and CE-only baseline alike) train on; the teacher trains on all of it. "
+        "It stands in for the ImageNet pretraining of the paper's teacher, which a synthetic task "
+        "cannot have: the teacher knows more of the task than the student sees. Datasets with a "
+        "data.roots entry always give the students the whole training split",
+    )
 
 
 class DataConfig(_Strict):
@@ -98,6 +106,11 @@ class DataConfig(_Strict):
         if unknown:
             raise ValueError(f"unknown dataset id(s) {unknown}; expected ids from {sorted(DATASETS)}")
         return value
+
+    def student_fraction(self, dataset_id: str) -> float:
+        """The share of ``dataset_id``'s training split the students train on: the synthetic
+        stand-in's ``synthetic.student_fraction``, all of a real dataset's."""
+        return 1.0 if dataset_id in self.roots else self.synthetic.student_fraction
 
 
 class AugmentConfig(_Strict):
@@ -156,7 +169,7 @@ class StudentConfig(_Strict):
         None, description="explicit width per block; overrides base_width/growth and the sweep's"
     )
     epochs: int = Field(12, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
 

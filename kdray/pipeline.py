@@ -74,6 +74,9 @@ class DatasetSummary:
     # Teacher-student agreement from the transparency report (``agreement.*`` of its metrics;
     # empty without a report).
     agreement: dict[str, float] = field(default_factory=dict)
+    # Training images each side saw (data.synthetic.student_fraction); 0 in an older summary.
+    teacher_train_images: int = 0
+    student_train_images: int = 0
 
 
 @contextmanager
@@ -163,6 +166,12 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
     started = time.perf_counter()
     data = prepare_dataset(cfg.data, dataset, ws)
     log.info("%s: %s images (train/val/test)", dataset, data.manifest.counts())
+    fraction = cfg.data.student_fraction(dataset)
+    n_students = len(data.student_indices(fraction, cfg.data.split_seed))
+    if fraction < 1.0:
+        log.info("%s: the students train on %d of the %d training images "
+                 "(data.synthetic.student_fraction %.2f); the teacher on all of them", dataset,
+                 n_students, len(data.splits["train"]), fraction)
     if state:
         parent, sweep_name = state["parent_run_id"], state["sweep"]
         tracker.client.update_run(parent, status="RUNNING")
@@ -173,6 +182,7 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         sweep_name = f"sweep-{dataset}-{data.key}-{time.strftime('%Y%m%d-%H%M%S')}"
         tracker.log_config(parent, cfg.to_dict())
         log_data(tracker, parent, data)
+        tracker.log_params(parent, {"n_train_students": n_students})
     base = {"run_key": key, "parent_run_id": parent, "sweep": sweep_name}
     if not state:
         _save_state(ws, dataset, base)
@@ -233,6 +243,8 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
             baseline_lr=champion.baseline_lr,
             baseline_trials=champion.baseline_trials,
             agreement=agreement,
+            teacher_train_images=len(data.splits["train"]),
+            student_train_images=n_students,
         )
         tracker.log_metrics(parent, {k: v for k, v in asdict(summary).items()
                                      if isinstance(v, float | int) and not isinstance(v, bool)})
@@ -339,6 +351,13 @@ def format_summary(rows: list[DatasetSummary]) -> str:
             f"| {r.baseline_test_f1:.3f} | {r.baseline_test_ece:.3f} | {r.student_params:,} | {r.student_flops / 1e6:.1f} | 1.00 | | {r.widths} "
             f"| {_lr(r.baseline_lr)} | {_chosen_from(r.baseline_trials)} |",
         ]
+    if any(r.student_train_images for r in rows):
+        lines.append("")
+        lines.append("Training images, teacher / students (KD and CE-only alike): " + "; ".join(
+            f"{r.dataset} {r.teacher_train_images} / {r.student_train_images}"
+            for r in rows if r.student_train_images) + ". On a synthetic stand-in the students see "
+            "`data.synthetic.student_fraction` of the training split: the teacher's extra images "
+            "stand in for the ImageNet pretraining of the paper's teacher.")
     lines.append("")
     lines.append("How each side was chosen: the KD champion is the best of its dataset's KD trials "
                  "(alpha, T, widths and lr searched) by validation accuracy, the fewest FLOPs among "

@@ -376,13 +376,18 @@ def _scheduler(cfg: ExperimentConfig) -> Any:
 
 def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, tracker: Tracker | None,
              parent_run_id: str | None) -> StudentJob:
+    """The students' job: they train on ``cfg.data.student_fraction`` of the training split (the
+    teacher's cached logits cut to the same rows)."""
     cached = cfg.kd.teacher_logits == "cache"
+    fraction, seed = cfg.data.student_fraction(data.spec.id), cfg.data.split_seed
+    rows = data.student_indices(fraction, seed)
+    students = data.for_students(fraction, seed)
     return StudentJob(
-        cfg, data.spec.id, list(data.spec.classes), data.image_size, data.splits["train"],
-        data.splits["val"],
-        teacher_logits=teacher.train_logits().astype(np.float32) if cached else None,
+        cfg, data.spec.id, list(data.spec.classes), data.image_size, students.splits["train"],
+        students.splits["val"],
+        teacher_logits=teacher.train_logits()[rows].astype(np.float32) if cached else None,
         teacher_files=None if cached else model_files(teacher.model_dir),
-        tracker=tracker, parent_run_id=parent_run_id, data_inputs=split_inputs(data),
+        tracker=tracker, parent_run_id=parent_run_id, data_inputs=split_inputs(students),
     )
 
 

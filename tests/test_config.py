@@ -36,6 +36,8 @@ def test_shipped_configs_load():
         ("tune.alpha=[0.2, 1.3]", "tune.alpha"),
         ("data.datasets=[brain_tumor, lung_xray]", "data.datasets"),
         ("student.widths=[8, 16]", "student"),
+        ("data.synthetic.student_fraction=0", "data.synthetic.student_fraction"),
+        ("data.synthetic.student_fraction=1.5", "data.synthetic.student_fraction"),
     ],
 )
 def test_bad_config_names_the_key(override, key):

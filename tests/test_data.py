@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,11 @@ from PIL import Image
 
 from kdray.config import DataConfig
 from kdray.data.folders import DataError, read_image, scan_folder
+from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import build_manifest, prepare_dataset, stratified_split
 from kdray.data.specs import get_spec, normalise_name
+
+from conftest import tiny_data
 
 
 def _write(path: Path, mode: str = "L", size=(40, 30), value: int = 128) -> None:
@@ -119,6 +123,40 @@ def test_stratified_split_is_deterministic_and_stratified():
     for label in range(4):
         names = [s for s, lab in zip(a, labels, strict=True) if lab == label]
         assert names.count("test") == 8 and names.count("val") == 8
+
+
+def test_students_train_on_a_stratified_seeded_share_of_the_training_split():
+    data = tiny_data(n_per_class=40)  # 20 training images per class
+    labels = data.splits["train"].labels
+    rows = data.student_indices(0.25, seed=0)
+    assert list(rows) == sorted(set(rows.tolist()))  # sorted rows, no repeats
+    assert [int((labels[rows] == c).sum()) for c in range(4)] == [5, 5, 5, 5]
+    assert np.array_equal(rows, data.student_indices(0.25, seed=0))
+    assert not np.array_equal(rows, data.student_indices(0.25, seed=1))
+    students = data.for_students(0.25, seed=0)
+    train = students.splits["train"]
+    assert np.array_equal(train.images, data.splits["train"].images[rows])
+    assert np.array_equal(train.masks, data.splits["train"].masks[rows])
+    assert students.splits["val"] is data.splits["val"] and students.splits["test"] is data.splits["test"]
+    assert data.for_students(1.0, seed=0) is data
+    assert np.array_equal(data.student_indices(1.0, seed=0), np.arange(len(labels)))
+
+
+def test_a_tiny_class_keeps_one_image_for_the_students():
+    data = tiny_data(n_per_class=4)  # 2 training images per class
+    rows = data.student_indices(0.1, seed=0)
+    assert sorted(data.splits["train"].labels[rows].tolist()) == [0, 1, 2, 3]
+
+
+def test_the_students_training_split_is_its_own_mlflow_dataset():
+    data = tiny_data(n_per_class=40)
+    full = {d.dataset.name: d.dataset for d in split_inputs(data)}
+    cut = {d.dataset.name: d.dataset for d in split_inputs(data.for_students(0.25, seed=0))}
+    assert set(cut) == {"eye_disease-train-25%", "eye_disease-val", "eye_disease-test"}
+    assert cut["eye_disease-train-25%"].digest != full["eye_disease-train"].digest
+    assert cut["eye_disease-val"].digest == full["eye_disease-val"].digest
+    profile = json.loads(cut["eye_disease-train-25%"].profile)
+    assert profile["num_images"] == 20 and profile["student_fraction"] == 0.25
 
 
 def test_a_class_too_small_for_every_split_is_named_in_a_warning(caplog):

@@ -88,6 +88,28 @@ def test_cache_and_live_give_the_same_soft_targets(setup):
     assert a["val_accuracy"] == b["val_accuracy"]
 
 
+def test_students_on_a_share_of_the_training_split_get_the_teachers_logits_of_those_rows(setup):
+    """``data.synthetic.student_fraction``: the job's images and cached logits are cut by the same
+    rows, so the cache still gives exactly what the live teacher gives on the students' images."""
+    from kdray.sweep import make_job
+    from kdray.teacher import LOGITS_FILE, TeacherResult
+
+    data, cfg, directory, logits = setup
+    np.save(directory.parent / LOGITS_FILE, logits)
+    teacher = TeacherResult(directory.parent, "run", {}, 0, 0, reused=True)
+    cfg = ExperimentConfig.model_validate({**cfg.to_dict(), "data": {"synthetic": {"student_fraction": 0.5}}})
+    cached = make_job(cfg, data, teacher, None, None)
+    rows = data.student_indices(0.5, cfg.data.split_seed)
+    assert len(cached.train) == len(rows) == len(data.splits["train"]) // 2
+    assert np.array_equal(cached.train.images, data.splits["train"].images[rows])
+    assert np.array_equal(cached.teacher_logits, logits[rows])
+    live_cfg = cfg.model_copy(update={"kd": cfg.kd.model_copy(update={"teacher_logits": "live"})})
+    live = make_job(live_cfg, data, teacher, None, None)
+    a = train_student(cached, 0.3, 2.0, [4, 8, 8, 16, 16])
+    b = train_student(live, 0.3, 2.0, [4, 8, 8, 16, 16])
+    assert a["train_soft"] == pytest.approx(b["train_soft"], rel=1e-4)
+
+
 def test_ce_only_needs_no_teacher(setup):
     out = train_student(_job(setup), 1.0, 4.0, [4, 8, 8, 16, 16])
     assert out["train_soft"] == 0.0

@@ -72,3 +72,13 @@ def test_the_summary_says_whether_the_teacher_is_above_the_ce_baseline():
     assert "- eye_disease -0.150 (-7.5 × the baseline's seed std 0.020): below it;" in text
     assert "does not test the paper's claim" in text.split("- eye_disease -0.150")[1]
     assert "- x -0.010 (one seed: no spread): below it;" in text
+
+
+def test_the_summary_says_how_many_training_images_each_side_saw():
+    rows = [replace(_row("eye_disease", "0 1 2", 0.0), teacher_train_images=840, student_train_images=212),
+            replace(_row("brain_tumor", "0 1 2", 0.0), teacher_train_images=816, student_train_images=204)]
+    text = format_summary(rows)
+    assert "Training images, teacher / students (KD and CE-only alike): eye_disease 840 / 212; " \
+           "brain_tumor 816 / 204." in text
+    # A summary written before kdray counted them says nothing about it.
+    assert "Training images" not in format_summary([_row("eye_disease", "0 1 2", 0.0)])

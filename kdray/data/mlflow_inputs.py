@@ -3,11 +3,14 @@
 Each split is one MLflow dataset: named ``<dataset>-<split>``, its digest the manifest's
 fingerprint (the same files and split give the same digest), its source the data root (or the
 synthetic stand-in), its profile the image and per-class counts, tagged with the split as
-MLflow's ``mlflow.data.context``. Plain entities, so they travel to Ray workers with a job.
+MLflow's ``mlflow.data.context``. The students' training split, when cut to
+``data.synthetic.student_fraction``, is its own dataset (``<dataset>-train-<percent>``, its own
+digest). Plain entities, so they travel to Ray workers with a job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -36,7 +39,12 @@ def split_inputs(data: PreparedData, splits: tuple[str, ...] = ("train", "val", 
                    "image_size": data.image_size}
         schema = {"images": f"uint8 RGB {data.image_size}x{data.image_size}",
                   "labels": f"int class index into {classes}"}
-        dataset = Dataset(name=f"{manifest.dataset}-{split}", digest=manifest.fingerprint[:DIGEST_LENGTH],
+        name, digest = f"{manifest.dataset}-{split}", manifest.fingerprint
+        if split == "train" and data.student_fraction < 1.0:
+            name = f"{name}-{data.student_fraction:.0%}"
+            profile["student_fraction"] = data.student_fraction
+            digest = hashlib.sha256(f"{digest}|{data.student_fraction!r}".encode()).hexdigest()
+        dataset = Dataset(name=name, digest=digest[:DIGEST_LENGTH],
                           source_type="local", source=source, schema=json.dumps(schema),
                           profile=json.dumps(profile))
         out.append(DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, split)]))

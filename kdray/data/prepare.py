@@ -59,6 +59,11 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def take(self, indices: np.ndarray) -> Split:
+        """The images at ``indices`` (with their masks)."""
+        return Split(self.images[indices], self.labels[indices],
+                     None if self.masks is None else self.masks[indices])
+
 
 @dataclass
 class Manifest:
@@ -85,11 +90,40 @@ class PreparedData:
     manifest: Manifest
     image_size: int
     splits: dict[str, Split]
+    # The share of each class of the training split kept (``data.synthetic.student_fraction``);
+    # below 1 only in the copy :meth:`for_students` makes.
+    student_fraction: float = 1.0
 
     @property
     def key(self) -> str:
         """Identifies the data a model saw: manifest fingerprint + input size."""
         return f"{self.manifest.fingerprint[:12]}-{self.image_size}"
+
+    def student_indices(self, fraction: float, seed: int) -> np.ndarray:
+        """Rows of the training split the students train on: ``fraction`` of each class, seeded.
+
+        All rows, in order, when ``fraction`` is 1. Otherwise a stratified share (at least one
+        image per class), sorted, so the teacher's cached logits on the training split are picked
+        by the same rows.
+        """
+        labels = np.asarray(self.splits["train"].labels)
+        if fraction >= 1.0:
+            return np.arange(len(labels))
+        rows = []
+        for label in np.unique(labels):
+            indices = np.flatnonzero(labels == label)
+            keep = max(1, int(round(fraction * len(indices))))
+            order = np.random.default_rng([seed, int(label), 1]).permutation(len(indices))
+            rows.append(indices[order[:keep]])
+        return np.sort(np.concatenate(rows))
+
+    def for_students(self, fraction: float, seed: int) -> PreparedData:
+        """This data with the training split cut to :meth:`student_indices` (val and test whole)."""
+        if fraction >= 1.0:
+            return self
+        train = self.splits["train"].take(self.student_indices(fraction, seed))
+        return PreparedData(self.spec, self.manifest, self.image_size,
+                            {**self.splits, "train": train}, student_fraction=fraction)
 
 
 def stratified_split(
