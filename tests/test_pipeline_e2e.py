@@ -55,11 +55,16 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
         seen = {run.info.run_id: {(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs}
                 for run in (parent, teacher, champion, baseline, *trials)}
         digest = parent.data.tags["kdray.manifest"]
-        everything = {(f"{dataset}-{split}", digest) for split in ("train", "val", "test")}
-        for run in (parent, teacher, champion, baseline):
-            assert seen[run.info.run_id] == everything, run.info.run_name
+        val, test = (f"{dataset}-val", digest), (f"{dataset}-test", digest)
+        for run in (parent, teacher):
+            assert seen[run.info.run_id] == {(f"{dataset}-train", digest), val, test}, run.info.run_name
+        # The students train on a quarter of the training split (data.synthetic.student_fraction):
+        # a dataset of its own, with its own digest, the same for every student run.
+        (cut,) = seen[champion.info.run_id] - {val, test}
+        assert cut[0] == f"{dataset}-train-25%" and cut[1] != digest
+        assert seen[champion.info.run_id] == seen[baseline.info.run_id] == {cut, val, test}
         for trial in trials:
-            assert seen[trial.info.run_id] == {(f"{dataset}-train", digest), (f"{dataset}-val", digest)}
+            assert seen[trial.info.run_id] == {cut, val}
         for run in (teacher, champion, baseline):
             assert 0.0 <= run.data.metrics["test_ece"] <= 1.0  # calibration beside accuracy
         assert len(client.get_metric_history(teacher.info.run_id, "val_accuracy")) == 1  # 1 epoch
