@@ -16,6 +16,8 @@ from kdray.data.prepare import Split
 from kdray.metrics import calibration, classification_metrics
 
 __all__ = [
+    "amp_dtype",
+    "cpu_has_amx",
     "evaluate",
     "make_loader",
     "predict_logits",
@@ -59,6 +61,32 @@ def make_loader(
                       pin_memory=pin_memory)
 
 
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Does this CPU have AMX bf16 tiles (Intel Sapphire Rapids and newer)? False where unknown."""
+    try:
+        with open(cpuinfo) as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def amp_dtype(device: torch.device, enabled: bool, amx: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype of mixed-precision training on ``device``, or None for fp32.
+
+    float16 (with a GradScaler) on CUDA; bfloat16 on a CPU with AMX, where oneDNN runs bf16
+    convolutions in hardware (a DenseNet121 training step at 64 px, batch 32, channels-last:
+    about 2x faster than fp32 on this project's 2-core machines); fp32 on other CPUs, where bf16
+    is emulated and slower.
+    """
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and (cpu_has_amx() if amx is None else amx):
+        return torch.bfloat16
+    return None
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -67,11 +95,13 @@ def train_epoch(
     device: torch.device | str = "cpu",
     scaler: torch.amp.GradScaler | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; ``loss_fn`` (see :data:`LossFn`) returns a dict with ``loss``.
 
     ``augment`` transforms each float input batch (training only); ``scaler`` turns on mixed
-    precision (CUDA).
+    precision (CUDA, float16); ``autocast`` names the mixed-precision dtype instead (bfloat16 on
+    a CPU, which needs no scaler).
 
     Returns:
         The sample-weighted mean of every entry of the loss dict, plus ``accuracy``.
@@ -87,7 +117,8 @@ def train_epoch(
         y = batch[1].to(device, non_blocking=True)
         extras = tuple(t.to(device, non_blocking=True) for t in batch[2:])
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=scaler is not None):
+        dtype = autocast or (torch.float16 if scaler is not None else None)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)
             losses = loss_fn(logits.float(), y, extras, x)
         if scaler is not None:

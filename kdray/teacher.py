@@ -28,7 +28,14 @@ from kdray.config import ExperimentConfig
 from kdray.console import MetricWatcher, eta
 from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, Split
-from kdray.engine import evaluate, make_loader, predict_logits, seed_everything, train_epoch
+from kdray.engine import (
+    amp_dtype,
+    evaluate,
+    make_loader,
+    predict_logits,
+    seed_everything,
+    train_epoch,
+)
 from kdray.evaluation import evaluate_and_log
 from kdray.explain.background import save_background, select_background
 from kdray.models import ModelSpec, build_model, count_flops, count_params, save_model, unwrap
@@ -44,7 +51,7 @@ STATE_FILE = "state.pt"
 META_FILE = "teacher.json"
 LOGITS_FILE = "train_logits.npy"
 # Settings that change how the teacher is trained but not what it learns.
-_SCALING_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "max_failures"}
+_SCALING_FIELDS = {"num_workers", "cpus_per_worker", "use_gpu", "amp", "max_failures"}
 
 
 @dataclass
@@ -108,6 +115,14 @@ def _validate_on_rank0(
     return metrics
 
 
+def _channels_last(augment: Callable[[torch.Tensor], torch.Tensor] | None,
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``augment``, then the batch in channels-last memory format."""
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return (augment(x) if augment is not None else x).contiguous(memory_format=torch.channels_last)
+    return apply
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (DDP rank)."""
     import ray
@@ -121,14 +136,25 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     train, val = arrays["train"], arrays["val"]
     seed_everything(config["seed"])
     spec = ModelSpec.from_dict(config["spec"])
-    model = ray.train.torch.prepare_model(build_model(spec, config["weights"]))
     device = ray.train.torch.get_device()
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    # teacher.amp: float16 + GradScaler on CUDA, bfloat16 on a CPU with AMX (channels-last, the
+    # layout oneDNN's bf16 convolutions are fast in), else fp32. Validation runs in fp32.
+    dtype = amp_dtype(device, config["amp"])
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    bf16 = dtype == torch.bfloat16
+    model = build_model(spec, config["weights"])
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
     augment = build_augment(config["augment"])
+    if bf16:
+        augment = _channels_last(augment)
+    if rank == 0:
+        config["tracker"].set_tags(config["run_id"], {"kdray.precision": str(dtype or torch.float32)
+                                                      .removeprefix("torch.")})
     per_worker_batch = max(1, config["batch_size"] // world)
     loader = make_loader((train.images, train.labels), per_worker_batch, shuffle=True,
-                         seed=config["seed"], pin_memory=use_amp)
+                         seed=config["seed"], pin_memory=device.type == "cuda")
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = make_scheduler(optimizer, config["schedule"], config["epochs"])
@@ -156,7 +182,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:
             loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        stats = train_epoch(model, loader, _ce_loss, optimizer, device, scaler, augment)
+        stats = train_epoch(model, loader, _ce_loss, optimizer, device, scaler, augment,
+                            autocast=dtype if bf16 else None)
         seconds = time.perf_counter() - started
         val_metrics = _validate_on_rank0(unwrap(model), val, config["class_names"], device, rank, world)
         step_scheduler(scheduler, val_metrics["loss"])
@@ -224,6 +251,7 @@ def fit_teacher(
         "weight_decay": t.weight_decay,
         "patience": t.early_stopping_patience,
         "schedule": t.schedule,
+        "amp": t.amp,
         "augment": t.augment,
         "seed": cfg.seed,
         "threads": t.cpus_per_worker,

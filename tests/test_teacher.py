@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import ray.cloudpickle
 import torch
+import torch.nn.functional as F
 from mlflow import MlflowClient
 
 from kdray.config import ExperimentConfig, MLflowConfig
-from kdray.engine import predict_logits
+from kdray.engine import amp_dtype, cpu_has_amx, make_loader, predict_logits, train_epoch
 from kdray.models import ModelSpec, build_model
 from kdray.teacher import fit_teacher, teacher_key
 from kdray.tracking import Tracker
@@ -144,6 +145,8 @@ def test_ddp_two_workers_disjoint_shards_and_checkpoint_restores(ray_local, tmp_
     np.testing.assert_allclose(predict_logits(restored, data.splits["val"].images), rank0, rtol=1e-5, atol=1e-5)
     assert state["epoch"] == 1
     assert _epochs_logged(tracker, run_id) == [0, 1]  # rank 0 alone logs to MLflow
+    precision = "bfloat16" if cpu_has_amx() else "float32"  # teacher.amp on a CPU
+    assert tracker.client.get_run(run_id).data.tags["kdray.precision"] == precision
 
 
 @pytest.mark.integration
@@ -182,7 +185,8 @@ def test_teacher_key_tracks_data_and_recipe_not_scaling():
     base = ExperimentConfig()
     key = teacher_key(base, data)
     assert teacher_key(base.model_copy(deep=True), data) == key
-    scaled = ExperimentConfig.model_validate({"teacher": {"num_workers": 4, "cpus_per_worker": 1}})
+    scaled = ExperimentConfig.model_validate({"teacher": {"num_workers": 4, "cpus_per_worker": 1,
+                                                          "amp": False}})
     assert teacher_key(scaled, data) == key
     assert teacher_key(ExperimentConfig.model_validate({"teacher": {"lr": 0.01}}), data) != key
     assert teacher_key(ExperimentConfig.model_validate({"teacher": {"augment": {"rotation": 5}}}), data) != key
@@ -211,3 +215,37 @@ def test_the_cosine_schedule_anneals_the_teacher_lr_to_zero_and_plateau_waits_fo
     assert plateau.param_groups[0]["lr"] == pytest.approx(1e-3)
     step_scheduler(scheduler, 1.0)  # the third epoch without improvement halves it
     assert plateau.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_mixed_precision_is_fp16_on_a_gpu_bf16_on_a_cpu_with_amx_else_fp32(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_amx(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert not cpu_has_amx(str(cpuinfo))
+    assert not cpu_has_amx(str(tmp_path / "absent"))
+    assert amp_dtype(torch.device("cuda"), True) == torch.float16
+    assert amp_dtype(torch.device("cpu"), True, amx=True) == torch.bfloat16
+    assert amp_dtype(torch.device("cpu"), True, amx=False) is None
+    assert amp_dtype(torch.device("cuda"), False) is None and amp_dtype(torch.device("cpu"), False, amx=True) is None
+
+
+def test_a_bf16_epoch_computes_in_bf16_and_keeps_fp32_weights():
+    data = tiny_data(n_per_class=4, size=16)
+    spec = ModelSpec(kind="student", num_classes=4, image_size=16, class_names=list(data.spec.classes),
+                     widths=[4, 8])
+    torch.manual_seed(0)
+    model = build_model(spec).to(memory_format=torch.channels_last)
+    seen = []
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    loader = make_loader((data.splits["train"].images, data.splits["train"].labels), 4, shuffle=True, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    stats = train_epoch(model, loader, lambda logits, y, _e, _x: {"loss": F.cross_entropy(logits, y)},
+                        optimizer, "cpu", augment=lambda x: x.contiguous(memory_format=torch.channels_last),
+                        autocast=torch.bfloat16)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert np.isfinite(stats["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
