@@ -1,0 +1,113 @@
+"""The teacher's training step in fp32 vs ``teacher.amp``'s CPU path (bf16 autocast, channels-last).
+
+Side by side in one run, interleaved, on the same model, batch, input size and threads: a
+DenseNet121 training step (forward, loss, backward, Adam step) on synthetic images, as the
+teacher loop runs it (``kdray.engine.train_epoch`` with and without ``autocast``). Then, to check
+that bf16 does not cost accuracy, the validation accuracy of a few epochs of each on the same
+synthetic dataset and seed.
+
+Prints ``bf16 / fp32 step time: <ratio>`` (below 1 is faster) and both validation curves. On a CPU
+without AMX ``teacher.amp`` trains in fp32 (``kdray.engine.amp_dtype``); this script measures bf16
+there all the same, to show why.
+
+    .venv/bin/python benchmarks/teacher_precision.py [--dataset eye_disease] [--steps 8] [--epochs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kdray.data.prepare import in_memory_synthetic
+from kdray.engine import cpu_has_amx, evaluate, make_loader, seed_everything, train_epoch
+from kdray.models import ModelSpec, build_model
+
+MODES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _ce(logits, y, _extras, _x):
+    return {"loss": F.cross_entropy(logits, y)}
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _model(spec: ModelSpec, mode: str, seed: int) -> torch.nn.Module:
+    seed_everything(seed)
+    model = build_model(spec)
+    return model.to(memory_format=torch.channels_last) if mode == "bf16" else model
+
+
+def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict[str, list[float]]:
+    x = torch.randint(0, 256, (batch, 3, spec.image_size, spec.image_size), dtype=torch.uint8)
+    y = torch.randint(0, spec.num_classes, (batch,))
+    loader = [(x, y)]
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    models = {m: _model(spec, m, 0) for m in MODES}
+    optims = {m: torch.optim.Adam(models[m].parameters(), lr=1e-3) for m in MODES}
+    for m in MODES:  # warm-up: oneDNN picks its kernels on the first steps
+        for _ in range(2):
+            train_epoch(models[m], loader, _ce, optims[m], augment=_channels_last if m == "bf16" else None,
+                        autocast=MODES[m])
+    for _ in range(rounds):
+        for m in MODES:
+            for _ in range(steps):
+                started = time.perf_counter()
+                train_epoch(models[m], loader, _ce, optims[m], augment=_channels_last if m == "bf16" else None,
+                            autocast=MODES[m])
+                times[m].append(time.perf_counter() - started)
+    return times
+
+
+def curves(dataset: str, size: int, per_class: int, epochs: int, batch: int) -> dict[str, list[float]]:
+    data = in_memory_synthetic(dataset, per_class, size, seed=0, val_fraction=0.15, test_fraction=0.15)
+    classes = list(data.spec.classes)
+    spec = ModelSpec(kind="teacher", num_classes=len(classes), image_size=size, class_names=classes)
+    out: dict[str, list[float]] = {}
+    for mode, dtype in MODES.items():
+        model = _model(spec, mode, 0)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        train = data.splits["train"]
+        loader = make_loader((train.images, train.labels), batch, shuffle=True, seed=0)
+        out[mode] = []
+        for _ in range(epochs):
+            train_epoch(model, loader, _ce, optimizer, augment=_channels_last if mode == "bf16" else None,
+                        autocast=dtype)
+            metrics, _ = evaluate(model, data.splits["val"], classes)
+            out[mode].append(metrics["accuracy"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="eye_disease")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per mode per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-class", type=int, default=120, help="synthetic images per class")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the accuracy check (0: skip)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"CPU AMX bf16: {cpu_has_amx()}; torch {torch.__version__}; {args.threads} threads")
+    spec = ModelSpec(kind="teacher", num_classes=4, image_size=args.size, class_names=list("abcd"))
+    times = step_times(spec, args.batch, args.steps, args.rounds)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    for m in MODES:
+        print(f"{m}: {med[m] * 1000:.0f} ms a step (median of {len(times[m])}, batch {args.batch}, "
+              f"{args.size} px)")
+    print(f"bf16 / fp32 step time: {med['bf16'] / med['fp32']:.2f}")
+    if args.epochs:
+        acc = curves(args.dataset, args.size, args.per_class, args.epochs, args.batch)
+        for m, values in acc.items():
+            print(f"{m} val accuracy per epoch ({args.dataset}): " + " ".join(f"{v:.3f}" for v in values))
+
+
+if __name__ == "__main__":
+    main()
