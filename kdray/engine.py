@@ -75,8 +75,8 @@ def amp_dtype(device: torch.device, enabled: bool, amx: bool | None = None) -> t
 
     float16 (with a GradScaler) on CUDA; bfloat16 on a CPU with AMX, where oneDNN runs bf16
     convolutions in hardware (a DenseNet121 training step at 64 px, batch 32, channels-last:
-    about 2x faster than fp32 on this project's 2-core machines); fp32 on other CPUs, where bf16
-    is emulated and slower.
+    0.58x the fp32 time on this project's 2-core machines, ``benchmarks/teacher_precision.py``);
+    fp32 on other CPUs, where bf16 is emulated and slower.
     """
     if not enabled:
         return None
