@@ -186,6 +186,37 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     # and would be a constant map, with no ranking to compare).
     assert np.isfinite(m["agreement.rank_correlation.feature_maps"])
     assert "The scored feature maps" in report.markdown
+    # Grad-CAM, the feature maps and a random map are scored on every masked test image too.
+    n_masked = int(d["masks"].any(axis=(1, 2)).sum())
+    assert m["localisation_test.images"] == n_masked > 8
+    for model in ("teacher", "student"):
+        for method in ("feature_maps", "gradcam"):
+            assert 0.0 <= m[f"{model}.localisation_test.{method}"] <= 1.0
+    assert m["student.localisation_test.gradcam"] > m["localisation_test.random"], m
+    assert f"every test image with a lesion mask ({n_masked})" in report.markdown
+
+
+def test_the_whole_split_pointing_game_equals_the_reports_when_it_scores_every_image(trained, tmp_path) -> None:
+    """Scored in batches over the masked test images, Grad-CAM and the feature maps give the same
+    pointing game as the report's own scoring when the report scores the whole test split."""
+    student, d = trained
+    spec = get_spec(DATASET)
+    manifest = Manifest(dataset=DATASET, root="", masks_root=None, class_names=list(spec.classes),
+                        fingerprint="test")
+    test = Split(d["images"], d["labels"], d["masks"])
+    data = PreparedData(spec, manifest, SIZE, {"train": Split(d["train_images"], d["train_labels"]),
+                                               "val": test, "test": test})
+    cfg = ExplainConfig(methods=["feature_maps", "gradcam"], report_images=len(test), timing_images=1,
+                        grid_examples=1, shap_background=4)
+    m = build_report(data, student, student, cfg, tmp_path / "all").metrics
+    for method in ("feature_maps", "gradcam"):
+        assert m[f"student.localisation_test.{method}"] == pytest.approx(m[f"student.pointing_game.{method}"])
+    # Without masks there is nothing to score.
+    unmasked = Split(d["images"], d["labels"], None)
+    data = PreparedData(spec, manifest, SIZE, {"train": Split(d["train_images"], d["train_labels"]),
+                                               "val": unmasked, "test": unmasked})
+    m = build_report(data, student, student, cfg.model_copy(update={"report_images": 4}), tmp_path / "none").metrics
+    assert not any(k.startswith("localisation_test") or ".localisation_test." in k for k in m)
 
 
 def test_the_report_scores_the_feature_map_of_gradcams_block(trained) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from kdray.config import ExplainConfig
-from kdray.data.prepare import PreparedData
+from kdray.data.prepare import PreparedData, Split
 from kdray.engine import predict_logits, softmax
 from kdray.explain.agreement import prediction_agreement, rank_correlation, top_overlap
 from kdray.explain.background import select_background, stratified_indices
@@ -121,6 +121,43 @@ def _score_maps(model: nn.Module, name: str, x: torch.Tensor, background: np.nda
     if "shap" in cfg.methods:
         maps["shap"] = shap_maps(model, x, background, preds, cfg.shap_nsamples, seed=seed).maps
     return _Scored(preds, fm.layers, fm.maps, maps, time.perf_counter() - t0)
+
+
+LOCALISE_BATCH = 64  # images per Grad-CAM pass when scoring the whole test split
+
+
+def _test_split_localisation(models: Mapping[str, nn.Module], test: Split, cfg: ExplainConfig,
+                             seed: int) -> dict[str, float]:
+    """Pointing game of the cheap maps on every test image with a lesion mask.
+
+    The report's scored images hold 12 or so masks, so their pointing game moves in steps of
+    1/12; Grad-CAM, the feature maps at its block and a random map cost one forward (and
+    backward) pass per image, so they are scored on the whole masked test split too (SHAP is
+    not: it costs ``shap_nsamples`` passes per image). Empty without masks.
+    """
+    if test.masks is None:
+        return {}
+    keep = np.flatnonzero(test.masks.any(axis=(1, 2)))
+    if len(keep) == 0:
+        return {}
+    masks = test.masks[keep]
+    size = test.images.shape[-1]
+    out = {"localisation_test.images": float(len(keep)),
+           "localisation_test.random": nanmean(pointing_game(random_maps(len(keep), (size, size), seed),
+                                                             masks))}
+    for name, model in models.items():
+        layer = _cam_layer(name, model, cfg, size)
+        maps: dict[str, list[np.ndarray]] = {"feature_maps": [], "gradcam": []}
+        for start in range(0, len(keep), LOCALISE_BATCH):
+            x = to_batch(test.images[keep[start:start + LOCALISE_BATCH]])
+            fm = feature_maps(model, x, [layer], cfg.top_k_channels)
+            maps["feature_maps"].append(fm.maps[:, 0])
+            maps["gradcam"].append(grad_cam(model, x, layer, fm.logits.argmax(1)).maps)
+        for method, parts in maps.items():
+            if method in cfg.methods:
+                out[f"{name}.localisation_test.{method}"] = nanmean(pointing_game(np.concatenate(parts),
+                                                                                  masks))
+    return out
 
 
 def _met_ms(model: nn.Module, name: str, x: torch.Tensor, preds: np.ndarray,
@@ -298,6 +335,7 @@ def build_report(
         layer = _cam_layer(name, model, cfg, x.shape[-1])
         cam_shape[name] = (layer, layer_output_size(model, layer, size))
     metrics.update(_agreement(scored, rand))
+    metrics.update(_test_split_localisation(models, test, cfg, seed))
     fractions = np.linspace(0.0, 1.0, steps + 1)
     for key in ("params", "flops", "flops_224", *(f"met_ms.{m}" for m in cfg.methods)):
         metrics[f"ratio.{key}"] = _ratio(metrics[f"teacher.{key}"], metrics[f"student.{key}"])
@@ -421,6 +459,23 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
                 f"{_fmt(get(f'student.pointing_game.{method}'), 2)} | "
                 f"{_fmt(get(f'teacher.energy_in_mask.{method}'), 2)} | "
                 f"{_fmt(get(f'student.energy_in_mask.{method}'), 2)} |")
+        if "localisation_test.images" in m:
+            n_test = int(m["localisation_test.images"])
+            lines += [
+                "",
+                f"The same pointing game on every test image with a lesion mask ({n_test}), for the "
+                "maps that cost one pass per image (SHAP is scored on the images above only):",
+                "",
+                "| Method | Pointing game, teacher | Pointing game, student |",
+                "|---|---:|---:|",
+            ]
+            for method in ("feature_maps", "gradcam"):
+                if method in cfg.methods:
+                    lines.append(f"| {TITLES[method]} | "
+                                 f"{_fmt(get(f'teacher.localisation_test.{method}'), 2)} | "
+                                 f"{_fmt(get(f'student.localisation_test.{method}'), 2)} |")
+            random = _fmt(get("localisation_test.random"), 2)
+            lines.append(f"| {TITLES['random']} | {random} | {random} |")
     else:
         lines.append("No lesion masks for this dataset: localisation not scored.")
     lines += [
