@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from kdray.data.prepare import in_memory_synthetic
-from kdray.engine import cpu_has_amx, evaluate, make_loader, seed_everything, train_epoch
+from kdray.engine import (
+    channels_last,
+    cpu_has_amx,
+    evaluate,
+    make_loader,
+    seed_everything,
+    train_epoch,
+)
 from kdray.models import ModelSpec, build_model
 
 MODES = {"fp32": None, "bf16": torch.bfloat16}
@@ -33,8 +40,11 @@ def _ce(logits, y, _extras, _x):
     return {"loss": F.cross_entropy(logits, y)}
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
+def _train(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, mode: str) -> None:
+    """One pass as the teacher loop runs it in ``mode`` (bf16: channels-last batches, autocast)."""
+    bf16 = mode == "bf16"
+    train_epoch(model, loader, _ce, optimizer, augment=channels_last() if bf16 else None,
+                autocast=MODES[mode])
 
 
 def _model(spec: ModelSpec, mode: str, seed: int) -> torch.nn.Module:
@@ -52,14 +62,12 @@ def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict[str
     optims = {m: torch.optim.Adam(models[m].parameters(), lr=1e-3) for m in MODES}
     for m in MODES:  # warm-up: oneDNN picks its kernels on the first steps
         for _ in range(2):
-            train_epoch(models[m], loader, _ce, optims[m], augment=_channels_last if m == "bf16" else None,
-                        autocast=MODES[m])
+            _train(models[m], loader, optims[m], m)
     for _ in range(rounds):
         for m in MODES:
             for _ in range(steps):
                 started = time.perf_counter()
-                train_epoch(models[m], loader, _ce, optims[m], augment=_channels_last if m == "bf16" else None,
-                            autocast=MODES[m])
+                _train(models[m], loader, optims[m], m)
                 times[m].append(time.perf_counter() - started)
     return times
 
@@ -69,15 +77,14 @@ def curves(dataset: str, size: int, per_class: int, epochs: int, batch: int) -> 
     classes = list(data.spec.classes)
     spec = ModelSpec(kind="teacher", num_classes=len(classes), image_size=size, class_names=classes)
     out: dict[str, list[float]] = {}
-    for mode, dtype in MODES.items():
+    for mode in MODES:
         model = _model(spec, mode, 0)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         train = data.splits["train"]
         loader = make_loader((train.images, train.labels), batch, shuffle=True, seed=0)
         out[mode] = []
         for _ in range(epochs):
-            train_epoch(model, loader, _ce, optimizer, augment=_channels_last if mode == "bf16" else None,
-                        autocast=dtype)
+            _train(model, loader, optimizer, mode)
             metrics, _ = evaluate(model, data.splits["val"], classes)
             out[mode].append(metrics["accuracy"])
     return out

@@ -30,6 +30,7 @@ from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import (
     amp_dtype,
+    channels_last,
     evaluate,
     make_loader,
     predict_logits,
@@ -115,14 +116,6 @@ def _validate_on_rank0(
     return metrics
 
 
-def _channels_last(augment: Callable[[torch.Tensor], torch.Tensor] | None,
-                   ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``augment``, then the batch in channels-last memory format."""
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        return (augment(x) if augment is not None else x).contiguous(memory_format=torch.channels_last)
-    return apply
-
-
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (DDP rank)."""
     import ray
@@ -148,7 +141,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     augment = build_augment(config["augment"])
     if bf16:
-        augment = _channels_last(augment)
+        augment = channels_last(augment)
     if rank == 0:
         config["tracker"].set_tags(config["run_id"], {"kdray.precision": str(dtype or torch.float32)
                                                       .removeprefix("torch.")})

@@ -124,6 +124,15 @@ def test_gradcam_beats_random_maps(trained) -> None:
     assert count_hooks(model) == 0
 
 
+def _fixture_data(d: dict[str, np.ndarray], test: Split) -> PreparedData:
+    """The trained fixture's data, ``test`` as both its val and test split."""
+    spec = get_spec(DATASET)
+    manifest = Manifest(dataset=DATASET, root="", masks_root=None, class_names=list(spec.classes),
+                        fingerprint="test")
+    return PreparedData(spec, manifest, SIZE, {"train": Split(d["train_images"], d["train_labels"]),
+                                               "val": test, "test": test})
+
+
 def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     student, d = trained
     from torchvision.models import densenet121
@@ -200,21 +209,15 @@ def test_the_whole_split_pointing_game_equals_the_reports_when_it_scores_every_i
     """Scored in batches over the masked test images, Grad-CAM and the feature maps give the same
     pointing game as the report's own scoring when the report scores the whole test split."""
     student, d = trained
-    spec = get_spec(DATASET)
-    manifest = Manifest(dataset=DATASET, root="", masks_root=None, class_names=list(spec.classes),
-                        fingerprint="test")
     test = Split(d["images"], d["labels"], d["masks"])
-    data = PreparedData(spec, manifest, SIZE, {"train": Split(d["train_images"], d["train_labels"]),
-                                               "val": test, "test": test})
+    data = _fixture_data(d, test)
     cfg = ExplainConfig(methods=["feature_maps", "gradcam"], report_images=len(test), timing_images=1,
                         grid_examples=1, shap_background=4)
     m = build_report(data, student, student, cfg, tmp_path / "all").metrics
     for method in ("feature_maps", "gradcam"):
         assert m[f"student.localisation_test.{method}"] == pytest.approx(m[f"student.pointing_game.{method}"])
     # Without masks there is nothing to score.
-    unmasked = Split(d["images"], d["labels"], None)
-    data = PreparedData(spec, manifest, SIZE, {"train": Split(d["train_images"], d["train_labels"]),
-                                               "val": unmasked, "test": unmasked})
+    data = _fixture_data(d, Split(d["images"], d["labels"], None))
     m = build_report(data, student, student, cfg.model_copy(update={"report_images": 4}), tmp_path / "none").metrics
     assert not any(k.startswith("localisation_test") or ".localisation_test." in k for k in m)
 
@@ -244,12 +247,8 @@ def test_a_student_agrees_with_itself_and_not_with_a_random_map(trained, tmp_pat
     """Agreement in the report: a model explained beside itself agrees fully; beside an untrained
     copy of its architecture less; a random map hardly."""
     student, d = trained
-    spec = get_spec(DATASET)
-    manifest = Manifest(dataset=DATASET, root="", masks_root=None, class_names=list(spec.classes),
-                        fingerprint="test")
     test = Split(d["images"], d["labels"], d["masks"])
-    data = PreparedData(spec, manifest, SIZE, {"train": Split(d["train_images"], d["train_labels"]),
-                                               "val": test, "test": test})
+    data = _fixture_data(d, test)
     cfg = ExplainConfig(methods=["gradcam", "shap"], report_images=8, timing_images=1,
                         grid_examples=1, shap_background=4, shap_nsamples=8)
     same = build_report(data, student, student, cfg, tmp_path / "same").metrics

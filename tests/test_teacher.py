@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 
 from kdray.config import ExperimentConfig, MLflowConfig
-from kdray.engine import amp_dtype, cpu_has_amx, make_loader, predict_logits, train_epoch
+from kdray.engine import (
+    amp_dtype,
+    channels_last,
+    cpu_has_amx,
+    make_loader,
+    predict_logits,
+    train_epoch,
+)
 from kdray.models import ModelSpec, build_model
 from kdray.teacher import fit_teacher, teacher_key
 from kdray.tracking import Tracker
@@ -243,7 +250,7 @@ def test_a_bf16_epoch_computes_in_bf16_and_keeps_fp32_weights():
     loader = make_loader((data.splits["train"].images, data.splits["train"].labels), 4, shuffle=True, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     stats = train_epoch(model, loader, lambda logits, y, _e, _x: {"loss": F.cross_entropy(logits, y)},
-                        optimizer, "cpu", augment=lambda x: x.contiguous(memory_format=torch.channels_last),
+                        optimizer, "cpu", augment=channels_last(),
                         autocast=torch.bfloat16)
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
