@@ -70,8 +70,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--nsamples", type=int, default=50, help="SHAP samples per image")
     parser.add_argument("--background", type=int, default=16, help="SHAP background images")
-    parser.add_argument("--library-baseline", action="store_true",
-                        help="also time shap.GradientExplainer as shipped (teacher: ~1 min)")
+    parser.add_argument(
+        "--library-baseline",
+        action="store_true",
+        help="also time shap.GradientExplainer as shipped (teacher: ~1 min)",
+    )
     parser.add_argument("--quick", action="store_true", help="112x112 and one round")
     args = parser.parse_args()
     if args.quick:
@@ -79,8 +82,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size = args.size
-    models = {"teacher": TeacherDenseNet(4).eval(),
-              "student": StudentCNN(4, [16, 32, 64, 128, 128]).eval()}
+    models = {
+        "teacher": TeacherDenseNet(4).eval(),
+        "student": StudentCNN(4, [16, 32, 64, 128, 128]).eval(),
+    }
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(args.repeats + 1, 3, size, size, generator=gen)
     bg = torch.rand(args.background, 3, size, size, generator=gen)
@@ -95,12 +100,15 @@ def main() -> None:
             f"SHAP ({nsamples} samples)": lambda: shap_maps(model, x, bg, nsamples=nsamples),
             "Grad-CAM + feature maps": lambda: (feature_maps(model, x), grad_cam(model, x)),
             "  the same via explain(), PNGs": lambda: explain(
-                model, x[0], methods=["feature_maps", "gradcam"], cfg=cfg),
+                model, x[0], methods=["feature_maps", "gradcam"], cfg=cfg
+            ),
             "full explain(): all 3 + PNGs": lambda: explain(model, x[0], background=bg, cfg=cfg),
         }
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {size}x{size}, "
-          f"SHAP {nsamples} samples / {args.background} background, {args.repeats} round(s)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {size}x{size}, "
+        f"SHAP {nsamples} samples / {args.background} background, {args.repeats} round(s)"
+    )
     # Warm-up: the first call of every shape builds oneDNN kernels (seconds for DenseNet).
     for name, model in models.items():
         t = seconds(lambda model=model: [fn() for fn in calls(model, images[-1:]).values()])
@@ -123,8 +131,10 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     methods = list(dict.fromkeys(m for _, m in times))
     print()
-    print(f"| {'per image, ' + str(size) + 'x' + str(size):32s} | {'teacher ms':>20s} | "
-          f"{'student ms':>18s} | {'teacher / student':>17s} |")
+    print(
+        f"| {'per image, ' + str(size) + 'x' + str(size):32s} | {'teacher ms':>20s} | "
+        f"{'student ms':>18s} | {'teacher / student':>17s} |"
+    )
     print(f"|{'-' * 34}|{'-' * 22}:|{'-' * 20}:|{'-' * 19}:|")
     for method in methods:
         t, s = med[("teacher", method)], med[("student", method)]
@@ -142,20 +152,33 @@ def main() -> None:
     cam_fm = med[("student", "Grad-CAM + feature maps")] * 1e3
     print()
     print(f"conv rate (3x3, 64->64, 8x56x56): median {rate_med:.1f} GFLOP/s over the rounds")
-    print(f"student forward {count_flops(student, size) / 1e9:.3f} GFLOP, forward + input "
-          f"backward {fb_flops / 1e9:.3f} GFLOP; teacher forward "
-          f"{count_flops(models['teacher'], size) / 1e9:.3f} GFLOP")
-    print(f"student SHAP: {med[shap_key]:.3f} s measured (min {best[shap_key]:.3f} s), compute "
-          f"floor {floor:.3f} s ({nsamples} x {fb_flops / 1e9:.3f} GFLOP / {rate_med:.1f} "
-          f"GFLOP/s): {med[shap_key] / floor:.2f}x the floor")
+    print(
+        f"student forward {count_flops(student, size) / 1e9:.3f} GFLOP, forward + input "
+        f"backward {fb_flops / 1e9:.3f} GFLOP; teacher forward "
+        f"{count_flops(models['teacher'], size) / 1e9:.3f} GFLOP"
+    )
+    print(
+        f"student SHAP: {med[shap_key]:.3f} s measured (min {best[shap_key]:.3f} s), compute "
+        f"floor {floor:.3f} s ({nsamples} x {fb_flops / 1e9:.3f} GFLOP / {rate_med:.1f} "
+        f"GFLOP/s): {med[shap_key] / floor:.2f}x the floor"
+    )
     print()
     goals = [
-        (f"full explanation teacher / student >= {GOAL_RATIO:.0f}x", f"{ratio:.1f}x",
-         ratio >= GOAL_RATIO),
-        (f"student SHAP <= {GOAL_STUDENT_SHAP_S:.1f} s", f"{med[shap_key]:.3f} s",
-         med[shap_key] <= GOAL_STUDENT_SHAP_S),
-        (f"student Grad-CAM + feature maps <= {GOAL_STUDENT_CAM_FM_MS:.0f} ms", f"{cam_fm:.1f} ms",
-         cam_fm <= GOAL_STUDENT_CAM_FM_MS),
+        (
+            f"full explanation teacher / student >= {GOAL_RATIO:.0f}x",
+            f"{ratio:.1f}x",
+            ratio >= GOAL_RATIO,
+        ),
+        (
+            f"student SHAP <= {GOAL_STUDENT_SHAP_S:.1f} s",
+            f"{med[shap_key]:.3f} s",
+            med[shap_key] <= GOAL_STUDENT_SHAP_S,
+        ),
+        (
+            f"student Grad-CAM + feature maps <= {GOAL_STUDENT_CAM_FM_MS:.0f} ms",
+            f"{cam_fm:.1f} ms",
+            cam_fm <= GOAL_STUDENT_CAM_FM_MS,
+        ),
     ]
     for goal, got, ok in goals:
         print(f"{'met ' if ok else 'MISS'}  {goal}: {got}")

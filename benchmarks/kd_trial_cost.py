@@ -27,11 +27,14 @@ def main() -> None:
     parser.add_argument("--images-per-class", type=int, default=128)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (a Tune trial's CPUs)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (a Tune trial's CPUs)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = in_memory_synthetic("eye_disease", args.images_per_class, args.size, val_fraction=0.1,
-                               test_fraction=0.1)
+    data = in_memory_synthetic(
+        "eye_disease", args.images_per_class, args.size, val_fraction=0.1, test_fraction=0.1
+    )
     classes = list(data.spec.classes)
     spec = ModelSpec(kind="teacher", num_classes=4, image_size=args.size, class_names=classes)
     teacher = build_model(spec).eval()
@@ -52,8 +55,10 @@ def main() -> None:
                 times[name].append(train_student(job, alpha, 4.0, widths)["epoch_seconds"])
     med = {name: statistics.median(t) for name, t in times.items()}
     n = len(data.splits["train"])
-    print(f"student {'-'.join(map(str, widths))}, {n} images {args.size}x{args.size}, "
-          f"{args.threads} thread(s), median of {args.repeats}")
+    print(
+        f"student {'-'.join(map(str, widths))}, {n} images {args.size}x{args.size}, "
+        f"{args.threads} thread(s), median of {args.repeats}"
+    )
     for name, seconds in med.items():
         print(f"  {name:22} {seconds:7.2f} s/epoch  {n / seconds:7.1f} images/s")
     ce, cached, live = med["CE only (alpha=1)"], med["KD, cached logits"], med["KD, live teacher"]

@@ -63,8 +63,14 @@ def register_models(ws: Workspace) -> tuple[str, Path]:
     background = np.random.default_rng(0).integers(0, 256, (16, 3, SIZE, SIZE), dtype=np.uint8)
     student_dir = ws.root / "student"
     for kind in ("student", "teacher"):
-        spec = ModelSpec(kind=kind, num_classes=4, image_size=SIZE, class_names=classes,
-                         widths=[16, 32, 64, 128, 128] if kind == "student" else [], dataset=DATASET)
+        spec = ModelSpec(
+            kind=kind,
+            num_classes=4,
+            image_size=SIZE,
+            class_names=classes,
+            widths=[16, 32, 64, 128, 128] if kind == "student" else [],
+            dataset=DATASET,
+        )
         torch.manual_seed(0)
         model = build_model(spec)
         folder = save_model(model, spec, ws.root / kind)
@@ -72,7 +78,9 @@ def register_models(ws: Workspace) -> tuple[str, Path]:
         run_id = tracker.start_run(f"bench-{kind}", DATASET, kind)
         log_model_folder(tracker.client, run_id, folder)
         tracker.log_metrics(run_id, {"params": sum(p.numel() for p in model.parameters())})
-        register_model(tracker.client, registered_name(DATASET, teacher=kind == "teacher"), run_id, "champion")
+        register_model(
+            tracker.client, registered_name(DATASET, teacher=kind == "teacher"), run_id, "champion"
+        )
         tracker.end_run(run_id)
     return tracker.tracking_uri, student_dir
 
@@ -101,7 +109,9 @@ async def latencies(url: str, body: bytes, n: int, warmup: int = 10) -> list[flo
         return [await _timed(session, url, body) for _ in range(n)]
 
 
-async def throughput(url: str, body: bytes, clients: int, seconds: float) -> tuple[float, list[float]]:
+async def throughput(
+    url: str, body: bytes, clients: int, seconds: float
+) -> tuple[float, list[float]]:
     """Requests per second with ``clients`` closed-loop clients, and their latencies."""
     done: list[float] = []
     stop = time.perf_counter() + seconds
@@ -156,8 +166,10 @@ def ceiling(student_dir: Path, body: bytes, seconds: float) -> tuple[float, str]
                 counts.append(batch)
 
     results = {}
-    for name, batch, loops, threads in (("1 loop, batch 8, 2 threads", 8, 1, 2),
-                                        ("2 loops, batch 1, 1 thread each", 1, 2, 1)):
+    for name, batch, loops, threads in (
+        ("1 loop, batch 8, 2 threads", 8, 1, 2),
+        ("2 loops, batch 1, 1 thread each", 1, 2, 1),
+    ):
         torch.set_num_threads(threads)
         counts: list[int] = []
         stop = time.perf_counter() + seconds / 2
@@ -203,8 +215,9 @@ PLAIN_APP = textwrap.dedent('''
 ''')
 
 
-def run_plain(student_dir: Path, body: bytes, n: int, seconds: float,
-              tmp: Path) -> tuple[list[float], float, list[float]]:
+def run_plain(
+    student_dir: Path, body: bytes, n: int, seconds: float, tmp: Path
+) -> tuple[list[float], float, list[float]]:
     script = tmp / "plain_app.py"
     script.write_text(PLAIN_APP)
     port = _port()
@@ -228,12 +241,16 @@ def run_plain(student_dir: Path, body: bytes, n: int, seconds: float,
         proc.wait(timeout=30)
 
 
-def serve_measure(uri: str, body: bytes, tmp: Path, batching: bool, n: int, seconds: float,
-                  full: bool) -> dict[str, object]:
+def serve_measure(
+    uri: str, body: bytes, tmp: Path, batching: bool, n: int, seconds: float, full: bool
+) -> dict[str, object]:
     user_config = {"max_batch_size": 8 if batching else 1, "batch_wait_timeout_s": 0.0}
-    config = service_config(REPO / "serve" / "config.yaml", _port(),
-                            args={"tracking_uri": uri, "datasets": [DATASET]},
-                            deployments={"Gateway": {"user_config": user_config}})
+    config = service_config(
+        REPO / "serve" / "config.yaml",
+        _port(),
+        args={"tracking_uri": uri, "datasets": [DATASET]},
+        deployments={"Gateway": {"user_config": user_config}},
+    )
     service = launch(config, tmp / f"serve-{'on' if batching else 'off'}", cwd=REPO)
     out: dict[str, object] = {}
     try:
@@ -246,11 +263,21 @@ def serve_measure(uri: str, body: bytes, tmp: Path, batching: bool, n: int, seco
         if full:
             explain = f"{base}/explain"
             k = max(10, n // 10)
-            out["explain_fast"] = asyncio.run(latencies(f"{explain}?methods=feature_maps,gradcam", body, k))
-            out["explain_shap"] = asyncio.run(latencies(f"{explain}?methods=feature_maps,gradcam,shap", body, k, 2))
-            out["explain_both"] = asyncio.run(latencies(f"{explain}?methods=feature_maps,gradcam&model=both", body, k, 2))
-            out["explain_both_shap"] = asyncio.run(latencies(f"{explain}?methods=feature_maps,gradcam,shap&model=both", body, 5, 1))
-            out["predict_under_shap"] = asyncio.run(predict_under_shap(predict, f"{explain}?methods=shap", body, n))
+            out["explain_fast"] = asyncio.run(
+                latencies(f"{explain}?methods=feature_maps,gradcam", body, k)
+            )
+            out["explain_shap"] = asyncio.run(
+                latencies(f"{explain}?methods=feature_maps,gradcam,shap", body, k, 2)
+            )
+            out["explain_both"] = asyncio.run(
+                latencies(f"{explain}?methods=feature_maps,gradcam&model=both", body, k, 2)
+            )
+            out["explain_both_shap"] = asyncio.run(
+                latencies(f"{explain}?methods=feature_maps,gradcam,shap&model=both", body, 5, 1)
+            )
+            out["predict_under_shap"] = asyncio.run(
+                predict_under_shap(predict, f"{explain}?methods=shap", body, n)
+            )
     finally:
         service.stop()
     return out
@@ -258,7 +285,9 @@ def serve_measure(uri: str, body: bytes, tmp: Path, batching: bool, n: int, seco
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each 16-client load")
+    parser.add_argument(
+        "--seconds", type=float, default=15.0, help="duration of each 16-client load"
+    )
     parser.add_argument("--requests", type=int, default=300, help="requests per latency series")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kdray-serve-bench-") as tmp_name:
@@ -266,34 +295,54 @@ def main() -> None:
         ws = Workspace(tmp / "ws").create()
         uri, student_dir = register_models(ws)
         body = test_png()
-        print(f"student 224x224 widths 16-32-64-128-128; request: {len(body) / 1024:.0f} KB 512x512 PNG; "
-              f"{torch.get_num_threads()} cores visible to torch")
+        print(
+            f"student 224x224 widths 16-32-64-128-128; request: {len(body) / 1024:.0f} KB 512x512 PNG; "
+            f"{torch.get_num_threads()} cores visible to torch"
+        )
         cpu_ceiling, ceiling_how = ceiling(student_dir, body, min(args.seconds, 10.0))
         on = serve_measure(uri, body, tmp, True, args.requests, args.seconds, full=True)
         off = serve_measure(uri, body, tmp, False, args.requests, args.seconds, full=False)
-        plain_lat, plain_rps, plain_lat16 = run_plain(student_dir, body, args.requests, args.seconds, tmp)
+        plain_lat, plain_rps, plain_lat16 = run_plain(
+            student_dir, body, args.requests, args.seconds, tmp
+        )
 
     p1 = on["predict_1"]
-    print(f"\n/predict 1 client: p50 {pct(p1, 50):.1f} ms, p99 {pct(p1, 99):.1f} ms (goal p50 <= 15 ms)")
-    print(f"plain FastAPI+uvicorn 1 client: p50 {pct(plain_lat, 50):.1f} ms, p99 {pct(plain_lat, 99):.1f} ms")
+    print(
+        f"\n/predict 1 client: p50 {pct(p1, 50):.1f} ms, p99 {pct(p1, 99):.1f} ms (goal p50 <= 15 ms)"
+    )
+    print(
+        f"plain FastAPI+uvicorn 1 client: p50 {pct(plain_lat, 50):.1f} ms, p99 {pct(plain_lat, 99):.1f} ms"
+    )
     print(f"Serve / plain, p50 at 1 client: {pct(p1, 50) / pct(plain_lat, 50):.2f}x (goal <= 1.3x)")
-    print(f"16 clients: batching on {on['rps_16']:.1f} req/s (p50 {pct(on['lat_16'], 50):.0f} ms), "
-          f"off {off['rps_16']:.1f} req/s (p50 {pct(off['lat_16'], 50):.0f} ms), plain {plain_rps:.1f} req/s")
-    print(f"batching on / off, 16 clients: {on['rps_16'] / off['rps_16']:.2f}x (goal >= 2x on GPU replicas)")
+    print(
+        f"16 clients: batching on {on['rps_16']:.1f} req/s (p50 {pct(on['lat_16'], 50):.0f} ms), "
+        f"off {off['rps_16']:.1f} req/s (p50 {pct(off['lat_16'], 50):.0f} ms), plain {plain_rps:.1f} req/s"
+    )
+    print(
+        f"batching on / off, 16 clients: {on['rps_16'] / off['rps_16']:.2f}x (goal >= 2x on GPU replicas)"
+    )
     print(f"Serve / plain, p50 at 16 clients: {pct(on['lat_16'], 50) / pct(plain_lat16, 50):.2f}x")
-    print(f"CPU ceiling (decode + forward in one process, no HTTP; best: {ceiling_how}): "
-          f"{cpu_ceiling:.1f} img/s; Serve with batching / ceiling: {on['rps_16'] / cpu_ceiling:.2f}x "
-          f"(goal >= 0.7x)")
+    print(
+        f"CPU ceiling (decode + forward in one process, no HTTP; best: {ceiling_how}): "
+        f"{cpu_ceiling:.1f} img/s; Serve with batching / ceiling: {on['rps_16'] / cpu_ceiling:.2f}x "
+        f"(goal >= 0.7x)"
+    )
     print(f"Serve / plain throughput, 16 clients: {on['rps_16'] / plain_rps:.2f}x")
-    for key, label, goal in (("explain_fast", "feature_maps+gradcam, student", "<= 60 ms"),
-                             ("explain_shap", "+ shap, student", "<= 1000 ms"),
-                             ("explain_both", "feature_maps+gradcam, model=both", ""),
-                             ("explain_both_shap", "all three, model=both", "")):
+    for key, label, goal in (
+        ("explain_fast", "feature_maps+gradcam, student", "<= 60 ms"),
+        ("explain_shap", "+ shap, student", "<= 1000 ms"),
+        ("explain_both", "feature_maps+gradcam, model=both", ""),
+        ("explain_both_shap", "all three, model=both", ""),
+    ):
         values = on[key]
-        print(f"/explain {label}: p50 {pct(values, 50):.0f} ms" + (f" (goal {goal})" if goal else ""))
+        print(
+            f"/explain {label}: p50 {pct(values, 50):.0f} ms" + (f" (goal {goal})" if goal else "")
+        )
     under = on["predict_under_shap"]
-    print(f"predict p99 idle {pct(p1, 99):.1f} ms, under 4 SHAP clients {pct(under, 99):.1f} ms: "
-          f"{pct(under, 99) / pct(p1, 99):.2f}x (goal <= 3x); p50 {pct(under, 50):.1f} ms")
+    print(
+        f"predict p99 idle {pct(p1, 99):.1f} ms, under 4 SHAP clients {pct(under, 99):.1f} ms: "
+        f"{pct(under, 99) / pct(p1, 99):.2f}x (goal <= 3x); p50 {pct(under, 50):.1f} ms"
+    )
     print(f"medians for the record: predict {statistics.median(p1):.2f} ms")
 
 

@@ -43,8 +43,14 @@ def _ce(logits, y, _extras, _x):
 def _train(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, mode: str) -> None:
     """One pass as the teacher loop runs it in ``mode`` (bf16: channels-last batches, autocast)."""
     bf16 = mode == "bf16"
-    train_epoch(model, loader, _ce, optimizer, augment=channels_last() if bf16 else None,
-                autocast=MODES[mode])
+    train_epoch(
+        model,
+        loader,
+        _ce,
+        optimizer,
+        augment=channels_last() if bf16 else None,
+        autocast=MODES[mode],
+    )
 
 
 def _model(spec: ModelSpec, mode: str, seed: int) -> torch.nn.Module:
@@ -72,8 +78,12 @@ def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict[str
     return times
 
 
-def curves(dataset: str, size: int, per_class: int, epochs: int, batch: int) -> dict[str, list[float]]:
-    data = in_memory_synthetic(dataset, per_class, size, seed=0, val_fraction=0.15, test_fraction=0.15)
+def curves(
+    dataset: str, size: int, per_class: int, epochs: int, batch: int
+) -> dict[str, list[float]]:
+    data = in_memory_synthetic(
+        dataset, per_class, size, seed=0, val_fraction=0.15, test_fraction=0.15
+    )
     classes = list(data.spec.classes)
     spec = ModelSpec(kind="teacher", num_classes=len(classes), image_size=size, class_names=classes)
     out: dict[str, list[float]] = {}
@@ -99,7 +109,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per mode per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=120, help="synthetic images per class")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of the accuracy check (0: skip)")
+    parser.add_argument(
+        "--epochs", type=int, default=4, help="epochs of the accuracy check (0: skip)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU AMX bf16: {cpu_has_amx()}; torch {torch.__version__}; {args.threads} threads")
@@ -107,13 +119,18 @@ def main() -> None:
     times = step_times(spec, args.batch, args.steps, args.rounds)
     med = {m: statistics.median(t) for m, t in times.items()}
     for m in MODES:
-        print(f"{m}: {med[m] * 1000:.0f} ms a step (median of {len(times[m])}, batch {args.batch}, "
-              f"{args.size} px)")
+        print(
+            f"{m}: {med[m] * 1000:.0f} ms a step (median of {len(times[m])}, batch {args.batch}, "
+            f"{args.size} px)"
+        )
     print(f"bf16 / fp32 step time: {med['bf16'] / med['fp32']:.2f}")
     if args.epochs:
         acc = curves(args.dataset, args.size, args.per_class, args.epochs, args.batch)
         for m, values in acc.items():
-            print(f"{m} val accuracy per epoch ({args.dataset}): " + " ".join(f"{v:.3f}" for v in values))
+            print(
+                f"{m} val accuracy per epoch ({args.dataset}): "
+                + " ".join(f"{v:.3f}" for v in values)
+            )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ RECIPES: dict[str, dict] = {
 def _ce(smoothing: float):
     def loss(logits, y, _extras, _x):
         return {"loss": torch.nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)}
+
     return loss
 
 
@@ -49,15 +50,26 @@ def train(kind: str, cfg: ExperimentConfig, data, recipe: dict, epochs: int, see
     classes = list(data.spec.classes)
     if kind == "teacher":
         t = cfg.teacher
-        spec = ModelSpec(kind="teacher", num_classes=len(classes), image_size=data.image_size,
-                         class_names=classes)
+        spec = ModelSpec(
+            kind="teacher",
+            num_classes=len(classes),
+            image_size=data.image_size,
+            class_names=classes,
+        )
         lr, batch, wd = recipe.get("lr", t.lr), t.batch_size, t.weight_decay
-        aug_cfg = AugmentConfig.model_validate({**t.augment.model_dump(), **recipe.get("augment", {})})
+        aug_cfg = AugmentConfig.model_validate(
+            {**t.augment.model_dump(), **recipe.get("augment", {})}
+        )
         augment = build_augment(aug_cfg)
     else:
         s = cfg.student
-        spec = ModelSpec(kind="student", num_classes=len(classes), image_size=data.image_size,
-                         class_names=classes, widths=s.resolved_widths())
+        spec = ModelSpec(
+            kind="student",
+            num_classes=len(classes),
+            image_size=data.image_size,
+            class_names=classes,
+            widths=s.resolved_widths(),
+        )
         lr, batch, wd, augment = s.lr, s.batch_size, s.weight_decay, None
     model = build_model(spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
@@ -70,20 +82,29 @@ def train(kind: str, cfg: ExperimentConfig, data, recipe: dict, epochs: int, see
         vm, _ = evaluate(model, val, classes)
         step_scheduler(scheduler, vm["loss"])
         curve.append(vm["accuracy"])
-        print(f"  {kind} epoch {len(curve)}/{epochs}: val {vm['accuracy']:.3f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"  {kind} epoch {len(curve)}/{epochs}: val {vm['accuracy']:.3f} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
         if vm["accuracy"] > best[0]:
             best = (vm["accuracy"], {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(best[1])
     tm, _ = evaluate(model, test, classes)
-    return {"curve": curve, "val": best[0], "test": tm["accuracy"],
-            "seconds": time.perf_counter() - started}
+    return {
+        "curve": curve,
+        "val": best[0],
+        "test": tm["accuracy"],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="eye_disease")
-    parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "default.yaml"))
+    parser.add_argument(
+        "--config", default=str(Path(__file__).parent.parent / "configs" / "default.yaml")
+    )
     parser.add_argument("--recipes", default="current,no_zoom")
     parser.add_argument("--epochs", type=int, default=None, help="teacher epochs (default: config)")
     parser.add_argument("--seeds", default="0")
@@ -99,14 +120,20 @@ def main() -> None:
     def show(label: str, seed: int, out: dict) -> None:
         rows.append((label, seed, out))
         curve = " ".join(f"{a:.2f}" for a in out["curve"])
-        print(f"{label:26s} seed {seed}: test {out['test']:.3f} (best val {out['val']:.3f}, "
-              f"{out['seconds']:.0f} s) val curve: {curve}", flush=True)
+        print(
+            f"{label:26s} seed {seed}: test {out['test']:.3f} (best val {out['val']:.3f}, "
+            f"{out['seconds']:.0f} s) val curve: {curve}",
+            flush=True,
+        )
 
     for seed in map(int, args.seeds.split(",")):
         show("CE student", seed, train("student", cfg, data, {}, cfg.student.epochs, seed))
         for name in args.recipes.split(","):
-            show(f"teacher {name}", seed,
-                 train("teacher", cfg, data, RECIPES[name], args.epochs or cfg.teacher.epochs, seed))
+            show(
+                f"teacher {name}",
+                seed,
+                train("teacher", cfg, data, RECIPES[name], args.epochs or cfg.teacher.epochs, seed),
+            )
     print("mean test accuracy over seeds:")
     for label in dict.fromkeys(r[0] for r in rows):
         print(f"  {label:26s} {np.mean([r[2]['test'] for r in rows if r[0] == label]):.3f}")

@@ -41,14 +41,18 @@ from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
 
-def plain_epochs(cfg: ExperimentConfig, data, spec: ModelSpec, epochs: int, out: Path) -> dict[str, list[float]]:
+def plain_epochs(
+    cfg: ExperimentConfig, data, spec: ModelSpec, epochs: int, out: Path
+) -> dict[str, list[float]]:
     """The product's per-epoch work without Ray: seconds per whole epoch and per part."""
     t = cfg.teacher
     torch.set_num_threads(t.cpus_per_worker)
     seed_everything(cfg.seed)
     model = build_model(spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=2
+    )
     train, val = data.splits["train"], data.splits["val"]
     loader = make_loader((train.images, train.labels), t.batch_size, True, cfg.seed)
     augment = build_augment(t.augment)
@@ -62,11 +66,23 @@ def plain_epochs(cfg: ExperimentConfig, data, spec: ModelSpec, epochs: int, out:
         scheduler.step(metrics["loss"])
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         t2 = time.perf_counter()
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_model": best_state},
-                   out / STATE_FILE)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_model": best_state,
+            },
+            out / STATE_FILE,
+        )
         t3 = time.perf_counter()
-        for key, value in (("epoch", t3 - t0), ("train", t1 - t0), ("validate", t2 - t1), ("checkpoint", t3 - t2)):
+        for key, value in (
+            ("epoch", t3 - t0),
+            ("train", t1 - t0),
+            ("validate", t2 - t1),
+            ("checkpoint", t3 - t2),
+        ):
             parts[key].append(value)
     return parts
 
@@ -80,10 +96,18 @@ def trainer_epochs(cfg, data, spec, tracker: Tracker, storage: str, name: str) -
     client = MlflowClient(tracker.tracking_uri)
     history = sorted(client.get_metric_history(run_id, "val_accuracy"), key=lambda m: m.step)
     stamps = [m.timestamp / 1e3 for m in history]  # logged once per epoch, just before the report
-    train_only = [m.value for m in sorted(client.get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.step)]
-    return {"epochs": [b - a for a, b in zip(stamps, stamps[1:], strict=False)], "train": train_only,
-            "wall": wall, "first_report": stamps[0] - started, "after_last": started + wall - stamps[-1],
-            "checkpoint_mb": _checkpoint_mb(Path(storage) / name)}
+    train_only = [
+        m.value
+        for m in sorted(client.get_metric_history(run_id, "epoch_seconds"), key=lambda m: m.step)
+    ]
+    return {
+        "epochs": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+        "train": train_only,
+        "wall": wall,
+        "first_report": stamps[0] - started,
+        "after_last": started + wall - stamps[-1],
+        "checkpoint_mb": _checkpoint_mb(Path(storage) / name),
+    }
 
 
 def _checkpoint_mb(run_dir: Path) -> float:
@@ -101,15 +125,20 @@ def main() -> None:
     if args.epochs < 3:
         parser.error("--epochs must be at least 3 (the first is excluded, two make a median)")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    data = in_memory_synthetic("brain_tumor", args.images_per_class, args.size, val_fraction=0.1,
-                               test_fraction=0.1)
-    spec = ModelSpec(kind="teacher", num_classes=4, image_size=args.size, class_names=list(data.spec.classes))
+    data = in_memory_synthetic(
+        "brain_tumor", args.images_per_class, args.size, val_fraction=0.1, test_fraction=0.1
+    )
+    spec = ModelSpec(
+        kind="teacher", num_classes=4, image_size=args.size, class_names=list(data.spec.classes)
+    )
     base = {"epochs": args.epochs, "batch_size": 32, "cpus_per_worker": 2, "num_workers": 1}
     cfg1 = ExperimentConfig.model_validate({"teacher": base})
     n = len(data.splits["train"])
-    print(f"DenseNet121 teacher, {n} training / {len(data.splits['val'])} validation images "
-          f"{args.size}x{args.size}, batch 32, 2 threads, {args.epochs} epochs per side "
-          "(the first excluded)")
+    print(
+        f"DenseNet121 teacher, {n} training / {len(data.splits['val'])} validation images "
+        f"{args.size}x{args.size}, batch 32, 2 threads, {args.epochs} epochs per side "
+        "(the first excluded)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp))
         tracker = Tracker.open(MLflowConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db"), ws)
@@ -120,7 +149,8 @@ def main() -> None:
             ray2 = None
             if args.two_workers:
                 cfg2 = ExperimentConfig.model_validate(
-                    {"teacher": {**base, "num_workers": 2, "cpus_per_worker": 1}})
+                    {"teacher": {**base, "num_workers": 2, "cpus_per_worker": 1}}
+                )
                 ray2 = trainer_epochs(cfg2, data, spec, tracker, tmp, "w2")
 
     def med(parts: dict, key: str) -> float:
@@ -132,19 +162,28 @@ def main() -> None:
     print(f"Ray Train / plain, whole epoch: {trainer / plain:.3f}")
     print(f"Ray Train fixed start-up: {startup:.1f} s")
     print(f"\nwhole epoch: Ray Train {trainer:.2f} s, plain {plain:.2f} s (goal: ratio <= 1.15)")
-    plain_parts = {k: statistics.median(plain_a[k][1:] + plain_b[k][1:]) for k in ("train", "validate", "checkpoint")}
+    plain_parts = {
+        k: statistics.median(plain_a[k][1:] + plain_b[k][1:])
+        for k in ("train", "validate", "checkpoint")
+    }
     ray_train = statistics.median(ray1["train"][1:])
     print(f"  training pass: Ray Train {ray_train:.2f} s, plain {plain_parts['train']:.2f} s")
-    print(f"  plain validation {plain_parts['validate']:.2f} s, checkpoint save {plain_parts['checkpoint']:.3f} s "
-          f"({ray1['checkpoint_mb']:.1f} MB)")
+    print(
+        f"  plain validation {plain_parts['validate']:.2f} s, checkpoint save {plain_parts['checkpoint']:.3f} s "
+        f"({ray1['checkpoint_mb']:.1f} MB)"
+    )
     rest = trainer - ray_train - plain_parts["validate"] - plain_parts["checkpoint"]
     print(f"  the rest of a Ray Train epoch (MLflow log, checkpoint upload, report): {rest:.2f} s")
-    print(f"fit(): wall {ray1['wall']:.1f} s = first report after {ray1['first_report']:.1f} s "
-          f"(start-up + epoch 1), {len(ray1['epochs'])} epochs between reports, "
-          f"{ray1['after_last']:.1f} s after the last report")
+    print(
+        f"fit(): wall {ray1['wall']:.1f} s = first report after {ray1['first_report']:.1f} s "
+        f"(start-up + epoch 1), {len(ray1['epochs'])} epochs between reports, "
+        f"{ray1['after_last']:.1f} s after the last report"
+    )
     if ray2 is not None:
-        print(f"2 workers x 1 CPU: whole epoch {statistics.median(ray2['epochs']):.2f} s "
-              f"({n / statistics.median(ray2['epochs']):.1f} images/s)")
+        print(
+            f"2 workers x 1 CPU: whole epoch {statistics.median(ray2['epochs']):.2f} s "
+            f"({n / statistics.median(ray2['epochs']):.1f} images/s)"
+        )
 
 
 if __name__ == "__main__":

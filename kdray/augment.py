@@ -22,11 +22,13 @@ def build_augment(cfg: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor] 
         return None
     steps: list[torch.nn.Module] = []
     if cfg.rotation > 0 or cfg.shift > 0 or cfg.zoom > 0:
-        steps.append(v2.RandomAffine(
-            degrees=cfg.rotation,
-            translate=(cfg.shift, cfg.shift) if cfg.shift > 0 else None,
-            scale=(1 - cfg.zoom, 1 + cfg.zoom) if cfg.zoom > 0 else None,
-        ))
+        steps.append(
+            v2.RandomAffine(
+                degrees=cfg.rotation,
+                translate=(cfg.shift, cfg.shift) if cfg.shift > 0 else None,
+                scale=(1 - cfg.zoom, 1 + cfg.zoom) if cfg.zoom > 0 else None,
+            )
+        )
     if cfg.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if cfg.vflip:

@@ -56,7 +56,9 @@ class ChampionResult:
     val_accuracy: float
     test_metrics: dict[str, Any]
     baseline_run_id: str
-    baseline_test: dict[str, float]  # test_accuracy / test_f1_macro / test_ece: mean and std over seeds
+    baseline_test: dict[
+        str, float
+    ]  # test_accuracy / test_f1_macro / test_ece: mean and std over seeds
     champion_seeds: dict[str, float] = field(default_factory=dict)  # same, champion retrains
     seeds: list[int] = field(default_factory=list)
     # Test accuracy per seed, in the order of ``seeds``: the KD gain is paired by seed. With
@@ -90,30 +92,51 @@ def select_champion(outcomes: list[TrialOutcome], tolerance: float) -> TrialOutc
     return min(eligible, key=lambda o: (o.flops, -o.best_val_accuracy))
 
 
-def retrain_and_score(job: StudentJob, alpha: float, temperature: float, widths: list[int],
-                      lr: float, seed: int, test: Split) -> dict[str, float]:
+def retrain_and_score(
+    job: StudentJob,
+    alpha: float,
+    temperature: float,
+    widths: list[int],
+    lr: float,
+    seed: int,
+    test: Split,
+) -> dict[str, float]:
     """Train one student from scratch (best epoch by validation) and score it on ``test``.
 
     Runs as a Ray task: torch threads from the task's CPUs, the GPU Ray assigned if any.
     """
     use_assigned_threads(default=torch.get_num_threads())
-    spec = ModelSpec(kind="student", num_classes=len(job.class_names), image_size=job.image_size,
-                     class_names=job.class_names, widths=widths, dataset=job.dataset)
+    spec = ModelSpec(
+        kind="student",
+        num_classes=len(job.class_names),
+        image_size=job.image_size,
+        class_names=job.class_names,
+        widths=widths,
+        dataset=job.dataset,
+    )
     best = build_model(spec)
     final = train_student(job, alpha, temperature, widths, lr=lr, seed=seed, best_model_out=best)
     return _seed_row(best, test, job.class_names, final["best_val_accuracy"], seed)
 
 
-def _seed_row(model: torch.nn.Module, test: Split, class_names: list[str], val_accuracy: float,
-              seed: int) -> dict[str, Any]:
+def _seed_row(
+    model: torch.nn.Module, test: Split, class_names: list[str], val_accuracy: float, seed: int
+) -> dict[str, Any]:
     """One seed's model scored on ``test``: the row the seed statistics are made of."""
     metrics, logits = evaluate(model, test, class_names)
-    return {"val_accuracy": val_accuracy, "test_accuracy": metrics["accuracy"],
-            "test_f1_macro": metrics["f1_macro"], "test_ece": metrics["ece"], "seed": seed,
-            PROBABILITIES: softmax(logits).astype(np.float32)}
+    return {
+        "val_accuracy": val_accuracy,
+        "test_accuracy": metrics["accuracy"],
+        "test_f1_macro": metrics["f1_macro"],
+        "test_ece": metrics["ece"],
+        "seed": seed,
+        PROBABILITIES: softmax(logits).astype(np.float32),
+    }
 
 
-def score_checkpoint(outcome: TrialOutcome, test: Split, class_names: list[str], seed: int) -> dict[str, Any]:
+def score_checkpoint(
+    outcome: TrialOutcome, test: Split, class_names: list[str], seed: int
+) -> dict[str, Any]:
     """A finished trial's best-epoch model scored on ``test``, as the run of ``seed``."""
     with outcome.checkpoint.as_directory() as d:
         model, _ = load_model(d)
@@ -126,8 +149,14 @@ def _is_seed_run(outcome: TrialOutcome, seed: int, cfg: Any) -> bool:
     return seed == cfg.seed and outcome.epochs_run >= cfg.student.epochs
 
 
-def _seed_rows(outcome: TrialOutcome, seeds: list[int], refs: dict[int, Any], test: Split,
-               job: StudentJob, side: str) -> list[dict[str, Any]]:
+def _seed_rows(
+    outcome: TrialOutcome,
+    seeds: list[int],
+    refs: dict[int, Any],
+    test: Split,
+    job: StudentJob,
+    side: str,
+) -> list[dict[str, Any]]:
     """One scored row per seed, in the order of ``seeds``: retrained (``refs``) or the trial's own."""
     rows = []
     for i, seed in enumerate(seeds, 1):
@@ -135,8 +164,16 @@ def _seed_rows(outcome: TrialOutcome, seeds: list[int], refs: dict[int, Any], te
             rows.append(ray.get(refs[seed]))
         else:
             rows.append(score_checkpoint(outcome, test, job.class_names, seed))
-        log.info("%s: %s seed %d (%d/%d, %s): test acc %.3f", job.dataset, side, seed, i, len(seeds),
-                 "retrained" if seed in refs else "its trial's run", rows[-1]["test_accuracy"])
+        log.info(
+            "%s: %s seed %d (%d/%d, %s): test acc %.3f",
+            job.dataset,
+            side,
+            seed,
+            i,
+            len(seeds),
+            "retrained" if seed in refs else "its trial's run",
+            rows[-1]["test_accuracy"],
+        )
     return rows
 
 
@@ -151,16 +188,23 @@ def _mean_std(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def _log_seed_rows(tracker: Tracker, run_id: str, rows: list[dict[str, float]]) -> dict[str, float]:
     for step, row in enumerate(rows):
-        tracker.log_metrics(run_id, {f"seed_{k}": v for k, v in row.items() if k != PROBABILITIES},
-                            step=step)
+        tracker.log_metrics(
+            run_id, {f"seed_{k}": v for k, v in row.items() if k != PROBABILITIES}, step=step
+        )
     stats = _mean_std(rows)
     tracker.log_metrics(run_id, stats)
     return stats
 
 
 def crown_champion(
-    job: StudentJob, outcomes: list[TrialOutcome], test: Split, ws: Workspace, tracker: Tracker,
-    parent_run_id: str, baseline_sweep: str, restore: bool = False,
+    job: StudentJob,
+    outcomes: list[TrialOutcome],
+    test: Split,
+    ws: Workspace,
+    tracker: Tracker,
+    parent_run_id: str,
+    baseline_sweep: str,
+    restore: bool = False,
 ) -> ChampionResult:
     """Select, save, score, register the champion; search, train and log the CE-only baseline.
 
@@ -180,10 +224,19 @@ def crown_champion(
     # Multi-seed champion retrains run as Ray tasks while the champion is scored and the
     # baseline searched. The selected trial itself is the run of seed ``seed`` when it trained
     # every epoch: that seed is scored from its checkpoint instead of being trained again.
-    remote = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(retrain_and_score)
+    remote = ray.remote(num_cpus=cfg.tune.cpus_per_trial, num_gpus=cfg.tune.gpus_per_trial)(
+        retrain_and_score
+    )
     job_ref = ray.put(job)
-    champion_refs = ({s: remote.remote(job_ref, alpha, temperature, chosen.widths, chosen.lr, s, test)
-                      for s in seeds if not _is_seed_run(chosen, s, cfg)} if cfg.seeds else {})
+    champion_refs = (
+        {
+            s: remote.remote(job_ref, alpha, temperature, chosen.widths, chosen.lr, s, test)
+            for s in seeds
+            if not _is_seed_run(chosen, s, cfg)
+        }
+        if cfg.seeds
+        else {}
+    )
 
     target = ws.champions / dataset
     with chosen.checkpoint.as_directory() as d:
@@ -191,74 +244,163 @@ def crown_champion(
     shutil.rmtree(target, ignore_errors=True)
     save_model(model, spec, target)
     # The SHAP background travels with the registered version: a server needs only the registry.
-    save_background(target, select_background(job.train.images, job.train.labels,
-                                              cfg.explain.shap_background, cfg.seed))
+    save_background(
+        target,
+        select_background(
+            job.train.images, job.train.labels, cfg.explain.shap_background, cfg.seed
+        ),
+    )
 
-    run_id, _ = tracker.resume_or_start_run(f"champion-{dataset}", dataset, "champion",
-                                            parent_run_id,
-                                            tags={"kdray.source_trial_run": chosen.run_id})
-    tracker.log_params(run_id, {"alpha": alpha, "temperature": temperature,
-                                "widths": "-".join(map(str, chosen.widths)),
-                                "depth": len(chosen.widths), "lr": chosen.lr})
+    run_id, _ = tracker.resume_or_start_run(
+        f"champion-{dataset}",
+        dataset,
+        "champion",
+        parent_run_id,
+        tags={"kdray.source_trial_run": chosen.run_id},
+    )
+    tracker.log_params(
+        run_id,
+        {
+            "alpha": alpha,
+            "temperature": temperature,
+            "widths": "-".join(map(str, chosen.widths)),
+            "depth": len(chosen.widths),
+            "lr": chosen.lr,
+        },
+    )
     # A tag, not a param: a resume that finishes a trial that had failed may count one more.
     tracker.set_tags(run_id, {"kdray.selected_from": len(outcomes)})
     tracker.log_config(run_id, cfg.to_dict())
     tracker.client.log_inputs(run_id, job.inputs("train", "val", "test"))
-    tracker.log_metrics(run_id, {"val_accuracy": chosen.best_val_accuracy, "params": chosen.params,
-                                 "flops": chosen.flops})
-    test_metrics = evaluate_and_log(model, test, spec.class_names, tracker, run_id,
-                                    title=f"student · {dataset}")
+    tracker.log_metrics(
+        run_id,
+        {"val_accuracy": chosen.best_val_accuracy, "params": chosen.params, "flops": chosen.flops},
+    )
+    test_metrics = evaluate_and_log(
+        model, test, spec.class_names, tracker, run_id, title=f"student · {dataset}"
+    )
     log_model_folder(tracker.client, run_id, target)  # an MLflow pyfunc holding kdray's files
-    version = register_model(tracker.client, registered_name(dataset), run_id, "champion",
-                             tags={"kdray.dataset": dataset})
+    version = register_model(
+        tracker.client,
+        registered_name(dataset),
+        run_id,
+        "champion",
+        tags={"kdray.dataset": dataset},
+    )
     tracker.set_tags(run_id, {"kdray.registered_model": f"{registered_name(dataset)}/{version}"})
-    log.info("%s: champion alpha %.2f T %.1f widths %s lr %.4f (val acc %.3f, test acc %.3f), "
-             "registered %s v%s", dataset, alpha, temperature, "-".join(map(str, chosen.widths)),
-             chosen.lr, chosen.best_val_accuracy, test_metrics["accuracy"], registered_name(dataset),
-             version)
+    log.info(
+        "%s: champion alpha %.2f T %.1f widths %s lr %.4f (val acc %.3f, test acc %.3f), "
+        "registered %s v%s",
+        dataset,
+        alpha,
+        temperature,
+        "-".join(map(str, chosen.widths)),
+        chosen.lr,
+        chosen.best_val_accuracy,
+        test_metrics["accuracy"],
+        registered_name(dataset),
+        version,
+    )
 
-    log.info("%s: CE-only baseline: searching lr over %d trials (alpha 1, widths %s)", dataset,
-             cfg.tune.num_samples, "-".join(map(str, chosen.widths)))
-    baseline_outcomes = run_sweep(job, ws, baseline_sweep, restore=restore, role="baseline-trial",
-                                  search=baseline_search_space(cfg, chosen.widths, temperature, chosen.lr))
+    log.info(
+        "%s: CE-only baseline: searching lr over %d trials (alpha 1, widths %s)",
+        dataset,
+        cfg.tune.num_samples,
+        "-".join(map(str, chosen.widths)),
+    )
+    baseline_outcomes = run_sweep(
+        job,
+        ws,
+        baseline_sweep,
+        restore=restore,
+        role="baseline-trial",
+        search=baseline_search_space(cfg, chosen.widths, temperature, chosen.lr),
+    )
     base = select_champion(baseline_outcomes, 0.0)  # one architecture: best validation accuracy
-    baseline_refs = ({s: remote.remote(job_ref, 1.0, temperature, base.widths, base.lr, s, test)
-                      for s in seeds if not _is_seed_run(base, s, cfg)} if cfg.seeds else {})
+    baseline_refs = (
+        {
+            s: remote.remote(job_ref, 1.0, temperature, base.widths, base.lr, s, test)
+            for s in seeds
+            if not _is_seed_run(base, s, cfg)
+        }
+        if cfg.seeds
+        else {}
+    )
 
-    champion_rows = _seed_rows(chosen, seeds, champion_refs, test, job, "KD champion") if cfg.seeds else []
+    champion_rows = (
+        _seed_rows(chosen, seeds, champion_refs, test, job, "KD champion") if cfg.seeds else []
+    )
     champion_seeds = _log_seed_rows(tracker, run_id, champion_rows) if champion_rows else {}
     tracker.end_run(run_id)
 
     baseline_rows = _seed_rows(base, seeds, baseline_refs, test, job, "CE baseline")
-    baseline_run, _ = tracker.resume_or_start_run(f"baseline-{dataset}", dataset, "baseline",
-                                                  parent_run_id, tags={"kdray.champion_run": run_id,
-                                                                       "kdray.source_trial_run": base.run_id})
-    tracker.log_params(baseline_run, {"alpha": 1.0, "temperature": temperature,
-                                      "widths": "-".join(map(str, base.widths)),
-                                      "depth": len(base.widths), "lr": base.lr, "seeds": seeds})
+    baseline_run, _ = tracker.resume_or_start_run(
+        f"baseline-{dataset}",
+        dataset,
+        "baseline",
+        parent_run_id,
+        tags={"kdray.champion_run": run_id, "kdray.source_trial_run": base.run_id},
+    )
+    tracker.log_params(
+        baseline_run,
+        {
+            "alpha": 1.0,
+            "temperature": temperature,
+            "widths": "-".join(map(str, base.widths)),
+            "depth": len(base.widths),
+            "lr": base.lr,
+            "seeds": seeds,
+        },
+    )
     tracker.set_tags(baseline_run, {"kdray.selected_from": len(baseline_outcomes)})
     tracker.log_config(baseline_run, cfg.to_dict())
     tracker.client.log_inputs(baseline_run, job.inputs("train", "val", "test"))
     stats = _log_seed_rows(tracker, baseline_run, baseline_rows)
-    tracker.log_metrics(baseline_run, {
-        "val_accuracy": base.best_val_accuracy,
-        "test_accuracy": stats["test_accuracy_mean"], "test_f1_macro": stats["test_f1_macro_mean"],
-        "test_ece": stats["test_ece_mean"], "params": base.params, "flops": base.flops,
-    })
-    log.info("%s: CE-only baseline lr %.4f (val acc %.3f, best of %d), test acc %.3f over seeds %s",
-             dataset, base.lr, base.best_val_accuracy, len(baseline_outcomes),
-             stats["test_accuracy_mean"], seeds)
+    tracker.log_metrics(
+        baseline_run,
+        {
+            "val_accuracy": base.best_val_accuracy,
+            "test_accuracy": stats["test_accuracy_mean"],
+            "test_f1_macro": stats["test_f1_macro_mean"],
+            "test_ece": stats["test_ece_mean"],
+            "params": base.params,
+            "flops": base.flops,
+        },
+    )
+    log.info(
+        "%s: CE-only baseline lr %.4f (val acc %.3f, best of %d), test acc %.3f over seeds %s",
+        dataset,
+        base.lr,
+        base.best_val_accuracy,
+        len(baseline_outcomes),
+        stats["test_accuracy_mean"],
+        seeds,
+    )
     # The report's reliability diagram shows the baseline beside teacher and champion.
     np.save(baseline_probabilities_path(ws, dataset), baseline_rows[0][PROBABILITIES])
     tracker.end_run(baseline_run)
     return ChampionResult(
-        run_id=run_id, trial_run_id=chosen.run_id, version=version, alpha=alpha,
-        temperature=temperature, widths=chosen.widths, lr=chosen.lr, params=chosen.params,
-        flops=chosen.flops, val_accuracy=chosen.best_val_accuracy,
+        run_id=run_id,
+        trial_run_id=chosen.run_id,
+        version=version,
+        alpha=alpha,
+        temperature=temperature,
+        widths=chosen.widths,
+        lr=chosen.lr,
+        params=chosen.params,
+        flops=chosen.flops,
+        val_accuracy=chosen.best_val_accuracy,
         test_metrics={k: test_metrics[k] for k in SCALAR_METRICS},
-        baseline_run_id=baseline_run, baseline_test=stats, champion_seeds=champion_seeds, seeds=seeds,
-        champion_seed_accuracy=([r["test_accuracy"] for r in champion_rows] if champion_rows
-                                else [test_metrics["accuracy"]]),
+        baseline_run_id=baseline_run,
+        baseline_test=stats,
+        champion_seeds=champion_seeds,
+        seeds=seeds,
+        champion_seed_accuracy=(
+            [r["test_accuracy"] for r in champion_rows]
+            if champion_rows
+            else [test_metrics["accuracy"]]
+        ),
         baseline_seed_accuracy=[r["test_accuracy"] for r in baseline_rows],
-        baseline_lr=base.lr, baseline_trials=len(baseline_outcomes),
+        baseline_lr=base.lr,
+        baseline_trials=len(baseline_outcomes),
     )

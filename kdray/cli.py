@@ -17,13 +17,22 @@ __all__ = ["build_parser", "build_report_parser", "main", "report_main"]
 def _parser(prog: str, description: str, set_help: str) -> argparse.ArgumentParser:
     """A parser with the options both commands share: --config, --set, --workspace."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", metavar="PATH", default=str(DEFAULT_CONFIG),
-                        help="experiment YAML (default: configs/default.yaml)")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help=set_help)
-    parser.add_argument("--workspace", metavar="DIR", default=None,
-                        help="where data, models, mlflow.db and Ray results live "
-                        "(default: $KDRAY_HOME, else ./workspace)")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=str(DEFAULT_CONFIG),
+        help="experiment YAML (default: configs/default.yaml)",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help=set_help
+    )
+    parser.add_argument(
+        "--workspace",
+        metavar="DIR",
+        default=None,
+        help="where data, models, mlflow.db and Ray results live "
+        "(default: $KDRAY_HOME, else ./workspace)",
+    )
     return parser
 
 
@@ -37,14 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
         "override one config key, e.g. --set kd.alpha=0.3 --set data.datasets=[brain_tumor]; "
         "repeatable; values are YAML",
     )
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the last run of this config in this workspace after it was "
-                        "stopped: finished datasets are kept, the unfinished sweep resumes")
-    parser.add_argument("--address", metavar="ADDR", default=None,
-                        help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print Ray's, Tune's and MLflow's output on the terminal too (default: "
-                        "kdray's progress lines there, everything in <workspace>/logs/run-*.log)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the last run of this config in this workspace after it was "
+        "stopped: finished datasets are kept, the unfinished sweep resumes",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print Ray's, Tune's and MLflow's output on the terminal too (default: "
+        "kdray's progress lines there, everything in <workspace>/logs/run-*.log)",
+    )
     return parser
 
 
@@ -60,7 +80,9 @@ def build_report_parser() -> argparse.ArgumentParser:
 
 def _setup(args: argparse.Namespace, extra: list[str]) -> ExperimentConfig | None:
     """Logging plus the validated config; None (after printing the error) on a config error."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         return load_config(args.config, [*args.overrides, *extra])
     except ConfigError as exc:
@@ -89,23 +111,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: continue with the same command and --resume"
-              + (f" (full log: {log_path})" if log_path else ""), file=sys.stderr)
+        print(
+            "interrupted: continue with the same command and --resume"
+            + (f" (full log: {log_path})" if log_path else ""),
+            file=sys.stderr,
+        )
         return 130
     except Exception:
         traceback.print_exc()
         if log_path:
-            print(f"kdray failed; Ray's and Tune's output before the error is in {log_path}",
-                  file=sys.stderr)
+            print(
+                f"kdray failed; Ray's and Tune's output before the error is in {log_path}",
+                file=sys.stderr,
+            )
         return 1
     print(format_summary(rows))
     tracker = Tracker.open(cfg.mlflow, ws)
-    print(f"\nsummary written to {ws.reports / 'summary.md'}\n"
-          f"{ui_hint(tracker.tracking_uri, tracker.experiment_id)}")
+    print(
+        f"\nsummary written to {ws.reports / 'summary.md'}\n"
+        f"{ui_hint(tracker.tracking_uri, tracker.experiment_id)}"
+    )
     for row in rows:  # a saved view per dataset: its KD trials side by side
         trials = tracker.child_runs(row.parent_run_id, "trial")
-        print(f"  {row.dataset}'s {len(trials)} KD trials compared: "
-              f"{compare_url(tracker.tracking_uri, tracker.experiment_id, trials)}")
+        print(
+            f"  {row.dataset}'s {len(trials)} KD trials compared: "
+            f"{compare_url(tracker.tracking_uri, tracker.experiment_id, trials)}"
+        )
     return 0
 
 

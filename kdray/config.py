@@ -54,7 +54,9 @@ class SyntheticConfig(_Strict):
     size: int = Field(96, ge=16, le=1024, description="side of the generated PNG files")
     seed: int = 0
     student_fraction: float = Field(
-        0.25, gt=0.0, le=1.0,
+        0.25,
+        gt=0.0,
+        le=1.0,
         description="share of each class of a synthetic training split that the students (KD "
         "trials, champion and CE-only baseline alike) train on; the teacher trains on all of it. "
         "It stands in for the ImageNet pretraining of the paper's teacher, which a synthetic task "
@@ -104,7 +106,9 @@ class DataConfig(_Strict):
     def _known_root_ids(cls, value: dict[str, str]) -> dict[str, str]:
         unknown = [d for d in value if d not in DATASETS]
         if unknown:
-            raise ValueError(f"unknown dataset id(s) {unknown}; expected ids from {sorted(DATASETS)}")
+            raise ValueError(
+                f"unknown dataset id(s) {unknown}; expected ids from {sorted(DATASETS)}"
+            )
         return value
 
     def student_fraction(self, dataset_id: str) -> float:
@@ -139,14 +143,16 @@ class TeacherConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     early_stopping_patience: int = Field(0, ge=0, description="0 disables early stopping")
     schedule: Literal["plateau", "cosine"] = Field(
-        "plateau", description="lr schedule: plateau halves lr after 2 epochs without a lower "
-        "validation loss; cosine anneals lr to 0 over the epochs"
+        "plateau",
+        description="lr schedule: plateau halves lr after 2 epochs without a lower "
+        "validation loss; cosine anneals lr to 0 over the epochs",
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: int = Field(2, ge=1)
     use_gpu: bool = False
     amp: bool = Field(
-        True, description="mixed-precision training: float16 with loss scaling on a GPU, bfloat16 "
+        True,
+        description="mixed-precision training: float16 with loss scaling on a GPU, bfloat16 "
         "on a CPU with AMX (Intel Sapphire Rapids and newer; a step in 0.58x the fp32 time), fp32 on other "
         "CPUs; validation and the cached logits are fp32 either way",
     )
@@ -182,9 +188,7 @@ class StudentConfig(_Strict):
     def _widths_match_depth(self) -> StudentConfig:
         if self.widths is not None:
             if len(self.widths) != self.depth:
-                raise ValueError(
-                    f"widths has {len(self.widths)} entries but depth is {self.depth}"
-                )
+                raise ValueError(f"widths has {len(self.widths)} entries but depth is {self.depth}")
             if min(self.widths) < 1:
                 raise ValueError("every width must be >= 1")
         return self
@@ -227,7 +231,9 @@ class TuneConfig(_Strict):
     depth: list[int] = Field(default_factory=lambda: [4, 5, 6])
     lr: tuple[float, float] = (1e-3, 1e-2)
     selection_tolerance: float = Field(
-        0.01, ge=0.0, le=1.0,
+        0.01,
+        ge=0.0,
+        le=1.0,
         description="champion: among trials within this of the best val accuracy, fewest FLOPs",
     )
     max_failures: int = Field(1, ge=-1, description="retries of a failed trial; -1 = unlimited")
@@ -264,11 +270,18 @@ class ExplainConfig(_Strict):
         default_factory=lambda: ["feature_maps", "gradcam", "shap"]
     )
     student_layer: str | None = Field(
-        None, description="Grad-CAM layer; None: the deepest block with >= 7x7 output at the input size")
+        None,
+        description="Grad-CAM layer; None: the deepest block with >= 7x7 output at the input size",
+    )
     teacher_layer: str | None = Field(
-        None, description="Grad-CAM layer; None: the deepest dense block with >= 7x7 output")
-    top_k_channels: int | None = Field(None, ge=1, description="feature maps: mean of the top-k channels")
-    shap_background: int = Field(16, ge=1, description="stratified training images kept as background")
+        None, description="Grad-CAM layer; None: the deepest dense block with >= 7x7 output"
+    )
+    top_k_channels: int | None = Field(
+        None, ge=1, description="feature maps: mean of the top-k channels"
+    )
+    shap_background: int = Field(
+        16, ge=1, description="stratified training images kept as background"
+    )
     shap_nsamples: int = Field(50, ge=1)
     report: bool = Field(True, description="write the transparency report at the end of a run")
     report_images: int = Field(16, ge=1, description="test images scored per dataset in the report")
@@ -291,8 +304,10 @@ class RayConfig(_Strict):
         None, description="temp dir of the local Ray kdray starts; None: /tmp/kdray-ray-<uid>"
     )
     max_concurrent_datasets: int = Field(
-        1, ge=1, description="datasets whose pipelines (teacher, sweep, champion, report) run at "
-        "once; 1 on a laptop, up to the number of datasets on a cluster with room for their sweeps"
+        1,
+        ge=1,
+        description="datasets whose pipelines (teacher, sweep, champion, report) run at "
+        "once; 1 on a laptop, up to the number of datasets on a cluster with room for their sweeps",
     )
 
 
@@ -336,7 +351,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         got = item.get("input")
-        shown = "" if item["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        shown = (
+            "" if item["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        )
         lines.append(f"  {key}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -368,7 +385,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Load and validate a YAML config (default: ``configs/default.yaml``) with overrides.
 
     Raises:

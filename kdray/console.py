@@ -65,7 +65,9 @@ def calm_console(log_path: Path | None, verbose: bool = False) -> Iterator[IO[st
         kdray_log.addHandler(handler)
         if kdray_log.getEffectiveLevel() > logging.INFO:
             kdray_log.setLevel(logging.INFO)
-        terminal.write(f"kdray: the full log (Ray, Tune, MLflow) is {log_path}; -v prints it here\n")
+        terminal.write(
+            f"kdray: the full log (Ray, Tune, MLflow) is {log_path}; -v prints it here\n"
+        )
         yield terminal
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -76,8 +78,9 @@ def calm_console(log_path: Path | None, verbose: bool = False) -> Iterator[IO[st
         terminal.close()
 
 
-def _restore(saved_out: int, saved_err: int, log_fd: int, kdray_log: logging.Logger,
-             handler: logging.Handler) -> None:
+def _restore(
+    saved_out: int, saved_err: int, log_fd: int, kdray_log: logging.Logger, handler: logging.Handler
+) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     kdray_log.removeHandler(handler)
@@ -101,8 +104,14 @@ class MetricWatcher:
     per new step, in order. Used for the teacher's epochs: rank 0 logs them to MLflow, wherever it
     runs, and the driver reads them back (no channel into Ray Train's workers needed)."""
 
-    def __init__(self, client: Any, run_id: str, key: str, on_point: Callable[[int, float], None],
-                 interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        key: str,
+        on_point: Callable[[int, float], None],
+        interval: float = 2.0,
+    ) -> None:
         self.client, self.run_id, self.key = client, run_id, key
         self.on_point, self.interval = on_point, interval
         self._seen: set[int] = set()

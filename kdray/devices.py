@@ -24,8 +24,9 @@ def _assigned_resources() -> dict[str, float]:
     return {}
 
 
-def assigned_device(resources: dict[str, float] | None = None,
-                    cuda_available: bool | None = None) -> torch.device:
+def assigned_device(
+    resources: dict[str, float] | None = None, cuda_available: bool | None = None
+) -> torch.device:
     """``cuda:0`` when Ray assigned this worker a GPU share and CUDA works, else ``cpu``.
 
     Args:

@@ -52,14 +52,18 @@ def to_input(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.
 
 
 def make_loader(
-    arrays: tuple[np.ndarray, ...], batch_size: int, shuffle: bool, seed: int = 0,
+    arrays: tuple[np.ndarray, ...],
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader over in-memory arrays (images, labels, and any per-sample extras)."""
     dataset = TensorDataset(*(_as_tensor(a) for a in arrays))
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      pin_memory=pin_memory)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, pin_memory=pin_memory
+    )
 
 
 def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -88,12 +92,17 @@ def amp_dtype(device: torch.device, enabled: bool, amx: bool | None = None) -> t
     return None
 
 
-def channels_last(augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+def channels_last(
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``augment`` (if any), then the batch in channels-last memory format: the layout oneDNN's
     bf16 convolutions are fast in (pass it as :func:`train_epoch`'s ``augment``)."""
+
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return (augment(x) if augment is not None else x).contiguous(memory_format=torch.channels_last)
+        return (augment(x) if augment is not None else x).contiguous(
+            memory_format=torch.channels_last
+        )
+
     return apply
 
 
@@ -166,7 +175,10 @@ def predict_logits(
 
 
 def evaluate(
-    model: nn.Module, split: Split, class_names: list[str], device: torch.device | str = "cpu",
+    model: nn.Module,
+    split: Split,
+    class_names: list[str],
+    device: torch.device | str = "cpu",
     batch_size: int = 128,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics (plus ``loss``: mean cross-entropy, ``ece``: expected calibration error) of

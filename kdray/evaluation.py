@@ -29,8 +29,13 @@ def evaluate_and_log(
     metrics, _ = evaluate(model, split, class_names)
     tracker.log_metrics(run_id, {f"{prefix}_{k}": metrics[k] for k in SCALAR_METRICS})
     tracker.client.log_dict(
-        run_id, {"per_class": metrics["per_class"], "confusion": metrics["confusion"],
-                 "class_names": class_names}, f"{prefix}_report.json",
+        run_id,
+        {
+            "per_class": metrics["per_class"],
+            "confusion": metrics["confusion"],
+            "class_names": class_names,
+        },
+        f"{prefix}_report.json",
     )
     fig = confusion_figure(metrics["confusion"], class_names, title or f"{prefix} confusion matrix")
     tracker.log_figure(run_id, fig, f"{prefix}_confusion.png")

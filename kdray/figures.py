@@ -13,7 +13,9 @@ from matplotlib.figure import Figure  # noqa: E402
 __all__ = ["confusion_figure"]
 
 
-def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str) -> Figure:
+def confusion_figure(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str
+) -> Figure:
     """A labelled confusion-matrix heat map (rows true, columns predicted)."""
     cm = np.asarray(confusion)
     fig = Figure(figsize=(1.2 * len(class_names) + 2.5, 1.1 * len(class_names) + 2))
@@ -26,7 +28,13 @@ def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[s
     ax.set_title(title)
     threshold = cm.max() / 2 if cm.size else 0
     for (i, j), value in np.ndenumerate(cm):
-        ax.text(j, i, str(value), ha="center", va="center",
-                color="white" if value > threshold else "black")
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if value > threshold else "black",
+        )
     fig.tight_layout()
     return fig

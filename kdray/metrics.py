@@ -54,9 +54,12 @@ def classification_metrics(
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
     present = (support > 0) | (predicted > 0)
     if not present.all():
-        log.warning("classes %s occur neither in the labels nor in the predictions of this split: "
-                    "macro scores average over the other %d", [class_names[i] for i in np.flatnonzero(~present)],
-                    int(present.sum()))
+        log.warning(
+            "classes %s occur neither in the labels nor in the predictions of this split: "
+            "macro scores average over the other %d",
+            [class_names[i] for i in np.flatnonzero(~present)],
+            int(present.sum()),
+        )
     per_class = {
         name: {
             "precision": float(precision[i]),
@@ -76,7 +79,9 @@ def classification_metrics(
     }
 
 
-def calibration(probabilities: np.ndarray, labels: Sequence[int] | np.ndarray, bins: int = 15) -> dict[str, Any]:
+def calibration(
+    probabilities: np.ndarray, labels: Sequence[int] | np.ndarray, bins: int = 15
+) -> dict[str, Any]:
     """Expected calibration error of the top label, over ``bins`` equal-width confidence bins.
 
     ECE = sum over bins of (share of samples in the bin) x |accuracy - mean confidence| (Guo et

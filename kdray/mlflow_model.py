@@ -42,8 +42,16 @@ class KdrayClassifier(PythonModel):
             raise ValueError(f"expected RGB images (N, H, W, 3), got shape {images.shape}")
         size = self.spec.image_size
         if images.shape[1:3] != (size, size):
-            images = np.stack([np.asarray(Image.fromarray(np.asarray(im, dtype=np.uint8)).resize(
-                (size, size), Image.Resampling.BILINEAR)) for im in images])
+            images = np.stack(
+                [
+                    np.asarray(
+                        Image.fromarray(np.asarray(im, dtype=np.uint8)).resize(
+                            (size, size), Image.Resampling.BILINEAR
+                        )
+                    )
+                    for im in images
+                ]
+            )
         batch = np.ascontiguousarray(images.astype(np.uint8).transpose(0, 3, 1, 2))
         probabilities = softmax(predict_logits(self.model, batch)).astype(np.float32)
         return pd.DataFrame(probabilities, columns=list(self.spec.class_names))

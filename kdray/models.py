@@ -122,8 +122,12 @@ class TeacherDenseNet(DenseNet):
 
     def __init__(self, num_classes: int) -> None:
         # The same constructor arguments as torchvision.models.densenet121.
-        super().__init__(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64,
-                         num_classes=num_classes)
+        super().__init__(
+            growth_rate=32,
+            block_config=(6, 12, 24, 16),
+            num_init_features=64,
+            num_classes=num_classes,
+        )
         self.norm = InputNorm()
         for module in self.modules():
             if isinstance(module, nn.ReLU):
@@ -131,8 +135,12 @@ class TeacherDenseNet(DenseNet):
 
     @property
     def block_names(self) -> list[str]:
-        return ["features.denseblock1", "features.denseblock2", "features.denseblock3",
-                "features.denseblock4"]
+        return [
+            "features.denseblock1",
+            "features.denseblock2",
+            "features.denseblock3",
+            "features.denseblock4",
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = F.relu(self.features(self.norm(x)))
@@ -267,7 +275,9 @@ def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path
     return directory
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelSpec]:
     """Rebuild a model saved by :func:`save_model`, in eval mode."""
     directory = Path(directory)
     spec = ModelSpec.from_dict(json.loads((directory / SPEC_FILE).read_text()))
@@ -282,7 +292,9 @@ def model_files(directory: str | Path) -> dict[str, bytes]:
     return {name: (Path(directory) / name).read_bytes() for name in (SPEC_FILE, WEIGHTS_FILE)}
 
 
-def load_model_files(files: dict[str, bytes], device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+def load_model_files(
+    files: dict[str, bytes], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelSpec]:
     """:func:`load_model` from :func:`model_files`' bytes (no pickle: JSON and safetensors)."""
     from safetensors.torch import load as load_bytes
 

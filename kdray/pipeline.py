@@ -102,8 +102,12 @@ def ray_session(cfg: RayConfig, ws: Workspace) -> Iterator[None]:
         # every second whether the Train controller still lives: without it the cleaner cannot
         # clean up after a dead controller and warns on every check (dozens of lines per fit).
         # It listens on 127.0.0.1 (8265, or the next free port).
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True,
-                 _temp_dir=cfg.temp_dir or f"/tmp/kdray-ray-{os.getuid()}")
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=True,
+            _temp_dir=cfg.temp_dir or f"/tmp/kdray-ray-{os.getuid()}",
+        )
     try:
         yield
     finally:
@@ -114,8 +118,9 @@ def run_key(cfg: ExperimentConfig) -> str:
     """Identifies what a dataset's run trains (not where it runs, logs, or how it explains)."""
     data = cfg.to_dict()
     data["data"].pop("datasets")  # the state is per dataset: the list around it does not matter
-    blob = json.dumps({k: v for k, v in data.items() if k not in ("ray", "mlflow", "explain")},
-                      sort_keys=True)
+    blob = json.dumps(
+        {k: v for k, v in data.items() if k not in ("ray", "mlflow", "explain")}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -140,12 +145,16 @@ def log_data(tracker: Tracker, run_id: str, data: PreparedData) -> None:
     tracker.log_params(run_id, {f"n_{k}": v for k, v in manifest.counts().items()})
     if manifest.skipped:
         tracker.log_params(run_id, {"n_unreadable": len(manifest.skipped)})
-        tracker.client.log_dict(run_id, {"root": manifest.root, "skipped": manifest.skipped},
-                                "data/unreadable_files.json")
+        tracker.client.log_dict(
+            run_id,
+            {"root": manifest.root, "skipped": manifest.skipped},
+            "data/unreadable_files.json",
+        )
 
 
-def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tracker,
-                resume: bool = False) -> DatasetSummary:
+def run_dataset(
+    cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tracker, resume: bool = False
+) -> DatasetSummary:
     """One dataset end to end. With ``resume``, a finished dataset of the same config is returned
     as it was, and an unfinished one continues in its parent run and Tune experiment; stages
     that finished (teacher, sweep + champion) are not redone.
@@ -156,9 +165,16 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
     key = run_key(cfg)
     state_path = _state_path(ws, dataset)
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    if state and not state.get("summary") and not resume and tracker.run_exists(state["parent_run_id"]):
+    if (
+        state
+        and not state.get("summary")
+        and not resume
+        and tracker.run_exists(state["parent_run_id"])
+    ):
         tracker.abandon(state["parent_run_id"])
-    if not (resume and state and state["run_key"] == key and tracker.run_exists(state["parent_run_id"])):
+    if not (
+        resume and state and state["run_key"] == key and tracker.run_exists(state["parent_run_id"])
+    ):
         state = None
     if state and state.get("summary"):
         log.info("%s: finished in an earlier run (%s); not redone", dataset, state["parent_run_id"])
@@ -169,16 +185,22 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
     fraction = cfg.data.student_fraction(dataset)
     n_students = len(data.student_indices(fraction, cfg.data.split_seed))
     if fraction < 1.0:
-        log.info("%s: the students train on %d of the %d training images "
-                 "(data.synthetic.student_fraction %.2f); the teacher on all of them", dataset,
-                 n_students, len(data.splits["train"]), fraction)
+        log.info(
+            "%s: the students train on %d of the %d training images "
+            "(data.synthetic.student_fraction %.2f); the teacher on all of them",
+            dataset,
+            n_students,
+            len(data.splits["train"]),
+            fraction,
+        )
     if state:
         parent, sweep_name = state["parent_run_id"], state["sweep"]
         tracker.client.update_run(parent, status="RUNNING")
         log.info("%s: resuming run %s", dataset, parent)
     else:
-        parent = tracker.start_run(dataset, dataset, "parent",
-                                   tags={"kdray.manifest": data.manifest.fingerprint[:12]})
+        parent = tracker.start_run(
+            dataset, dataset, "parent", tags={"kdray.manifest": data.manifest.fingerprint[:12]}
+        )
         sweep_name = f"sweep-{dataset}-{data.key}-{time.strftime('%Y%m%d-%H%M%S')}"
         tracker.log_config(parent, cfg.to_dict())
         log_data(tracker, parent, data)
@@ -188,27 +210,52 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         _save_state(ws, dataset, base)
     try:
         teacher = train_teacher(cfg, data, ws, tracker, parent)
-        log.info("%s: teacher %s, test accuracy %.3f", dataset,
-                 "reused" if teacher.reused else "trained", teacher.test_metrics["accuracy"])
+        log.info(
+            "%s: teacher %s, test accuracy %.3f",
+            dataset,
+            "reused" if teacher.reused else "trained",
+            teacher.test_metrics["accuracy"],
+        )
         if state and state.get("champion"):
             champion, trials = ChampionResult(**state["champion"]), state["trials"]
             log.info("%s: sweep and champion finished in an earlier run; not redone", dataset)
         else:
             job = make_job(cfg, data, teacher, tracker, parent)
             outcomes = run_sweep(job, ws, name=sweep_name, restore=state is not None)
-            champion = crown_champion(job, outcomes, data.splits["test"], ws, tracker, parent,
-                                      baseline_sweep=f"{sweep_name}-baseline", restore=state is not None)
+            champion = crown_champion(
+                job,
+                outcomes,
+                data.splits["test"],
+                ws,
+                tracker,
+                parent,
+                baseline_sweep=f"{sweep_name}-baseline",
+                restore=state is not None,
+            )
             trials = len(outcomes)
             _save_state(ws, dataset, {**base, "champion": asdict(champion), "trials": trials})
         # Before the report: it finds the learning curves through these tags.
-        tracker.set_tags(parent, {"kdray.teacher_run": teacher.run_id,
-                                  "kdray.champion_run": champion.run_id,
-                                  "kdray.baseline_run": champion.baseline_run_id})
+        tracker.set_tags(
+            parent,
+            {
+                "kdray.teacher_run": teacher.run_id,
+                "kdray.champion_run": champion.run_id,
+                "kdray.baseline_run": champion.baseline_run_id,
+            },
+        )
         agreement: dict[str, float] = {}
         if cfg.explain.report:
             log.info("%s: transparency report (teacher vs champion)", dataset)
-            report = report_dataset(cfg, data, teacher.model_dir, ws.champions / dataset, ws, tracker,
-                                    parent, champion.run_id)
+            report = report_dataset(
+                cfg,
+                data,
+                teacher.model_dir,
+                ws.champions / dataset,
+                ws,
+                tracker,
+                parent,
+                champion.run_id,
+            )
             agreement = {k: v for k, v in report.metrics.items() if k.startswith("agreement.")}
         seeds = champion.champion_seeds
         student_acc = seeds.get("test_accuracy_mean", champion.test_metrics["accuracy"])
@@ -237,7 +284,9 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
             seconds=time.perf_counter() - started,
             parent_run_id=parent,
             teacher_test_ece=teacher.test_metrics.get("ece", float("nan")),
-            student_test_ece=seeds.get("test_ece_mean", champion.test_metrics.get("ece", float("nan"))),
+            student_test_ece=seeds.get(
+                "test_ece_mean", champion.test_metrics.get("ece", float("nan"))
+            ),
             baseline_test_ece=champion.baseline_test.get("test_ece_mean", float("nan")),
             **_paired_gain(champion),
             baseline_lr=champion.baseline_lr,
@@ -246,8 +295,14 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
             teacher_train_images=len(data.splits["train"]),
             student_train_images=n_students,
         )
-        tracker.log_metrics(parent, {k: v for k, v in asdict(summary).items()
-                                     if isinstance(v, float | int) and not isinstance(v, bool)})
+        tracker.log_metrics(
+            parent,
+            {
+                k: v
+                for k, v in asdict(summary).items()
+                if isinstance(v, float | int) and not isinstance(v, bool)
+            },
+        )
     except KeyboardInterrupt:
         tracker.end_run(parent, "KILLED")
         raise
@@ -255,8 +310,16 @@ def run_dataset(cfg: ExperimentConfig, dataset: str, ws: Workspace, tracker: Tra
         tracker.end_run(parent, "FAILED")
         raise
     tracker.end_run(parent)
-    _save_state(ws, dataset, {**base, "teacher_dir": str(teacher.model_dir),
-                              "champion_run_id": champion.run_id, "summary": asdict(summary)})
+    _save_state(
+        ws,
+        dataset,
+        {
+            **base,
+            "teacher_dir": str(teacher.model_dir),
+            "champion_run_id": champion.run_id,
+            "summary": asdict(summary),
+        },
+    )
     return summary
 
 
@@ -273,8 +336,10 @@ def _gain_words(r: DatasetSummary) -> str:
     if n < 2 or not math.isfinite(r.kd_gain_p):
         return f"{r.dataset} {r.kd_gain:+.3f} (one seed: no uncertainty; set `seeds: [0, 1, 2]`)"
     verdict = "larger than its uncertainty" if r.kd_gain_p < 0.05 else "within noise"
-    return (f"{r.dataset} {r.kd_gain:+.3f} ± {r.kd_gain_std:.3f} over {n} seeds, paired t-test "
-            f"p = {r.kd_gain_p:.2f}: {verdict}")
+    return (
+        f"{r.dataset} {r.kd_gain:+.3f} ± {r.kd_gain_std:.3f} over {n} seeds, paired t-test "
+        f"p = {r.kd_gain_p:.2f}: {verdict}"
+    )
 
 
 def _teacher_words(r: DatasetSummary) -> str:
@@ -297,11 +362,15 @@ def _teacher_words(r: DatasetSummary) -> str:
     if margin > bar:
         return f"{head}: above it, the paper's setting"
     if margin < -bar:
-        return (f"{head}: below it; the teacher knows less than the student learns alone, so "
-                "this KD gain does not test the paper's claim (README: How strong the teacher "
-                "is; configs/paper.yaml)")
-    return (f"{head}: level with it (within twice the baseline's seed std); the teacher has "
-            "little to teach, the KD gain says little")
+        return (
+            f"{head}: below it; the teacher knows less than the student learns alone, so "
+            "this KD gain does not test the paper's claim (README: How strong the teacher "
+            "is; configs/paper.yaml)"
+        )
+    return (
+        f"{head}: level with it (within twice the baseline's seed std); the teacher has "
+        "little to teach, the KD gain says little"
+    )
 
 
 def _lr(lr: float) -> str:
@@ -319,13 +388,17 @@ AGREEMENT_METHODS = {"gradcam": "Grad-CAM", "shap": "SHAP", "feature_maps": "fea
 def _agreement_words(r: DatasetSummary) -> str:
     a = r.agreement
     get = lambda key: f"{a[key]:.2f}" if math.isfinite(a.get(key, math.nan)) else "n/a"  # noqa: E731
-    parts = [f"{r.dataset}: labels {get('agreement.predictions')} ({get('agreement.predictions_test')})"]
+    parts = [
+        f"{r.dataset}: labels {get('agreement.predictions')} ({get('agreement.predictions_test')})"
+    ]
     for method, title in AGREEMENT_METHODS.items():
         if f"agreement.rank_correlation.{method}" in a or f"agreement.top10_overlap.{method}" in a:
-            parts.append(f"{title} {get(f'agreement.rank_correlation.{method}')} / "
-                         f"{get(f'agreement.top10_overlap.{method}')} "
-                         f"({get(f'agreement.rank_correlation_random.{method}')} / "
-                         f"{get(f'agreement.top10_overlap_random.{method}')})")
+            parts.append(
+                f"{title} {get(f'agreement.rank_correlation.{method}')} / "
+                f"{get(f'agreement.top10_overlap.{method}')} "
+                f"({get(f'agreement.rank_correlation_random.{method}')} / "
+                f"{get(f'agreement.top10_overlap_random.{method}')})"
+            )
     return "; ".join(parts)
 
 
@@ -353,42 +426,59 @@ def format_summary(rows: list[DatasetSummary]) -> str:
         ]
     if any(r.student_train_images for r in rows):
         lines.append("")
-        lines.append("Training images, teacher / students (KD and CE-only alike): " + "; ".join(
-            f"{r.dataset} {r.teacher_train_images} / {r.student_train_images}"
-            for r in rows if r.student_train_images) + ". On a synthetic stand-in the students see "
+        lines.append(
+            "Training images, teacher / students (KD and CE-only alike): "
+            + "; ".join(
+                f"{r.dataset} {r.teacher_train_images} / {r.student_train_images}"
+                for r in rows
+                if r.student_train_images
+            )
+            + ". On a synthetic stand-in the students see "
             "`data.synthetic.student_fraction` of the training split: the teacher's extra images "
-            "stand in for the ImageNet pretraining of the paper's teacher.")
+            "stand in for the ImageNet pretraining of the paper's teacher."
+        )
     lines.append("")
-    lines.append("How each side was chosen: the KD champion is the best of its dataset's KD trials "
-                 "(alpha, T, widths and lr searched) by validation accuracy, the fewest FLOPs among "
-                 "those within `tune.selection_tolerance` of the best; the CE-only baseline has the "
-                 "same search budget over what it can tune (the same number of trials, sampler and "
-                 "scheduler over lr in the same range, alpha = 1, the champion's widths), and its "
-                 "best trial by validation accuracy is taken. With seeds, both are retrained per "
-                 "seed at their chosen settings.")
+    lines.append(
+        "How each side was chosen: the KD champion is the best of its dataset's KD trials "
+        "(alpha, T, widths and lr searched) by validation accuracy, the fewest FLOPs among "
+        "those within `tune.selection_tolerance` of the best; the CE-only baseline has the "
+        "same search budget over what it can tune (the same number of trials, sampler and "
+        "scheduler over lr in the same range, alpha = 1, the champion's widths), and its "
+        "best trial by validation accuracy is taken. With seeds, both are retrained per "
+        "seed at their chosen settings."
+    )
     lines.append("")
-    lines.append("KD gain (student − baseline test accuracy, paired by seed; ± is the std of the "
-                 "per-seed gains, p a two-sided paired t-test, 'larger than its uncertainty' at "
-                 "p < 0.05):")
+    lines.append(
+        "KD gain (student − baseline test accuracy, paired by seed; ± is the std of the "
+        "per-seed gains, p a two-sided paired t-test, 'larger than its uncertainty' at "
+        "p < 0.05):"
+    )
     lines += [f"- {_gain_words(r)}" for r in rows]
     lines.append("")
-    lines.append("Teacher margin (teacher − CE-only baseline test accuracy: does the teacher know "
-                 "more than the student learns alone?):")
+    lines.append(
+        "Teacher margin (teacher − CE-only baseline test accuracy: does the teacher know "
+        "more than the student learns alone?):"
+    )
     lines += [f"- {_teacher_words(r)}" for r in rows]
     if any(r.agreement for r in rows):
         lines.append("")
-        lines.append("Teacher–student agreement on the report's images: labels (whole test split in "
-                     "brackets); per method, rank correlation / top-10 % IoU of the two maps of an "
-                     "image, with a random map's in brackets:")
+        lines.append(
+            "Teacher–student agreement on the report's images: labels (whole test split in "
+            "brackets); per method, rank correlation / top-10 % IoU of the two maps of an "
+            "image, with a random map's in brackets:"
+        )
         lines += [f"- {_agreement_words(r)}" for r in rows if r.agreement]
-    lines.append("ECE: expected calibration error on the test split (15 bins, lower is better); "
-                 "reliability diagrams in each dataset's report.")
+    lines.append(
+        "ECE: expected calibration error on the test split (15 bins, lower is better); "
+        "reliability diagrams in each dataset's report."
+    )
     return "\n".join(lines)
 
 
 def _write_summary(rows: list[DatasetSummary], ws: Workspace) -> None:
     ws.reports.mkdir(parents=True, exist_ok=True)
     (ws.reports / "summary.md").write_text(format_summary(rows) + "\n")
+
     def flat(r: DatasetSummary) -> dict:
         row = asdict(r)
         return {**row, **row.pop("agreement")}  # one column per agreement score
@@ -413,17 +503,27 @@ def rebuild_reports(cfg: ExperimentConfig, ws: Workspace) -> list[Path]:
         path = _state_path(ws, dataset)
         state = json.loads(path.read_text()) if path.is_file() else {}
         if state.get("run_key") != key or "summary" not in state:
-            raise RuntimeError(f"{dataset}: no finished run of this config in {ws.root}; "
-                               "run tune/run.py first")
+            raise RuntimeError(
+                f"{dataset}: no finished run of this config in {ws.root}; run tune/run.py first"
+            )
         data = prepare_dataset(cfg.data, dataset, ws)
-        report = report_dataset(cfg, data, Path(state["teacher_dir"]), ws.champions / dataset, ws,
-                                tracker, state["parent_run_id"], state["champion_run_id"])
+        report = report_dataset(
+            cfg,
+            data,
+            Path(state["teacher_dir"]),
+            ws.champions / dataset,
+            ws,
+            tracker,
+            state["parent_run_id"],
+            state["champion_run_id"],
+        )
         paths.append(report.paths["markdown"])
     return paths
 
 
-def _run_concurrently(cfg: ExperimentConfig, ws: Workspace, tracker: Tracker,
-                      resume: bool) -> list[DatasetSummary]:
+def _run_concurrently(
+    cfg: ExperimentConfig, ws: Workspace, tracker: Tracker, resume: bool
+) -> list[DatasetSummary]:
     """``ray.max_concurrent_datasets`` dataset pipelines at once, each in a driver thread (Ray
     Train and Tune calls are thread-safe in the driver; Ray's scheduler shares the cluster
     between their trials). A dataset that fails does not stop the others: every one runs to its
@@ -447,7 +547,9 @@ def _run_concurrently(cfg: ExperimentConfig, ws: Workspace, tracker: Tracker,
     return [f.result() for f in futures]
 
 
-def run_pipeline(cfg: ExperimentConfig, ws: Workspace, resume: bool = False) -> list[DatasetSummary]:
+def run_pipeline(
+    cfg: ExperimentConfig, ws: Workspace, resume: bool = False
+) -> list[DatasetSummary]:
     """Run every configured dataset; write ``reports/summary.{md,csv}`` in the workspace.
 
     Args:
@@ -461,7 +563,12 @@ def run_pipeline(cfg: ExperimentConfig, ws: Workspace, resume: bool = False) -> 
     for dataset in cfg.data.datasets:
         prepare_manifest(cfg.data, dataset, ws)
     tracker = Tracker.open(cfg.mlflow, ws)
-    log.info("workspace %s; MLflow %s (experiment %s)", ws.root, tracker.tracking_uri, cfg.mlflow.experiment)
+    log.info(
+        "workspace %s; MLflow %s (experiment %s)",
+        ws.root,
+        tracker.tracking_uri,
+        cfg.mlflow.experiment,
+    )
     with ray_session(cfg.ray, ws):
         if cfg.ray.max_concurrent_datasets > 1 and len(cfg.data.datasets) > 1:
             rows = _run_concurrently(cfg, ws, tracker, resume)

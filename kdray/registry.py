@@ -26,8 +26,14 @@ from torch import nn
 
 from kdray.models import SPEC_FILE, ModelSpec, load_model
 
-__all__ = ["RegisteredModel", "fetch_registered", "load_registered", "log_model_folder",
-           "register_model", "registered_name"]
+__all__ = [
+    "RegisteredModel",
+    "fetch_registered",
+    "load_registered",
+    "log_model_folder",
+    "register_model",
+    "registered_name",
+]
 
 ARTIFACT_PATH = "model"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -60,8 +66,12 @@ def log_model_folder(client: MlflowClient, run_id: str, folder: str | Path) -> N
         with warnings.catch_warnings():  # MLflow's advice on type hints, for an explicit signature
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
             mlflow.pyfunc.save_model(
-                path=str(out), python_model=str(PYFUNC_CODE), artifacts={"kdray_model": str(files)},
-                signature=_signature(spec), input_example=example, pip_requirements=_requirements(),
+                path=str(out),
+                python_model=str(PYFUNC_CODE),
+                artifacts={"kdray_model": str(files)},
+                signature=_signature(spec),
+                input_example=example,
+                pip_requirements=_requirements(),
                 metadata={"kdray.kind": spec.kind, "kdray.dataset": spec.dataset or ""},
             )
         client.log_artifacts(run_id, str(out), ARTIFACT_PATH)
@@ -71,8 +81,16 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for package in ("kdray", "torch", "torchvision", "safetensors", "numpy", "pandas", "pillow",
-                    "mlflow"):
+    for package in (
+        "kdray",
+        "torch",
+        "torchvision",
+        "safetensors",
+        "numpy",
+        "pandas",
+        "pillow",
+        "mlflow",
+    ):
         try:
             out.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -85,8 +103,9 @@ def registered_name(dataset: str, teacher: bool = False) -> str:
     return f"kdray-{dataset}-teacher" if teacher else f"kdray-{dataset}"
 
 
-def register_model(client: MlflowClient, name: str, run_id: str, alias: str,
-                   tags: dict[str, str] | None = None) -> str:
+def register_model(
+    client: MlflowClient, name: str, run_id: str, alias: str, tags: dict[str, str] | None = None
+) -> str:
     """Register the run's ``model/`` artifacts as a version of ``name`` and point ``alias`` at it.
 
     Idempotent per run: a run that already has a version of ``name`` (a stage redone after the
@@ -96,7 +115,9 @@ def register_model(client: MlflowClient, name: str, run_id: str, alias: str,
         The version number.
     """
     try:
-        client.create_registered_model(name, description="kdray model: model.safetensors + model.json")
+        client.create_registered_model(
+            name, description="kdray model: model.safetensors + model.json"
+        )
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
@@ -129,8 +150,9 @@ class RegisteredModel:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def fetch_registered(name: str, alias: str, dest: str | Path,
-                     tracking_uri: str | None = None) -> RegisteredModel:
+def fetch_registered(
+    name: str, alias: str, dest: str | Path, tracking_uri: str | None = None
+) -> RegisteredModel:
     """Download ``name@alias`` into ``dest`` (a new folder) and read its spec and run metrics.
 
     Raises:
@@ -148,8 +170,9 @@ def fetch_registered(name: str, alias: str, dest: str | Path,
     return RegisteredModel(name, alias, str(version.version), version.run_id, local, spec, metrics)
 
 
-def load_registered(name: str, alias: str = "champion", tracking_uri: str | None = None,
-                    device: str = "cpu") -> tuple[nn.Module, ModelSpec]:
+def load_registered(
+    name: str, alias: str = "champion", tracking_uri: str | None = None, device: str = "cpu"
+) -> tuple[nn.Module, ModelSpec]:
     """Load ``name@alias`` (e.g. ``kdray-brain_tumor@champion``) as a torch module in eval mode.
 
     Raises:

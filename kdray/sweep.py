@@ -107,8 +107,11 @@ class StudentJob:
 ReportFn = Callable[[dict[str, Any], Path], None]
 
 
-def _teacher_source(job: StudentJob, alpha: float, device: torch.device,
-                    ) -> tuple[tuple[np.ndarray, ...], Callable | None]:
+def _teacher_source(
+    job: StudentJob,
+    alpha: float,
+    device: torch.device,
+) -> tuple[tuple[np.ndarray, ...], Callable | None]:
     """Extra loader columns and a live teacher, per the job's logit source (none when alpha == 1)."""
     if alpha >= 1.0:
         return (), None
@@ -122,10 +125,17 @@ def _teacher_source(job: StudentJob, alpha: float, device: torch.device,
 
 
 def train_student(
-    job: StudentJob, alpha: float, temperature: float, widths: list[int],
-    report: ReportFn | None = None, run_id: str | None = None, lr: float | None = None,
-    seed: int | None = None, best_model_out: torch.nn.Module | None = None,
-    resume_from: Path | None = None, device: torch.device | str | None = None,
+    job: StudentJob,
+    alpha: float,
+    temperature: float,
+    widths: list[int],
+    report: ReportFn | None = None,
+    run_id: str | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    best_model_out: torch.nn.Module | None = None,
+    resume_from: Path | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Train one KD student; after every epoch call ``report(metrics, checkpoint_dir)``.
 
@@ -150,8 +160,14 @@ def train_student(
     cfg, s = job.cfg, job.cfg.student
     seed = cfg.seed if seed is None else seed
     seed_everything(seed)
-    spec = ModelSpec(kind="student", num_classes=len(job.class_names), image_size=job.image_size,
-                     class_names=job.class_names, widths=widths, dataset=job.dataset)
+    spec = ModelSpec(
+        kind="student",
+        num_classes=len(job.class_names),
+        image_size=job.image_size,
+        class_names=job.class_names,
+        widths=widths,
+        dataset=job.dataset,
+    )
     model = build_model(spec)
     # The best epoch so far: what each report's directory holds.
     best_model = best_model_out if best_model_out is not None else build_model(spec)
@@ -163,8 +179,13 @@ def train_student(
     loss_fn = KDLoss(alpha, temperature)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr or s.lr, weight_decay=s.weight_decay)
     extra_columns, live_teacher = _teacher_source(job, alpha, device)
-    loader = make_loader((job.train.images, job.train.labels, *extra_columns), s.batch_size,
-                         shuffle=True, seed=seed, pin_memory=cuda)
+    loader = make_loader(
+        (job.train.images, job.train.labels, *extra_columns),
+        s.batch_size,
+        shuffle=True,
+        seed=seed,
+        pin_memory=cuda,
+    )
 
     def kd(logits: torch.Tensor, y: torch.Tensor, extras: tuple, x: torch.Tensor) -> dict:
         if live_teacher is not None:
@@ -183,8 +204,11 @@ def train_student(
         best_acc, best_epoch, start = state["best_acc"], state["best_epoch"], state["epoch"] + 1
     # A restarted trial trains again the epochs after its last registered checkpoint (all of
     # them if none registered before the kill): epochs its run already has stay as logged first.
-    logged = (job.tracker.logged_steps(run_id, "val_accuracy")
-              if job.tracker is not None and run_id is not None else set())
+    logged = (
+        job.tracker.logged_steps(run_id, "val_accuracy")
+        if job.tracker is not None and run_id is not None
+        else set()
+    )
     metrics: dict[str, Any] = {}
     for epoch in range(start, s.epochs):
         loader.generator.manual_seed(seed * 100_003 + epoch)  # the epoch's order, also on resume
@@ -195,22 +219,36 @@ def train_student(
         if val_metrics["accuracy"] > best_acc:
             best_acc, best_epoch = val_metrics["accuracy"], epoch
             best_model.load_state_dict(model.state_dict())
-        metrics = {"train_loss": stats["loss"], "train_hard": stats["hard"],
-                   "train_soft": stats["soft"], "train_accuracy": stats["accuracy"],
-                   "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
-                   "epoch_seconds": seconds}
+        metrics = {
+            "train_loss": stats["loss"],
+            "train_hard": stats["hard"],
+            "train_soft": stats["soft"],
+            "train_accuracy": stats["accuracy"],
+            "val_loss": val_metrics["loss"],
+            "val_accuracy": val_metrics["accuracy"],
+            "epoch_seconds": seconds,
+        }
         # The running summary goes with every epoch: a trial that the scheduler stops after
         # any report has its MLflow run complete already.
-        metrics.update(best_val_accuracy=best_acc, best_epoch=best_epoch, params=params, flops=flops)
+        metrics.update(
+            best_val_accuracy=best_acc, best_epoch=best_epoch, params=params, flops=flops
+        )
         if job.tracker is not None and run_id is not None and epoch not in logged:
             job.tracker.log_metrics(run_id, metrics, step=epoch)
         metrics["epoch"] = epoch
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_model(best_model, spec, tmp)  # the best epoch, also what a resume restores
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "best_acc": best_acc, "best_epoch": best_epoch, "epoch": epoch},
-                           Path(tmp) / TRAIN_STATE)
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "best_acc": best_acc,
+                        "best_epoch": best_epoch,
+                        "epoch": epoch,
+                    },
+                    Path(tmp) / TRAIN_STATE,
+                )
                 report(metrics, Path(tmp))
     return metrics
 
@@ -224,7 +262,9 @@ def trial_hyperparameters(config: dict[str, Any], cfg: ExperimentConfig) -> tupl
     elif s.widths is not None:
         widths = s.resolved_widths()
     else:
-        widths = widths_for(int(config["base_width"]), float(config["growth"]), int(config["depth"]))
+        widths = widths_for(
+            int(config["base_width"]), float(config["growth"]), int(config["depth"])
+        )
     return widths, float(config.get("lr", s.lr))
 
 
@@ -237,28 +277,50 @@ def _kd_trial(config: dict[str, Any], job: StudentJob, role: str = "trial") -> N
     trial_id = tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()
     # A trial restarted after a failure or a driver restart (Tuner.restore) keeps its run.
-    run_id, resumed = tracker.resume_or_start_run(f"{role}-{job.dataset}-{trial_id}", job.dataset,
-                                                  role, job.parent_run_id,
-                                                  tags={"kdray.trial_id": trial_id})
+    run_id, resumed = tracker.resume_or_start_run(
+        f"{role}-{job.dataset}-{trial_id}",
+        job.dataset,
+        role,
+        job.parent_run_id,
+        tags={"kdray.trial_id": trial_id},
+    )
     if not resumed:
-        tracker.log_params(run_id, {"alpha": config["alpha"], "temperature": config["temperature"],
-                                    "widths": "-".join(map(str, widths)), "depth": len(widths),
-                                    "lr": lr, "epochs": cfg.student.epochs,
-                                    "teacher_logits": cfg.kd.teacher_logits if config["alpha"] < 1 else "none"})
+        tracker.log_params(
+            run_id,
+            {
+                "alpha": config["alpha"],
+                "temperature": config["temperature"],
+                "widths": "-".join(map(str, widths)),
+                "depth": len(widths),
+                "lr": lr,
+                "epochs": cfg.student.epochs,
+                "teacher_logits": cfg.kd.teacher_logits if config["alpha"] < 1 else "none",
+            },
+        )
         tracker.log_config(run_id, cfg.to_dict())
         tracker.client.log_inputs(run_id, job.inputs("train", "val"))
     tracker.set_tags(run_id, {"kdray.node_id": node_id, SOURCE_TAG: source_digest()})
     checkpoint = tune.get_checkpoint()
 
     def report(metrics: dict[str, Any], best_dir: Path) -> None:
-        tune.report({**metrics, "mlflow_run_id": run_id},
-                    checkpoint=tune.Checkpoint.from_directory(best_dir))
+        tune.report(
+            {**metrics, "mlflow_run_id": run_id},
+            checkpoint=tune.Checkpoint.from_directory(best_dir),
+        )
 
     try:
         if checkpoint is not None:
             with checkpoint.as_directory() as resume_dir:
-                train_student(job, config["alpha"], config["temperature"], widths, report, run_id,
-                              lr, resume_from=Path(resume_dir))
+                train_student(
+                    job,
+                    config["alpha"],
+                    config["temperature"],
+                    widths,
+                    report,
+                    run_id,
+                    lr,
+                    resume_from=Path(resume_dir),
+                )
         else:
             train_student(job, config["alpha"], config["temperature"], widths, report, run_id, lr)
     except SystemExit:
@@ -283,8 +345,13 @@ def _settle_trial_runs(tracker: Tracker, grid: Any, epochs: int) -> None:
         if not run_id:
             continue
         epochs_run = int(result.metrics.get("epoch", -1)) + 1
-        tracker.set_tags(run_id, {"kdray.epochs_run": epochs_run,
-                                  "kdray.stopped_early": str(epochs_run < epochs).lower()})
+        tracker.set_tags(
+            run_id,
+            {
+                "kdray.epochs_run": epochs_run,
+                "kdray.stopped_early": str(epochs_run < epochs).lower(),
+            },
+        )
         status = "FAILED" if result.error else "FINISHED"
         if tracker.client.get_run(run_id).info.status != status:
             tracker.end_run(run_id, status, error=result.error)
@@ -324,7 +391,11 @@ def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
         # The configured student is always among the choices, so the first point is valid.
         # Every block halves the image: depths that would pool it below 1x1 are left out.
         deepest = max_student_depth(cfg.data.image_size)
-        for key, default in (("base_width", s.base_width), ("growth", s.growth), ("depth", s.depth)):
+        for key, default in (
+            ("base_width", s.base_width),
+            ("growth", s.growth),
+            ("depth", s.depth),
+        ):
             choices = {*getattr(t, key), default}
             if key == "depth":
                 choices = {d for d in choices if d <= deepest} | {default}
@@ -333,13 +404,21 @@ def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
     return space, first
 
 
-def baseline_search_space(cfg: ExperimentConfig, widths: list[int], temperature: float, lr: float,
-                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+def baseline_search_space(
+    cfg: ExperimentConfig,
+    widths: list[int],
+    temperature: float,
+    lr: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The CE-only baseline's search: what it can tune (lr, over the KD search's range), with the
     champion's widths and alpha = 1 fixed. Its first point is the champion's own lr."""
     t = cfg.tune
-    space = {"alpha": 1.0, "temperature": temperature, "widths": "-".join(map(str, widths)),
-             "lr": tune.loguniform(*t.lr)}
+    space = {
+        "alpha": 1.0,
+        "temperature": temperature,
+        "widths": "-".join(map(str, widths)),
+        "lr": tune.loguniform(*t.lr),
+    }
     return space, {"lr": min(max(lr, t.lr[0]), t.lr[1])}
 
 
@@ -370,12 +449,20 @@ def _scheduler(cfg: ExperimentConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     epochs = cfg.student.epochs
-    return ASHAScheduler(max_t=epochs, grace_period=min(cfg.tune.grace_period, epochs),
-                         reduction_factor=cfg.tune.reduction_factor)
+    return ASHAScheduler(
+        max_t=epochs,
+        grace_period=min(cfg.tune.grace_period, epochs),
+        reduction_factor=cfg.tune.reduction_factor,
+    )
 
 
-def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, tracker: Tracker | None,
-             parent_run_id: str | None) -> StudentJob:
+def make_job(
+    cfg: ExperimentConfig,
+    data: PreparedData,
+    teacher: TeacherResult,
+    tracker: Tracker | None,
+    parent_run_id: str | None,
+) -> StudentJob:
     """The students' job: they train on ``cfg.data.student_fraction`` of the training split (the
     teacher's cached logits cut to the same rows)."""
     cached = cfg.kd.teacher_logits == "cache"
@@ -383,11 +470,17 @@ def make_job(cfg: ExperimentConfig, data: PreparedData, teacher: TeacherResult, 
     rows = data.student_indices(fraction, seed)
     students = data.for_students(fraction, seed)
     return StudentJob(
-        cfg, data.spec.id, list(data.spec.classes), data.image_size, students.splits["train"],
+        cfg,
+        data.spec.id,
+        list(data.spec.classes),
+        data.image_size,
+        students.splits["train"],
         students.splits["val"],
         teacher_logits=teacher.train_logits()[rows].astype(np.float32) if cached else None,
         teacher_files=None if cached else model_files(teacher.model_dir),
-        tracker=tracker, parent_run_id=parent_run_id, data_inputs=split_inputs(students),
+        tracker=tracker,
+        parent_run_id=parent_run_id,
+        data_inputs=split_inputs(students),
     )
 
 
@@ -407,10 +500,19 @@ class SweepProgress(tune.Callback):
         best = max((t.last_result.get(METRIC, -1.0) for t in trials if t.last_result), default=-1.0)
         stopped = sum(v == "stopped" for v in self.ended.values())
         errors = sum(v == "error" for v in self.ended.values())
-        extra = (f", {stopped} stopped early" if stopped else "") + (f", {errors} failed" if errors else "")
-        log.info("%s: %s %d/%d trials done%s · best val acc %s%s", self.dataset, self.label,
-                 len(self.ended), self.total, extra, f"{best:.3f}" if best >= 0 else "n/a",
-                 eta(time.perf_counter() - self.started, len(self.ended), self.total))
+        extra = (f", {stopped} stopped early" if stopped else "") + (
+            f", {errors} failed" if errors else ""
+        )
+        log.info(
+            "%s: %s %d/%d trials done%s · best val acc %s%s",
+            self.dataset,
+            self.label,
+            len(self.ended),
+            self.total,
+            extra,
+            f"{best:.3f}" if best >= 0 else "n/a",
+            eta(time.perf_counter() - self.started, len(self.ended), self.total),
+        )
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         epochs_run = int(trial.last_result.get("epoch", -1)) + 1 if trial.last_result else 0
@@ -422,16 +524,27 @@ class SweepProgress(tune.Callback):
         self._line(trials)
 
 
-def _new_tuner(cfg: ExperimentConfig, trainable: Any, space: dict[str, Any], first: dict[str, Any],
-               ws: Workspace, name: str, dataset: str, progress: SweepProgress) -> tune.Tuner:
+def _new_tuner(
+    cfg: ExperimentConfig,
+    trainable: Any,
+    space: dict[str, Any],
+    first: dict[str, Any],
+    ws: Workspace,
+    name: str,
+    dataset: str,
+    progress: SweepProgress,
+) -> tune.Tuner:
     t = cfg.tune
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=t.num_samples,
+            metric=METRIC,
+            mode="max",
+            num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent_trials,
-            search_alg=_search_alg(cfg, first, dataset), scheduler=_scheduler(cfg),
+            search_alg=_search_alg(cfg, first, dataset),
+            scheduler=_scheduler(cfg),
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -469,9 +582,14 @@ def _register_trainable(job: StudentJob, role: str) -> str:
     return name
 
 
-def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False,
-              search: tuple[dict[str, Any], dict[str, Any]] | None = None, role: str = "trial",
-              ) -> list[TrialOutcome]:
+def run_sweep(
+    job: StudentJob,
+    ws: Workspace,
+    name: str,
+    restore: bool = False,
+    search: tuple[dict[str, Any], dict[str, Any]] | None = None,
+    role: str = "trial",
+) -> list[TrialOutcome]:
     """Run a Tune search for one dataset; return every trial that finished with a checkpoint.
 
     The same budget (``tune.num_samples`` trials, sampler, scheduler, resources) serves the KD
@@ -495,12 +613,23 @@ def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False,
     progress = SweepProgress(job.dataset, label, t.num_samples, cfg.student.epochs)
     if restore and tune.Tuner.can_restore(path):
         log.info("%s: restoring the Tune experiment %s", job.dataset, path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=space)
+        tuner = tune.Tuner.restore(
+            path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=space,
+        )
     else:
         if role == "trial":  # the baseline's search is announced by crown_champion
-            log.info("%s: KD sweep: %d trials, %d at a time, up to %d epochs each (scheduler %s)",
-                     job.dataset, t.num_samples, t.max_concurrent_trials, cfg.student.epochs, t.scheduler)
+            log.info(
+                "%s: KD sweep: %d trials, %d at a time, up to %d epochs each (scheduler %s)",
+                job.dataset,
+                t.num_samples,
+                t.max_concurrent_trials,
+                cfg.student.epochs,
+                t.scheduler,
+            )
         tuner = _new_tuner(cfg, trainable, space, first, ws, name, job.dataset, progress)
     grid = tuner.fit()
     _settle_trial_runs(job.tracker, grid, cfg.student.epochs)
@@ -510,10 +639,19 @@ def run_sweep(job: StudentJob, ws: Workspace, name: str, restore: bool = False,
         if result.error is None and result.metrics and result.checkpoint is not None:
             widths, lr = trial_hyperparameters(result.config, cfg)
             m = result.metrics
-            outcomes.append(TrialOutcome(m["mlflow_run_id"], dict(result.config), widths, lr,
-                                         float(m["best_val_accuracy"]), int(m["params"]),
-                                         int(m["flops"]), result.checkpoint,
-                                         epochs_run=int(m.get("epoch", -1)) + 1))
+            outcomes.append(
+                TrialOutcome(
+                    m["mlflow_run_id"],
+                    dict(result.config),
+                    widths,
+                    lr,
+                    float(m["best_val_accuracy"]),
+                    int(m["params"]),
+                    int(m["flops"]),
+                    result.checkpoint,
+                    epochs_run=int(m.get("epoch", -1)) + 1,
+                )
+            )
     if not outcomes:
         raise RuntimeError(f"no trial of {name} finished; see the Ray Tune errors above")
     return outcomes

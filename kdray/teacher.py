@@ -78,7 +78,9 @@ def teacher_key(cfg: ExperimentConfig, data: PreparedData) -> str:
     return f"{data.key}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def _ce_loss(logits: torch.Tensor, y: torch.Tensor, _extras: tuple, _x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _ce_loss(
+    logits: torch.Tensor, y: torch.Tensor, _extras: tuple, _x: torch.Tensor
+) -> dict[str, torch.Tensor]:
     return {"loss": F.cross_entropy(logits, y)}
 
 
@@ -97,7 +99,11 @@ def step_scheduler(scheduler: Any, val_loss: float) -> None:
 
 
 def _validate_on_rank0(
-    model: torch.nn.Module, val: Split, class_names: list[str], device: torch.device, rank: int,
+    model: torch.nn.Module,
+    val: Split,
+    class_names: list[str],
+    device: torch.device,
+    rank: int,
     world: int,
 ) -> dict[str, Any]:
     """Rank 0 scores the validation split and shares the result with every rank.
@@ -143,13 +149,22 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     if bf16:
         augment = channels_last(augment)
     if rank == 0:
-        config["tracker"].set_tags(config["run_id"], {"kdray.precision": str(dtype or torch.float32)
-                                                      .removeprefix("torch.")})
+        config["tracker"].set_tags(
+            config["run_id"],
+            {"kdray.precision": str(dtype or torch.float32).removeprefix("torch.")},
+        )
     per_worker_batch = max(1, config["batch_size"] // world)
-    loader = make_loader((train.images, train.labels), per_worker_batch, shuffle=True,
-                         seed=config["seed"], pin_memory=device.type == "cuda")
+    loader = make_loader(
+        (train.images, train.labels),
+        per_worker_batch,
+        shuffle=True,
+        seed=config["seed"],
+        pin_memory=device.type == "cuda",
+    )
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
+    )
     scheduler = make_scheduler(optimizer, config["schedule"], config["epochs"])
     tracker: Tracker = config["tracker"]
     run_id: str = config["run_id"]
@@ -164,7 +179,12 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, best_state, stale = state["epoch"] + 1, state["best"], state["best_model"], state["stale"]
+        start_epoch, best, best_state, stale = (
+            state["epoch"] + 1,
+            state["best"],
+            state["best_model"],
+            state["stale"],
+        )
         if rank == 0:
             tracker.set_tags(run_id, {"kdray.resumed_from_epoch": start_epoch})
     # Epochs after the last registered checkpoint (all, if none registered before a worker or
@@ -175,17 +195,34 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         if world > 1:
             loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        stats = train_epoch(model, loader, _ce_loss, optimizer, device, scaler, augment,
-                            autocast=dtype if bf16 else None)
+        stats = train_epoch(
+            model,
+            loader,
+            _ce_loss,
+            optimizer,
+            device,
+            scaler,
+            augment,
+            autocast=dtype if bf16 else None,
+        )
         seconds = time.perf_counter() - started
-        val_metrics = _validate_on_rank0(unwrap(model), val, config["class_names"], device, rank, world)
+        val_metrics = _validate_on_rank0(
+            unwrap(model), val, config["class_names"], device, rank, world
+        )
         step_scheduler(scheduler, val_metrics["loss"])
         improved = val_metrics["accuracy"] > best["val_accuracy"] or (
-            val_metrics["accuracy"] == best["val_accuracy"] and val_metrics["loss"] < best["val_loss"]
+            val_metrics["accuracy"] == best["val_accuracy"]
+            and val_metrics["loss"] < best["val_loss"]
         )
         if improved:
-            best = {"val_accuracy": val_metrics["accuracy"], "val_loss": val_metrics["loss"], "epoch": epoch}
-            best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+            best = {
+                "val_accuracy": val_metrics["accuracy"],
+                "val_loss": val_metrics["loss"],
+                "epoch": epoch,
+            }
+            best_state = {
+                k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()
+            }
             stale = 0
         else:
             stale += 1
@@ -205,12 +242,19 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 if epoch not in logged:
-                    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k != "epoch"},
-                                        step=epoch)
+                    tracker.log_metrics(
+                        run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch
+                    )
                 torch.save(
-                    {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                     "best_model": best_state, "stale": stale},
+                    {
+                        "model": unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "best": best,
+                        "best_model": best_state,
+                        "stale": stale,
+                    },
                     Path(tmp) / STATE_FILE,
                 )
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -220,8 +264,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def fit_teacher(
-    cfg: ExperimentConfig, data: PreparedData, spec: ModelSpec, tracker: Tracker, run_id: str,
-    name: str, storage_path: str, loop: Callable[[dict[str, Any]], None] | None = None,
+    cfg: ExperimentConfig,
+    data: PreparedData,
+    spec: ModelSpec,
+    tracker: Tracker,
+    run_id: str,
+    name: str,
+    storage_path: str,
+    loop: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Fit the TorchTrainer and return the last checkpoint's state.
 
@@ -256,7 +306,8 @@ def fit_teacher(
         loop or _train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
         ),
         run_config=RunConfig(
@@ -282,14 +333,24 @@ def _epoch_progress(dataset: str, epochs: int, done_before: set[int]):
         if step in done_before:  # logged before a resume: not part of this run's pace
             return
         fresh[0] += 1
-        log.info("%s: teacher epoch %d/%d · val acc %.3f (best %.3f)%s", dataset, step + 1, epochs,
-                 value, best[0], eta(time.perf_counter() - started, fresh[0], epochs - len(done_before)))
+        log.info(
+            "%s: teacher epoch %d/%d · val acc %.3f (best %.3f)%s",
+            dataset,
+            step + 1,
+            epochs,
+            value,
+            best[0],
+            eta(time.perf_counter() - started, fresh[0], epochs - len(done_before)),
+        )
 
     return on_point
 
 
 def train_teacher(
-    cfg: ExperimentConfig, data: PreparedData, ws: Workspace, tracker: Tracker,
+    cfg: ExperimentConfig,
+    data: PreparedData,
+    ws: Workspace,
+    tracker: Tracker,
     parent_run_id: str | None = None,
 ) -> TeacherResult:
     """Train (or reuse) the teacher of ``data``'s dataset, score it on test, cache its logits."""
@@ -299,11 +360,23 @@ def train_teacher(
     meta_path = directory / META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return TeacherResult(directory, meta["run_id"], meta["test_metrics"], meta["params"],
-                             meta["flops"], reused=True)
+        return TeacherResult(
+            directory,
+            meta["run_id"],
+            meta["test_metrics"],
+            meta["params"],
+            meta["flops"],
+            reused=True,
+        )
 
-    spec = ModelSpec(kind="teacher", num_classes=data.spec.num_classes, image_size=data.image_size,
-                     class_names=list(data.spec.classes), arch=cfg.teacher.arch, dataset=dataset)
+    spec = ModelSpec(
+        kind="teacher",
+        num_classes=data.spec.num_classes,
+        image_size=data.image_size,
+        class_names=list(data.spec.classes),
+        arch=cfg.teacher.arch,
+        dataset=dataset,
+    )
     # An interrupted training of the same teacher goes on in its own MLflow run, and Ray Train
     # resumes it from the latest checkpoint under the same run name.
     pending = directory.with_name(f".{directory.name}.run")
@@ -311,45 +384,92 @@ def train_teacher(
     if run_id and tracker.run_exists(run_id):
         tracker.client.update_run(run_id, status="RUNNING")
     else:
-        run_id = tracker.start_run(f"teacher-{dataset}", dataset, "teacher", parent_run_id,
-                                   tags={"kdray.teacher_key": key})
+        run_id = tracker.start_run(
+            f"teacher-{dataset}", dataset, "teacher", parent_run_id, tags={"kdray.teacher_key": key}
+        )
         tracker.log_config(run_id, cfg.to_dict())
-        tracker.log_params(run_id, {"arch": cfg.teacher.arch, "epochs": cfg.teacher.epochs,
-                                    "batch_size": cfg.teacher.batch_size, "lr": cfg.teacher.lr,
-                                    "num_workers": cfg.teacher.num_workers,
-                                    "image_size": data.image_size, **data.manifest.counts()})
+        tracker.log_params(
+            run_id,
+            {
+                "arch": cfg.teacher.arch,
+                "epochs": cfg.teacher.epochs,
+                "batch_size": cfg.teacher.batch_size,
+                "lr": cfg.teacher.lr,
+                "num_workers": cfg.teacher.num_workers,
+                "image_size": data.image_size,
+                **data.manifest.counts(),
+            },
+        )
         tracker.client.log_inputs(run_id, split_inputs(data))
         pending.parent.mkdir(parents=True, exist_ok=True)
         pending.write_text(run_id)
     t = cfg.teacher
-    log.info("%s: teacher %s, %d epoch%s on %d Ray Train worker%s × %d CPU%s", dataset, t.arch,
-             t.epochs, "s" * (t.epochs != 1), t.num_workers, "s" * (t.num_workers != 1),
-             t.cpus_per_worker, " + 1 GPU" if t.use_gpu else "")
+    log.info(
+        "%s: teacher %s, %d epoch%s on %d Ray Train worker%s × %d CPU%s",
+        dataset,
+        t.arch,
+        t.epochs,
+        "s" * (t.epochs != 1),
+        t.num_workers,
+        "s" * (t.num_workers != 1),
+        t.cpus_per_worker,
+        " + 1 GPU" if t.use_gpu else "",
+    )
     try:
-        with MetricWatcher(tracker.client, run_id, "val_accuracy",
-                           _epoch_progress(dataset, t.epochs, tracker.logged_steps(run_id, "val_accuracy"))):
-            state = fit_teacher(cfg, data, spec, tracker, run_id, f"teacher-{dataset}-{key}",
-                                ws.ray_storage(cfg.ray.storage_path))
+        with MetricWatcher(
+            tracker.client,
+            run_id,
+            "val_accuracy",
+            _epoch_progress(dataset, t.epochs, tracker.logged_steps(run_id, "val_accuracy")),
+        ):
+            state = fit_teacher(
+                cfg,
+                data,
+                spec,
+                tracker,
+                run_id,
+                f"teacher-{dataset}-{key}",
+                ws.ray_storage(cfg.ray.storage_path),
+            )
         model = build_model(spec)
         model.load_state_dict(state["best_model"])
         model.eval()
         params, flops = count_params(model), count_flops(model, data.image_size)
-        tracker.log_metrics(run_id, {"best_epoch": state["best"]["epoch"], "params": params,
-                                     "flops": flops})
-        test_metrics = evaluate_and_log(model, data.splits["test"], list(data.spec.classes), tracker,
-                                        run_id, title=f"teacher · {dataset}")
+        tracker.log_metrics(
+            run_id, {"best_epoch": state["best"]["epoch"], "params": params, "flops": flops}
+        )
+        test_metrics = evaluate_and_log(
+            model,
+            data.splits["test"],
+            list(data.spec.classes),
+            tracker,
+            run_id,
+            title=f"teacher · {dataset}",
+        )
         tmp = directory.with_name(f".{directory.name}.tmp")
         save_model(model, spec, tmp / "model")
         train = data.splits["train"]
-        save_background(tmp / "model", select_background(train.images, train.labels,
-                                                         cfg.explain.shap_background, cfg.seed))
+        save_background(
+            tmp / "model",
+            select_background(train.images, train.labels, cfg.explain.shap_background, cfg.seed),
+        )
         np.save(tmp / LOGITS_FILE, predict_logits(model, data.splits["train"].images))
-        meta = {"run_id": run_id, "params": params, "flops": flops, "best_epoch": state["best"]["epoch"],
-                "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_class"}}
+        meta = {
+            "run_id": run_id,
+            "params": params,
+            "flops": flops,
+            "best_epoch": state["best"]["epoch"],
+            "test_metrics": {k: v for k, v in test_metrics.items() if k != "per_class"},
+        }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         log_model_folder(tracker.client, run_id, tmp / "model")
-        register_model(tracker.client, registered_name(dataset, teacher=True), run_id, "champion",
-                       tags={"kdray.dataset": dataset, "kdray.teacher_key": key})
+        register_model(
+            tracker.client,
+            registered_name(dataset, teacher=True),
+            run_id,
+            "champion",
+            tags={"kdray.dataset": dataset, "kdray.teacher_key": key},
+        )
         tmp.replace(directory)  # the teacher counts as finished only once all its files exist
         pending.unlink(missing_ok=True)
     except BaseException as exc:
@@ -357,4 +477,3 @@ def train_teacher(
         raise
     tracker.end_run(run_id)
     return TeacherResult(directory, run_id, meta["test_metrics"], params, flops, reused=False)
-

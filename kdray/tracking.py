@@ -108,7 +108,9 @@ class Tracker:
             ws.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
             artifact_location = ws.mlflow_artifacts.resolve().as_uri()
         try:
-            experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifact_location)
+            experiment_id = client.create_experiment(
+                cfg.experiment, artifact_location=artifact_location
+            )
         except Exception:  # created concurrently by another driver
             existing = client.get_experiment_by_name(cfg.experiment)
             if existing is None:
@@ -129,7 +131,12 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
     ) -> str:
         """Create a run tagged with dataset and role (nested under ``parent_run_id``)."""
-        all_tags = {TAG_DATASET: dataset, TAG_ROLE: role, SOURCE_TAG: source_digest(), **(tags or {})}
+        all_tags = {
+            TAG_DATASET: dataset,
+            TAG_ROLE: role,
+            SOURCE_TAG: source_digest(),
+            **(tags or {}),
+        }
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -140,8 +147,9 @@ class Tracker:
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         if parent_run_id:
             clauses.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-        runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(clauses),
-                                       max_results=1)
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=" and ".join(clauses), max_results=1
+        )
         return runs[0].info.run_id if runs else None
 
     def resume_or_start_run(
@@ -186,7 +194,8 @@ class Tracker:
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TAG_ROLE}` = '{role}'",
-            order_by=["attributes.start_time ASC"])
+            order_by=["attributes.start_time ASC"],
+        )
         return [r.info.run_id for r in runs]
 
     def logged_steps(self, run_id: str, key: str) -> set[int]:
@@ -198,7 +207,9 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+    ) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self.client.log_batch(run_id, metrics=items)
@@ -219,7 +230,9 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, local_dir, artifact_path)
 
-    def end_run(self, run_id: str, status: str = "FINISHED", error: BaseException | None = None) -> None:
+    def end_run(
+        self, run_id: str, status: str = "FINISHED", error: BaseException | None = None
+    ) -> None:
         """Close the run; with ``error``, record its first line as tag ``kdray.error``."""
         if error is not None:
             text = (str(error).strip().splitlines() or [""])[0]
@@ -229,9 +242,9 @@ class Tracker:
     def abandon(self, run_id: str) -> None:
         """Mark a run left RUNNING by an abandoned job, and its RUNNING children, KILLED."""
         children = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}' and "
-            "attributes.status = 'RUNNING'")
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = 'RUNNING'",
+        )
         for run in [*children, self.client.get_run(run_id)]:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, status="KILLED")
-

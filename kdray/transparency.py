@@ -24,9 +24,13 @@ def _val_accuracy(tracker: Tracker, run_id: str | None) -> list[float]:
     """A run's ``val_accuracy`` per epoch (step), the last point of each step."""
     if not run_id:
         return []
-    by_step = {m.step: m.value
-               for m in sorted(tracker.client.get_metric_history(run_id, "val_accuracy"),
-                               key=lambda m: (m.step, m.timestamp))}
+    by_step = {
+        m.step: m.value
+        for m in sorted(
+            tracker.client.get_metric_history(run_id, "val_accuracy"),
+            key=lambda m: (m.step, m.timestamp),
+        )
+    }
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -45,16 +49,24 @@ def learning_curves(tracker: Tracker, parent_run_id: str) -> dict[str, list[floa
             return None
         return tracker.client.get_run(run_id).data.tags.get("kdray.source_trial_run")
 
-    runs = {"teacher": tags.get("kdray.teacher_run"),
-            "student": source_trial(tags.get("kdray.champion_run")),
-            "baseline": source_trial(tags.get("kdray.baseline_run"))}
+    runs = {
+        "teacher": tags.get("kdray.teacher_run"),
+        "student": source_trial(tags.get("kdray.champion_run")),
+        "baseline": source_trial(tags.get("kdray.baseline_run")),
+    }
     curves = {name: _val_accuracy(tracker, run_id) for name, run_id in runs.items()}
     return {name: values for name, values in curves.items() if values}
 
 
 def report_dataset(
-    cfg: ExperimentConfig, data: PreparedData, teacher_dir: Path, champion_dir: Path, ws: Workspace,
-    tracker: Tracker, parent_run_id: str, champion_run_id: str | None = None,
+    cfg: ExperimentConfig,
+    data: PreparedData,
+    teacher_dir: Path,
+    champion_dir: Path,
+    ws: Workspace,
+    tracker: Tracker,
+    parent_run_id: str,
+    champion_run_id: str | None = None,
 ) -> Report:
     """Write ``<workspace>/reports/<dataset>/`` and log it to the dataset's parent run.
 
@@ -66,9 +78,16 @@ def report_dataset(
     student, _ = load_model(champion_dir)
     out = ws.reports / data.spec.id
     baseline = baseline_probabilities_path(ws, data.spec.id)
-    report = build_report(data, teacher, student, cfg.explain, out, seed=cfg.seed,
-                          baseline_probabilities=np.load(baseline) if baseline.is_file() else None,
-                          learning_curves=learning_curves(tracker, parent_run_id))
+    report = build_report(
+        data,
+        teacher,
+        student,
+        cfg.explain,
+        out,
+        seed=cfg.seed,
+        baseline_probabilities=np.load(baseline) if baseline.is_file() else None,
+        learning_curves=learning_curves(tracker, parent_run_id),
+    )
     tracker.log_metrics(parent_run_id, {f"explain.{k}": v for k, v in report.metrics.items()})
     tracker.log_artifacts(parent_run_id, str(out), "transparency")
     if champion_run_id is not None:

@@ -55,13 +55,19 @@ class Workspace:
             probe.write_bytes(b"kdray")
             probe.unlink()
         except OSError as exc:
-            raise WorkspaceError(f"workspace {self.root} is not writable: {exc.strerror or exc}; "
-                                 "choose another with --workspace or $KDRAY_HOME") from None
-        need = int(os.environ.get(MIN_FREE_ENV, MIN_FREE_MB)) if min_free_mb is None else min_free_mb
+            raise WorkspaceError(
+                f"workspace {self.root} is not writable: {exc.strerror or exc}; "
+                "choose another with --workspace or $KDRAY_HOME"
+            ) from None
+        need = (
+            int(os.environ.get(MIN_FREE_ENV, MIN_FREE_MB)) if min_free_mb is None else min_free_mb
+        )
         free = shutil.disk_usage(self.root).free / 2**20
         if free < need:
-            raise WorkspaceError(f"only {free:.0f} MB free on the disk of workspace {self.root}; a run "
-                                 f"needs at least {need} MB (${MIN_FREE_ENV} changes this)")
+            raise WorkspaceError(
+                f"only {free:.0f} MB free on the disk of workspace {self.root}; a run "
+                f"needs at least {need} MB (${MIN_FREE_ENV} changes this)"
+            )
         return self
 
     @property

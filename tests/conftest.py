@@ -38,8 +38,13 @@ def ray_local(tmp_path_factory):
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # test-only: local cluster without tokens
     temp_dir = f"/tmp/kdray-test-ray-{os.getpid()}"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -53,7 +58,11 @@ def tiny_data(dataset: str = "eye_disease", n_per_class: int = 8, size: int = 32
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a subprocess that must not join another Ray, MLflow or workspace."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")
+    }
     return {**env, **extra}
 
 
@@ -70,10 +79,24 @@ def mlflow_server(store: str, log_path: Path, *extra: str) -> Iterator[str]:
     port = free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", store, *extra, "--host",
-             "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                store,
+                *extra,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -100,7 +123,12 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1400"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1400",
+    ):
         options.add_argument(arg)
     options.binary_location = CHROMIUM
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -117,9 +145,20 @@ def smoke_run(tmp_path_factory):
     reuse = os.environ.get("KDRAY_TEST_SMOKE_WS")
     ws = Path(reuse) if reuse else tmp_path_factory.mktemp("smoke") / "ws"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-         "--workspace", str(ws), *(["--resume"] if reuse else [])],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "tune" / "run.py"),
+            "--config",
+            str(REPO / "configs" / "smoke.yaml"),
+            "--workspace",
+            str(ws),
+            *(["--resume"] if reuse else []),
+        ],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return ws, proc
@@ -144,11 +183,22 @@ def served(smoke_run, tmp_path_factory):
     from kdray.serving.launch import launch, service_config
 
     ws, _ = smoke_run
-    config = service_config(REPO / "serve" / "config.yaml", free_port(), args={
-        "tracking_uri": f"sqlite:///{ws / 'mlflow.db'}", "shap_nsamples": 8, "max_shap_nsamples": 16,
-        "token_env": "KDRAY_TEST_SERVE_TOKEN"})
-    service = launch(config, tmp_path_factory.mktemp("serve"), cwd=REPO,
-                     env={"KDRAY_TEST_SERVE_TOKEN": SERVE_TOKEN})
+    config = service_config(
+        REPO / "serve" / "config.yaml",
+        free_port(),
+        args={
+            "tracking_uri": f"sqlite:///{ws / 'mlflow.db'}",
+            "shap_nsamples": 8,
+            "max_shap_nsamples": 16,
+            "token_env": "KDRAY_TEST_SERVE_TOKEN",
+        },
+    )
+    service = launch(
+        config,
+        tmp_path_factory.mktemp("serve"),
+        cwd=REPO,
+        env={"KDRAY_TEST_SERVE_TOKEN": SERVE_TOKEN},
+    )
     try:
         service.wait_ready()
         yield Server(service.url, SERVE_TOKEN, ws, service.log)

@@ -23,7 +23,9 @@ def test_rank_correlation_by_hand():
     assert rank_correlation(a, a**3)[0] == pytest.approx(1.0)  # ranks, not values
     assert rank_correlation(a, -a)[0] == pytest.approx(-1.0)
     ties = np.array([[[0.0, 0.0], [1.0, 2.0]]])
-    assert rank_correlation(ties, a)[0] == pytest.approx(stats.spearmanr(ties.ravel(), a.ravel())[0])
+    assert rank_correlation(ties, a)[0] == pytest.approx(
+        stats.spearmanr(ties.ravel(), a.ravel())[0]
+    )
     flat = np.zeros_like(a)
     assert np.isnan(rank_correlation(flat, a)[0])  # nothing to rank
 

@@ -47,8 +47,9 @@ def _free_port() -> int:
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _stop_all(procs: list[subprocess.Popen]) -> None:
@@ -72,7 +73,9 @@ def _champion_loads_with_standard_mlflow_tooling(mlflow_uri: str, tmp_path: Path
     import numpy as np
 
     previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(mlflow_uri)  # process-wide (and sets $MLFLOW_TRACKING_URI): undone below
+    mlflow.set_tracking_uri(
+        mlflow_uri
+    )  # process-wide (and sets $MLFLOW_TRACKING_URI): undone below
     try:
         model = mlflow.pyfunc.load_model("models:/kdray-brain_tumor@champion")
     finally:
@@ -84,10 +87,24 @@ def _champion_loads_with_standard_mlflow_tooling(mlflow_uri: str, tmp_path: Path
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"inputs": images[:1].tolist()}))
     cli = subprocess.run(
-        [str(BIN / "mlflow"), "models", "predict", "-m", "models:/kdray-brain_tumor@champion",
-         "-i", str(request), "-t", "json", "--env-manager", "local"],
-        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}, capture_output=True, text=True,
-        timeout=300)
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "predict",
+            "-m",
+            "models:/kdray-brain_tumor@champion",
+            "-i",
+            str(request),
+            "-t",
+            "json",
+            "--env-manager",
+            "local",
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     predictions = json.loads(cli.stdout.strip().splitlines()[-1])["predictions"]
     assert predictions[0].keys() == set(probabilities.columns)
@@ -107,29 +124,79 @@ def _wait_http(url: str, timeout: float) -> None:
 
 @pytest.fixture()
 def cluster(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")
+    }
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
     ray_port, mlflow_port, dashboard_port = _free_port(), _free_port(), _free_port()
     temp_dir = f"/tmp/kdray-cl-{os.getpid()}"
     procs = []
     try:
-        procs.append(_start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                            env, tmp_path / "mlflow.log"))
-        procs.append(_start([str(BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
-                             "--num-cpus=1", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
-                             # the dashboard serves the Jobs API (`ray job submit`)
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dashboard_port}"], env, tmp_path / "head.log"))
+        procs.append(
+            _start(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{tmp_path / 'server.db'}",
+                    "--artifacts-destination",
+                    str(tmp_path / "server-artifacts"),
+                ],
+                env,
+                tmp_path / "mlflow.log",
+            )
+        )
+        procs.append(
+            _start(
+                [
+                    str(BIN / "ray"),
+                    "start",
+                    "--head",
+                    "--block",
+                    f"--port={ray_port}",
+                    "--num-cpus=1",
+                    f"--temp-dir={temp_dir}",
+                    "--node-ip-address=127.0.0.1",
+                    # the dashboard serves the Jobs API (`ray job submit`)
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard_port}",
+                ],
+                env,
+                tmp_path / "head.log",
+            )
+        )
         address = f"127.0.0.1:{ray_port}"
         time.sleep(8)
         # Its own temp dir, as on a real node: with a shared one the two nodes' runtime-env agents
         # manage the same unpacked working_dir, and one deletes it under the other's processes.
-        procs.append(_start([str(BIN / "ray"), "start", "--block", f"--address={address}", "--num-cpus=1",
-                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}-w"],
-                            env, tmp_path / "worker.log"))
+        procs.append(
+            _start(
+                [
+                    str(BIN / "ray"),
+                    "start",
+                    "--block",
+                    f"--address={address}",
+                    "--num-cpus=1",
+                    "--node-ip-address=127.0.0.1",
+                    f"--temp-dir={temp_dir}-w",
+                ],
+                env,
+                tmp_path / "worker.log",
+            )
+        )
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 90)
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         _wait_http(f"{dashboard}/api/version", 90)
@@ -141,14 +208,24 @@ def cluster(tmp_path):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _outage_once_a_trial_logged(server_uri: str, proxy: Proxy, seconds: float, done: threading.Event,
-                                outage: dict[str, float], datasets: tuple[str, ...]) -> None:
+def _outage_once_a_trial_logged(
+    server_uri: str,
+    proxy: Proxy,
+    seconds: float,
+    done: threading.Event,
+    outage: dict[str, float],
+    datasets: tuple[str, ...],
+) -> None:
     """Watch the server directly; take the proxy down for ``seconds`` once a trial of every one of
     ``datasets`` has logged an epoch (so the outage stalls every pipeline alike, in its sweep)."""
     client = MlflowClient(tracking_uri=server_uri)
     while not done.is_set():
         experiment = client.get_experiment_by_name("kdray")
-        trials = client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'trial'") if experiment else []
+        trials = (
+            client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'trial'")
+            if experiment
+            else []
+        )
         logged = {t.data.tags["kdray.dataset"] for t in trials if "val_accuracy" in t.data.metrics}
         if logged >= set(datasets):
             proxy.down()
@@ -163,18 +240,36 @@ def _outage_once_a_trial_logged(server_uri: str, proxy: Proxy, seconds: float, d
 def _checkout_to_ship(tmp_path: Path) -> tuple[Path, str]:
     """A copy of this checkout (git's files, no .venv or workspace) whose kdray differs from the
     installed one by a comment: its source digest tells which kdray a process imported."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     checkout = tmp_path / "checkout"
     for name in filter(None, files):
         if (REPO / name).is_file():
             (checkout / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, checkout / name)
     with open(checkout / "kdray" / "__init__.py", "a") as f:
-        f.write("# shipped to the cluster by `ray job submit --working-dir` (tests/test_cluster.py)\n")
-    digest = subprocess.run([sys.executable, "-c", "from kdray.provenance import source_digest; "
-                             "print(source_digest())"], cwd=checkout, capture_output=True, text=True,
-                            check=True).stdout.strip()
+        f.write(
+            "# shipped to the cluster by `ray job submit --working-dir` (tests/test_cluster.py)\n"
+        )
+    digest = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from kdray.provenance import source_digest; print(source_digest())",
+        ],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert digest != source_digest()  # the copy is told apart from the installed kdray
     return checkout, digest
 
@@ -186,8 +281,11 @@ def _submit(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
     deadline = time.time() + 120
     while True:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr \
-                or time.time() > deadline:
+        if (
+            proc.returncode == 0
+            or "No available agent" not in proc.stdout + proc.stderr
+            or time.time() > deadline
+        ):
             return proc
         time.sleep(3)
 
@@ -196,7 +294,9 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_server(cluster, tmp_path):
+def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_server(
+    cluster, tmp_path
+):
     """`ray job submit --working-dir <checkout>` (the Jobs API): the driver and every trial on both
     nodes run the shipped kdray; two datasets' pipelines run at once; MLflow goes down once."""
     address, dashboard, mlflow_uri, env = cluster
@@ -205,23 +305,47 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
     # Jobs take their environment from runtime_env: the driver and every worker log to the proxy.
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}"}}
     done, outage = threading.Event(), {}
-    watcher = threading.Thread(target=_outage_once_a_trial_logged,
-                               args=(mlflow_uri, proxy, 5.0, done, outage, ("brain_tumor", "eye_disease")))
+    watcher = threading.Thread(
+        target=_outage_once_a_trial_logged,
+        args=(mlflow_uri, proxy, 5.0, done, outage, ("brain_tumor", "eye_disease")),
+    )
     watcher.start()
     try:
         proc = _submit(
-            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(checkout),
-             "--runtime-env-json", json.dumps(runtime_env), "--",
-             sys.executable, "tune/run.py", "--config", "configs/smoke.yaml",
-             "--workspace", str(tmp_path / "ws"),
-             "--set", "data.datasets=[brain_tumor, eye_disease]", "--set", "ray.max_concurrent_datasets=2",
-             # One trial at a time per sweep: on the two CPUs, one sweep cannot take both while
-             # the other waits, so the datasets' trials overlap if their pipelines do.
-             "--set", "tune.max_concurrent_trials=1",
-             "--set", "ray.num_cpus=null",
-             "--set", "kd.teacher_logits=live",  # the teacher itself travels to both nodes
-             "--set", f"ray.storage_path={tmp_path / 'shared'}"],
-            cwd=tmp_path, env=env,
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                dashboard,
+                "--working-dir",
+                str(checkout),
+                "--runtime-env-json",
+                json.dumps(runtime_env),
+                "--",
+                sys.executable,
+                "tune/run.py",
+                "--config",
+                "configs/smoke.yaml",
+                "--workspace",
+                str(tmp_path / "ws"),
+                "--set",
+                "data.datasets=[brain_tumor, eye_disease]",
+                "--set",
+                "ray.max_concurrent_datasets=2",
+                # One trial at a time per sweep: on the two CPUs, one sweep cannot take both while
+                # the other waits, so the datasets' trials overlap if their pipelines do.
+                "--set",
+                "tune.max_concurrent_trials=1",
+                "--set",
+                "ray.num_cpus=null",
+                "--set",
+                "kd.teacher_logits=live",  # the teacher itself travels to both nodes
+                "--set",
+                f"ray.storage_path={tmp_path / 'shared'}",
+            ],
+            cwd=tmp_path,
+            env=env,
         )
     finally:
         done.set()
@@ -234,7 +358,9 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
     client = MlflowClient(tracking_uri=mlflow_uri)
     experiment = client.get_experiment_by_name("kdray")
     runs = client.search_runs([experiment.experiment_id], "")
-    parents = {r.data.tags["kdray.dataset"]: r for r in runs if r.data.tags["kdray.role"] == "parent"}
+    parents = {
+        r.data.tags["kdray.dataset"]: r for r in runs if r.data.tags["kdray.role"] == "parent"
+    }
     assert set(parents) == {"brain_tumor", "eye_disease"}
     trials = [r for r in runs if r.data.tags["kdray.role"] == "trial"]
     by_dataset = {d: [t for t in trials if t.data.tags["kdray.dataset"] == d] for d in parents}
@@ -251,10 +377,19 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
     # a second of training each, one CPU per node) for their overlap to be reliable.
     span = lambda r: (r.info.start_time, r.info.end_time)  # noqa: E731
     assert _overlap(span(parents["brain_tumor"]), span(parents["eye_disease"]))
-    teachers = {r.data.tags["kdray.dataset"]: r for r in runs if r.data.tags["kdray.role"] == "teacher"}
+    teachers = {
+        r.data.tags["kdray.dataset"]: r for r in runs if r.data.tags["kdray.role"] == "teacher"
+    }
     assert _overlap(span(teachers["brain_tumor"]), span(teachers["eye_disease"]))
-    tune_trials = {d: [span(r) for r in runs if r.data.tags["kdray.dataset"] == d
-                       and r.data.tags["kdray.role"] in ("trial", "baseline-trial")] for d in parents}
+    tune_trials = {
+        d: [
+            span(r)
+            for r in runs
+            if r.data.tags["kdray.dataset"] == d
+            and r.data.tags["kdray.role"] in ("trial", "baseline-trial")
+        ]
+        for d in parents
+    }
     # The outage hit the Tune searches while they ran: some trial (KD or baseline) ended after it.
     assert any(end / 1e3 > outage["start"] for d in tune_trials for _, end in tune_trials[d])
     assert len({t.data.tags["kdray.node_id"] for t in trials}) == 2  # trials on both nodes

@@ -16,7 +16,9 @@ def test_shipped_configs_load():
     assert default.data.datasets == ["brain_tumor", "eye_disease", "alzheimer"]
     assert smoke.teacher.epochs < default.teacher.epochs
     assert default.student.resolved_widths() == [16, 32, 64, 128, 128]
-    assert default.seeds == [0, 1, 2] and smoke.seeds == []  # the default shows spread; smoke is quick
+    assert (
+        default.seeds == [0, 1, 2] and smoke.seeds == []
+    )  # the default shows spread; smoke is quick
     paper = load_config(REPO / "configs" / "paper.yaml")
     assert paper.teacher.epochs > default.teacher.epochs and paper.teacher.schedule == "cosine"
     assert paper.student == default.student  # only the teacher and the data differ
@@ -47,8 +49,15 @@ def test_bad_config_names_the_key(override, key):
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(None, ["kd.alpha=0.25", "data.datasets=[alzheimer]", "teacher.weights=null",
-                             "student.widths=[4, 8, 8, 16, 16]"])
+    cfg = load_config(
+        None,
+        [
+            "kd.alpha=0.25",
+            "data.datasets=[alzheimer]",
+            "teacher.weights=null",
+            "student.widths=[4, 8, 8, 16, 16]",
+        ],
+    )
     assert cfg.kd.alpha == 0.25
     assert cfg.data.datasets == ["alzheimer"]
     assert cfg.teacher.weights is None
@@ -82,8 +91,16 @@ def test_unreadable_and_invalid_yaml(tmp_path):
 
 def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
     ws = tmp_path / "ws"
-    code = main(["--config", str(REPO / "configs" / "smoke.yaml"), "--workspace", str(ws),
-                 "--set", "kd.temperature=0"])
+    code = main(
+        [
+            "--config",
+            str(REPO / "configs" / "smoke.yaml"),
+            "--workspace",
+            str(ws),
+            "--set",
+            "kd.temperature=0",
+        ]
+    )
     assert code == 2
     assert "kd.temperature" in capsys.readouterr().err
     assert not ws.exists()  # nothing was created
@@ -110,10 +127,15 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     assert resolve_tracking_uri(MLflowConfig(), ws) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_tracking_uri(MLflowConfig(), ws) == "http://127.0.0.1:5000"
-    assert resolve_tracking_uri(MLflowConfig(tracking_uri="sqlite:////x.db"), ws) == "sqlite:////x.db"
+    assert (
+        resolve_tracking_uri(MLflowConfig(tracking_uri="sqlite:////x.db"), ws) == "sqlite:////x.db"
+    )
 
 
 def test_default_yaml_spells_out_the_code_defaults():
     from kdray.config import ExperimentConfig
 
-    assert load_config(REPO / "configs" / "default.yaml").model_dump() == ExperimentConfig().model_dump()
+    assert (
+        load_config(REPO / "configs" / "default.yaml").model_dump()
+        == ExperimentConfig().model_dump()
+    )

@@ -35,14 +35,27 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path: Path, verbose: bool, fail: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
+def _run(
+    tmp_path: Path, verbose: bool, fail: bool = False
+) -> tuple[subprocess.CompletedProcess, Path]:
     log = tmp_path / "logs" / "run.log"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(log), "1" if verbose else "0",
-                           "fail" if fail else "ok"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(log), "1" if verbose else "0", "fail" if fail else "ok"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     return proc, log
 
 
-CHATTER = ["python print", "raw fd 2 write", "child process output", "tune chatter", "a library warning"]
+CHATTER = [
+    "python print",
+    "raw fd 2 write",
+    "child process output",
+    "tune chatter",
+    "a library warning",
+]
 
 
 def test_the_terminal_gets_kdray_lines_and_the_log_file_everything(tmp_path):
@@ -106,7 +119,9 @@ class _History:
 
 def test_the_metric_watcher_reports_each_new_step_once_in_order():
     client, seen = _History(), []
-    watcher = MetricWatcher(client, "run", "val_accuracy", lambda s, v: seen.append((s, v)), interval=60)
+    watcher = MetricWatcher(
+        client, "run", "val_accuracy", lambda s, v: seen.append((s, v)), interval=60
+    )
     client.points += [_Point(0, 0.5), _Point(1, 0.6)]
     watcher.poll()
     watcher.poll()
@@ -133,7 +148,9 @@ def test_sweep_progress_counts_trials_stopped_early_and_the_best_so_far(caplog):
     first, second = (r.getMessage() for r in caplog.records)
     assert first.startswith("eye_disease: KD sweep 1/4 trials done · best val acc 0.850")
     assert "ETA" in first
-    assert second.startswith("eye_disease: KD sweep 2/4 trials done, 1 stopped early · best val acc 0.850")
+    assert second.startswith(
+        "eye_disease: KD sweep 2/4 trials done, 1 stopped early · best val acc 0.850"
+    )
 
 
 @pytest.mark.parametrize("flag", ["-v", "--verbose"])

@@ -52,8 +52,12 @@ def test_flat_layout_with_separator_variants_and_wrapper_folder(tmp_path):
     found = scan_folder(spec, tmp_path)
     assert list(found) == ["all"]
     labels = sorted({(Path(rel).parts[1], label) for rel, label in found["all"]})
-    assert dict(labels) == {"Non_Demented": 0, "very_mild_demented": 1, "MILD-DEMENTED": 2,
-                            "Moderate Demented": 3}
+    assert dict(labels) == {
+        "Non_Demented": 0,
+        "very_mild_demented": 1,
+        "MILD-DEMENTED": 2,
+        "Moderate Demented": 3,
+    }
 
 
 def test_lowercase_train_test_and_aliases(tmp_path):
@@ -137,7 +141,10 @@ def test_students_train_on_a_stratified_seeded_share_of_the_training_split():
     train = students.splits["train"]
     assert np.array_equal(train.images, data.splits["train"].images[rows])
     assert np.array_equal(train.masks, data.splits["train"].masks[rows])
-    assert students.splits["val"] is data.splits["val"] and students.splits["test"] is data.splits["test"]
+    assert (
+        students.splits["val"] is data.splits["val"]
+        and students.splits["test"] is data.splits["test"]
+    )
     assert data.for_students(1.0, seed=0) is data
     assert np.array_equal(data.student_indices(1.0, seed=0), np.arange(len(labels)))
 
@@ -162,7 +169,9 @@ def test_the_students_training_split_is_its_own_mlflow_dataset():
 def test_a_class_too_small_for_every_split_is_named_in_a_warning(caplog):
     labels = [0] * 20 + [1] * 2  # class 1: two images for train, val and test
     with caplog.at_level("WARNING", logger="kdray"):
-        names = stratified_split(labels, {"val": 0.2, "test": 0.2}, seed=0, names=["normal", "rare"])
+        names = stratified_split(
+            labels, {"val": 0.2, "test": 0.2}, seed=0, names=["normal", "rare"]
+        )
     assert "'rare' has only 2 image(s)" in caplog.text and "'normal'" not in caplog.text
     assert len([n for n, lab in zip(names, labels, strict=True) if lab == 1]) == 2
 
@@ -176,7 +185,9 @@ def test_manifest_is_written_once_and_stable(tmp_path, workspace):
     assert m1.entries == m2.entries
     assert len(list(workspace.manifests.glob("eye_disease-*.json"))) == 1
     assert sum(m1.counts().values()) == 40 and min(m1.counts().values()) >= 4
-    other = build_manifest(spec, tmp_path / "eye", None, cfg.model_copy(update={"split_seed": 1}), workspace)
+    other = build_manifest(
+        spec, tmp_path / "eye", None, cfg.model_copy(update={"split_seed": 1}), workspace
+    )
     assert other.fingerprint != m1.fingerprint and other.entries != m1.entries
 
 
@@ -184,7 +195,9 @@ def test_prepare_real_folder(tmp_path, workspace):
     spec = get_spec("brain_tumor")
     _tree(tmp_path / "bt" / "Training", list(spec.classes), per_class=8)
     _tree(tmp_path / "bt" / "Testing", list(spec.classes), per_class=2)
-    cfg = DataConfig(datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")}, image_size=20)
+    cfg = DataConfig(
+        datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")}, image_size=20
+    )
     data = prepare_dataset(cfg, "brain_tumor", workspace)
     assert data.splits["test"].images.shape == (8, 3, 20, 20)
     assert len(data.splits["train"]) + len(data.splits["val"]) == 32
@@ -194,8 +207,9 @@ def test_prepare_real_folder(tmp_path, workspace):
 
 
 def test_prepare_synthetic_with_masks(workspace):
-    cfg = DataConfig(datasets=["alzheimer"], image_size=32,
-                     synthetic={"n_per_class": 10, "size": 48, "seed": 0})
+    cfg = DataConfig(
+        datasets=["alzheimer"], image_size=32, synthetic={"n_per_class": 10, "size": 48, "seed": 0}
+    )
     data = prepare_dataset(cfg, "alzheimer", workspace)
     assert data.manifest.counts() == {"train": 24, "val": 8, "test": 8}
     for split in data.splits.values():
@@ -224,8 +238,12 @@ def test_masks_only_for_the_lesion_classes_are_kept_per_image(tmp_path, workspac
     _tree(tmp_path / "bt" / "Testing", list(spec.classes), per_class=2)
     tumours = [c for c in spec.classes if c != "notumor"]
     n_masks = _brain_masks(tmp_path / "bt", tmp_path / "masks", tumours, ext=".jpg")  # any format
-    cfg = DataConfig(datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")},
-                     masks_roots={"brain_tumor": str(tmp_path / "masks")}, image_size=20)
+    cfg = DataConfig(
+        datasets=["brain_tumor"],
+        roots={"brain_tumor": str(tmp_path / "bt")},
+        masks_roots={"brain_tumor": str(tmp_path / "masks")},
+        image_size=20,
+    )
     data = prepare_dataset(cfg, "brain_tumor", workspace)
     assert sum("mask" in e for e in data.manifest.entries) == n_masks == 30
     notumor = spec.classes.index("notumor")
@@ -249,10 +267,15 @@ def test_masks_added_after_a_first_run_are_picked_up(tmp_path, workspace):
     _brain_masks(tmp_path / "bt", tmp_path / "masks", ["glioma"])
     second = prepare_dataset(cfg, "brain_tumor", workspace)
     assert second.manifest.fingerprint != first.manifest.fingerprint  # new manifest and cache
-    assert [e["path"] for e in second.manifest.entries] == [e["path"] for e in first.manifest.entries]
+    assert [e["path"] for e in second.manifest.entries] == [
+        e["path"] for e in first.manifest.entries
+    ]
     glioma = spec.classes.index("glioma")
     test = second.splits["test"]
-    assert test.masks is not None and test.masks.any(axis=(1, 2)).tolist() == (test.labels == glioma).tolist()
+    assert (
+        test.masks is not None
+        and test.masks.any(axis=(1, 2)).tolist() == (test.labels == glioma).tolist()
+    )
 
 
 def test_an_unreadable_mask_is_a_clear_error(tmp_path, workspace):
@@ -262,8 +285,12 @@ def test_an_unreadable_mask_is_a_clear_error(tmp_path, workspace):
     bad = tmp_path / "masks" / "Testing" / "glioma" / "img_0.png"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a png")
-    cfg = DataConfig(datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")},
-                     masks_roots={"brain_tumor": str(tmp_path / "masks")}, image_size=20)
+    cfg = DataConfig(
+        datasets=["brain_tumor"],
+        roots={"brain_tumor": str(tmp_path / "bt")},
+        masks_roots={"brain_tumor": str(tmp_path / "masks")},
+        image_size=20,
+    )
     with pytest.raises(DataError, match="lesion mask .*img_0.png"):
         prepare_dataset(cfg, "brain_tumor", workspace)
 
@@ -281,37 +308,54 @@ def test_unreadable_files_are_all_listed(tmp_path, workspace):
     spec = get_spec("eye_disease")
     _eye_with_bad_files(tmp_path / "eye")
     with pytest.raises(DataError) as err:
-        build_manifest(spec, tmp_path / "eye", None, DataConfig(datasets=["eye_disease"]), workspace)
+        build_manifest(
+            spec, tmp_path / "eye", None, DataConfig(datasets=["eye_disease"]), workspace
+        )
     message = str(err.value)
     assert "3 unreadable image file(s)" in message
     assert "  glaucoma/broken.jpg: empty file" in message
     assert "  normal/notes.png: not an image" in message
     assert "  cataract/cut.png: truncated or corrupt PNG" in message
-    assert message.endswith("fix or remove them, or set data.skip_unreadable: true to leave them out")
+    assert message.endswith(
+        "fix or remove them, or set data.skip_unreadable: true to leave them out"
+    )
     assert not list(workspace.manifests.glob("*.json"))
 
 
 def test_skip_unreadable_leaves_them_out_and_records_them(tmp_path, workspace, caplog):
     spec = get_spec("eye_disease")
     _eye_with_bad_files(tmp_path / "eye")
-    cfg = DataConfig(datasets=["eye_disease"], roots={"eye_disease": str(tmp_path / "eye")},
-                     image_size=16, skip_unreadable=True)
+    cfg = DataConfig(
+        datasets=["eye_disease"],
+        roots={"eye_disease": str(tmp_path / "eye")},
+        image_size=16,
+        skip_unreadable=True,
+    )
     with caplog.at_level("WARNING", logger="kdray"):
         data = prepare_dataset(cfg, "eye_disease", workspace)
     assert "leaving out 3 unreadable image file(s)" in caplog.text
     manifest = data.manifest
     assert sum(manifest.counts().values()) == 20
     assert {e["path"] for e in manifest.entries}.isdisjoint(
-        {"glaucoma/broken.jpg", "normal/notes.png", "cataract/cut.png"})
+        {"glaucoma/broken.jpg", "normal/notes.png", "cataract/cut.png"}
+    )
     assert [s["path"] for s in manifest.skipped] == [
-        "cataract/cut.png", "glaucoma/broken.jpg", "normal/notes.png"]
+        "cataract/cut.png",
+        "glaucoma/broken.jpg",
+        "normal/notes.png",
+    ]
     assert all(s["reason"] for s in manifest.skipped)
     assert sum(len(s) for s in data.splits.values()) == 20
     again = build_manifest(spec, tmp_path / "eye", None, cfg, workspace)  # reused as is
     assert again.skipped == manifest.skipped and again.entries == manifest.entries
     with pytest.raises(DataError, match=r"3 unreadable(.|\n)*  glaucoma/broken.jpg: empty file"):
-        build_manifest(spec, tmp_path / "eye", None, cfg.model_copy(update={"skip_unreadable": False}),
-                       workspace)
+        build_manifest(
+            spec,
+            tmp_path / "eye",
+            None,
+            cfg.model_copy(update={"skip_unreadable": False}),
+            workspace,
+        )
 
 
 def test_skip_unreadable_still_needs_every_class(tmp_path, workspace):

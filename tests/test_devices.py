@@ -71,12 +71,22 @@ def test_train_student_trains_on_the_assigned_device(monkeypatch):
     monkeypatch.setattr(sweep, "train_epoch", train_epoch)
     data = tiny_data(n_per_class=4, size=16)
     cfg = ExperimentConfig.model_validate({"student": {"epochs": 1, "batch_size": 4}})
-    job = StudentJob(cfg, "eye_disease", list(data.spec.classes), 16, data.splits["train"],
-                     data.splits["val"], teacher_logits=torch.zeros(len(data.splits["train"]), 4).numpy())
+    job = StudentJob(
+        cfg,
+        "eye_disease",
+        list(data.spec.classes),
+        16,
+        data.splits["train"],
+        data.splits["val"],
+        teacher_logits=torch.zeros(len(data.splits["train"]), 4).numpy(),
+    )
     with pytest.raises(_Seen):
         sweep.train_student(job, 0.5, 4.0, [4, 8, 8, 8])
-    assert seen == {"model": torch.device("meta"), "device": torch.device("meta"),
-                    "optimizer": torch.device("meta")}
+    assert seen == {
+        "model": torch.device("meta"),
+        "device": torch.device("meta"),
+        "optimizer": torch.device("meta"),
+    }
     seen.clear()
     with pytest.raises(_Seen):  # an explicit device wins over the rule
         sweep.train_student(job, 0.5, 4.0, [4, 8, 8, 8], device="cpu")

@@ -74,25 +74,34 @@ def _assert_untouched(model: nn.Module, training: bool = False) -> None:
     assert all(m.training == training for m in model.modules())
 
 
-@pytest.mark.parametrize(("kind", "size", "expected"), [
-    ("student", 32, "features.block2"), ("student", 64, "features.block3"),
-    ("student", 224, "features.block5"), ("teacher", 32, "features.denseblock1"),
-    ("teacher", 64, "features.denseblock2"), ("teacher", 224, "features.denseblock4"),
-])
-def test_default_cam_layer_is_the_deepest_block_of_at_least_7x7(kind: str, size: int, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "size", "expected"),
+    [
+        ("student", 32, "features.block2"),
+        ("student", 64, "features.block3"),
+        ("student", 224, "features.block5"),
+        ("teacher", 32, "features.denseblock1"),
+        ("teacher", 64, "features.denseblock2"),
+        ("teacher", 224, "features.denseblock4"),
+    ],
+)
+def test_default_cam_layer_is_the_deepest_block_of_at_least_7x7(
+    kind: str, size: int, expected: str
+) -> None:
     spec = ModelSpec(kind=kind, num_classes=4, image_size=size, widths=[16, 32, 64, 128, 128])
     model = build_model(spec)
     assert default_cam_layer(model, size) == expected
     assert default_cam_layer(model) == model.block_names[-1]  # no size: the last block
     side = min(layer_output_size(model, expected, size))
     assert side >= 7 or expected == model.block_names[0]
-    deeper = model.block_names[model.block_names.index(expected) + 1:]
+    deeper = model.block_names[model.block_names.index(expected) + 1 :]
     assert all(min(layer_output_size(model, name, size)) < 7 for name in deeper)
 
 
 @pytest.mark.parametrize("which", ["student", "teacher"])
-def test_methods_shapes_and_ranges(which: str, request: pytest.FixtureRequest,
-                                   images: np.ndarray) -> None:
+def test_methods_shapes_and_ranges(
+    which: str, request: pytest.FixtureRequest, images: np.ndarray
+) -> None:
     model = request.getfixturevalue(which)
     x = images[:2]
     fm = feature_maps(model, x)
@@ -142,8 +151,9 @@ def test_explain_result_and_json(student: StudentCNN, images: np.ndarray) -> Non
     assert Image.open(io.BytesIO(png)).mode == "RGB"
     assert data.methods["gradcam"].maps[0].png == e.methods["gradcam"].maps[0].png
     full = Explanation.model_validate_json(e.to_json(include_arrays=True))
-    np.testing.assert_allclose(full.methods["gradcam"].maps[0].array,
-                               e.methods["gradcam"].maps[0].array, rtol=1e-6)
+    np.testing.assert_allclose(
+        full.methods["gradcam"].maps[0].array, e.methods["gradcam"].maps[0].array, rtol=1e-6
+    )
 
     only = explain(student, images[0], methods=["gradcam"], target=3)
     assert set(only.methods) == {"gradcam"} and only.target == 3
@@ -182,9 +192,11 @@ def test_hooks_released_after_errors(student: StudentCNN, images: np.ndarray) ->
 
         student.head.forward = broken
         try:
-            for call in (lambda: feature_maps(student, images[:1]),
-                         lambda: grad_cam(student, images[:1]),
-                         lambda: explain(student, images[0], methods=["feature_maps"])):
+            for call in (
+                lambda: feature_maps(student, images[:1]),
+                lambda: grad_cam(student, images[:1]),
+                lambda: explain(student, images[0], methods=["feature_maps"]),
+            ):
                 with pytest.raises(RuntimeError, match="boom"):
                     call()
                 _assert_untouched(student, training=True)
@@ -261,8 +273,9 @@ def test_shap_engine_matches_shap_library(student: StudentCNN, images: np.ndarra
         shap_maps(student, x, bg, engine="deep")  # type: ignore[arg-type]
 
 
-def test_background_and_explainer_from_dir(tmp_path, student: StudentCNN,
-                                          images: np.ndarray) -> None:
+def test_background_and_explainer_from_dir(
+    tmp_path, student: StudentCNN, images: np.ndarray
+) -> None:
     labels = np.array([0, 0, 0, 1, 1, 2, 3, 3])
     bg = select_background(images, labels, 4, seed=1)
     assert bg.shape == (4, 3, SIZE, SIZE)
@@ -270,8 +283,9 @@ def test_background_and_explainer_from_dir(tmp_path, student: StudentCNN,
     assert sorted(labels[picked].tolist()) == [0, 1, 2, 3]  # one per class first
     np.testing.assert_array_equal(bg, select_background(images, labels, 4, seed=1))
 
-    spec = ModelSpec(kind="student", num_classes=4, image_size=SIZE, class_names=list("abcd"),
-                     widths=[8, 16, 16])
+    spec = ModelSpec(
+        kind="student", num_classes=4, image_size=SIZE, class_names=list("abcd"), widths=[8, 16, 16]
+    )
     save_model(student, spec, tmp_path)
     save_background(tmp_path, bg)
     explainer = Explainer.from_dir(tmp_path)
@@ -281,8 +295,9 @@ def test_background_and_explainer_from_dir(tmp_path, student: StudentCNN,
 
 
 @pytest.mark.parametrize("which", ["student", "teacher"])
-def test_fast_copy_computes_the_same_function(which: str, request: pytest.FixtureRequest,
-                                              images: np.ndarray) -> None:
+def test_fast_copy_computes_the_same_function(
+    which: str, request: pytest.FixtureRequest, images: np.ndarray
+) -> None:
     model = request.getfixturevalue(which)
     fast = fast_copy(model)
     assert fast is fast_copy(model)  # cached while the weights do not change

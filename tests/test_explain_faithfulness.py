@@ -99,9 +99,14 @@ def trained() -> tuple[StudentCNN, dict[str, np.ndarray]]:
     for _ in range(10):
         train_epoch(model, loader, loss_fn, optimizer)
     model.eval()
-    data = {"train_images": images.transpose(0, 3, 1, 2).copy(), "train_labels": labels,
-            "train_masks": masks, "images": test_images.transpose(0, 3, 1, 2).copy(),
-            "labels": test_labels, "masks": test_masks}
+    data = {
+        "train_images": images.transpose(0, 3, 1, 2).copy(),
+        "train_labels": labels,
+        "train_masks": masks,
+        "images": test_images.transpose(0, 3, 1, 2).copy(),
+        "labels": test_labels,
+        "masks": test_masks,
+    }
     return model, data
 
 
@@ -118,8 +123,9 @@ def test_gradcam_beats_random_maps(trained) -> None:
     assert nanmean(energy_in_mask(cam.maps, masks)) > 1.5 * area
 
     deletion_cam = deletion_insertion(model, x, cam.maps, cam.targets).deletion.mean()
-    deletion_random = np.mean([deletion_insertion(model, x, r, cam.targets).deletion.mean()
-                               for r in randoms[:2]])
+    deletion_random = np.mean(
+        [deletion_insertion(model, x, r, cam.targets).deletion.mean() for r in randoms[:2]]
+    )
     assert deletion_cam < deletion_random - 0.05, (deletion_cam, deletion_random)
     assert count_hooks(model) == 0
 
@@ -127,10 +133,19 @@ def test_gradcam_beats_random_maps(trained) -> None:
 def _fixture_data(d: dict[str, np.ndarray], test: Split) -> PreparedData:
     """The trained fixture's data, ``test`` as both its val and test split."""
     spec = get_spec(DATASET)
-    manifest = Manifest(dataset=DATASET, root="", masks_root=None, class_names=list(spec.classes),
-                        fingerprint="test")
-    return PreparedData(spec, manifest, SIZE, {"train": Split(d["train_images"], d["train_labels"]),
-                                               "val": test, "test": test})
+    manifest = Manifest(
+        dataset=DATASET,
+        root="",
+        masks_root=None,
+        class_names=list(spec.classes),
+        fingerprint="test",
+    )
+    return PreparedData(
+        spec,
+        manifest,
+        SIZE,
+        {"train": Split(d["train_images"], d["train_labels"]), "val": test, "test": test},
+    )
 
 
 def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
@@ -140,24 +155,47 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     from kdray.models import ModelSpec, build_model
 
     torch.manual_seed(1)
-    teacher = build_model(ModelSpec(kind="teacher", num_classes=4, image_size=SIZE)).eval()  # DenseNet121
+    teacher = build_model(
+        ModelSpec(kind="teacher", num_classes=4, image_size=SIZE)
+    ).eval()  # DenseNet121
     spec = get_spec(DATASET)
-    manifest = Manifest(dataset=DATASET, root="", masks_root=None, class_names=list(spec.classes),
-                        fingerprint="test")
+    manifest = Manifest(
+        dataset=DATASET,
+        root="",
+        masks_root=None,
+        class_names=list(spec.classes),
+        fingerprint="test",
+    )
     splits = {
         "train": Split(d["train_images"], d["train_labels"], d["train_masks"]),
         "val": Split(d["images"][:4], d["labels"][:4], d["masks"][:4]),
         "test": Split(d["images"], d["labels"], d["masks"]),
     }
     data = PreparedData(spec, manifest, SIZE, splits)
-    cfg = ExplainConfig(report_images=8, timing_images=2, grid_examples=3, shap_background=4,
-                        shap_nsamples=8)
+    cfg = ExplainConfig(
+        report_images=8, timing_images=2, grid_examples=3, shap_background=4, shap_nsamples=8
+    )
     uniform = np.full((len(d["labels"]), 4), 0.25)  # a baseline that always says "no idea"
     curves = {"teacher": [0.5, 0.9, 0.8], "student": [0.6, 0.7], "baseline": []}
-    report = build_report(data, teacher, student, cfg, tmp_path / "report", baseline_probabilities=uniform,
-                          learning_curves=curves)
+    report = build_report(
+        data,
+        teacher,
+        student,
+        cfg,
+        tmp_path / "report",
+        baseline_probabilities=uniform,
+        learning_curves=curves,
+    )
 
-    for key in ("markdown", "json", "grid", "feature_maps", "curves", "reliability", "learning_curves"):
+    for key in (
+        "markdown",
+        "json",
+        "grid",
+        "feature_maps",
+        "curves",
+        "reliability",
+        "learning_curves",
+    ):
         assert report.paths[key].is_file(), key
     assert "| teacher | 3 | 0.900 (2) | 0.800 |" in report.markdown
     assert "| KD student | 2 | 0.700 (2) | 0.700 |" in report.markdown
@@ -186,11 +224,17 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     assert all(np.isfinite(v) for v in m.values())
     accuracy = float((d["labels"] == 0).mean())  # the uniform baseline's argmax is class 0
     assert m["baseline.ece"] == pytest.approx(abs(accuracy - 0.25))
-    assert "| CE-only baseline |" in report.markdown and "![Reliability diagram](reliability.png)" in report.markdown
+    assert (
+        "| CE-only baseline |" in report.markdown
+        and "![Reliability diagram](reliability.png)" in report.markdown
+    )
     assert json.loads(report.paths["json"].read_text())["metrics"] == m
     assert "## Teacher–student agreement" in report.markdown
     for method in ("gradcam", "shap"):
-        assert {f"agreement.rank_correlation.{method}", f"agreement.top10_overlap_random.{method}"} <= set(m)
+        assert {
+            f"agreement.rank_correlation.{method}",
+            f"agreement.top10_overlap_random.{method}",
+        } <= set(m)
     # Feature maps are scored at Grad-CAM's block (DenseNet121's last block is 1x1 at this size
     # and would be a constant map, with no ranking to compare).
     assert np.isfinite(m["agreement.rank_correlation.feature_maps"])
@@ -205,20 +249,31 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
     assert f"every test image with a lesion mask ({n_masked})" in report.markdown
 
 
-def test_the_whole_split_pointing_game_equals_the_reports_when_it_scores_every_image(trained, tmp_path) -> None:
+def test_the_whole_split_pointing_game_equals_the_reports_when_it_scores_every_image(
+    trained, tmp_path
+) -> None:
     """Scored in batches over the masked test images, Grad-CAM and the feature maps give the same
     pointing game as the report's own scoring when the report scores the whole test split."""
     student, d = trained
     test = Split(d["images"], d["labels"], d["masks"])
     data = _fixture_data(d, test)
-    cfg = ExplainConfig(methods=["feature_maps", "gradcam"], report_images=len(test), timing_images=1,
-                        grid_examples=1, shap_background=4)
+    cfg = ExplainConfig(
+        methods=["feature_maps", "gradcam"],
+        report_images=len(test),
+        timing_images=1,
+        grid_examples=1,
+        shap_background=4,
+    )
     m = build_report(data, student, student, cfg, tmp_path / "all").metrics
     for method in ("feature_maps", "gradcam"):
-        assert m[f"student.localisation_test.{method}"] == pytest.approx(m[f"student.pointing_game.{method}"])
+        assert m[f"student.localisation_test.{method}"] == pytest.approx(
+            m[f"student.pointing_game.{method}"]
+        )
     # Without masks there is nothing to score.
     data = _fixture_data(d, Split(d["images"], d["labels"], None))
-    m = build_report(data, student, student, cfg.model_copy(update={"report_images": 4}), tmp_path / "none").metrics
+    m = build_report(
+        data, student, student, cfg.model_copy(update={"report_images": 4}), tmp_path / "none"
+    ).metrics
     assert not any(k.startswith("localisation_test") or ".localisation_test." in k for k in m)
 
 
@@ -249,8 +304,14 @@ def test_a_student_agrees_with_itself_and_not_with_a_random_map(trained, tmp_pat
     student, d = trained
     test = Split(d["images"], d["labels"], d["masks"])
     data = _fixture_data(d, test)
-    cfg = ExplainConfig(methods=["gradcam", "shap"], report_images=8, timing_images=1,
-                        grid_examples=1, shap_background=4, shap_nsamples=8)
+    cfg = ExplainConfig(
+        methods=["gradcam", "shap"],
+        report_images=8,
+        timing_images=1,
+        grid_examples=1,
+        shap_background=4,
+        shap_nsamples=8,
+    )
     same = build_report(data, student, student, cfg, tmp_path / "same").metrics
     assert same["agreement.predictions"] == same["agreement.predictions_test"] == 1.0
     for method in ("gradcam", "shap"):
@@ -279,16 +340,25 @@ def test_real_layout_with_masks_only_for_tumours_is_scored_on_those(tmp_path: Pa
     assert healthy
     for folder in healthy:
         shutil.rmtree(folder)
-    cfg = DataConfig(datasets=["brain_tumor"], roots={"brain_tumor": str(tmp_path / "bt")},
-                     masks_roots={"brain_tumor": str(tmp_path / "masks")}, image_size=32)
+    cfg = DataConfig(
+        datasets=["brain_tumor"],
+        roots={"brain_tumor": str(tmp_path / "bt")},
+        masks_roots={"brain_tumor": str(tmp_path / "masks")},
+        image_size=32,
+    )
     data = prepare_dataset(cfg, "brain_tumor", Workspace(tmp_path / "ws").create())
     test = data.splits["test"]
     notumor = data.spec.classes.index("notumor")
     assert test.masks is not None and (test.labels == notumor).any()
     torch.manual_seed(0)
     teacher, student = StudentCNN(4, [8, 16, 16, 16]).eval(), StudentCNN(4, [4, 8, 8, 8]).eval()
-    explain_cfg = ExplainConfig(report_images=len(test), timing_images=1, grid_examples=2,
-                                shap_background=4, shap_nsamples=4)
+    explain_cfg = ExplainConfig(
+        report_images=len(test),
+        timing_images=1,
+        grid_examples=2,
+        shap_background=4,
+        shap_nsamples=4,
+    )
     report = build_report(data, teacher, student, explain_cfg, tmp_path / "report")
     n_masked = int((test.labels != notumor).sum())
     assert 0 < n_masked < len(test)

@@ -11,7 +11,11 @@ from kdray.losses import KDLoss
 
 def _batch(seed=0, n=6, k=4):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=g), torch.randn(n, k, generator=g), torch.randint(0, k, (n,), generator=g)
+    return (
+        torch.randn(n, k, generator=g),
+        torch.randn(n, k, generator=g),
+        torch.randint(0, k, (n,), generator=g),
+    )
 
 
 def test_alpha_one_is_plain_cross_entropy():
@@ -56,7 +60,9 @@ def test_soft_term_is_zero_when_student_equals_teacher():
     assert out["soft"].abs().item() < 1e-6
 
 
-@pytest.mark.parametrize(("alpha", "temperature"), [(-0.1, 2.0), (1.1, 2.0), (0.5, 0.0), (0.5, -1.0)])
+@pytest.mark.parametrize(
+    ("alpha", "temperature"), [(-0.1, 2.0), (1.1, 2.0), (0.5, 0.0), (0.5, -1.0)]
+)
 def test_invalid_arguments(alpha, temperature):
     with pytest.raises(ValueError):
         KDLoss(alpha, temperature)

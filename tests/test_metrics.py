@@ -14,8 +14,11 @@ def test_metrics_match_scikit_learn():
     p[p == 3] = 2  # class 3 never predicted: precision 0 by convention
     m = classification_metrics(y, p, ["a", "b", "c", "d"])
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
-    for ours, avg in (("precision_macro", skm.precision_score), ("recall_macro", skm.recall_score),
-                      ("f1_macro", skm.f1_score)):
+    for ours, avg in (
+        ("precision_macro", skm.precision_score),
+        ("recall_macro", skm.recall_score),
+        ("f1_macro", skm.f1_score),
+    ):
         assert m[ours] == pytest.approx(avg(y, p, average="macro", zero_division=0))
     assert m["confusion"] == skm.confusion_matrix(y, p, labels=[0, 1, 2, 3]).tolist()
     assert m["per_class"]["d"]["precision"] == 0.0
@@ -27,8 +30,11 @@ def test_a_class_absent_from_the_split_does_not_count_in_macro_scores(caplog):
     p = np.array([0, 1, 1, 1, 2, 0])
     with caplog.at_level("WARNING", logger="kdray"):
         m = classification_metrics(y, p, ["a", "b", "c", "d"])  # no "d" at all
-    for ours, avg in (("precision_macro", skm.precision_score), ("recall_macro", skm.recall_score),
-                      ("f1_macro", skm.f1_score)):
+    for ours, avg in (
+        ("precision_macro", skm.precision_score),
+        ("recall_macro", skm.recall_score),
+        ("f1_macro", skm.f1_score),
+    ):
         assert m[ours] == pytest.approx(avg(y, p, average="macro", zero_division=0))
     assert m["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert "['d']" in caplog.text
@@ -48,7 +54,9 @@ def _independent_ece(p: np.ndarray, y: np.ndarray, bins: int) -> float:
     total = 0.0
     for b in range(bins):
         lo, hi = b / bins, (b + 1) / bins
-        members = [i for i in range(len(y)) if lo < p[i].max() <= hi or (b == 0 and p[i].max() == 0)]
+        members = [
+            i for i in range(len(y)) if lo < p[i].max() <= hi or (b == 0 and p[i].max() == 0)
+        ]
         if members:
             acc = np.mean([p[i].argmax() == y[i] for i in members])
             conf = np.mean([p[i].max() for i in members])

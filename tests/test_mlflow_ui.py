@@ -21,11 +21,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_runs_url_and_hint():
-    assert runs_url("http://mlflow.internal:5000/", "7") == "http://mlflow.internal:5000/#/experiments/7/runs"
+    assert (
+        runs_url("http://mlflow.internal:5000/", "7")
+        == "http://mlflow.internal:5000/#/experiments/7/runs"
+    )
     assert runs_url("sqlite:////ws/mlflow.db", "1") == "http://127.0.0.1:5000/#/experiments/1/runs"
     assert ui_hint("sqlite:////ws/mlflow.db", "1") == (
         "MLflow: mlflow ui --backend-store-uri sqlite:////ws/mlflow.db, then open "
-        "http://127.0.0.1:5000/#/experiments/1/runs")
+        "http://127.0.0.1:5000/#/experiments/1/runs"
+    )
 
 
 def test_the_printed_url_opens_the_runs_table_with_datasets(smoke_run, browser):
@@ -70,4 +74,3 @@ def test_the_printed_comparison_url_opens_a_datasets_trials_side_by_side(smoke_r
     assert "Parallel Coordinates Plot" in body
     for run in trials:
         assert run in body  # both trials' columns
-

@@ -59,8 +59,14 @@ def test_teacher_is_densenet121_without_inplace_relu():
 
 def test_save_load_round_trip_without_pickle(tmp_path):
     model = _student().eval()
-    spec = ModelSpec(kind="student", num_classes=4, image_size=32, widths=[4, 8, 16, 32, 32],
-                     class_names=list("abcd"), dataset="eye_disease")
+    spec = ModelSpec(
+        kind="student",
+        num_classes=4,
+        image_size=32,
+        widths=[4, 8, 16, 32, 32],
+        class_names=list("abcd"),
+        dataset="eye_disease",
+    )
     save_model(model, spec, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
     loaded, loaded_spec = load_model(tmp_path / "m")
@@ -74,8 +80,10 @@ def test_teacher_init_from_a_local_state_dict(tmp_path):
 
     source = densenet121(weights=None)  # stands in for ImageNet weights (no download here)
     torch.save(source.state_dict(), tmp_path / "densenet121.pth")
-    teacher = build_model(ModelSpec(kind="teacher", num_classes=4, image_size=32),
-                          teacher_weights=str(tmp_path / "densenet121.pth"))
+    teacher = build_model(
+        ModelSpec(kind="teacher", num_classes=4, image_size=32),
+        teacher_weights=str(tmp_path / "densenet121.pth"),
+    )
     assert torch.equal(teacher.features.conv0.weight, source.features.conv0.weight)
     assert teacher.classifier.out_features == 4  # the 1000-class head is replaced
 

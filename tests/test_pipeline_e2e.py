@@ -23,9 +23,20 @@ pytestmark = pytest.mark.integration
 
 def _run(ws: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-         "--workspace", str(ws), *extra],
-        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "tune" / "run.py"),
+            "--config",
+            str(REPO / "configs" / "smoke.yaml"),
+            "--workspace",
+            str(ws),
+            *extra,
+        ],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -52,12 +63,16 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
             assert "cfg.kd.alpha" in run.data.params  # the resolved config
         assert "test_accuracy" in teacher.data.metrics
         # Every run names the data it saw (MLflow's "Dataset" column): one digest per dataset.
-        seen = {run.info.run_id: {(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs}
-                for run in (parent, teacher, champion, baseline, *trials)}
+        seen = {
+            run.info.run_id: {(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs}
+            for run in (parent, teacher, champion, baseline, *trials)
+        }
         digest = parent.data.tags["kdray.manifest"]
         val, test = (f"{dataset}-val", digest), (f"{dataset}-test", digest)
         for run in (parent, teacher):
-            assert seen[run.info.run_id] == {(f"{dataset}-train", digest), val, test}, run.info.run_name
+            assert seen[run.info.run_id] == {(f"{dataset}-train", digest), val, test}, (
+                run.info.run_name
+            )
         # The students train on a quarter of the training split (data.synthetic.student_fraction):
         # a dataset of its own, with its own digest, the same for every student run.
         (cut,) = seen[champion.info.run_id] - {val, test}
@@ -73,11 +88,15 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
             assert {"alpha", "temperature", "widths", "depth", "lr"} <= set(trial.data.params)
             assert 0.0 <= trial.data.metrics["val_accuracy"] <= 1.0
             assert {"params", "flops", "best_val_accuracy"} <= set(trial.data.metrics)
-            assert len(client.get_metric_history(trial.info.run_id, "val_accuracy")) == 2  # 2 epochs
+            assert (
+                len(client.get_metric_history(trial.info.run_id, "val_accuracy")) == 2
+            )  # 2 epochs
         source = {t.info.run_id: t for t in trials}[champion.data.tags["kdray.source_trial_run"]]
         for key in ("alpha", "temperature", "widths", "lr"):
             assert champion.data.params[key] == source.data.params[key]
-        assert {"val_accuracy", "test_accuracy", "test_f1_macro", "params", "flops"} <= set(champion.data.metrics)
+        assert {"val_accuracy", "test_accuracy", "test_f1_macro", "params", "flops"} <= set(
+            champion.data.metrics
+        )
         assert champion.data.metrics["val_accuracy"] == source.data.metrics["best_val_accuracy"]
         assert float(baseline.data.params["alpha"]) == 1.0
         assert baseline.data.params["widths"] == champion.data.params["widths"]
@@ -93,20 +112,36 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
             assert 0.001 <= float(trial.data.params["lr"]) <= 0.01
         assert len({t.data.params["lr"] for t in baseline_trials}) == 2
         assert baseline_trials[0].data.params["lr"] != baseline_trials[1].data.params["lr"]
-        best = {t.info.run_id: t for t in baseline_trials}[baseline.data.tags["kdray.source_trial_run"]]
-        assert best.data.metrics["best_val_accuracy"] == max(t.data.metrics["best_val_accuracy"]
-                                                              for t in baseline_trials)
+        best = {t.info.run_id: t for t in baseline_trials}[
+            baseline.data.tags["kdray.source_trial_run"]
+        ]
+        assert best.data.metrics["best_val_accuracy"] == max(
+            t.data.metrics["best_val_accuracy"] for t in baseline_trials
+        )
         assert baseline.data.params["lr"] == best.data.params["lr"]
         assert baseline.data.metrics["val_accuracy"] == best.data.metrics["best_val_accuracy"]
-        assert baseline.data.tags["kdray.selected_from"] == champion.data.tags["kdray.selected_from"] == "2"
+        assert (
+            baseline.data.tags["kdray.selected_from"]
+            == champion.data.tags["kdray.selected_from"]
+            == "2"
+        )
         artifacts = {a.path for a in client.list_artifacts(champion.info.run_id)}
         assert {"config.yaml", "test_confusion.png", "model"} <= artifacts
-        assert {"config.yaml", "test_confusion.png", "model"} <= {a.path for a in client.list_artifacts(teacher.info.run_id)}
-        assert {"summary.md", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"config.yaml", "test_confusion.png", "model"} <= {
+            a.path for a in client.list_artifacts(teacher.info.run_id)
+        }
+        assert {"summary.md", "summary.csv"} <= {
+            a.path for a in client.list_artifacts(parent.info.run_id)
+        }
         report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "transparency")}
-        assert {"transparency/report.md", "transparency/explanations.png",
-                "transparency/reliability.png"} <= report_files
-        assert {"explain.teacher.ece", "explain.student.ece", "explain.baseline.ece"} <= set(parent.data.metrics)
+        assert {
+            "transparency/report.md",
+            "transparency/explanations.png",
+            "transparency/reliability.png",
+        } <= report_files
+        assert {"explain.teacher.ece", "explain.student.ece", "explain.baseline.ece"} <= set(
+            parent.data.metrics
+        )
         assert "explain.student.met_ms.gradcam" in parent.data.metrics
         assert "feature_maps.png" in {a.path for a in client.list_artifacts(champion.info.run_id)}
     assert "| brain_tumor | KD student (champion) |" in proc.stdout
@@ -170,15 +205,33 @@ def test_report_entry_point_rebuilds_a_finished_run(smoke_run):
     report = ws / "reports" / "alzheimer" / "report.md"
     before = report.stat().st_mtime
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tune" / "report.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-         "--workspace", str(ws), "--set", "data.datasets=[alzheimer]", "--set", "explain.shap_nsamples=4"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tune" / "report.py"),
+            "--config",
+            str(REPO / "configs" / "smoke.yaml"),
+            "--workspace",
+            str(ws),
+            "--set",
+            "data.datasets=[alzheimer]",
+            "--set",
+            "explain.shap_nsamples=4",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(report)
     assert report.stat().st_mtime > before and "Grad-CAM" in report.read_text()
     missing = subprocess.run(
         [sys.executable, str(REPO / "tune" / "report.py"), "--workspace", str(ws / "nowhere")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert missing.returncode == 2 and "no finished run" in missing.stderr

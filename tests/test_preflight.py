@@ -32,17 +32,36 @@ from conftest import REPO, clean_env
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tune" / "run.py"), "--config",
-                           str(REPO / "configs" / "smoke.yaml"), *args],
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tune" / "run.py"),
+            "--config",
+            str(REPO / "configs" / "smoke.yaml"),
+            *args,
+        ],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _bomb_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares width x height pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _eye_folder(root: Path) -> list[str]:
@@ -69,15 +88,27 @@ def _eye_folder(root: Path) -> list[str]:
 def test_unreadable_files_stop_the_run_before_anything_starts(tmp_path):
     bad = _eye_folder(tmp_path / "eye")
     ws = tmp_path / "ws"
-    proc = _run("--workspace", str(ws), "--set", "data.datasets=[eye_disease]",
-                "--set", f"data.roots.eye_disease={tmp_path / 'eye'}")
+    proc = _run(
+        "--workspace",
+        str(ws),
+        "--set",
+        "data.datasets=[eye_disease]",
+        "--set",
+        f"data.roots.eye_disease={tmp_path / 'eye'}",
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert f"{len(bad)} unreadable image file(s)" in proc.stderr
-    for rel, reason in (("glaucoma/broken.jpg", "empty file"), ("normal/notes.png", "not an image"),
-                        ("cataract/cut.png", "truncated or corrupt PNG"),
-                        ("diabetic_retinopathy/bomb.png", "image has 400,000,000 pixels, above the 64-megapixel limit"),
-                        ("normal/no_pixels.dcm", "DICOM file has no pixel data")):
+    for rel, reason in (
+        ("glaucoma/broken.jpg", "empty file"),
+        ("normal/notes.png", "not an image"),
+        ("cataract/cut.png", "truncated or corrupt PNG"),
+        (
+            "diabetic_retinopathy/bomb.png",
+            "image has 400,000,000 pixels, above the 64-megapixel limit",
+        ),
+        ("normal/no_pixels.dcm", "DICOM file has no pixel data"),
+    ):
         assert f"  {rel}: {reason}" in proc.stderr, rel
     assert "data.skip_unreadable: true" in proc.stderr
     assert not (ws / "mlflow.db").exists() and not (ws / "ray_results").exists()
@@ -88,8 +119,12 @@ def test_unreadable_files_stop_the_run_before_anything_starts(tmp_path):
 def test_skipped_files_are_recorded_on_the_run(tmp_path):
     bad = _eye_folder(tmp_path / "eye")
     ws = Workspace(tmp_path / "ws").create()
-    cfg = DataConfig(datasets=["eye_disease"], skip_unreadable=True, image_size=32,
-                     roots={"eye_disease": str(tmp_path / "eye")})
+    cfg = DataConfig(
+        datasets=["eye_disease"],
+        skip_unreadable=True,
+        image_size=32,
+        roots={"eye_disease": str(tmp_path / "eye")},
+    )
     manifest = build_manifest(get_spec("eye_disease"), tmp_path / "eye", None, cfg, ws)
     assert sorted(s["path"] for s in manifest.skipped) == sorted(bad)
     assert not {e["path"] for e in manifest.entries} & set(bad)
@@ -111,10 +146,14 @@ def test_skipped_files_are_recorded_on_the_run(tmp_path):
         profile = json.loads(entry.dataset.profile)
         assert profile["num_images"] == counted == sum(profile["class_counts"].values())
         assert set(profile["class_counts"]) == set(get_spec("eye_disease").classes)
-    recorded = json.loads(Path(client.download_artifacts(run_id, "data/unreadable_files.json",
-                                                         str(tmp_path))).read_text())
+    recorded = json.loads(
+        Path(
+            client.download_artifacts(run_id, "data/unreadable_files.json", str(tmp_path))
+        ).read_text()
+    )
     assert {s["path"]: s["reason"] for s in recorded["skipped"]} == {
-        s["path"]: s["reason"] for s in manifest.skipped}
+        s["path"]: s["reason"] for s in manifest.skipped
+    }
 
 
 def _unwritable(tmp_path: Path) -> Path:

@@ -23,8 +23,14 @@ CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 def registered(tmp_path):
     ws = Workspace(tmp_path / "ws").create()
     tracker = Tracker.open(MLflowConfig(), ws)
-    spec = ModelSpec(kind="student", num_classes=4, image_size=32, class_names=CLASSES,
-                     widths=[4, 8, 8], dataset="brain_tumor")
+    spec = ModelSpec(
+        kind="student",
+        num_classes=4,
+        image_size=32,
+        class_names=CLASSES,
+        widths=[4, 8, 8],
+        dataset="brain_tumor",
+    )
     torch.manual_seed(0)
     model = build_model(spec).eval()
     folder = save_model(model, spec, tmp_path / "student")
@@ -45,7 +51,9 @@ def global_tracking_uri():
     mlflow.set_tracking_uri(previous)
 
 
-def test_pyfunc_loads_a_champion_by_alias_and_predicts_probabilities(registered, global_tracking_uri):
+def test_pyfunc_loads_a_champion_by_alias_and_predicts_probabilities(
+    registered, global_tracking_uri
+):
     uri, model = registered
     global_tracking_uri(uri)
     pyfunc = mlflow.pyfunc.load_model("models:/kdray-brain_tumor@champion")
@@ -58,8 +66,12 @@ def test_pyfunc_loads_a_champion_by_alias_and_predicts_probabilities(registered,
     assert list(out.columns) == CLASSES and len(out) == 3
     np.testing.assert_allclose(out.to_numpy().sum(1), 1.0, rtol=1e-5)
     # The same numbers as kdray's own path: bilinear resize to 32 px, then the model.
-    resized = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BILINEAR))
-                        for im in images]).transpose(0, 3, 1, 2)
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BILINEAR))
+            for im in images
+        ]
+    ).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(out.to_numpy(), softmax(predict_logits(model, resized)), atol=1e-5)
     with pytest.raises(Exception, match="does not match expected shape"):  # the signature, enforced
         pyfunc.predict(rng.integers(0, 256, (2, 32, 32, 4), dtype=np.uint8))

@@ -31,17 +31,40 @@ TEACHER_EPOCHS, STUDENT_EPOCHS, TRIALS = 8, 6, 3
 
 
 def _cmd(ws: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "tune" / "run.py"), "--config", str(REPO / "configs" / "smoke.yaml"),
-            "--workspace", str(ws), "--set", f"data.datasets=[{DATASET}]",
-            "--set", f"teacher.epochs={TEACHER_EPOCHS}", "--set", f"student.epochs={STUDENT_EPOCHS}",
-            # More steps per epoch than smoke's: each kill window lasts a few seconds, not one.
-            "--set", "teacher.batch_size=8", "--set", "student.batch_size=4",
-            "--set", f"tune.num_samples={TRIALS}", "--set", "tune.scheduler=none",  # no early stops
-            "--set", "seeds=[0,1]", *extra]
+    return [
+        sys.executable,
+        str(REPO / "tune" / "run.py"),
+        "--config",
+        str(REPO / "configs" / "smoke.yaml"),
+        "--workspace",
+        str(ws),
+        "--set",
+        f"data.datasets=[{DATASET}]",
+        "--set",
+        f"teacher.epochs={TEACHER_EPOCHS}",
+        "--set",
+        f"student.epochs={STUDENT_EPOCHS}",
+        # More steps per epoch than smoke's: each kill window lasts a few seconds, not one.
+        "--set",
+        "teacher.batch_size=8",
+        "--set",
+        "student.batch_size=4",
+        "--set",
+        f"tune.num_samples={TRIALS}",
+        "--set",
+        "tune.scheduler=none",  # no early stops
+        "--set",
+        "seeds=[0,1]",
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")
+    }
 
 
 class Db:
@@ -61,27 +84,45 @@ class Db:
 
     def runs(self, role: str) -> list[tuple[str, str]]:
         """(run id, status) of every run with this kdray.role."""
-        return self._query("SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                           "WHERE t.key = 'kdray.role' AND t.value = ?", role)
+        return self._query(
+            "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'kdray.role' AND t.value = ?",
+            role,
+        )
 
     def epochs(self, role: str) -> list[int]:
         """Logged val_accuracy points per run of this role."""
-        return [n for (n,) in self._query(
-            "SELECT COUNT(m.step) FROM tags t LEFT JOIN metrics m ON m.run_uuid = t.run_uuid "
-            "AND m.key = 'val_accuracy' WHERE t.key = 'kdray.role' AND t.value = ? GROUP BY t.run_uuid",
-            role)]
+        return [
+            n
+            for (n,) in self._query(
+                "SELECT COUNT(m.step) FROM tags t LEFT JOIN metrics m ON m.run_uuid = t.run_uuid "
+                "AND m.key = 'val_accuracy' WHERE t.key = 'kdray.role' AND t.value = ? GROUP BY t.run_uuid",
+                role,
+            )
+        ]
 
     def has_metric(self, role: str, prefix: str) -> bool:
-        return bool(self._query("SELECT 1 FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
-                                "WHERE t.key = 'kdray.role' AND t.value = ? AND m.key LIKE ? LIMIT 1",
-                                role, prefix + "%"))
+        return bool(
+            self._query(
+                "SELECT 1 FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
+                "WHERE t.key = 'kdray.role' AND t.value = ? AND m.key LIKE ? LIMIT 1",
+                role,
+                prefix + "%",
+            )
+        )
 
 
 def _run_until(ws: Path, log_path: Path, resume: bool, when: Callable[[], bool], what: str) -> None:
     """Start the pipeline and SIGKILL it (driver and its local Ray) once ``when()`` holds."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(_cmd(ws, *(["--resume"] if resume else [])), cwd=REPO, env=_env(),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            _cmd(ws, *(["--resume"] if resume else [])),
+            cwd=REPO,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline, reached = time.time() + 300, False
         while time.time() < deadline and proc.poll() is None:
             if reached := when():
@@ -91,7 +132,9 @@ def _run_until(ws: Path, log_path: Path, resume: bool, when: Callable[[], bool],
         if alive:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert alive, f"the run ended before it could be killed {what}:\n" + log_path.read_text()[-3000:]
+    assert alive, (
+        f"the run ended before it could be killed {what}:\n" + log_path.read_text()[-3000:]
+    )
     assert reached, f"not killed {what} (timed out):\n" + log_path.read_text()[-3000:]
 
 
@@ -105,28 +148,51 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
     kill_points: list[tuple[str, Callable[[], bool]]] = [
         # Epoch 1 logged: epoch 0's checkpoint has registered (rank 0 logs before it reports).
         ("during the teacher", lambda: 2 <= sum(db.epochs("teacher")) < TEACHER_EPOCHS - 1),
-        ("mid-trial", lambda: bool(trial_epochs()) and 2 <= max(trial_epochs()) < STUDENT_EPOCHS - 1),
-        ("between trials", lambda: STUDENT_EPOCHS in trial_epochs()
-         and (len(trial_epochs()) < TRIALS or min(trial_epochs()) < STUDENT_EPOCHS)),
-        ("during the baseline's search", lambda: bool(db.runs("champion")) and bool(db.epochs("baseline-trial"))
-         and max(db.epochs("baseline-trial")) >= 2 and not db.runs("baseline")),
+        (
+            "mid-trial",
+            lambda: bool(trial_epochs()) and 2 <= max(trial_epochs()) < STUDENT_EPOCHS - 1,
+        ),
+        (
+            "between trials",
+            lambda: (
+                STUDENT_EPOCHS in trial_epochs()
+                and (len(trial_epochs()) < TRIALS or min(trial_epochs()) < STUDENT_EPOCHS)
+            ),
+        ),
+        (
+            "during the baseline's search",
+            lambda: (
+                bool(db.runs("champion"))
+                and bool(db.epochs("baseline-trial"))
+                and max(db.epochs("baseline-trial")) >= 2
+                and not db.runs("baseline")
+            ),
+        ),
         # The champion stage is saved as done just before the report starts: wait for its line.
-        ("during the report", lambda: f"{DATASET}: transparency report" in (tmp_path / "run4.log").read_text()
-         and not db.has_metric("parent", "explain.")),
+        (
+            "during the report",
+            lambda: (
+                f"{DATASET}: transparency report" in (tmp_path / "run4.log").read_text()
+                and not db.has_metric("parent", "explain.")
+            ),
+        ),
     ]
     for i, (what, when) in enumerate(kill_points):
         _run_until(ws, tmp_path / f"run{i}.log", resume=i > 0, when=when, what=what)
 
-    resumed = subprocess.run(_cmd(ws, "--resume"), cwd=REPO, env=_env(), capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        _cmd(ws, "--resume"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert f"{DATASET}: sweep and champion finished in an earlier run; not redone" in resumed.stderr
     assert f"{DATASET}: teacher reused" in resumed.stderr
     logs = "".join((tmp_path / f"run{i}.log").read_text() for i in range(1, len(kill_points)))
     assert f"{DATASET}: restoring the Tune experiment" in logs
     run4 = (tmp_path / "run4.log").read_text()  # started after the kill in the baseline's search
-    assert any(f"{DATASET}: restoring the Tune experiment" in line and line.rstrip().endswith("-baseline")
-               for line in run4.splitlines()), run4[-3000:]
+    assert any(
+        f"{DATASET}: restoring the Tune experiment" in line and line.rstrip().endswith("-baseline")
+        for line in run4.splitlines()
+    ), run4[-3000:]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("kdray")
@@ -134,9 +200,19 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
     by_role: dict[str, list] = {}
     for run in runs:
         by_role.setdefault(run.data.tags["kdray.role"], []).append(run)
-        assert run.info.status == "FINISHED", (run.info.run_name, run.info.status, run.data.tags.get("kdray.error"))
+        assert run.info.status == "FINISHED", (
+            run.info.run_name,
+            run.info.status,
+            run.data.tags.get("kdray.error"),
+        )
     assert {role: len(v) for role, v in by_role.items()} == {
-        "parent": 1, "teacher": 1, "trial": TRIALS, "champion": 1, "baseline-trial": TRIALS, "baseline": 1}
+        "parent": 1,
+        "teacher": 1,
+        "trial": TRIALS,
+        "champion": 1,
+        "baseline-trial": TRIALS,
+        "baseline": 1,
+    }
     trial_ids = [r.data.tags["kdray.trial_id"] for r in by_role["trial"]]
     assert len(set(trial_ids)) == TRIALS  # none lost, none doubled
 
@@ -144,7 +220,9 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
     (teacher,) = by_role["teacher"]
     steps = [m.step for m in client.get_metric_history(teacher.info.run_id, "val_accuracy")]
     assert sorted(steps) == list(range(TEACHER_EPOCHS))
-    assert int(teacher.data.tags["kdray.resumed_from_epoch"]) >= 1  # from its checkpoint, not epoch 0
+    assert (
+        int(teacher.data.tags["kdray.resumed_from_epoch"]) >= 1
+    )  # from its checkpoint, not epoch 0
     for trial in by_role["trial"] + by_role["baseline-trial"]:
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
         assert len(steps) == len(set(steps)) == int(trial.data.tags["kdray.epochs_run"]), steps
@@ -153,7 +231,10 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
     versions = client.search_model_versions(f"name = 'kdray-{DATASET}'")
     assert [v.run_id for v in versions] == [champion.info.run_id]  # registered once
     assert len(client.search_model_versions(f"name = 'kdray-{DATASET}-teacher'")) == 1
-    assert client.get_model_version_by_alias(f"kdray-{DATASET}", "champion").run_id == champion.info.run_id
+    assert (
+        client.get_model_version_by_alias(f"kdray-{DATASET}", "champion").run_id
+        == champion.info.run_id
+    )
     # The multi-seed path: one row per seed, mean and spread on champion and baseline.
     for run in (champion, by_role["baseline"][0]):
         seeds = client.get_metric_history(run.info.run_id, "seed_test_accuracy")

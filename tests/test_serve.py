@@ -53,10 +53,19 @@ def _test_image(ws: Path, dataset: str) -> bytes:
 
 def _huge_png_header(width: int, height: int) -> bytes:
     """A tiny, valid-looking PNG declaring width x height (never decodable in memory)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _call(server, method: str, path: str, *, auth: bool = True, **kwargs) -> requests.Response:
@@ -64,15 +73,21 @@ def _call(server, method: str, path: str, *, auth: bool = True, **kwargs) -> req
     return requests.request(method, server.url + path, headers=headers, timeout=120, **kwargs)
 
 
-def _predict(server, dataset: str, data: bytes, filename: str = "x.png", **kwargs) -> requests.Response:
-    return _call(server, "POST", f"/v1/models/{dataset}/predict", files={"file": (filename, data)}, **kwargs)
+def _predict(
+    server, dataset: str, data: bytes, filename: str = "x.png", **kwargs
+) -> requests.Response:
+    return _call(
+        server, "POST", f"/v1/models/{dataset}/predict", files={"file": (filename, data)}, **kwargs
+    )
 
 
 def test_health_ready_and_model_cards(served):
     assert _call(served, "GET", "/healthz", auth=False).json() == {"status": "ok"}
     ready = _call(served, "GET", "/readyz", auth=False)
     assert ready.status_code == 200, ready.text
-    assert set(ready.json()["models"]) == {f"{d}/{r}" for d in DATASETS for r in ("student", "teacher")}
+    assert set(ready.json()["models"]) == {
+        f"{d}/{r}" for d in DATASETS for r in ("student", "teacher")
+    }
     client = MlflowClient(tracking_uri=f"sqlite:///{served.workspace / 'mlflow.db'}")
     cards = {c["dataset"]: c for c in _call(served, "GET", "/v1/models").json()["models"]}
     assert set(cards) == set(DATASETS)
@@ -80,7 +95,9 @@ def test_health_ready_and_model_cards(served):
         assert card["classes"] == list(DATASETS[dataset].classes)
         version = client.get_model_version_by_alias(f"kdray-{dataset}", "champion")
         assert (card["student"]["registry"]["version"], card["student"]["registry"]["run_id"]) == (
-            str(version.version), version.run_id)
+            str(version.version),
+            version.run_id,
+        )
         run = client.get_run(version.run_id)
         assert card["student"]["test_metrics"]["test_accuracy"] == run.data.metrics["test_accuracy"]
         assert card["student"]["params"] == run.data.metrics["params"]
@@ -114,9 +131,13 @@ def _png_size(b64: str) -> tuple[int, int]:
 
 def test_explain_teacher_beside_student_every_method(served):
     for dataset in DATASETS:
-        response = _call(served, "POST", f"/v1/models/{dataset}/explain",
-                         params={"methods": "feature_maps,gradcam,shap", "model": "both", "render": "both"},
-                         files={"file": ("x.png", _test_image(served.workspace, dataset))})
+        response = _call(
+            served,
+            "POST",
+            f"/v1/models/{dataset}/explain",
+            params={"methods": "feature_maps,gradcam,shap", "model": "both", "render": "both"},
+            files={"file": ("x.png", _test_image(served.workspace, dataset))},
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         assert set(body["explanations"]) == set(body["models"]) == {"student", "teacher"}
@@ -134,22 +155,38 @@ def test_explain_teacher_beside_student_every_method(served):
                     assert _png_size(layer_map["png"]) == _png_size(layer_map["heat_png"]) == size
                     assert "array" not in layer_map
             blocks = [m["layer"] for m in explanation["methods"]["feature_maps"]["maps"]]
-            assert blocks == ([f"features.denseblock{i}" for i in range(1, 5)] if role == "teacher"
-                              else [f"features.block{i}" for i in range(1, len(blocks) + 1)])
+            assert blocks == (
+                [f"features.denseblock{i}" for i in range(1, 5)]
+                if role == "teacher"
+                else [f"features.block{i}" for i in range(1, len(blocks) + 1)]
+            )
             assert explanation["methods"]["shap"]["signed"] is True
-    default = _call(served, "POST", "/v1/models/brain_tumor/explain",
-                    files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))}).json()
+    default = _call(
+        served,
+        "POST",
+        "/v1/models/brain_tumor/explain",
+        files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))},
+    ).json()
     methods = default["explanations"]["student"]["methods"]
     assert set(methods) == {"feature_maps", "gradcam"}  # the default methods
     for result in methods.values():  # render=overlay by default, and no feature-map strip
         assert all(set(m) == {"layer", "png"} for m in result["maps"]) and "grid_png" not in result
-    layers = _call(served, "POST", "/v1/models/brain_tumor/explain", params={"render": "layer"},
-                   files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))}).json()
+    layers = _call(
+        served,
+        "POST",
+        "/v1/models/brain_tumor/explain",
+        params={"render": "layer"},
+        files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))},
+    ).json()
     for result in layers["explanations"]["student"]["methods"].values():
         assert all(set(m) == {"layer", "heat_png"} for m in result["maps"])
-    arrays = _call(served, "POST", "/v1/models/brain_tumor/explain",
-                   params={"methods": "gradcam", "include_arrays": "true", "target": 1},
-                   files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))}).json()
+    arrays = _call(
+        served,
+        "POST",
+        "/v1/models/brain_tumor/explain",
+        params={"methods": "gradcam", "include_arrays": "true", "target": 1},
+        files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))},
+    ).json()
     cam = np.array(arrays["explanations"]["student"]["methods"]["gradcam"]["maps"][0]["array"])
     assert cam.shape == tuple(arrays["explanations"]["student"]["image_size"])
     assert 0.0 <= cam.min() <= cam.max() <= 1.0
@@ -165,7 +202,11 @@ def _formats(ws: Path) -> dict[str, tuple[str, bytes, str]]:
     return {
         "png_rgb": ("a.png", _png(rgb), "image/png"),
         "png_gray": ("a.png", _png(gray), "image/png"),
-        "png_16bit": ("a.png", _encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"), "image/png"),
+        "png_16bit": (
+            "a.png",
+            _encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
+            "image/png",
+        ),
         "png_rgba": ("a.png", _png(rgba), "image/png"),
         "jpeg": ("a.jpg", _encode(Image.fromarray(rgb), "JPEG"), "image/jpeg"),
         "bmp": ("a.bmp", _encode(Image.fromarray(rgb), "BMP"), "image/bmp"),
@@ -177,13 +218,24 @@ def _formats(ws: Path) -> dict[str, tuple[str, bytes, str]]:
 def test_every_accepted_input_kind_multipart_and_raw_body(served):
     for name, (filename, data, content_type) in _formats(served.workspace).items():
         multipart = _predict(served, "eye_disease", data, filename)
-        raw = _call(served, "POST", "/v1/models/eye_disease/predict", data=data,
-                    headers={"Content-Type": content_type})
+        raw = _call(
+            served,
+            "POST",
+            "/v1/models/eye_disease/predict",
+            data=data,
+            headers={"Content-Type": content_type},
+        )
         assert multipart.status_code == raw.status_code == 200, (name, multipart.text, raw.text)
         assert multipart.json()["probabilities"] == raw.json()["probabilities"], name
     dicom = _formats(served.workspace)["dicom"][1]
-    explained = _call(served, "POST", "/v1/models/brain_tumor/explain", params={"model": "both"},
-                      data=dicom, headers={"Content-Type": "application/dicom"})
+    explained = _call(
+        served,
+        "POST",
+        "/v1/models/brain_tumor/explain",
+        params={"model": "both"},
+        data=dicom,
+        headers={"Content-Type": "application/dicom"},
+    )
     assert explained.status_code == 200, explained.text
 
 
@@ -197,23 +249,111 @@ def _bad_requests(ws: Path) -> list[tuple[str, dict, int, str]]:
     gif = _encode(Image.new("L", (16, 16)), "GIF")
     predict, explain = "/v1/models/brain_tumor/predict", "/v1/models/brain_tumor/explain"
     return [
-        ("body over 10 MB", {"url": predict, "data": b"\0" * (11 * 2**20), "headers": {"Content-Type": "image/png"}}, 413, "payload_too_large"),
-        ("chunked body over 10 MB", {"url": predict, "data": iter([b"\0" * 2**20] * 11), "headers": {"Content-Type": "image/png"}}, 413, "payload_too_large"),
-        ("20k x 20k PNG", {"url": predict, "files": {"file": ("big.png", _huge_png_header(20000, 20000))}}, 413, "image_too_large"),
-        ("unknown dataset", {"url": "/v1/models/chest_xray/predict", "files": {"file": ("a.png", png)}}, 404, "unknown_dataset"),
-        ("unknown method", {"url": explain + "?methods=lime", "files": {"file": ("a.png", png)}}, 422, "invalid_method"),
-        ("unknown model", {"url": explain + "?model=resnet", "files": {"file": ("a.png", png)}}, 422, "invalid_request"),
-        ("too many SHAP samples", {"url": explain + "?methods=shap&nsamples=100000", "files": {"file": ("a.png", png)}}, 422, "invalid_request"),
-        ("target beyond the classes", {"url": explain + "?target=9", "files": {"file": ("a.png", png)}}, 422, "invalid_request"),
-        ("text named .png", {"url": predict, "files": {"file": ("a.png", b"hello, not an image")}}, 400, "bad_image"),
-        ("truncated PNG", {"url": predict, "files": {"file": ("a.png", png[: len(png) // 2])}}, 400, "bad_image"),
-        ("empty body", {"url": predict, "data": b"", "headers": {"Content-Type": "image/png"}}, 400, "empty_body"),
-        ("multipart without file", {"url": predict, "files": {"image": ("a.png", png)}}, 400, "missing_file"),
-        ("wrong content type", {"url": predict, "data": png, "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
-        ("no content type", {"url": predict, "data": png, "headers": {"Content-Type": ""}}, 415, "unsupported_media_type"),
+        (
+            "body over 10 MB",
+            {
+                "url": predict,
+                "data": b"\0" * (11 * 2**20),
+                "headers": {"Content-Type": "image/png"},
+            },
+            413,
+            "payload_too_large",
+        ),
+        (
+            "chunked body over 10 MB",
+            {
+                "url": predict,
+                "data": iter([b"\0" * 2**20] * 11),
+                "headers": {"Content-Type": "image/png"},
+            },
+            413,
+            "payload_too_large",
+        ),
+        (
+            "20k x 20k PNG",
+            {"url": predict, "files": {"file": ("big.png", _huge_png_header(20000, 20000))}},
+            413,
+            "image_too_large",
+        ),
+        (
+            "unknown dataset",
+            {"url": "/v1/models/chest_xray/predict", "files": {"file": ("a.png", png)}},
+            404,
+            "unknown_dataset",
+        ),
+        (
+            "unknown method",
+            {"url": explain + "?methods=lime", "files": {"file": ("a.png", png)}},
+            422,
+            "invalid_method",
+        ),
+        (
+            "unknown model",
+            {"url": explain + "?model=resnet", "files": {"file": ("a.png", png)}},
+            422,
+            "invalid_request",
+        ),
+        (
+            "too many SHAP samples",
+            {"url": explain + "?methods=shap&nsamples=100000", "files": {"file": ("a.png", png)}},
+            422,
+            "invalid_request",
+        ),
+        (
+            "target beyond the classes",
+            {"url": explain + "?target=9", "files": {"file": ("a.png", png)}},
+            422,
+            "invalid_request",
+        ),
+        (
+            "text named .png",
+            {"url": predict, "files": {"file": ("a.png", b"hello, not an image")}},
+            400,
+            "bad_image",
+        ),
+        (
+            "truncated PNG",
+            {"url": predict, "files": {"file": ("a.png", png[: len(png) // 2])}},
+            400,
+            "bad_image",
+        ),
+        (
+            "empty body",
+            {"url": predict, "data": b"", "headers": {"Content-Type": "image/png"}},
+            400,
+            "empty_body",
+        ),
+        (
+            "multipart without file",
+            {"url": predict, "files": {"image": ("a.png", png)}},
+            400,
+            "missing_file",
+        ),
+        (
+            "wrong content type",
+            {"url": predict, "data": png, "headers": {"Content-Type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            {"url": predict, "data": png, "headers": {"Content-Type": ""}},
+            415,
+            "unsupported_media_type",
+        ),
         ("GIF", {"url": predict, "files": {"file": ("a.gif", gif)}}, 415, "unsupported_image"),
-        ("DICOM transfer syntax without decoder", {"url": predict, "data": unsupported, "headers": {"Content-Type": "application/dicom"}}, 415, "unsupported_image"),
-        ("DICOM without pixel data", {"url": predict, "files": {"file": ("a.dcm", no_pixels.getvalue())}}, 400, "bad_image"),
+        (
+            "DICOM transfer syntax without decoder",
+            {"url": predict, "data": unsupported, "headers": {"Content-Type": "application/dicom"}},
+            415,
+            "unsupported_image",
+        ),
+        (
+            "DICOM without pixel data",
+            {"url": predict, "files": {"file": ("a.dcm", no_pixels.getvalue())}},
+            400,
+            "bad_image",
+        ),
         ("GET on a POST route", {"url": predict, "method": "GET"}, 405, "method_not_allowed"),
         ("unknown route", {"url": "/v2/nothing", "method": "GET"}, 404, "not_found"),
     ]
@@ -227,7 +367,10 @@ def test_bad_input_is_a_4xx_with_a_json_reason_and_the_service_keeps_serving(ser
         body = response.json()
         assert body["error"] == error and body["detail"], (what, body)
     assert _call(served, "GET", "/readyz", auth=False).status_code == 200
-    assert _predict(served, "brain_tumor", _test_image(served.workspace, "brain_tumor")).status_code == 200
+    assert (
+        _predict(served, "brain_tumor", _test_image(served.workspace, "brain_tumor")).status_code
+        == 200
+    )
     log = served.log.read_text()
     assert "Traceback" not in log or "kdray" not in log.split("Traceback")[-1][:2000]
 
@@ -235,11 +378,16 @@ def test_bad_input_is_a_4xx_with_a_json_reason_and_the_service_keeps_serving(ser
 def test_bearer_token_guards_the_api_but_not_health_checks(served):
     png = _test_image(served.workspace, "alzheimer")
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": served.token}):
-        for method, path, kwargs in (("GET", "/v1/models", {}),
-                                     ("POST", "/v1/models/alzheimer/predict", {"files": {"file": ("a.png", png)}}),
-                                     ("POST", "/v1/models/alzheimer/explain", {"files": {"file": ("a.png", png)}})):
+        for method, path, kwargs in (
+            ("GET", "/v1/models", {}),
+            ("POST", "/v1/models/alzheimer/predict", {"files": {"file": ("a.png", png)}}),
+            ("POST", "/v1/models/alzheimer/explain", {"files": {"file": ("a.png", png)}}),
+        ):
             response = _call(served, method, path, auth=False, headers=headers, **kwargs)
-            assert response.status_code == 401 and response.json()["error"] == "unauthorized", (path, headers)
+            assert response.status_code == 401 and response.json()["error"] == "unauthorized", (
+                path,
+                headers,
+            )
             assert response.headers["WWW-Authenticate"] == "Bearer"
     for path in ("/healthz", "/readyz"):
         assert _call(served, "GET", path, auth=False).status_code == 200
@@ -250,11 +398,33 @@ def test_schemathesis_finds_no_server_error(served, tmp_path):
     which reach the models): at least 300, none answered with a 5xx."""
     report = tmp_path / "st.ndjson"
     proc = subprocess.run(
-        [str(BIN / "st"), "run", f"{served.url}/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "300", "--seed", "1", "--workers", "4", "-H", f"Authorization: Bearer {served.token}",
-         "--report", "ndjson", "--report-ndjson-path", str(report), "--request-timeout", "60",
-         "--no-color", "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=600,
+        [
+            str(BIN / "st"),
+            "run",
+            f"{served.url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "300",
+            "--seed",
+            "1",
+            "--workers",
+            "4",
+            "-H",
+            f"Authorization: Bearer {served.token}",
+            "--report",
+            "ndjson",
+            "--report-ndjson-path",
+            str(report),
+            "--request-timeout",
+            "60",
+            "--no-color",
+            "--suppress-health-check",
+            "all",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:]
     statuses = []

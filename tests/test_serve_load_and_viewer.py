@@ -21,12 +21,19 @@ def _images(ws: Path, per_dataset: int = 3) -> list[Path]:
 
 
 def test_sixteen_clients_for_thirty_seconds_mixing_predict_and_explain(served):
-    result = run_load(served.url, [p.read_bytes() for p in _images(served.workspace)], seconds=30,
-                      clients=16, token=served.token)
+    result = run_load(
+        served.url,
+        [p.read_bytes() for p in _images(served.workspace)],
+        seconds=30,
+        clients=16,
+        token=served.token,
+    )
     print(result.summary())
     assert not result.errors, result.summary()
     assert len(result.latencies_ms.get("predict", [])) > 100
-    assert {"explain?methods=feature_maps,gradcam", "explain?methods=shap&model=both"} <= set(result.latencies_ms)
+    assert {"explain?methods=feature_maps,gradcam", "explain?methods=shap&model=both"} <= set(
+        result.latencies_ms
+    )
 
 
 def test_viewer_asks_for_the_token_then_shows_every_explanation(served, browser, tmp_path):
@@ -48,17 +55,26 @@ def test_viewer_asks_for_the_token_then_shows_every_explanation(served, browser,
 
     bars = browser.find_elements(By.CSS_SELECTOR, "#probs-student .prob, #probs-teacher .prob")
     assert len(bars) == 8
-    overlays = browser.find_elements(By.CSS_SELECTOR, ".maps .stack img.heat, .strip .stack img.heat")
+    overlays = browser.find_elements(
+        By.CSS_SELECTOR, ".maps .stack img.heat, .strip .stack img.heat"
+    )
     assert len(overlays) == 2 + 2 + 4 + 4  # Grad-CAM and SHAP x 2 models, feature maps x blocks
     rendered = browser.execute_script(
-        "return [...document.querySelectorAll('.stack img')].map(i => i.complete && i.naturalWidth > 0)")
+        "return [...document.querySelectorAll('.stack img')].map(i => i.complete && i.naturalWidth > 0)"
+    )
     assert rendered and all(rendered)
     times = [t.text for t in browser.find_elements(By.CSS_SELECTOR, ".maps .time")]
     assert len(times) == 4 and all(t.endswith(" ms") for t in times)
-    before = browser.execute_script("return getComputedStyle(document.querySelector('.stack .heat')).opacity")
-    browser.execute_script("const s = document.getElementById('opacity'); s.value = 10; "
-                           "s.dispatchEvent(new Event('input'))")
-    after = browser.execute_script("return getComputedStyle(document.querySelector('.stack .heat')).opacity")
+    before = browser.execute_script(
+        "return getComputedStyle(document.querySelector('.stack .heat')).opacity"
+    )
+    browser.execute_script(
+        "const s = document.getElementById('opacity'); s.value = 10; "
+        "s.dispatchEvent(new Event('input'))"
+    )
+    after = browser.execute_script(
+        "return getComputedStyle(document.querySelector('.stack .heat')).opacity"
+    )
     assert float(before) > 0.5 and abs(float(after) - 0.1) < 1e-6
     shot = tmp_path / "viewer.png"
     browser.save_screenshot(str(shot))

@@ -23,7 +23,9 @@ from conftest import tiny_data
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     data = tiny_data(n_per_class=6, size=32)
-    spec = ModelSpec(kind="teacher", num_classes=4, image_size=32, class_names=list(data.spec.classes))
+    spec = ModelSpec(
+        kind="teacher", num_classes=4, image_size=32, class_names=list(data.spec.classes)
+    )
     teacher = build_model(spec).eval()
     directory = tmp_path_factory.mktemp("teacher") / "model"
     save_model(teacher, spec, directory)
@@ -33,8 +35,15 @@ def setup(tmp_path_factory):
 
 def _job(setup, **kw):
     data, cfg, _, _ = setup
-    return StudentJob(cfg, "eye_disease", list(data.spec.classes), 32, data.splits["train"],
-                      data.splits["val"], **kw)
+    return StudentJob(
+        cfg,
+        "eye_disease",
+        list(data.spec.classes),
+        32,
+        data.splits["train"],
+        data.splits["val"],
+        **kw,
+    )
 
 
 def _count_teacher_calls(monkeypatch):
@@ -52,8 +61,13 @@ def _count_teacher_calls(monkeypatch):
 def test_cached_trial_never_calls_the_teacher(setup, monkeypatch):
     calls = _count_teacher_calls(monkeypatch)
     reports = []
-    out = train_student(_job(setup, teacher_logits=setup[3]), 0.5, 4.0, [4, 8, 8, 16, 16],
-                        report=lambda m, d: reports.append((m, sorted(p.name for p in d.iterdir()))))
+    out = train_student(
+        _job(setup, teacher_logits=setup[3]),
+        0.5,
+        4.0,
+        [4, 8, 8, 16, 16],
+        report=lambda m, d: reports.append((m, sorted(p.name for p in d.iterdir()))),
+    )
     assert calls == []
     assert [m["epoch"] for m, _ in reports] == [0, 1]
     assert reports[-1][1] == ["model.json", "model.safetensors", "train_state.pt"]
@@ -97,7 +111,9 @@ def test_students_on_a_share_of_the_training_split_get_the_teachers_logits_of_th
     data, cfg, directory, logits = setup
     np.save(directory.parent / LOGITS_FILE, logits)
     teacher = TeacherResult(directory.parent, "run", {}, 0, 0, reused=True)
-    cfg = ExperimentConfig.model_validate({**cfg.to_dict(), "data": {"synthetic": {"student_fraction": 0.5}}})
+    cfg = ExperimentConfig.model_validate(
+        {**cfg.to_dict(), "data": {"synthetic": {"student_fraction": 0.5}}}
+    )
     cached = make_job(cfg, data, teacher, None, None)
     rows = data.student_indices(0.5, cfg.data.split_seed)
     assert len(cached.train) == len(rows) == len(data.splits["train"]) // 2
@@ -122,7 +138,10 @@ def test_best_epoch_weights_are_reported(setup, tmp_path):
 
     def report(metrics, directory):
         model, _ = load_model(directory)
-        saved[metrics["epoch"]] = (metrics["best_epoch"], predict_logits(model, setup[0].splits["val"].images))
+        saved[metrics["epoch"]] = (
+            metrics["best_epoch"],
+            predict_logits(model, setup[0].splits["val"].images),
+        )
 
     train_student(_job(setup, teacher_logits=setup[3]), 0.5, 4.0, [4, 8, 8, 16, 16], report=report)
     best_epoch_at_end, logits_at_end = saved[1]
@@ -150,12 +169,19 @@ def test_champion_rule_takes_fewest_flops_within_tolerance():
 def test_search_space_first_point_is_the_configured_student():
     from kdray.sweep import search_space, trial_hyperparameters
 
-    cfg = ExperimentConfig.model_validate({"kd": {"alpha": 0.3, "temperature": 6.0},
-                                           "student": {"base_width": 12, "lr": 0.002}})
+    cfg = ExperimentConfig.model_validate(
+        {"kd": {"alpha": 0.3, "temperature": 6.0}, "student": {"base_width": 12, "lr": 0.002}}
+    )
     space, first = search_space(cfg)
     assert {"alpha", "temperature", "lr", "base_width", "growth", "depth"} == set(space)
-    assert first == {"alpha": 0.3, "temperature": 6.0, "lr": 0.002, "base_width": 12, "growth": 2.0,
-                     "depth": 5}
+    assert first == {
+        "alpha": 0.3,
+        "temperature": 6.0,
+        "lr": 0.002,
+        "base_width": 12,
+        "growth": 2.0,
+        "depth": 5,
+    }
     assert 12 in space["base_width"].categories
     assert trial_hyperparameters(first, cfg) == ([12, 24, 48, 96, 96], 0.002)
     explicit = ExperimentConfig.model_validate({"student": {"depth": 2, "widths": [4, 6]}})
@@ -177,8 +203,14 @@ def test_resume_from_a_checkpoint_continues_exactly(setup, tmp_path):
 
     full = train_student(job, 0.5, 4.0, [4, 8, 8, 16, 16], report=keep)
     resumed_reports = []
-    resumed = train_student(job, 0.5, 4.0, [4, 8, 8, 16, 16], resume_from=tmp_path / "epoch0",
-                            report=lambda m, d: resumed_reports.append(m["epoch"]))
+    resumed = train_student(
+        job,
+        0.5,
+        4.0,
+        [4, 8, 8, 16, 16],
+        resume_from=tmp_path / "epoch0",
+        report=lambda m, d: resumed_reports.append(m["epoch"]),
+    )
     assert resumed_reports == [1]  # only the epoch after the checkpoint ran
     for key in ("train_loss", "val_loss", "val_accuracy", "best_val_accuracy"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-5), key
@@ -200,18 +232,26 @@ def test_each_dataset_gets_its_own_reproducible_search():
     assert brain[0] == eye[0] == first  # the configured student comes first everywhere
     assert brain[1:] != eye[1:]  # then each dataset searches on its own
     assert points("brain_tumor") == brain  # and the same again next time
-    assert sampler_seed(0, "brain_tumor") == sampler_seed(0, "brain_tumor") != sampler_seed(1, "brain_tumor")
+    assert (
+        sampler_seed(0, "brain_tumor")
+        == sampler_seed(0, "brain_tumor")
+        != sampler_seed(1, "brain_tumor")
+    )
 
 
 def test_the_search_never_proposes_a_student_deeper_than_the_image_allows():
     from kdray.sweep import search_space
 
-    cfg = ExperimentConfig.model_validate({"data": {"image_size": 32}, "tune": {"depth": [4, 5, 6]}})
+    cfg = ExperimentConfig.model_validate(
+        {"data": {"image_size": 32}, "tune": {"depth": [4, 5, 6]}}
+    )
     space, _ = search_space(cfg)
     assert sorted(space["depth"].categories) == [4, 5]  # 6 blocks would pool 32 px to nothing
     wide, _ = search_space(ExperimentConfig.model_validate({"tune": {"depth": [4, 5, 6]}}))  # 64 px
     assert sorted(wide["depth"].categories) == [4, 5, 6]
-    with pytest.raises(ValueError, match="student.depth: 6 blocks is too deep for data.image_size 32"):
+    with pytest.raises(
+        ValueError, match="student.depth: 6 blocks is too deep for data.image_size 32"
+    ):
         ExperimentConfig.model_validate({"data": {"image_size": 32}, "student": {"depth": 6}})
 
 

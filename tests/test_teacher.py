@@ -58,8 +58,12 @@ class _KillAfterFirstBatch:
         return len(self.loader)
 
 
-def observing_loop(log_dir: Path, fail_at_epoch: int | None = None, kill_rank: int | None = None,
-                   run_dir: Path | None = None):
+def observing_loop(
+    log_dir: Path,
+    fail_at_epoch: int | None = None,
+    kill_rank: int | None = None,
+    run_dir: Path | None = None,
+):
     """Wrap the product's per-worker loop: record what each rank trains on, optionally fail once.
 
     With ``kill_rank`` the failure at ``fail_at_epoch`` is that rank's process killed mid-epoch
@@ -111,12 +115,23 @@ def observing_loop(log_dir: Path, fail_at_epoch: int | None = None, kill_rank: i
 
 
 def _setup(tmp_path, **teacher):
-    cfg = ExperimentConfig.model_validate({"teacher": {"batch_size": 8, "cpus_per_worker": 1,
-                                                       "augment": {"enabled": False}, **teacher}})
+    cfg = ExperimentConfig.model_validate(
+        {
+            "teacher": {
+                "batch_size": 8,
+                "cpus_per_worker": 1,
+                "augment": {"enabled": False},
+                **teacher,
+            }
+        }
+    )
     data = tiny_data(n_per_class=8, size=32)  # 16 training images: splits evenly over 2 ranks
-    tracker = Tracker.open(MLflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
-                           _ws(tmp_path))
-    spec = ModelSpec(kind="teacher", num_classes=4, image_size=32, class_names=list(data.spec.classes))
+    tracker = Tracker.open(
+        MLflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), _ws(tmp_path)
+    )
+    spec = ModelSpec(
+        kind="teacher", num_classes=4, image_size=32, class_names=list(data.spec.classes)
+    )
     run_id = tracker.start_run("teacher-test", "eye_disease", "teacher")
     return cfg, data, tracker, spec, run_id
 
@@ -128,28 +143,48 @@ def _ws(tmp_path):
 
 
 def _epochs_logged(tracker: Tracker, run_id: str) -> list[int]:
-    return sorted(m.step for m in MlflowClient(tracker.tracking_uri).get_metric_history(run_id, "val_accuracy"))
+    return sorted(
+        m.step
+        for m in MlflowClient(tracker.tracking_uri).get_metric_history(run_id, "val_accuracy")
+    )
 
 
 @pytest.mark.integration
 def test_ddp_two_workers_disjoint_shards_and_checkpoint_restores(ray_local, tmp_path):
     cfg, data, tracker, spec, run_id = _setup(tmp_path, num_workers=2, epochs=2)
-    state = fit_teacher(cfg, data, spec, tracker, run_id, "ddp", str(tmp_path / "ray"),
-                        loop=observing_loop(tmp_path))
+    state = fit_teacher(
+        cfg,
+        data,
+        spec,
+        tracker,
+        run_id,
+        "ddp",
+        str(tmp_path / "ray"),
+        loop=observing_loop(tmp_path),
+    )
     n_train = len(data.splits["train"])
-    rows = {r: [line.split() for line in (tmp_path / f"rank{r}.log").read_text().splitlines()] for r in (0, 1)}
+    rows = {
+        r: [line.split() for line in (tmp_path / f"rank{r}.log").read_text().splitlines()]
+        for r in (0, 1)
+    }
     for epoch in (0, 1):
         shard0 = {int(i) for i in rows[0][epoch][1:]}
         shard1 = {int(i) for i in rows[1][epoch][1:]}
         assert shard0.isdisjoint(shard1)
         assert shard0 | shard1 == set(range(n_train))
     # DDP keeps the replicas' weights identical; the checkpoint (rank 0) restores its predictions.
-    np.testing.assert_allclose(np.load(tmp_path / "rank0-weights.npy"),
-                               np.load(tmp_path / "rank1-weights.npy"), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "rank0-weights.npy"),
+        np.load(tmp_path / "rank1-weights.npy"),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     rank0 = np.load(tmp_path / "rank0-logits.npy")
     restored = build_model(spec)
     restored.load_state_dict(state["model"])
-    np.testing.assert_allclose(predict_logits(restored, data.splits["val"].images), rank0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        predict_logits(restored, data.splits["val"].images), rank0, rtol=1e-5, atol=1e-5
+    )
     assert state["epoch"] == 1
     assert _epochs_logged(tracker, run_id) == [0, 1]  # rank 0 alone logs to MLflow
     precision = "bfloat16" if cpu_has_amx() else "float32"  # teacher.amp on a CPU
@@ -159,9 +194,19 @@ def test_ddp_two_workers_disjoint_shards_and_checkpoint_restores(ray_local, tmp_
 @pytest.mark.integration
 def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, tmp_path):
     cfg, data, tracker, spec, run_id = _setup(tmp_path, num_workers=1, epochs=3, max_failures=1)
-    state = fit_teacher(cfg, data, spec, tracker, run_id, "fault", str(tmp_path / "ray"),
-                        loop=observing_loop(tmp_path, fail_at_epoch=1))
-    epochs_run = [int(line.split()[0]) for line in (tmp_path / "rank0.log").read_text().splitlines()]
+    state = fit_teacher(
+        cfg,
+        data,
+        spec,
+        tracker,
+        run_id,
+        "fault",
+        str(tmp_path / "ray"),
+        loop=observing_loop(tmp_path, fail_at_epoch=1),
+    )
+    epochs_run = [
+        int(line.split()[0]) for line in (tmp_path / "rank0.log").read_text().splitlines()
+    ]
     assert epochs_run == [0, 1, 1, 2]  # failed in epoch 2 (index 1), resumed there, not at 0
     assert state["epoch"] == 2
     assert _epochs_logged(tracker, run_id) == [0, 1, 2]  # one run, each epoch logged once
@@ -173,14 +218,26 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, tmp_path):
 def test_killed_worker_process_mid_epoch_resumes_from_the_last_checkpoint(ray_local, tmp_path):
     """Two DDP workers; rank 1's process is SIGKILLed inside epoch 2: the group restarts once."""
     # Batches of 4, 2 images per rank: 4 steps an epoch, so the kill lands inside the epoch.
-    cfg, data, tracker, spec, run_id = _setup(tmp_path, num_workers=2, epochs=3, max_failures=1,
-                                              batch_size=4)
-    state = fit_teacher(cfg, data, spec, tracker, run_id, "kill", str(tmp_path / "ray"),
-                        loop=observing_loop(tmp_path, fail_at_epoch=1, kill_rank=1,
-                                            run_dir=tmp_path / "ray" / "kill"))
+    cfg, data, tracker, spec, run_id = _setup(
+        tmp_path, num_workers=2, epochs=3, max_failures=1, batch_size=4
+    )
+    state = fit_teacher(
+        cfg,
+        data,
+        spec,
+        tracker,
+        run_id,
+        "kill",
+        str(tmp_path / "ray"),
+        loop=observing_loop(
+            tmp_path, fail_at_epoch=1, kill_rank=1, run_dir=tmp_path / "ray" / "kill"
+        ),
+    )
     assert (tmp_path / "failed-once").exists()
     for rank in (0, 1):
-        epochs_run = [int(line.split()[0]) for line in (tmp_path / f"rank{rank}.log").read_text().splitlines()]
+        epochs_run = [
+            int(line.split()[0]) for line in (tmp_path / f"rank{rank}.log").read_text().splitlines()
+        ]
         assert epochs_run == [0, 1, 1, 2], (rank, epochs_run)  # epoch 2 again, not from scratch
     assert state["epoch"] == 2
     assert _epochs_logged(tracker, run_id) == [0, 1, 2]  # one set of epochs in one run
@@ -192,11 +249,17 @@ def test_teacher_key_tracks_data_and_recipe_not_scaling():
     base = ExperimentConfig()
     key = teacher_key(base, data)
     assert teacher_key(base.model_copy(deep=True), data) == key
-    scaled = ExperimentConfig.model_validate({"teacher": {"num_workers": 4, "cpus_per_worker": 1,
-                                                          "amp": False}})
+    scaled = ExperimentConfig.model_validate(
+        {"teacher": {"num_workers": 4, "cpus_per_worker": 1, "amp": False}}
+    )
     assert teacher_key(scaled, data) == key
     assert teacher_key(ExperimentConfig.model_validate({"teacher": {"lr": 0.01}}), data) != key
-    assert teacher_key(ExperimentConfig.model_validate({"teacher": {"augment": {"rotation": 5}}}), data) != key
+    assert (
+        teacher_key(
+            ExperimentConfig.model_validate({"teacher": {"augment": {"rotation": 5}}}), data
+        )
+        != key
+    )
     assert teacher_key(base, tiny_data(n_per_class=3, size=16)) != key
 
 
@@ -234,24 +297,40 @@ def test_mixed_precision_is_fp16_on_a_gpu_bf16_on_a_cpu_with_amx_else_fp32(tmp_p
     assert amp_dtype(torch.device("cuda"), True) == torch.float16
     assert amp_dtype(torch.device("cpu"), True, amx=True) == torch.bfloat16
     assert amp_dtype(torch.device("cpu"), True, amx=False) is None
-    assert amp_dtype(torch.device("cuda"), False) is None and amp_dtype(torch.device("cpu"), False, amx=True) is None
+    assert (
+        amp_dtype(torch.device("cuda"), False) is None
+        and amp_dtype(torch.device("cpu"), False, amx=True) is None
+    )
 
 
 def test_a_bf16_epoch_computes_in_bf16_and_keeps_fp32_weights():
     data = tiny_data(n_per_class=4, size=16)
-    spec = ModelSpec(kind="student", num_classes=4, image_size=16, class_names=list(data.spec.classes),
-                     widths=[4, 8])
+    spec = ModelSpec(
+        kind="student",
+        num_classes=4,
+        image_size=16,
+        class_names=list(data.spec.classes),
+        widths=[4, 8],
+    )
     torch.manual_seed(0)
     model = build_model(spec).to(memory_format=torch.channels_last)
     seen = []
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     before = [p.detach().clone() for p in model.parameters()]
-    loader = make_loader((data.splits["train"].images, data.splits["train"].labels), 4, shuffle=True, seed=0)
+    loader = make_loader(
+        (data.splits["train"].images, data.splits["train"].labels), 4, shuffle=True, seed=0
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    stats = train_epoch(model, loader, lambda logits, y, _e, _x: {"loss": F.cross_entropy(logits, y)},
-                        optimizer, "cpu", augment=channels_last(),
-                        autocast=torch.bfloat16)
+    stats = train_epoch(
+        model,
+        loader,
+        lambda logits, y, _e, _x: {"loss": F.cross_entropy(logits, y)},
+        optimizer,
+        "cpu",
+        augment=channels_last(),
+        autocast=torch.bfloat16,
+    )
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert np.isfinite(stats["loss"])

@@ -29,8 +29,12 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root / "server.log",
-                       "--default-artifact-root", (root / "artifacts").as_uri()) as url:
+    with mlflow_server(
+        f"sqlite:///{root / 'mlflow.db'}",
+        root / "server.log",
+        "--default-artifact-root",
+        (root / "artifacts").as_uri(),
+    ) as url:
         yield int(url.rsplit(":", 1)[1]), root
 
 
@@ -42,8 +46,12 @@ def proxied(server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     proxy = Proxy(server[0])
     ws = Workspace(tmp_path / "ws").create()
-    tracker = Tracker.open(MLflowConfig(tracking_uri=f"http://127.0.0.1:{proxy.port}",
-                                       experiment=f"outage-{tmp_path.name}"), ws)
+    tracker = Tracker.open(
+        MLflowConfig(
+            tracking_uri=f"http://127.0.0.1:{proxy.port}", experiment=f"outage-{tmp_path.name}"
+        ),
+        ws,
+    )
     yield proxy, tracker
     proxy.down()
 

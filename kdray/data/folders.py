@@ -34,7 +34,8 @@ def _subdirs(path: Path) -> list[Path]:
 
 def _images_under(path: Path) -> list[Path]:
     return sorted(
-        p for p in path.rglob("*")
+        p
+        for p in path.rglob("*")
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
     )
 

@@ -24,7 +24,9 @@ CONTEXT_TAG = "mlflow.data.context"  # MLflow's own tag: shown next to the datas
 DIGEST_LENGTH = 12
 
 
-def split_inputs(data: PreparedData, splits: tuple[str, ...] = ("train", "val", "test")) -> list[DatasetInput]:
+def split_inputs(
+    data: PreparedData, splits: tuple[str, ...] = ("train", "val", "test")
+) -> list[DatasetInput]:
     """One :class:`~mlflow.entities.DatasetInput` per split of ``data`` (those that exist)."""
     classes = list(data.spec.classes)
     manifest = data.manifest
@@ -35,17 +37,27 @@ def split_inputs(data: PreparedData, splits: tuple[str, ...] = ("train", "val", 
             continue
         labels = np.asarray(data.splits[split].labels)
         counts = {name: int((labels == i).sum()) for i, name in enumerate(classes)}
-        profile = {"num_images": int(len(labels)), "class_counts": counts,
-                   "image_size": data.image_size}
-        schema = {"images": f"uint8 RGB {data.image_size}x{data.image_size}",
-                  "labels": f"int class index into {classes}"}
+        profile = {
+            "num_images": int(len(labels)),
+            "class_counts": counts,
+            "image_size": data.image_size,
+        }
+        schema = {
+            "images": f"uint8 RGB {data.image_size}x{data.image_size}",
+            "labels": f"int class index into {classes}",
+        }
         name, digest = f"{manifest.dataset}-{split}", manifest.fingerprint
         if split == "train" and data.student_fraction < 1.0:
             name = f"{name}-{data.student_fraction:.0%}"
             profile["student_fraction"] = data.student_fraction
             digest = hashlib.sha256(f"{digest}|{data.student_fraction!r}".encode()).hexdigest()
-        dataset = Dataset(name=name, digest=digest[:DIGEST_LENGTH],
-                          source_type="local", source=source, schema=json.dumps(schema),
-                          profile=json.dumps(profile))
+        dataset = Dataset(
+            name=name,
+            digest=digest[:DIGEST_LENGTH],
+            source_type="local",
+            source=source,
+            schema=json.dumps(schema),
+            profile=json.dumps(profile),
+        )
         out.append(DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, split)]))
     return out

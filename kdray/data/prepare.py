@@ -61,8 +61,11 @@ class Split:
 
     def take(self, indices: np.ndarray) -> Split:
         """The images at ``indices`` (with their masks)."""
-        return Split(self.images[indices], self.labels[indices],
-                     None if self.masks is None else self.masks[indices])
+        return Split(
+            self.images[indices],
+            self.labels[indices],
+            None if self.masks is None else self.masks[indices],
+        )
 
 
 @dataclass
@@ -122,8 +125,13 @@ class PreparedData:
         if fraction >= 1.0:
             return self
         train = self.splits["train"].take(self.student_indices(fraction, seed))
-        return PreparedData(self.spec, self.manifest, self.image_size,
-                            {**self.splits, "train": train}, student_fraction=fraction)
+        return PreparedData(
+            self.spec,
+            self.manifest,
+            self.image_size,
+            {**self.splits, "train": train},
+            student_fraction=fraction,
+        )
 
 
 def stratified_split(
@@ -141,9 +149,13 @@ def stratified_split(
         by_label.setdefault(label, []).append(i)
     for label, indices in sorted(by_label.items()):
         if len(indices) <= len(fractions):
-            log.warning("class %r has only %d image(s): too few for one in each of train and %s; "
-                        "some of these splits will have none of it",
-                        names[label] if names else label, len(indices), " and ".join(fractions))
+            log.warning(
+                "class %r has only %d image(s): too few for one in each of train and %s; "
+                "some of these splits will have none of it",
+                names[label] if names else label,
+                len(indices),
+                " and ".join(fractions),
+            )
         order = np.random.default_rng([seed, label]).permutation(len(indices))
         start = 0
         for name, share in fractions.items():
@@ -178,10 +190,20 @@ def find_masks(masks_root: Path | None, rels: list[str]) -> dict[str, str]:
     return out
 
 
-def _fingerprint(spec: DatasetSpec, root: Path, found: dict, cfg: DataConfig,
-                 masks_root: Path | None, masks: dict[str, str]) -> str:
+def _fingerprint(
+    spec: DatasetSpec,
+    root: Path,
+    found: dict,
+    cfg: DataConfig,
+    masks_root: Path | None,
+    masks: dict[str, str],
+) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([spec.id, str(root), cfg.val_fraction, cfg.test_fraction, cfg.split_seed]).encode())
+    h.update(
+        json.dumps(
+            [spec.id, str(root), cfg.val_fraction, cfg.test_fraction, cfg.split_seed]
+        ).encode()
+    )
     for part in sorted(found):
         for rel, label in found[part]:
             h.update(f"{part}|{rel}|{label}|{(root / rel).stat().st_size}\n".encode())
@@ -221,7 +243,9 @@ def _check_files(
         return found, []
     if not cfg.skip_unreadable:
         raise _unreadable_error(spec, root, bad)
-    kept = {part: [(r, lab) for r, lab in items if reasons[r] is None] for part, items in found.items()}
+    kept = {
+        part: [(r, lab) for r, lab in items if reasons[r] is None] for part, items in found.items()
+    }
     for part, items in kept.items():
         empty = sorted(set(range(spec.num_classes)) - {lab for _, lab in items})
         if empty:
@@ -234,9 +258,15 @@ def _check_files(
 
 
 def _warn_skipped(spec: DatasetSpec, root: Path, skipped: list[dict]) -> None:
-    log.warning("dataset %r: leaving out %d unreadable image file(s) under %s "
-                "(data.skip_unreadable; listed in the manifest's 'skipped'), e.g. %s: %s",
-                spec.id, len(skipped), root, skipped[0]["path"], skipped[0]["reason"])
+    log.warning(
+        "dataset %r: leaving out %d unreadable image file(s) under %s "
+        "(data.skip_unreadable; listed in the manifest's 'skipped'), e.g. %s: %s",
+        spec.id,
+        len(skipped),
+        root,
+        skipped[0]["path"],
+        skipped[0]["reason"],
+    )
 
 
 def build_manifest(
@@ -275,14 +305,23 @@ def build_manifest(
         items = found["train"]
         fractions = {"val": cfg.val_fraction}
         entries += [{"path": rel, "label": lab, "split": "test"} for rel, lab in found["test"]]
-    names = stratified_split([lab for _, lab in items], fractions, cfg.split_seed, list(spec.classes))
-    entries += [{"path": rel, "label": lab, "split": s} for (rel, lab), s in zip(items, names, strict=True)]
+    names = stratified_split(
+        [lab for _, lab in items], fractions, cfg.split_seed, list(spec.classes)
+    )
+    entries += [
+        {"path": rel, "label": lab, "split": s} for (rel, lab), s in zip(items, names, strict=True)
+    ]
     for entry in entries:
         if entry["path"] in masks:
             entry["mask"] = masks[entry["path"]]
     if masks_root is not None:
-        log.info("dataset %r: %d of %d images have a lesion mask under %s", spec.id,
-                 sum("mask" in e for e in entries), len(entries), masks_root)
+        log.info(
+            "dataset %r: %d of %d images have a lesion mask under %s",
+            spec.id,
+            sum("mask" in e for e in entries),
+            len(entries),
+            masks_root,
+        )
     manifest = Manifest(
         dataset=spec.id,
         root=str(root),
@@ -313,15 +352,19 @@ def _read(path: Path, size: int) -> np.ndarray:
 def _load_split(manifest: Manifest, split: str, size: int) -> Split:
     entries = manifest.split_entries(split)
     root = Path(manifest.root)
-    images = np.stack([_read(root / e["path"], size) for e in entries]) if entries else (
-        np.zeros((0, 3, size, size), np.uint8))
+    images = (
+        np.stack([_read(root / e["path"], size) for e in entries])
+        if entries
+        else (np.zeros((0, 3, size, size), np.uint8))
+    )
     labels = np.array([e["label"] for e in entries], dtype=np.int64)
     masks = None
     if manifest.masks_root and any("mask" in e for e in entries):
         mroot = Path(manifest.masks_root)
         empty = np.zeros((size, size), bool)
-        masks = np.stack([_read_mask(mroot / e["mask"], size) if "mask" in e else empty
-                          for e in entries])
+        masks = np.stack(
+            [_read_mask(mroot / e["mask"], size) if "mask" in e else empty for e in entries]
+        )
     return Split(images, labels, masks)
 
 
@@ -338,8 +381,7 @@ def load_splits(manifest: Manifest, size: int, ws: Workspace) -> dict[str, Split
     if path.is_file():
         with np.load(path) as z:
             return {
-                s: Split(z[f"{s}_images"], z[f"{s}_labels"], z.get(f"{s}_masks"))
-                for s in SPLITS
+                s: Split(z[f"{s}_images"], z[f"{s}_labels"], z.get(f"{s}_masks")) for s in SPLITS
             }
     splits = {s: _load_split(manifest, s, size) for s in SPLITS}
     arrays: dict[str, np.ndarray] = {}
@@ -391,20 +433,29 @@ def prepare_manifest(cfg: DataConfig, dataset_id: str, ws: Workspace) -> Manifes
 def prepare_dataset(cfg: DataConfig, dataset_id: str, ws: Workspace) -> PreparedData:
     """:func:`prepare_manifest`, then the arrays (cached)."""
     manifest = prepare_manifest(cfg, dataset_id, ws)
-    return PreparedData(get_spec(dataset_id), manifest, cfg.image_size,
-                        load_splits(manifest, cfg.image_size, ws))
+    return PreparedData(
+        get_spec(dataset_id), manifest, cfg.image_size, load_splits(manifest, cfg.image_size, ws)
+    )
 
 
 def in_memory_synthetic(
-    dataset_id: str, n_per_class: int, size: int, seed: int = 0,
-    val_fraction: float = 0.25, test_fraction: float = 0.25,
+    dataset_id: str,
+    n_per_class: int,
+    size: int,
+    seed: int = 0,
+    val_fraction: float = 0.25,
+    test_fraction: float = 0.25,
 ) -> PreparedData:
     """Synthetic data straight into memory (no files, no workspace): for tests and benchmarks."""
     spec = get_spec(dataset_id)
     images, labels, masks = synthetic.make_arrays(dataset_id, n_per_class, size, seed)
     images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    names = np.array(stratified_split(labels.tolist(), {"test": test_fraction, "val": val_fraction}, seed))
+    names = np.array(
+        stratified_split(labels.tolist(), {"test": test_fraction, "val": val_fraction}, seed)
+    )
     splits = {s: Split(images[names == s], labels[names == s], masks[names == s]) for s in SPLITS}
-    fingerprint = hashlib.sha256(f"memory|{dataset_id}|{n_per_class}|{size}|{seed}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        f"memory|{dataset_id}|{n_per_class}|{size}|{seed}".encode()
+    ).hexdigest()
     manifest = Manifest(dataset_id, "<memory>", None, list(spec.classes), fingerprint)
     return PreparedData(spec, manifest, size, splits)

@@ -37,7 +37,9 @@ def prediction_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"label arrays {a.shape} and {b.shape} must have one equal, non-zero length")
+        raise ValueError(
+            f"label arrays {a.shape} and {b.shape} must have one equal, non-zero length"
+        )
     return float((a == b).mean())
 
 

@@ -67,8 +67,12 @@ def _png_from(value: Any) -> bytes:
 PngBytes = Annotated[
     bytes,
     PlainValidator(_png_from),
-    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str, when_used="json"),
-    WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}),
+    PlainSerializer(
+        lambda b: base64.b64encode(b).decode("ascii"), return_type=str, when_used="json"
+    ),
+    WithJsonSchema(
+        {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}
+    ),
 ]
 
 
@@ -149,19 +153,31 @@ Render = Literal["overlay", "layer", "both"]
 
 
 def _render(
-    method: str, arrays: list[tuple[str, np.ndarray]], shown: np.ndarray, include_arrays: bool,
-    render: Render, grid: bool,
+    method: str,
+    arrays: list[tuple[str, np.ndarray]],
+    shown: np.ndarray,
+    include_arrays: bool,
+    render: Render,
+    grid: bool,
 ) -> tuple[list[LayerMap], bytes | None]:
     """The maps as PNG: overlays and/or the maps alone (and, for feature maps, the strip)."""
     signed = method == "shap"
-    overlays = ([signed_overlay(shown, a) if signed else heat_overlay(shown, a) for _, a in arrays]
-                if render != "layer" or (grid and method == "feature_maps") else None)
-    maps = [LayerMap(layer=name,
-                     png=png_bytes(overlays[i]) if render != "layer" else None,
-                     heat_png=png_bytes(signed_layer(a) if signed else heat_layer(a))
-                     if render != "overlay" else None,
-                     array=a if include_arrays else None)
-            for i, (name, a) in enumerate(arrays)]
+    overlays = (
+        [signed_overlay(shown, a) if signed else heat_overlay(shown, a) for _, a in arrays]
+        if render != "layer" or (grid and method == "feature_maps")
+        else None
+    )
+    maps = [
+        LayerMap(
+            layer=name,
+            png=png_bytes(overlays[i]) if render != "layer" else None,
+            heat_png=png_bytes(signed_layer(a) if signed else heat_layer(a))
+            if render != "overlay"
+            else None,
+            array=a if include_arrays else None,
+        )
+        for i, (name, a) in enumerate(arrays)
+    ]
     strip_png = None
     if grid and method == "feature_maps":
         tile = (shown * 255 + 0.5).astype(np.uint8)
@@ -216,7 +232,9 @@ def explain(
     cfg = cfg or ExplainConfig()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown explanation method(s) {unknown}; expected any of {list(METHODS)}")
+        raise ValueError(
+            f"unknown explanation method(s) {unknown}; expected any of {list(METHODS)}"
+        )
     wanted = [m for m in METHODS if m in methods]
     if "shap" in wanted and background is None:
         raise ValueError("method 'shap' needs background images (see kdray.explain.background)")
@@ -250,19 +268,28 @@ def explain(
             arrays = [("input", sm.maps[0])]
         t1 = time.perf_counter()
         maps, strip_png = _render(method, arrays, shown, include_arrays, render, grid)
-        results[method] = MethodResult(method=method, time_ms=(t1 - t0) * 1e3,
-                                       render_ms=(time.perf_counter() - t1) * 1e3,
-                                       signed=method == "shap", maps=maps, grid_png=strip_png)
+        results[method] = MethodResult(
+            method=method,
+            time_ms=(t1 - t0) * 1e3,
+            render_ms=(time.perf_counter() - t1) * 1e3,
+            signed=method == "shap",
+            maps=maps,
+            grid_png=strip_png,
+        )
     logits = _predict(model, x) if logits is None else logits
     probs = torch.softmax(torch.from_numpy(logits[0]), 0).numpy()
     pred = int(probs.argmax())
     explained = int(target) if target is not None else pred
     return Explanation(
-        prediction=pred, class_name=_name(class_names, pred),
-        probabilities=[float(p) for p in probs], target=explained,
-        target_name=_name(class_names, explained), image_size=(x.shape[2], x.shape[3]),
+        prediction=pred,
+        class_name=_name(class_names, pred),
+        probabilities=[float(p) for p in probs],
+        target=explained,
+        target_name=_name(class_names, explained),
+        image_size=(x.shape[2], x.shape[3]),
         input_png=png_bytes((shown * 255.0 + 0.5).astype(np.uint8)),
-        methods=results, total_ms=(time.perf_counter() - start) * 1e3,
+        methods=results,
+        total_ms=(time.perf_counter() - start) * 1e3,
     )
 
 
@@ -302,9 +329,21 @@ class Explainer:
         """Configured methods this explainer can run (``shap`` only with a background)."""
         return [m for m in self.cfg.methods if m != "shap" or self.background is not None]
 
-    def explain(self, image: ImageLike, methods: Sequence[str] | None = None,
-                target: int | None = None, **kwargs: Any) -> Explanation:
+    def explain(
+        self,
+        image: ImageLike,
+        methods: Sequence[str] | None = None,
+        target: int | None = None,
+        **kwargs: Any,
+    ) -> Explanation:
         """:func:`explain` with this explainer's model, names, background and config."""
-        return explain(self.model, image, self.methods if methods is None else methods,
-                       background=self.background, class_names=self.class_names,
-                       target=target, cfg=self.cfg, **kwargs)
+        return explain(
+            self.model,
+            image,
+            self.methods if methods is None else methods,
+            background=self.background,
+            class_names=self.class_names,
+            target=target,
+            cfg=self.cfg,
+            **kwargs,
+        )

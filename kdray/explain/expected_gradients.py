@@ -89,9 +89,7 @@ def _simplify(module: nn.Module) -> None:
             mods[a], mods[b] = mods[b], mods[a]
 
 
-_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = (
-    weakref.WeakKeyDictionary()
-)
+_COPIES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def _state_key(model: nn.Module) -> tuple:
@@ -142,8 +140,13 @@ def default_batch_size(pixels: int, total: int, budget_mb: float = 24.0) -> int:
 
 
 def _torch_engine(
-    model: nn.Module, x: torch.Tensor, background: torch.Tensor, targets: np.ndarray,
-    nsamples: int, batch_size: int, seed: int,
+    model: nn.Module,
+    x: torch.Tensor,
+    background: torch.Tensor,
+    targets: np.ndarray,
+    nsamples: int,
+    batch_size: int,
+    seed: int,
 ) -> np.ndarray:
     n = x.shape[0]
     idx, t = draw_samples(background.shape[0], nsamples, seed)
@@ -176,15 +179,21 @@ class _ClassScore(nn.Module):
 
 
 def _shap_engine(
-    model: nn.Module, x: torch.Tensor, background: torch.Tensor, targets: np.ndarray,
-    nsamples: int, batch_size: int, seed: int,
+    model: nn.Module,
+    x: torch.Tensor,
+    background: torch.Tensor,
+    targets: np.ndarray,
+    nsamples: int,
+    batch_size: int,
+    seed: int,
 ) -> np.ndarray:
     import shap  # slow import (pandas, numba); only the reference engine needs it
 
     out = np.zeros(tuple(x.shape), np.float32)
     for cls in np.unique(targets):
-        explainer = shap.GradientExplainer(_ClassScore(model, int(cls)), background,
-                                           batch_size=batch_size)
+        explainer = shap.GradientExplainer(
+            _ClassScore(model, int(cls)), background, batch_size=batch_size
+        )
         for j in np.flatnonzero(targets == cls):
             values = explainer.shap_values(x[j : j + 1], nsamples=nsamples, rseed=seed)
             out[j] = np.asarray(values)[0, ..., 0]
@@ -224,8 +233,9 @@ def shap_maps(
     x = to_batch(images)
     bg = to_batch(background)
     if bg.shape[1:] != x.shape[1:]:
-        raise ValueError(f"background images {tuple(bg.shape[1:])} differ from input "
-                         f"{tuple(x.shape[1:])}")
+        raise ValueError(
+            f"background images {tuple(bg.shape[1:])} differ from input {tuple(x.shape[1:])}"
+        )
     batch = batch_size or default_batch_size(x.shape[2] * x.shape[3], x.shape[0] * nsamples)
     with model_lock(model), eval_mode(model):
         tgt = resolve_targets(model, x, targets)

@@ -171,8 +171,9 @@ def deletion_insertion(
     maps = np.asarray(maps, dtype=np.float32)
     targets = np.asarray(targets, dtype=np.int64)
     if maps.shape != (n, h, w) or targets.shape != (n,):
-        raise ValueError(f"maps {maps.shape} / targets {targets.shape} do not match images "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"maps {maps.shape} / targets {targets.shape} do not match images {tuple(x.shape)}"
+        )
     base = _baseline(x, baseline)
     fractions = np.linspace(0.0, 1.0, steps + 1)
     counts = np.round(fractions * h * w).astype(np.int64)
@@ -189,8 +190,12 @@ def deletion_insertion(
             deleted = torch.where(keep[i], base[i], x[i])  # (S, 3, H, W)
             inserted = torch.where(keep[i], x[i], base[i])
             batch = torch.cat([deleted, inserted])
-            probs = torch.cat([torch.softmax(model(batch[s : s + batch_size]), 1)
-                               for s in range(0, len(batch), batch_size)])
+            probs = torch.cat(
+                [
+                    torch.softmax(model(batch[s : s + batch_size]), 1)
+                    for s in range(0, len(batch), batch_size)
+                ]
+            )
             p = probs[:, targets[i]].numpy()
             curves[0, i], curves[1, i] = p[: steps + 1], p[steps + 1 :]
     auc = np.trapezoid(curves, fractions, axis=2)

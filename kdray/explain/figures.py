@@ -15,8 +15,14 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from kdray.explain.render import heat_overlay, signed_overlay  # noqa: E402
 
-__all__ = ["Example", "curves_figure", "explanation_grid", "feature_map_figure",
-           "learning_curves_figure", "reliability_figure"]
+__all__ = [
+    "Example",
+    "curves_figure",
+    "explanation_grid",
+    "feature_map_figure",
+    "learning_curves_figure",
+    "reliability_figure",
+]
 
 MASK_COLOUR = "#39ff14"
 MODEL_COLOURS = ("#1f4e9c", "#d9822b", "#3a9d5d", "#8e44ad")  # one per model, in order
@@ -51,8 +57,12 @@ def _panel(ax: Axes, rgb: np.ndarray, mask: np.ndarray | None, title: str | None
         ax.set_title(title, fontsize=9)
 
 
-_METHOD_COLOURS = {"feature_maps": "tab:blue", "gradcam": "tab:orange", "shap": "tab:green",
-                   "random": "tab:gray"}
+_METHOD_COLOURS = {
+    "feature_maps": "tab:blue",
+    "gradcam": "tab:orange",
+    "shap": "tab:green",
+    "random": "tab:gray",
+}
 _METHOD_TITLES = {"feature_maps": "feature map", "gradcam": "Grad-CAM", "shap": "SHAP"}
 
 
@@ -142,8 +152,14 @@ def curves_figure(
     for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
         for label, curve in curves[kind].items():
             model, _, method = label.partition(" ")
-            ax.plot(fractions, curve, "--" if model == "student" else "-", label=label,
-                    color=_METHOD_COLOURS.get(method, "black"), linewidth=1.4)
+            ax.plot(
+                fractions,
+                curve,
+                "--" if model == "student" else "-",
+                label=label,
+                color=_METHOD_COLOURS.get(method, "black"),
+                linewidth=1.4,
+            )
         ax.set_title(f"{kind} (mean class probability)", fontsize=10)
         ax.set_xlabel("share of pixels " + ("removed" if kind == "deletion" else "revealed"))
         ax.set_ylim(0, 1)
@@ -172,11 +188,24 @@ def reliability_figure(calibrations: dict[str, dict], path: Path, title: str = "
         # A bin of one or two images swings between 0 and 1: the line is faint and each point's
         # area follows its share of the images, so the eye goes to the bins that carry weight.
         ax.plot(conf[seen], acc[seen], "-", color=colour, linewidth=1.0, alpha=0.45)
-        ax.scatter(conf[seen], acc[seen], s=8 + 400 * count[seen] / count.sum(), color=colour,
-                   alpha=0.85, edgecolors="white", linewidths=0.5, label=f"{label} (ECE {c['ece']:.3f})")
+        ax.scatter(
+            conf[seen],
+            acc[seen],
+            s=8 + 400 * count[seen] / count.sum(),
+            color=colour,
+            alpha=0.85,
+            edgecolors="white",
+            linewidths=0.5,
+            label=f"{label} (ECE {c['ece']:.3f})",
+        )
         centres = (np.arange(bins) + 0.5) / bins
-        hist.bar(centres + (i - (len(calibrations) - 1) / 2) * width, c["bin_count"], width=width,
-                 color=colour, alpha=0.8)
+        hist.bar(
+            centres + (i - (len(calibrations) - 1) / 2) * width,
+            c["bin_count"],
+            width=width,
+            color=colour,
+            alpha=0.8,
+        )
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -207,9 +236,18 @@ def learning_curves_figure(curves: dict[str, Sequence[float]], path: Path, title
         x = np.arange(1, len(y) + 1)
         colour = MODEL_COLOURS[i % len(MODEL_COLOURS)]
         best = int(np.argmax(y))
-        ax.plot(x, y, "-o", color=colour, markersize=2.5, linewidth=1.2,
-                label=f"{label} (best {y[best]:.3f}, epoch {best + 1})")
-        ax.scatter([x[best]], [y[best]], s=40, color=colour, edgecolors="black", linewidths=0.6, zorder=3)
+        ax.plot(
+            x,
+            y,
+            "-o",
+            color=colour,
+            markersize=2.5,
+            linewidth=1.2,
+            label=f"{label} (best {y[best]:.3f}, epoch {best + 1})",
+        )
+        ax.scatter(
+            [x[best]], [y[best]], s=40, color=colour, edgecolors="black", linewidths=0.6, zorder=3
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(0, 1.02)

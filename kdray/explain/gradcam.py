@@ -21,8 +21,14 @@ from torch import nn
 from kdray.explain.hooks import capture_outputs, eval_mode, grads_only_for, model_lock
 from kdray.explain.inputs import ImageLike, to_batch
 
-__all__ = ["MIN_CAM_SIDE", "CamMaps", "ExplainError", "default_cam_layer", "grad_cam",
-           "layer_output_size"]
+__all__ = [
+    "MIN_CAM_SIDE",
+    "CamMaps",
+    "ExplainError",
+    "default_cam_layer",
+    "grad_cam",
+    "layer_output_size",
+]
 
 
 class ExplainError(RuntimeError):
@@ -48,7 +54,8 @@ class CamMaps:
 
 MIN_CAM_SIDE = 7  # the last block's output at 224 px in both models (and in the Grad-CAM paper)
 _SIZES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], tuple[int, int]]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 def layer_output_size(model: nn.Module, layer: str, image_size: int) -> tuple[int, int]:
@@ -56,15 +63,21 @@ def layer_output_size(model: nn.Module, layer: str, image_size: int) -> tuple[in
     sizes = _SIZES.setdefault(model, {})
     if (layer, image_size) not in sizes:
         names = [n for n in getattr(model, "block_names", []) if n != layer] + [layer]
-        with model_lock(model), eval_mode(model), torch.no_grad(), capture_outputs(model, names) as out:
+        with (
+            model_lock(model),
+            eval_mode(model),
+            torch.no_grad(),
+            capture_outputs(model, names) as out,
+        ):
             model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
         for name in names:
             sizes[(name, image_size)] = (int(out[name].shape[-2]), int(out[name].shape[-1]))
     return sizes[(layer, image_size)]
 
 
-def default_cam_layer(model: nn.Module, image_size: int | None = None,
-                      min_side: int = MIN_CAM_SIDE) -> str:
+def default_cam_layer(
+    model: nn.Module, image_size: int | None = None, min_side: int = MIN_CAM_SIDE
+) -> str:
     """The block Grad-CAM reads when none is named.
 
     With ``image_size``: the deepest block whose output is at least ``min_side`` pixels a side
@@ -132,5 +145,6 @@ def grad_cam(
             raise ExplainError(f"Grad-CAM failed at {name!r}: {exc}") from exc
         logits = cam.outputs.detach().float()
     picked = logits.argmax(1).numpy() if cam_targets is None else tgt
-    return CamMaps(name, np.asarray(maps, dtype=np.float32), picked.astype(np.int64),
-                   logits.numpy())
+    return CamMaps(
+        name, np.asarray(maps, dtype=np.float32), picked.astype(np.int64), logits.numpy()
+    )

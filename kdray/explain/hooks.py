@@ -116,7 +116,11 @@ def count_hooks(model: nn.Module) -> int:
     """Forward, forward-pre and backward hooks registered on ``model`` and its submodules."""
     total = 0
     for module in model.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks"):
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
             total += len(getattr(module, attr, {}) or {})
     return total

@@ -107,7 +107,12 @@ def feature_maps(
     x = to_batch(images)
     names = list(layers) if layers is not None else default_feature_layers(model)
     size = (x.shape[2], x.shape[3])
-    with model_lock(model), eval_mode(model), torch.no_grad(), capture_outputs(model, names) as acts:
+    with (
+        model_lock(model),
+        eval_mode(model),
+        torch.no_grad(),
+        capture_outputs(model, names) as acts,
+    ):
         logits = model(x)
         # ``acts`` is read inside the block: the hooks must not outlive the call.
         maps = torch.stack([reduce_activation(acts[name], size, top_k) for name in names], 1)

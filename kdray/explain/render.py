@@ -13,8 +13,15 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["heat_layer", "heat_overlay", "png_bytes", "signed_layer", "signed_overlay",
-           "signed_scale", "strip"]
+__all__ = [
+    "heat_layer",
+    "heat_overlay",
+    "png_bytes",
+    "signed_layer",
+    "signed_overlay",
+    "signed_scale",
+    "strip",
+]
 
 _JET = (matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3]).astype(np.float32)
 
@@ -69,8 +76,11 @@ def _signed_colour(values: np.ndarray, scale: float | None) -> tuple[np.ndarray,
     v = np.asarray(values, dtype=np.float32)
     s = signed_scale(v) if scale is None else scale
     alpha = 0.85 * np.clip(np.abs(v) / s, 0.0, 1.0)[..., None]
-    colour = np.where(v[..., None] >= 0, np.array([0.85, 0.05, 0.05], np.float32),
-                      np.array([0.05, 0.2, 0.9], np.float32))
+    colour = np.where(
+        v[..., None] >= 0,
+        np.array([0.85, 0.05, 0.05], np.float32),
+        np.array([0.05, 0.2, 0.9], np.float32),
+    )
     return colour, alpha
 
 

@@ -61,8 +61,12 @@ __all__ = ["Report", "build_report"]
 
 MODELS = ("teacher", "student")
 CALIBRATION_LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "CE-only baseline"}
-TITLES = {"feature_maps": "Feature maps (Grad-CAM's block)", "gradcam": "Grad-CAM", "shap": "SHAP",
-          "random": "Random map (baseline)"}
+TITLES = {
+    "feature_maps": "Feature maps (Grad-CAM's block)",
+    "gradcam": "Grad-CAM",
+    "shap": "SHAP",
+    "random": "Random map (baseline)",
+}
 
 
 @dataclass
@@ -105,8 +109,14 @@ def _feature_layer_index(layers: list[str], cam_layer: str) -> int:
     return layers.index(cam_layer) if cam_layer in layers else len(layers) - 1
 
 
-def _score_maps(model: nn.Module, name: str, x: torch.Tensor, background: np.ndarray,
-                cfg: ExplainConfig, seed: int) -> _Scored:
+def _score_maps(
+    model: nn.Module,
+    name: str,
+    x: torch.Tensor,
+    background: np.ndarray,
+    cfg: ExplainConfig,
+    seed: int,
+) -> _Scored:
     t0 = time.perf_counter()
     fm = feature_maps(model, x, None, cfg.top_k_channels)
     preds = fm.logits.argmax(1)
@@ -126,8 +136,9 @@ def _score_maps(model: nn.Module, name: str, x: torch.Tensor, background: np.nda
 LOCALISE_BATCH = 64  # images per Grad-CAM pass when scoring the whole test split
 
 
-def _test_split_localisation(models: Mapping[str, nn.Module], test: Split, cfg: ExplainConfig,
-                             seed: int) -> dict[str, float]:
+def _test_split_localisation(
+    models: Mapping[str, nn.Module], test: Split, cfg: ExplainConfig, seed: int
+) -> dict[str, float]:
     """Pointing game of the cheap maps on every test image with a lesion mask.
 
     The report's scored images hold 12 or so masks, so their pointing game moves in steps of
@@ -142,41 +153,55 @@ def _test_split_localisation(models: Mapping[str, nn.Module], test: Split, cfg: 
         return {}
     masks = test.masks[keep]
     size = test.images.shape[-1]
-    out = {"localisation_test.images": float(len(keep)),
-           "localisation_test.random": nanmean(pointing_game(random_maps(len(keep), (size, size), seed),
-                                                             masks))}
+    out = {
+        "localisation_test.images": float(len(keep)),
+        "localisation_test.random": nanmean(
+            pointing_game(random_maps(len(keep), (size, size), seed), masks)
+        ),
+    }
     for name, model in models.items():
         layer = _cam_layer(name, model, cfg, size)
         maps: dict[str, list[np.ndarray]] = {"feature_maps": [], "gradcam": []}
         for start in range(0, len(keep), LOCALISE_BATCH):
-            x = to_batch(test.images[keep[start:start + LOCALISE_BATCH]])
+            x = to_batch(test.images[keep[start : start + LOCALISE_BATCH]])
             fm = feature_maps(model, x, [layer], cfg.top_k_channels)
             maps["feature_maps"].append(fm.maps[:, 0])
             maps["gradcam"].append(grad_cam(model, x, layer, fm.logits.argmax(1)).maps)
         for method, parts in maps.items():
             if method in cfg.methods:
-                out[f"{name}.localisation_test.{method}"] = nanmean(pointing_game(np.concatenate(parts),
-                                                                                  masks))
+                out[f"{name}.localisation_test.{method}"] = nanmean(
+                    pointing_game(np.concatenate(parts), masks)
+                )
     return out
 
 
-def _met_ms(model: nn.Module, name: str, x: torch.Tensor, preds: np.ndarray,
-            background: np.ndarray, cfg: ExplainConfig, seed: int) -> dict[str, list[float]]:
+def _met_ms(
+    model: nn.Module,
+    name: str,
+    x: torch.Tensor,
+    preds: np.ndarray,
+    background: np.ndarray,
+    cfg: ExplainConfig,
+    seed: int,
+) -> dict[str, list[float]]:
     """Single-image times per method, in ms (after one untimed warm-up call each)."""
     n = min(cfg.timing_images, len(x))
     layer = _cam_layer(name, model, cfg, x.shape[-1])
     calls = {
         "feature_maps": lambda i: feature_maps(model, x[i : i + 1], None, cfg.top_k_channels),
         "gradcam": lambda i: grad_cam(model, x[i : i + 1], layer, None),
-        "shap": lambda i: shap_maps(model, x[i : i + 1], background, preds[i : i + 1],
-                                    cfg.shap_nsamples, seed=seed),
+        "shap": lambda i: shap_maps(
+            model, x[i : i + 1], background, preds[i : i + 1], cfg.shap_nsamples, seed=seed
+        ),
     }
     out = {}
     for method in cfg.methods:
         call = calls[method]
         call(0)
-        out[method] = [1e3 * time_call(lambda i=i, call=call: call(i), repeats=1, warmup=0)[0]
-                       for i in range(n)]
+        out[method] = [
+            1e3 * time_call(lambda i=i, call=call: call(i), repeats=1, warmup=0)[0]
+            for i in range(n)
+        ]
     return out
 
 
@@ -184,12 +209,16 @@ def _cam_note(cam_shape: dict[str, tuple[str, tuple[int, int]]]) -> list[str]:
     if not cam_shape:
         return []
     parts = [f"{name} `{layer}` ({h}x{w})" for name, (layer, (h, w)) in cam_shape.items()]
-    note = (f"Grad-CAM layers: {', '.join(parts)}. The scored feature maps (the channel mean) "
-            "are those blocks' too; `feature_maps.png` shows every block.")
+    note = (
+        f"Grad-CAM layers: {', '.join(parts)}. The scored feature maps (the channel mean) "
+        "are those blocks' too; `feature_maps.png` shows every block."
+    )
     if min(min(hw) for _, hw in cam_shape.values()) < 4:
-        note += (" A map this coarse, upsampled to the input, peaks in a corner of the image, so "
-                 "the pointing game and energy in mask cannot credit it; `explain.student_layer` "
-                 "/ `explain.teacher_layer` choose a finer layer (an earlier block).")
+        note += (
+            " A map this coarse, upsampled to the input, peaks in a corner of the image, so "
+            "the pointing game and energy in mask cannot credit it; `explain.student_layer` "
+            "/ `explain.teacher_layer` choose a finer layer (an earlier block)."
+        )
     return [note, ""]
 
 
@@ -209,9 +238,18 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _measure(
-    name: str, model: nn.Module, s: _Scored, x: torch.Tensor, labels: np.ndarray,
-    masks: np.ndarray | None, background: np.ndarray, rand: np.ndarray, cfg: ExplainConfig,
-    seed: int, steps: int, curves: dict[str, dict[str, np.ndarray]],
+    name: str,
+    model: nn.Module,
+    s: _Scored,
+    x: torch.Tensor,
+    labels: np.ndarray,
+    masks: np.ndarray | None,
+    background: np.ndarray,
+    rand: np.ndarray,
+    cfg: ExplainConfig,
+    seed: int,
+    steps: int,
+    curves: dict[str, dict[str, np.ndarray]],
 ) -> dict[str, float]:
     """Cost, timing and faithfulness numbers of one model; mean curves go into ``curves``."""
     size = x.shape[-1]
@@ -250,8 +288,12 @@ def _agreement(scored: dict[str, _Scored], rand: np.ndarray) -> dict[str, float]
         s_maps = student.maps[method]
         out[f"agreement.rank_correlation.{method}"] = nanmean(rank_correlation(t_maps, s_maps))
         out[f"agreement.rank_correlation_random.{method}"] = nanmean(rank_correlation(t_maps, rand))
-        out[f"agreement.top10_overlap.{method}"] = nanmean(top_overlap(t_maps, s_maps, TOP_FRACTION))
-        out[f"agreement.top10_overlap_random.{method}"] = nanmean(top_overlap(t_maps, rand, TOP_FRACTION))
+        out[f"agreement.top10_overlap.{method}"] = nanmean(
+            top_overlap(t_maps, s_maps, TOP_FRACTION)
+        )
+        out[f"agreement.top10_overlap_random.{method}"] = nanmean(
+            top_overlap(t_maps, rand, TOP_FRACTION)
+        )
     return out
 
 
@@ -330,8 +372,22 @@ def build_report(
     cam_shape: dict[str, tuple[str, tuple[int, int]]] = {}
     for name, model in models.items():
         scored[name] = _score_maps(model, name, x, background, cfg, seed)
-        metrics.update(_measure(name, model, scored[name], x, labels, masks, background, rand,
-                                cfg, seed, steps, curves))
+        metrics.update(
+            _measure(
+                name,
+                model,
+                scored[name],
+                x,
+                labels,
+                masks,
+                background,
+                rand,
+                cfg,
+                seed,
+                steps,
+                curves,
+            )
+        )
         layer = _cam_layer(name, model, cfg, x.shape[-1])
         cam_shape[name] = (layer, layer_output_size(model, layer, size))
     metrics.update(_agreement(scored, rand))
@@ -341,46 +397,77 @@ def build_report(
         metrics[f"ratio.{key}"] = _ratio(metrics[f"teacher.{key}"], metrics[f"student.{key}"])
     metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
 
-    paths = {"markdown": out / "report.md", "json": out / "report.json",
-             "grid": out / "explanations.png", "feature_maps": out / "feature_maps.png",
-             "curves": out / "deletion_insertion.png"}
+    paths = {
+        "markdown": out / "report.md",
+        "json": out / "report.json",
+        "grid": out / "explanations.png",
+        "feature_maps": out / "feature_maps.png",
+        "curves": out / "deletion_insertion.png",
+    }
     shown = display_images(x)
     title = f"{data.spec.title} ({data.spec.id}), {size}x{size}"
     rows = []
     for i in _examples(labels, masks, cfg.grid_examples):
-        rows.append(Example(
-            image=shown[i], mask=masks[i] if masks is not None else None, label=classes[labels[i]],
-            maps={n: {m: scored[n].maps[m][i] for m in cfg.methods} for n in MODELS},
-            predictions={n: classes[scored[n].predictions[i]] for n in MODELS},
-        ))
+        rows.append(
+            Example(
+                image=shown[i],
+                mask=masks[i] if masks is not None else None,
+                label=classes[labels[i]],
+                maps={n: {m: scored[n].maps[m][i] for m in cfg.methods} for n in MODELS},
+                predictions={n: classes[scored[n].predictions[i]] for n in MODELS},
+            )
+        )
     explanation_grid(rows, paths["grid"], list(cfg.methods), title)
     first = _examples(labels, masks, 1)[0]
     feature_map_figure(
-        shown[first], masks[first] if masks is not None else None,
+        shown[first],
+        masks[first] if masks is not None else None,
         {n: (scored[n].layers, scored[n].all_feature_maps[first]) for n in MODELS},
-        paths["feature_maps"], f"Feature maps, {classes[labels[first]]}: first block to last",
+        paths["feature_maps"],
+        f"Feature maps, {classes[labels[first]]}: first block to last",
     )
     curves_figure(fractions, curves, paths["curves"], title)
-    probabilities = {name: softmax(predict_logits(model, test.images))
-                     for name, model in (("teacher", teacher), ("student", student))}
+    probabilities = {
+        name: softmax(predict_logits(model, test.images))
+        for name, model in (("teacher", teacher), ("student", student))
+    }
     metrics["agreement.predictions_test"] = prediction_agreement(
-        probabilities["teacher"].argmax(1), probabilities["student"].argmax(1))
+        probabilities["teacher"].argmax(1), probabilities["student"].argmax(1)
+    )
     calibrations = {name: calibration(p, test.labels) for name, p in probabilities.items()}
     if baseline_probabilities is not None and len(baseline_probabilities) == len(test):
         calibrations["baseline"] = calibration(baseline_probabilities, test.labels)
     for name, c in calibrations.items():
         metrics[f"{name}.ece"] = c["ece"]
     paths["reliability"] = out / "reliability.png"
-    reliability_figure({CALIBRATION_LABELS[n]: c for n, c in calibrations.items()}, paths["reliability"],
-                       f"Calibration, {data.spec.id} test split ({len(test)} images)")
-    curves = {k: [float(v) for v in vals] for k, vals in (learning_curves or {}).items() if len(vals)}
+    reliability_figure(
+        {CALIBRATION_LABELS[n]: c for n, c in calibrations.items()},
+        paths["reliability"],
+        f"Calibration, {data.spec.id} test split ({len(test)} images)",
+    )
+    curves = {
+        k: [float(v) for v in vals] for k, vals in (learning_curves or {}).items() if len(vals)
+    }
     if curves:
         paths["learning_curves"] = out / "learning_curves.png"
-        learning_curves_figure({CALIBRATION_LABELS.get(k, k): v for k, v in curves.items()},
-                               paths["learning_curves"], f"Learning curves, {data.spec.id}")
+        learning_curves_figure(
+            {CALIBRATION_LABELS.get(k, k): v for k, v in curves.items()},
+            paths["learning_curves"],
+            f"Learning curves, {data.spec.id}",
+        )
     metrics["report_seconds"] = time.perf_counter() - started
-    markdown = _markdown(data, cfg, metrics, len(idx), masks, has_masks, paths, steps,
-                         cam_shape if "gradcam" in cfg.methods else {}, curves)
+    markdown = _markdown(
+        data,
+        cfg,
+        metrics,
+        len(idx),
+        masks,
+        has_masks,
+        paths,
+        steps,
+        cam_shape if "gradcam" in cfg.methods else {},
+        curves,
+    )
     paths["markdown"].write_text(markdown)
     paths["json"].write_text(json.dumps({"dataset": data.spec.id, "metrics": metrics}, indent=1))
     return Report(data.spec.id, markdown, paths, metrics)
@@ -390,23 +477,37 @@ def _curves_section(curves: dict[str, list[float]], paths: dict[str, Path]) -> l
     if not curves:
         return []
     lines = [
-        "", "## Learning curves (validation accuracy per epoch)", "",
+        "",
+        "## Learning curves (validation accuracy per epoch)",
+        "",
         "Does the teacher know more than the student learns on its own? Validation accuracy per "
         "epoch from each model's MLflow run: the teacher's training, the KD champion's and the "
-        "CE-only baseline's sweep trials (their seeds retrain the same recipes).", "",
-        "| Model | Epochs | Best (epoch) | Last epoch |", "|---|---:|---:|---:|",
+        "CE-only baseline's sweep trials (their seeds retrain the same recipes).",
+        "",
+        "| Model | Epochs | Best (epoch) | Last epoch |",
+        "|---|---:|---:|---:|",
     ]
     for name, values in curves.items():
         best = int(np.argmax(values))
-        lines.append(f"| {CALIBRATION_LABELS.get(name, name)} | {len(values)} | "
-                     f"{values[best]:.3f} ({best + 1}) | {values[-1]:.3f} |")
+        lines.append(
+            f"| {CALIBRATION_LABELS.get(name, name)} | {len(values)} | "
+            f"{values[best]:.3f} ({best + 1}) | {values[-1]:.3f} |"
+        )
     return [*lines, "", f"![Learning curves]({paths['learning_curves'].name})"]
 
 
-def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: int,
-              masks: np.ndarray | None, has_masks: bool, paths: dict[str, Path],
-              steps: int, cam_shape: dict[str, tuple[str, tuple[int, int]]],
-              curves: dict[str, list[float]]) -> str:
+def _markdown(
+    data: PreparedData,
+    cfg: ExplainConfig,
+    m: dict[str, float],
+    n: int,
+    masks: np.ndarray | None,
+    has_masks: bool,
+    paths: dict[str, Path],
+    steps: int,
+    cam_shape: dict[str, tuple[str, tuple[int, int]]],
+    curves: dict[str, list[float]],
+) -> str:
     size = data.image_size
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
     n_masked = int(masks.any(axis=(1, 2)).sum()) if masks is not None else 0
@@ -426,13 +527,16 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
         "|---|---:|---:|---:|",
     ]
     for label, key in (
-        ("Parameters", "params"), (f"FLOPs @ {size}x{size}", "flops"),
+        ("Parameters", "params"),
+        (f"FLOPs @ {size}x{size}", "flops"),
         ("FLOPs @ 224x224", "flops_224"),
     ):
         t, s = get(f"teacher.{key}"), get(f"student.{key}")
         lines.append(f"| {label} | {_human(t)} | {_human(s)} | {_fmt(get(f'ratio.{key}'), 1)}x |")
-    lines.append(f"| Accuracy (scored images) | {_fmt(get('teacher.accuracy'), 2)} | "
-                 f"{_fmt(get('student.accuracy'), 2)} | |")
+    lines.append(
+        f"| Accuracy (scored images) | {_fmt(get('teacher.accuracy'), 2)} | "
+        f"{_fmt(get('student.accuracy'), 2)} | |"
+    )
     for method in cfg.methods:
         key = f"met_ms.{method}"
         med = f"met_median_ms.{method}"
@@ -440,7 +544,8 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
             f"| MET {TITLES[method].split(' (')[0]} (ms), mean (median) | "
             f"{_fmt(get(f'teacher.{key}'), 1)} ({_fmt(get(f'teacher.{med}'), 1)}) | "
             f"{_fmt(get(f'student.{key}'), 1)} ({_fmt(get(f'student.{med}'), 1)}) | "
-            f"{_fmt(get(f'ratio.{key}'), 1)}x |")
+            f"{_fmt(get(f'ratio.{key}'), 1)}x |"
+        )
     methods = [*cfg.methods, "random"]
     lines += ["", "## Localisation on the lesion masks (higher is better)", ""]
     if has_masks:
@@ -458,7 +563,8 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
                 f"| {TITLES[method]} | {_fmt(get(f'teacher.pointing_game.{method}'), 2)} | "
                 f"{_fmt(get(f'student.pointing_game.{method}'), 2)} | "
                 f"{_fmt(get(f'teacher.energy_in_mask.{method}'), 2)} | "
-                f"{_fmt(get(f'student.energy_in_mask.{method}'), 2)} |")
+                f"{_fmt(get(f'student.energy_in_mask.{method}'), 2)} |"
+            )
         if "localisation_test.images" in m:
             n_test = int(m["localisation_test.images"])
             lines += [
@@ -471,15 +577,19 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
             ]
             for method in ("feature_maps", "gradcam"):
                 if method in cfg.methods:
-                    lines.append(f"| {TITLES[method]} | "
-                                 f"{_fmt(get(f'teacher.localisation_test.{method}'), 2)} | "
-                                 f"{_fmt(get(f'student.localisation_test.{method}'), 2)} |")
+                    lines.append(
+                        f"| {TITLES[method]} | "
+                        f"{_fmt(get(f'teacher.localisation_test.{method}'), 2)} | "
+                        f"{_fmt(get(f'student.localisation_test.{method}'), 2)} |"
+                    )
             random = _fmt(get("localisation_test.random"), 2)
             lines.append(f"| {TITLES['random']} | {random} | {random} |")
     else:
         lines.append("No lesion masks for this dataset: localisation not scored.")
     lines += [
-        "", "## Deletion / insertion", "",
+        "",
+        "## Deletion / insertion",
+        "",
         f"Area under the class-probability curve as the most attributed pixels are replaced by a "
         f"blurred copy (deletion, lower is better) or revealed over it (insertion, higher is "
         f"better); {steps} steps.",
@@ -492,9 +602,12 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
             f"| {TITLES[method]} | {_fmt(get(f'teacher.deletion_auc.{method}'))} | "
             f"{_fmt(get(f'student.deletion_auc.{method}'))} | "
             f"{_fmt(get(f'teacher.insertion_auc.{method}'))} | "
-            f"{_fmt(get(f'student.insertion_auc.{method}'))} |")
+            f"{_fmt(get(f'student.insertion_auc.{method}'))} |"
+        )
     lines += [
-        "", "## Teacher–student agreement", "",
+        "",
+        "## Teacher–student agreement",
+        "",
         "Does the student stand in for the teacher? Labels: share of images where the student "
         f"predicts the teacher's class ({_fmt(get('agreement.predictions'), 2)} on the {n} scored "
         f"images, {_fmt(get('agreement.predictions_test'), 2)} on the whole test split). Maps: "
@@ -511,22 +624,36 @@ def _markdown(data: PreparedData, cfg: ExplainConfig, m: dict[str, float], n: in
             f"| {TITLES[method]} | {_fmt(get(f'agreement.rank_correlation.{method}'), 2)} | "
             f"{_fmt(get(f'agreement.rank_correlation_random.{method}'), 2)} | "
             f"{_fmt(get(f'agreement.top10_overlap.{method}'), 2)} | "
-            f"{_fmt(get(f'agreement.top10_overlap_random.{method}'), 2)} |")
+            f"{_fmt(get(f'agreement.top10_overlap_random.{method}'), 2)} |"
+        )
     lines += _curves_section(curves, paths)
     lines += [
-        "", "## Calibration (whole test split)", "",
+        "",
+        "## Calibration (whole test split)",
+        "",
         "Expected calibration error of the top class (15 equal-width confidence bins; 0 is "
         "perfect, lower is better): the gap between how sure a model is and how often it is "
-        "right.", "",
-        "| Model | ECE |", "|---|---:|",
-        *(f"| {CALIBRATION_LABELS[n]} | {_fmt(get(f'{n}.ece'))} |"
-          for n in ("teacher", "student", "baseline") if f"{n}.ece" in m),
-        "", f"![Reliability diagram]({paths['reliability'].name})",
+        "right.",
+        "",
+        "| Model | ECE |",
+        "|---|---:|",
+        *(
+            f"| {CALIBRATION_LABELS[n]} | {_fmt(get(f'{n}.ece'))} |"
+            for n in ("teacher", "student", "baseline")
+            if f"{n}.ece" in m
+        ),
+        "",
+        f"![Reliability diagram]({paths['reliability'].name})",
     ]
     lines += [
-        "", "## Figures", "",
-        f"![Example explanations]({paths['grid'].name})", "",
-        f"![Feature maps]({paths['feature_maps'].name})", "",
-        f"![Deletion and insertion curves]({paths['curves'].name})", "",
+        "",
+        "## Figures",
+        "",
+        f"![Example explanations]({paths['grid'].name})",
+        "",
+        f"![Feature maps]({paths['feature_maps'].name})",
+        "",
+        f"![Deletion and insertion curves]({paths['curves'].name})",
+        "",
     ]
     return "\n".join(lines)

@@ -71,7 +71,9 @@ class Timings:
         return (time.perf_counter() - self.started) * 1e3
 
     def header(self) -> str:
-        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in [*self.parts, ("total", self.total_ms)])
+        return ", ".join(
+            f"{name};dur={ms:.2f}" for name, ms in [*self.parts, ("total", self.total_ms)]
+        )
 
 
 class ApiError(Exception):
@@ -82,8 +84,12 @@ class ApiError(Exception):
         self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
 
-def _json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorBody(error=error, detail=detail).model_dump(), status_code=status, headers=headers)
+def _json_error(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        ErrorBody(error=error, detail=detail).model_dump(), status_code=status, headers=headers
+    )
 
 
 app = FastAPI(
@@ -116,17 +122,29 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
 @app.exception_handler(Exception)
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.error("unexpected %s", type(exc).__name__)  # no request data in logs
-    return _json_error(500, "internal_error", f"unexpected {type(exc).__name__}; see the server log")
+    return _json_error(
+        500, "internal_error", f"unexpected {type(exc).__name__}; see the server log"
+    )
 
 
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
 # The served datasets, as the schema's enum (clients and fuzzers see them); any other name is a 404.
 DatasetPath = Path(description="dataset id", json_schema_extra={"enum": sorted(DATASETS)})
-_IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
-    **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(RAW_TYPES)},
-}}}
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(RAW_TYPES)},
+        },
+    }
+}
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -135,12 +153,22 @@ class Gateway:
     """Routes, limits, auth, decoding and batched prediction (the students live here); the
     explanations go to the Explainer and ShapExplainer deployments it holds handles to."""
 
-    def __init__(self, explainer: DeploymentHandle, shap_explainer: DeploymentHandle,
-                 settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        explainer: DeploymentHandle,
+        shap_explainer: DeploymentHandle,
+        settings: dict[str, Any],
+    ) -> None:
         self.settings = load_settings(settings)
         device = assigned_device()
-        store = ModelStore(self.settings.resolved_tracking_uri(), self.settings.datasets,
-                           self.settings.alias, ("student",), device=device, channels_last=True)
+        store = ModelStore(
+            self.settings.resolved_tracking_uri(),
+            self.settings.datasets,
+            self.settings.alias,
+            ("student",),
+            device=device,
+            channels_last=True,
+        )
         # CPU: one forward pass per CPU of this replica, one torch thread each; GPU: one at a time.
         workers = 1 if device.type == "cuda" else assigned_cpus()
         torch.set_num_threads(1 if workers > 1 else use_assigned_threads())
@@ -150,8 +178,9 @@ class Gateway:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config``: ``max_batch_size`` (1 turns batching off), ``batch_wait_timeout_s``."""
-        self.predictor.configure(int(config.get("max_batch_size", 8)),
-                                 float(config.get("batch_wait_timeout_s", 0.0)))
+        self.predictor.configure(
+            int(config.get("max_batch_size", 8)), float(config.get("batch_wait_timeout_s", 0.0))
+        )
 
     # -- helpers -------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -160,21 +189,28 @@ class Gateway:
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+            )
 
     async def _statuses(self) -> dict[str, dict[str, Any]]:
         async def one(name: str, handle: DeploymentHandle) -> dict[str, Any]:
             try:
                 return await asyncio.wait_for(handle.status.remote(), STATUS_TIMEOUT_S)
             except Exception as exc:  # replica starting, restarting or gone
-                return {"ready": False, "loaded": [], "cards": {},
-                        "errors": {name: f"{type(exc).__name__}: {exc}"[:300]}}
+                return {
+                    "ready": False,
+                    "loaded": [],
+                    "cards": {},
+                    "errors": {name: f"{type(exc).__name__}: {exc}"[:300]},
+                }
 
         names = {"Explainer": self.explainer, "ShapExplainer": self.shap}
         results = await asyncio.gather(*(one(n, h) for n, h in names.items()))
-        statuses = {"Gateway": await run_in_threadpool(store_status, self.predictor.store),
-                    **dict(zip(names, results, strict=True))}
+        statuses = {
+            "Gateway": await run_in_threadpool(store_status, self.predictor.store),
+            **dict(zip(names, results, strict=True)),
+        }
         for status in statuses.values():
             self._cards.update(status["cards"])
         return statuses
@@ -182,18 +218,29 @@ class Gateway:
     async def _card(self, dataset: str, role: str = "student") -> dict[str, Any]:
         """The loaded model's card; 404 for a dataset not served, 503 while it is not loaded."""
         if dataset not in DATASETS:
-            raise ApiError(404, "unknown_dataset", f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+            raise ApiError(
+                404,
+                "unknown_dataset",
+                f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}",
+            )
         if self.settings.datasets is not None and dataset not in self.settings.datasets:
             raise ApiError(404, "unknown_dataset", f"dataset {dataset!r} is not served here")
         key = f"{dataset}/{role}"
         if key not in self._cards:
             statuses = await self._statuses()
             if key not in self._cards:
-                reasons = [e for s in statuses.values() for k, e in s["errors"].items()
-                           if k in (key, "registry") or "/" not in k]
-                raise ApiError(503, "model_unavailable",
-                               f"{key} is not loaded: {'; '.join(dict.fromkeys(reasons)) or 'loading'}",
-                               {"Retry-After": "10"})
+                reasons = [
+                    e
+                    for s in statuses.values()
+                    for k, e in s["errors"].items()
+                    if k in (key, "registry") or "/" not in k
+                ]
+                raise ApiError(
+                    503,
+                    "model_unavailable",
+                    f"{key} is not loaded: {'; '.join(dict.fromkeys(reasons)) or 'loading'}",
+                    {"Retry-After": "10"},
+                )
         return self._cards[key]
 
     def _deadline(self, started: float) -> float:
@@ -207,12 +254,17 @@ class Gateway:
             for response in responses:  # deployment calls: stop the replica's work too
                 if isinstance(response, DeploymentResponse):
                     response.cancel()
-            raise ApiError(504, "timeout", f"not done within {self.settings.request_timeout_s:g} s "
-                           "(args.request_timeout_s)") from None
+            raise ApiError(
+                504,
+                "timeout",
+                f"not done within {self.settings.request_timeout_s:g} s (args.request_timeout_s)",
+            ) from None
         except ModelUnavailable as exc:
             raise ApiError(503, "model_unavailable", str(exc), {"Retry-After": "10"}) from None
         except BackPressureError:
-            raise ApiError(503, "busy", "too many requests queued; retry later", {"Retry-After": "1"}) from None
+            raise ApiError(
+                503, "busy", "too many requests queued; retry later", {"Retry-After": "1"}
+            ) from None
         except ExplainError as exc:
             raise ApiError(422, "cannot_explain", str(exc)) from None
 
@@ -235,8 +287,12 @@ class Gateway:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=ReadyBody, summary="Every configured model loaded",
-             responses={503: {"model": ReadyBody}})
+    @app.get(
+        "/readyz",
+        response_model=ReadyBody,
+        summary="Every configured model loaded",
+        responses={503: {"model": ReadyBody}},
+    )
     async def readyz(self) -> JSONResponse:
         statuses = await self._statuses()
         body = ReadyBody(
@@ -246,8 +302,12 @@ class Gateway:
         )
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
-    @app.get("/v1/models", response_model=ModelsResponse, responses=_ERRORS,
-             summary="Served models: classes, registry versions, test metrics, size, methods")
+    @app.get(
+        "/v1/models",
+        response_model=ModelsResponse,
+        responses=_ERRORS,
+        summary="Served models: classes, registry versions, test metrics, size, methods",
+    )
     async def models(self, request: Request) -> ModelsResponse:
         self._authorize(request)
         await self._statuses()
@@ -255,15 +315,28 @@ class Gateway:
         for key in sorted(k for k in self._cards if k.endswith("/student")):
             dataset = key.split("/")[0]
             student, teacher = self._cards[key], self._cards.get(f"{dataset}/teacher")
-            cards.append(ModelCard(dataset=dataset, title=student["title"], classes=student["classes"],
-                                   image_size=student["image_size"], student=student["entry"],
-                                   teacher=teacher["entry"] if teacher else None))
+            cards.append(
+                ModelCard(
+                    dataset=dataset,
+                    title=student["title"],
+                    classes=student["classes"],
+                    image_size=student["image_size"],
+                    student=student["entry"],
+                    teacher=teacher["entry"] if teacher else None,
+                )
+            )
         return ModelsResponse(models=cards)
 
-    @app.post("/v1/models/{dataset}/predict", response_model=PredictResponse, responses=_ERRORS,
-              openapi_extra=_IMAGE_BODY, summary="Classify one image with the student")
-    async def predict(self, request: Request, response: Response,
-                      dataset: str = DatasetPath) -> PredictResponse:
+    @app.post(
+        "/v1/models/{dataset}/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        openapi_extra=_IMAGE_BODY,
+        summary="Classify one image with the student",
+    )
+    async def predict(
+        self, request: Request, response: Response, dataset: str = DatasetPath
+    ) -> PredictResponse:
         timings = Timings()
         self._authorize(request)
         card = await self._card(dataset)
@@ -273,56 +346,94 @@ class Gateway:
         best = max(range(len(probs)), key=probs.__getitem__)
         response.headers["Server-Timing"] = timings.header()
         return PredictResponse(
-            dataset=dataset, label=card["classes"][best], class_index=best,
+            dataset=dataset,
+            label=card["classes"][best],
+            class_index=best,
             probabilities=dict(zip(card["classes"], probs, strict=True)),
             model=ModelVersion(**card["entry"]["registry"]),
             server_ms=timings.total_ms,
         )
 
-    @app.post("/v1/models/{dataset}/explain", response_model=ExplainResponse, responses=_ERRORS,
-              response_model_exclude_none=True, openapi_extra=_IMAGE_BODY,
-              summary="Predict and explain one image: feature maps, Grad-CAM, SHAP; student, teacher or both")
+    @app.post(
+        "/v1/models/{dataset}/explain",
+        response_model=ExplainResponse,
+        responses=_ERRORS,
+        response_model_exclude_none=True,
+        openapi_extra=_IMAGE_BODY,
+        summary="Predict and explain one image: feature maps, Grad-CAM, SHAP; student, teacher or both",
+    )
     async def explain(
         self,
         request: Request,
         response: Response,
         dataset: str = DatasetPath,
-        methods: str = Query("feature_maps,gradcam", description=f"comma-separated, any of {', '.join(METHODS)}"),
-        model: Literal["student", "teacher", "both"] = Query("student", description="both: the paper's comparison"),
+        methods: str = Query(
+            "feature_maps,gradcam", description=f"comma-separated, any of {', '.join(METHODS)}"
+        ),
+        model: Literal["student", "teacher", "both"] = Query(
+            "student", description="both: the paper's comparison"
+        ),
         include_arrays: bool = Query(False, description="add the raw maps as nested lists"),
         render: Literal["overlay", "layer", "both"] = Query(
-            "overlay", description="per map: overlay (png: blended over the input), layer "
-            "(heat_png: the map alone, to draw over input_png at any opacity) or both"),
-        nsamples: int | None = Query(None, ge=1, description="SHAP samples (default and upper bound: server args)"),
-        target: int | None = Query(None, ge=0, description="class index to explain (default: the prediction)"),
+            "overlay",
+            description="per map: overlay (png: blended over the input), layer "
+            "(heat_png: the map alone, to draw over input_png at any opacity) or both",
+        ),
+        nsamples: int | None = Query(
+            None, ge=1, description="SHAP samples (default and upper bound: server args)"
+        ),
+        target: int | None = Query(
+            None, ge=0, description="class index to explain (default: the prediction)"
+        ),
     ) -> ExplainResponse:
         timings = Timings()
         self._authorize(request)
         wanted = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in METHODS]
         if unknown or not wanted:
-            raise ApiError(422, "invalid_method", f"unknown method(s) {unknown or [methods]}; expected any of {list(METHODS)}")
+            raise ApiError(
+                422,
+                "invalid_method",
+                f"unknown method(s) {unknown or [methods]}; expected any of {list(METHODS)}",
+            )
         n = nsamples or self.settings.shap_nsamples
         if n > self.settings.max_shap_nsamples:
-            raise ApiError(422, "invalid_request", f"nsamples {n} above the server's limit {self.settings.max_shap_nsamples}")
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"nsamples {n} above the server's limit {self.settings.max_shap_nsamples}",
+            )
         if model != "student" and not self.settings.teacher:
-            raise ApiError(422, "invalid_model", "this server does not serve teachers (args.teacher: false)")
+            raise ApiError(
+                422, "invalid_model", "this server does not serve teachers (args.teacher: false)"
+            )
         roles = ["student", "teacher"] if model == "both" else [model]
         cards = {role: await self._card(dataset, role) for role in roles}
         for role, card in cards.items():
             missing = [m for m in wanted if m not in card["entry"]["methods"]]
             if missing:
-                raise ApiError(422, "invalid_method", f"{missing} not available for the {role} (no SHAP background registered)")
+                raise ApiError(
+                    422,
+                    "invalid_method",
+                    f"{missing} not available for the {role} (no SHAP background registered)",
+                )
             if target is not None and target >= len(card["classes"]):
-                raise ApiError(422, "invalid_request", f"target {target} beyond the {len(card['classes'])} classes")
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"target {target} beyond the {len(card['classes'])} classes",
+                )
         image = await self._image(request, cards[roles[0]]["image_size"], timings)
         fast, slow = [m for m in wanted if m != "shap"], [m for m in wanted if m == "shap"]
         calls, owners = [], []
         for role in roles:
             for handle, part in ((self.explainer, fast), (self.shap, slow)):
                 if part:
-                    calls.append(handle.explain.remote(dataset, role, image, part, n, include_arrays,
-                                                       target, render))
+                    calls.append(
+                        handle.explain.remote(
+                            dataset, role, image, part, n, include_arrays, target, render
+                        )
+                    )
                     owners.append(role)
         results = await self._gather(calls, timings.started)
         timings.mark("explain")
@@ -336,10 +447,13 @@ class Gateway:
         label_from = merged["teacher" if model == "teacher" else "student"]
         response.headers["Server-Timing"] = timings.header()
         return ExplainResponse(
-            dataset=dataset, label=label_from.class_name or str(label_from.prediction),
+            dataset=dataset,
+            label=label_from.class_name or str(label_from.prediction),
             explanations=merged,
             models={role: ModelVersion(**cards[role]["entry"]["registry"]) for role in roles},
-            agreement=(merged["student"].prediction == merged["teacher"].prediction) if model == "both" else None,
+            agreement=(merged["student"].prediction == merged["teacher"].prediction)
+            if model == "both"
+            else None,
             server_ms=timings.total_ms,
         )
 
@@ -356,6 +470,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = load_settings(args)
     # Resolved once here, so every replica reads the same registry whatever its working dir.
     resolved = settings.model_dump() | {"tracking_uri": settings.resolved_tracking_uri()}
-    shap = Explainer.options(name="ShapExplainer", max_ongoing_requests=2, max_queued_requests=64,
-                             ray_actor_options={"num_cpus": 0})
+    shap = Explainer.options(
+        name="ShapExplainer",
+        max_ongoing_requests=2,
+        max_queued_requests=64,
+        ray_actor_options={"num_cpus": 0},
+    )
     return Gateway.bind(Explainer.bind(resolved), shap.bind(resolved), resolved)

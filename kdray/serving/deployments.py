@@ -37,7 +37,12 @@ def model_entry(m: LoadedModel) -> dict[str, Any]:
     spec, reg = m.registered.spec, m.registered
     methods = [*FAST_METHODS, *(["shap"] if m.background is not None else [])]
     return {
-        "registry": {"name": reg.name, "alias": reg.alias, "version": reg.version, "run_id": reg.run_id},
+        "registry": {
+            "name": reg.name,
+            "alias": reg.alias,
+            "version": reg.version,
+            "run_id": reg.run_id,
+        },
         "architecture": "-".join(map(str, spec.widths)) if spec.kind == "student" else spec.arch,
         "params": int(reg.metrics.get("params", sum(p.numel() for p in m.model.parameters()))),
         "flops": int(reg.metrics.get("flops", 0)),
@@ -53,9 +58,15 @@ def store_status(store: ModelStore) -> dict[str, Any]:
         "ready": store.ready(),
         "loaded": [f"{m.dataset}/{m.role}" for m in store.loaded()],
         "errors": store.errors(),
-        "cards": {f"{m.dataset}/{m.role}": {"title": get_spec(m.dataset).title,
-                                             "classes": m.class_names, "image_size": m.image_size,
-                                             "entry": model_entry(m)} for m in store.loaded()},
+        "cards": {
+            f"{m.dataset}/{m.role}": {
+                "title": get_spec(m.dataset).title,
+                "classes": m.class_names,
+                "image_size": m.image_size,
+                "entry": model_entry(m),
+            }
+            for m in store.loaded()
+        },
     }
 
 
@@ -93,7 +104,9 @@ class BatchPredictor:
         self.store.get(dataset)
         return await self._batched(dataset, image)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
+    @serve.batch(
+        max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=MAX_CONCURRENT_BATCHES
+    )
     async def _batched(self, datasets: list[str], images: list[np.ndarray]) -> list[list[float]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._forward, datasets, images)
@@ -124,15 +137,27 @@ class Explainer:
         self.settings = load_settings(settings)
         self.threads = use_assigned_threads()
         roles: tuple[Role, ...] = ("student", "teacher") if self.settings.teacher else ("student",)
-        self.store = ModelStore(self.settings.resolved_tracking_uri(), self.settings.datasets,
-                                self.settings.alias, roles)
+        self.store = ModelStore(
+            self.settings.resolved_tracking_uri(),
+            self.settings.datasets,
+            self.settings.alias,
+            roles,
+        )
 
     def status(self) -> dict[str, Any]:
         return store_status(self.store)
 
-    def explain(self, dataset: str, role: Role, image: np.ndarray, methods: list[str],
-                nsamples: int, include_arrays: bool, target: int | None,
-                render: Render = "overlay") -> Explanation:
+    def explain(
+        self,
+        dataset: str,
+        role: Role,
+        image: np.ndarray,
+        methods: list[str],
+        nsamples: int,
+        include_arrays: bool,
+        target: int | None,
+        render: Render = "overlay",
+    ) -> Explanation:
         """Explain one uint8 (3, S, S) image with ``methods`` of ``role``'s model.
 
         Raises:
@@ -141,6 +166,15 @@ class Explainer:
         m = self.store.get(dataset, role)
         cfg = self.settings.explain.model_copy(update={"shap_nsamples": nsamples})
         # No feature-map strip: a client lays out the per-layer maps itself.
-        return explain(m.model, image, methods, background=m.background, class_names=m.class_names,
-                       target=target, cfg=cfg, include_arrays=include_arrays, render=render,
-                       grid=False)
+        return explain(
+            m.model,
+            image,
+            methods,
+            background=m.background,
+            class_names=m.class_names,
+            target=target,
+            cfg=cfg,
+            include_arrays=include_arrays,
+            render=render,
+            grid=False,
+        )

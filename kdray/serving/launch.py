@@ -22,8 +22,12 @@ import yaml
 __all__ = ["Service", "launch", "service_config"]
 
 
-def service_config(base: str | Path, port: int, args: dict[str, Any] | None = None,
-                   deployments: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def service_config(
+    base: str | Path,
+    port: int,
+    args: dict[str, Any] | None = None,
+    deployments: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """``base`` (a Serve config file) on ``port``, with application ``args`` and per-deployment
     options (``{"Gateway": {"user_config": {...}}}``) overridden."""
     config = yaml.safe_load(Path(base).read_text())
@@ -52,7 +56,9 @@ class Service:
             if self.process.poll() is not None:
                 raise RuntimeError("serve run exited:\n" + self.log.read_text()[-5000:])
             if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready in {timeout_s:g} s:\n" + self.log.read_text()[-5000:])
+                raise RuntimeError(
+                    f"not ready in {timeout_s:g} s:\n" + self.log.read_text()[-5000:]
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as response:
                     if response.status == 200:
@@ -72,8 +78,12 @@ class Service:
                 self.process.wait()
 
 
-def launch(config: dict[str, Any], workdir: str | Path, cwd: str | Path = ".",
-           env: dict[str, str] | None = None) -> Service:
+def launch(
+    config: dict[str, Any],
+    workdir: str | Path,
+    cwd: str | Path = ".",
+    env: dict[str, str] | None = None,
+) -> Service:
     """Write ``config`` into ``workdir`` and start ``serve run`` on it (not waiting for it).
 
     Args:
@@ -85,11 +95,19 @@ def launch(config: dict[str, Any], workdir: str | Path, cwd: str | Path = ".",
     path, log = workdir / "serve-config.yaml", workdir / "serve.log"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KDRAY_HOME")}
-    child_env.update(RAY_TMPDIR=f"/tmp/kdray-svc-{os.getpid()}-{config['http_options']['port']}",
-                     RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    child_env.update(
+        RAY_TMPDIR=f"/tmp/kdray-svc-{os.getpid()}-{config['http_options']['port']}",
+        RAY_USAGE_STATS_ENABLED="0",
+        **(env or {}),
+    )
     serve_cli = Path(sys.executable).parent / "serve"
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen([str(serve_cli), "run", str(path), "--address", "local"],
-                                   cwd=cwd, env=child_env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [str(serve_cli), "run", str(path), "--address", "local"],
+            cwd=cwd,
+            env=child_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return Service(f"http://127.0.0.1:{config['http_options']['port']}", process, log)

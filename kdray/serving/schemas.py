@@ -39,7 +39,9 @@ class ModelEntry(BaseModel):
     architecture: str = Field(description="student widths, or densenet121")
     params: int
     flops: int = Field(description="FLOPs of one forward pass at image_size")
-    test_metrics: dict[str, float] = Field(description="test_accuracy, test_f1_macro, ... of the run")
+    test_metrics: dict[str, float] = Field(
+        description="test_accuracy, test_f1_macro, ... of the run"
+    )
     methods: list[str] = Field(description="explanation methods available for this model")
 
 
@@ -70,7 +72,9 @@ class ExplainResponse(BaseModel):
     label: str = Field(description="the student's prediction (the teacher's with model=teacher)")
     explanations: dict[Literal["student", "teacher"], Explanation]
     models: dict[Literal["student", "teacher"], ModelVersion]
-    agreement: bool | None = Field(None, description="model=both: do teacher and student predict the same class")
+    agreement: bool | None = Field(
+        None, description="model=both: do teacher and student predict the same class"
+    )
     server_ms: float
 
 

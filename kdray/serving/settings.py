@@ -26,18 +26,24 @@ class ServeSettings(_Strict):
     file of the workspace (``$KDRAY_HOME``, else ``./workspace``) that ``make run`` filled.
     """
 
-    tracking_uri: str | None = Field(None, description="None: $MLFLOW_TRACKING_URI, else the workspace's SQLite")
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else the workspace's SQLite"
+    )
     datasets: list[str] | None = Field(
         None, description="datasets to serve; None: every dataset with a registered champion"
     )
     alias: str = Field("champion", description="registry alias of the versions served")
     teacher: bool = Field(True, description="also load the teachers (model=teacher|both)")
     max_body_mb: float = Field(10.0, gt=0, le=1024, description="request bodies above this get 413")
-    max_pixels: int = Field(MAX_PIXELS, ge=1, description="decoded image size limit (checked in the header)")
+    max_pixels: int = Field(
+        MAX_PIXELS, ge=1, description="decoded image size limit (checked in the header)"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="server-side deadline of one request")
     shap_nsamples: int = Field(50, ge=1, description="SHAP samples when a request names none")
     max_shap_nsamples: int = Field(200, ge=1, description="upper bound a request may ask for")
-    token_env: str = Field("KDRAY_SERVE_TOKEN", description="env var holding the optional bearer token")
+    token_env: str = Field(
+        "KDRAY_SERVE_TOKEN", description="env var holding the optional bearer token"
+    )
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
 
     @field_validator("datasets")
@@ -46,7 +52,9 @@ class ServeSettings(_Strict):
         if value is not None:
             unknown = [d for d in value if d not in DATASETS]
             if unknown or not value:
-                raise ValueError(f"unknown or no dataset ids {unknown}; expected ids from {sorted(DATASETS)}")
+                raise ValueError(
+                    f"unknown or no dataset ids {unknown}; expected ids from {sorted(DATASETS)}"
+                )
         return value
 
     def resolved_tracking_uri(self) -> str:

@@ -79,9 +79,15 @@ class ModelStore:
             on CPU the students' max-pooling is then about 2x faster (same outputs to 1e-8).
     """
 
-    def __init__(self, tracking_uri: str, datasets: list[str] | None, alias: str,
-                 roles: tuple[Role, ...], device: torch.device | str = "cpu",
-                 channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        datasets: list[str] | None,
+        alias: str,
+        roles: tuple[Role, ...],
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -125,9 +131,14 @@ class ModelStore:
                 except Exception as exc:  # tracking store unreachable
                     self._registry_error = f"registry at {self.tracking_uri} unreachable: {exc}"
                     return
-                self._registry_error = None if wanted else (
-                    f"no registered model kdray-<dataset>@{self.alias} in {self.tracking_uri}; "
-                    "run `make run` (tune/run.py) first")
+                self._registry_error = (
+                    None
+                    if wanted
+                    else (
+                        f"no registered model kdray-<dataset>@{self.alias} in {self.tracking_uri}; "
+                        "run `make run` (tune/run.py) first"
+                    )
+                )
             for dataset in wanted:
                 for role in self.roles:
                     key = (dataset, role)
@@ -136,11 +147,16 @@ class ModelStore:
                     try:
                         self._models[key] = self._load(dataset, role)
                         self._errors.pop(key, None)
-                        log.info("loaded %s v%s", self._models[key].registered.name,
-                                 self._models[key].registered.version)
+                        log.info(
+                            "loaded %s v%s",
+                            self._models[key].registered.name,
+                            self._models[key].registered.version,
+                        )
                     except Exception as exc:
                         name = registered_name(dataset, teacher=role == "teacher")
-                        self._errors[key] = f"{name}@{self.alias}: {type(exc).__name__}: {exc}"[:500]
+                        self._errors[key] = f"{name}@{self.alias}: {type(exc).__name__}: {exc}"[
+                            :500
+                        ]
 
     def get(self, dataset: str, role: Role = "student") -> LoadedModel:
         """The loaded model.
@@ -157,8 +173,11 @@ class ModelStore:
             return model
         if role not in self.roles:
             raise ModelUnavailable(f"the server does not load {role} models (args.teacher: false)")
-        raise ModelUnavailable(self._errors.get((dataset, role)) or self._registry_error
-                               or f"{dataset}: not served by this server")
+        raise ModelUnavailable(
+            self._errors.get((dataset, role))
+            or self._registry_error
+            or f"{dataset}: not served by this server"
+        )
 
     def errors(self) -> dict[str, str]:
         """Why models are missing (``<dataset>/<role>`` -> reason); empty when all are in."""
@@ -169,8 +188,11 @@ class ModelStore:
 
     def ready(self) -> bool:
         """Every configured model loaded (and at least one dataset to serve)."""
-        return bool(self.datasets) and not self.errors() and all(
-            (d, r) in self._models for d in self.datasets for r in self.roles)
+        return (
+            bool(self.datasets)
+            and not self.errors()
+            and all((d, r) in self._models for d in self.datasets for r in self.roles)
+        )
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())

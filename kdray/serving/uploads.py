@@ -20,10 +20,18 @@ from kdray.data.images import ImageError, read_image
 
 __all__ = ["RAW_TYPES", "Upload", "UploadError", "decode_upload", "read_upload"]
 
-RAW_TYPES = frozenset({
-    "image/png", "image/jpeg", "image/jpg", "image/bmp", "image/x-ms-bmp", "image/tiff",
-    "application/dicom", "application/octet-stream",
-})
+RAW_TYPES = frozenset(
+    {
+        "image/png",
+        "image/jpeg",
+        "image/jpg",
+        "image/bmp",
+        "image/x-ms-bmp",
+        "image/tiff",
+        "application/dicom",
+        "application/octet-stream",
+    }
+)
 _STATUS = {"corrupt": 400, "too_large": 413, "unsupported": 415}
 
 
@@ -43,7 +51,9 @@ class Upload:
 
 
 def _too_large(limit: int) -> UploadError:
-    return UploadError(413, "payload_too_large", f"request body above the {limit / 2**20:g} MB limit")
+    return UploadError(
+        413, "payload_too_large", f"request body above the {limit / 2**20:g} MB limit"
+    )
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -73,10 +83,13 @@ async def read_upload(request: Request, limit: int) -> Upload:
     if content_type == "multipart/form-data":
         body = await _read_body(request, limit)
         try:
-            form = await MultiPartParser(request.headers, _once(body), max_files=1, max_fields=16,
-                                         max_part_size=limit).parse()
+            form = await MultiPartParser(
+                request.headers, _once(body), max_files=1, max_fields=16, max_part_size=limit
+            ).parse()
         except MultiPartException as exc:
-            raise UploadError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from None
+            raise UploadError(
+                400, "bad_multipart", f"malformed multipart body: {exc.message}"
+            ) from None
         part = form.get("file")
         if not isinstance(part, UploadFile):
             raise UploadError(400, "missing_file", "multipart body has no file field named 'file'")
@@ -86,9 +99,12 @@ async def read_upload(request: Request, limit: int) -> Upload:
     elif content_type in RAW_TYPES:
         upload = Upload(await _read_body(request, limit), None, content_type)
     else:
-        raise UploadError(415, "unsupported_media_type",
-                          f"content type {content_type or '(none)'!r} not accepted; send multipart/form-data "
-                          f"with a 'file' field, or the image as the body with one of {sorted(RAW_TYPES)}")
+        raise UploadError(
+            415,
+            "unsupported_media_type",
+            f"content type {content_type or '(none)'!r} not accepted; send multipart/form-data "
+            f"with a 'file' field, or the image as the body with one of {sorted(RAW_TYPES)}",
+        )
     if not upload.data:
         raise UploadError(400, "empty_body", "no image bytes in the request")
     return upload
@@ -102,9 +118,17 @@ def decode_upload(upload: Upload, size: int, max_pixels: int) -> np.ndarray:
             (e.g. a DICOM transfer syntax without a decoder); the detail names the reason.
     """
     try:
-        return read_image(upload.data, size, filename=upload.filename,
-                          content_type=upload.content_type, max_pixels=max_pixels)
+        return read_image(
+            upload.data,
+            size,
+            filename=upload.filename,
+            content_type=upload.content_type,
+            max_pixels=max_pixels,
+        )
     except ImageError as exc:
-        error = {"corrupt": "bad_image", "too_large": "image_too_large",
-                 "unsupported": "unsupported_image"}[exc.kind]
+        error = {
+            "corrupt": "bad_image",
+            "too_large": "image_too_large",
+            "unsupported": "unsupported_image",
+        }[exc.kind]
         raise UploadError(_STATUS[exc.kind], error, exc.reason) from None
