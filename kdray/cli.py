@@ -95,10 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _setup(args, [f"ray.address={args.address}"] if args.address else [])
     if cfg is None:
         return 2
-    # Imported here so --help and config errors answer without loading Ray and torch.
     from kdray.console import calm_console, log_path_for
-    from kdray.pipeline import format_summary, run_pipeline
-    from kdray.tracking import Tracker, compare_url, ui_hint
+    from kdray.data.prepare import preflight
 
     ws = Workspace.at(args.workspace)
     log_path = None
@@ -106,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         ws.check()
         log_path = None if args.verbose else log_path_for(ws.logs)
         with calm_console(log_path, verbose=args.verbose):
-            rows = run_pipeline(cfg, ws, resume=args.resume)
+            preflight(cfg.data, ws)
+            # Imported once the inputs are known good: a bad workspace, config or data file is
+            # reported in about a second, not after the seconds torch, Ray and MLflow take.
+            from kdray.pipeline import run_pipeline
+
+            rows = run_pipeline(cfg, ws, resume=args.resume, checked=True)
     except (DataError, WorkspaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
+    from kdray.pipeline import format_summary
+    from kdray.tracking import Tracker, compare_url, ui_hint
+
     print(format_summary(rows))
     tracker = Tracker.open(cfg.mlflow, ws)
     print(

@@ -21,7 +21,7 @@ import ray
 from kdray.champion import ChampionResult, crown_champion
 from kdray.config import ExperimentConfig, RayConfig
 from kdray.data.mlflow_inputs import split_inputs
-from kdray.data.prepare import PreparedData, prepare_dataset, prepare_manifest
+from kdray.data.prepare import PreparedData, preflight, prepare_dataset
 from kdray.metrics import paired_difference
 from kdray.sweep import make_job, run_sweep
 from kdray.teacher import train_teacher
@@ -364,7 +364,7 @@ def _teacher_words(r: DatasetSummary) -> str:
     if margin < -bar:
         return (
             f"{head}: below it; the teacher knows less than the student learns alone, so "
-            "this KD gain does not test the paper's claim (README: How strong the teacher "
+            "this KD gain does not test the paper's claim (docs/results.md: How strong the teacher "
             "is; configs/paper.yaml)"
         )
     return (
@@ -548,7 +548,7 @@ def _run_concurrently(
 
 
 def run_pipeline(
-    cfg: ExperimentConfig, ws: Workspace, resume: bool = False
+    cfg: ExperimentConfig, ws: Workspace, resume: bool = False, checked: bool = False
 ) -> list[DatasetSummary]:
     """Run every configured dataset; write ``reports/summary.{md,csv}`` in the workspace.
 
@@ -557,11 +557,10 @@ def run_pipeline(
             (Ctrl-C, lost node, kill): finished datasets are not redone, an unfinished sweep
             resumes from Tune's experiment state and its trials from their checkpoints.
     """
-    ws.check()
     # Every dataset's files are checked (and split) before MLflow or Ray start: an unreadable
     # file stops the run here, listed with the others, with nothing half started.
-    for dataset in cfg.data.datasets:
-        prepare_manifest(cfg.data, dataset, ws)
+    if not checked:
+        preflight(cfg.data, ws)
     tracker = Tracker.open(cfg.mlflow, ws)
     log.info(
         "workspace %s; MLflow %s (experiment %s)",

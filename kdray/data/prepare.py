@@ -430,6 +430,20 @@ def prepare_manifest(cfg: DataConfig, dataset_id: str, ws: Workspace) -> Manifes
     return build_manifest(spec, root, masks_root, cfg, ws)
 
 
+def preflight(cfg: DataConfig, ws: Workspace) -> None:
+    """What must hold before any work starts: a writable workspace with room, and every
+    configured dataset's files readable and split (manifests written). Needs neither torch nor
+    Ray nor MLflow, so a bad input is reported in about a second.
+
+    Raises:
+        WorkspaceError: the workspace cannot be written or its disk is full.
+        DataError: a bad folder, or unreadable files (listed together).
+    """
+    ws.check()
+    for dataset in cfg.datasets:
+        prepare_manifest(cfg, dataset, ws)
+
+
 def prepare_dataset(cfg: DataConfig, dataset_id: str, ws: Workspace) -> PreparedData:
     """:func:`prepare_manifest`, then the arrays (cached)."""
     manifest = prepare_manifest(cfg, dataset_id, ws)
