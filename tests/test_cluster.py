@@ -6,8 +6,9 @@ The run goes in through the Jobs API as a cluster user's would: `ray job submit 
 from the installed one, so the runs' source digests show which code the driver and the trials on
 both nodes ran. Two datasets run at once (`ray.max_concurrent_datasets: 2`).
 Trials run the teacher live (`kd.teacher_logits: live`), so its weights reach the second node.
-The server is reached through a TCP proxy that goes down for a few seconds once a trial of each dataset
-has logged: the trials ride the outage out (MLflow's client retries) instead of failing. The
+The server is reached through a TCP proxy that goes down for a few seconds inside a running trial,
+once a trial of each dataset has logged: the trials ride the outage out (MLflow's client retries)
+instead of failing, and the trial it hit logs epochs before and after it. The
 registered champion then loads from the server with `mlflow.pyfunc.load_model` and predicts
 through `mlflow models predict`.
 Only processes this test starts are stopped (never `ray stop`, which would stop every Ray here).
@@ -38,6 +39,7 @@ from conftest import Proxy
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.integration
+EPOCHS = 8  # the students' epochs in this test
 
 
 def _free_port() -> int:
@@ -53,11 +55,11 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _stop_all(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process group at once, SIGKILL what is left after 10 s (ours only)."""
+    """SIGTERM every process group at once, SIGKILL what is left after 4 s (ours only)."""
     running = [p for p in procs if p.poll() is None]
     for proc in running:
         os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.time() + 10
+    deadline = time.time() + 4
     for proc in running:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=max(0.1, deadline - time.time()))
@@ -109,6 +111,32 @@ def _champion_loads_with_standard_mlflow_tooling(mlflow_uri: str, tmp_path: Path
     predictions = json.loads(cli.stdout.strip().splitlines()[-1])["predictions"]
     assert predictions[0].keys() == set(probabilities.columns)
     assert list(predictions[0].values()) == pytest.approx(list(probabilities.iloc[0]), abs=1e-5)
+
+
+def _wait_tcp(port: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise TimeoutError(port) from None
+            time.sleep(0.2)
+
+
+def _wait_alive_nodes(dashboard: str, count: int, timeout: float) -> None:
+    """Until Ray's State API (what `ray list nodes` asks) lists ``count`` ALIVE nodes."""
+    deadline, alive = time.time() + timeout, 0
+    while time.time() < deadline:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with urllib.request.urlopen(f"{dashboard}/api/v0/nodes", timeout=5) as response:
+                nodes = json.load(response)["data"]["result"]["result"]
+            alive = sum(node["state"] == "ALIVE" for node in nodes)
+            if alive >= count:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{alive} of {count} Ray nodes alive after {timeout} s")
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -179,7 +207,7 @@ def cluster(tmp_path):
             )
         )
         address = f"127.0.0.1:{ray_port}"
-        time.sleep(8)
+        _wait_tcp(ray_port, 90)  # the head's GCS: the worker node joins through it
         # Its own temp dir, as on a real node: with a shared one the two nodes' runtime-env agents
         # manage the same unpacked working_dir, and one deletes it under the other's processes.
         procs.append(
@@ -200,7 +228,7 @@ def cluster(tmp_path):
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 90)
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         _wait_http(f"{dashboard}/api/version", 90)
-        time.sleep(5)
+        _wait_alive_nodes(dashboard, 2, 90)
         yield address, dashboard, f"http://127.0.0.1:{mlflow_port}", env
     finally:
         _stop_all(list(reversed(procs)))
@@ -208,33 +236,44 @@ def cluster(tmp_path):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _outage_once_a_trial_logged(
+def _outage_mid_trial(
     server_uri: str,
     proxy: Proxy,
     seconds: float,
     done: threading.Event,
     outage: dict[str, float],
     datasets: tuple[str, ...],
+    epochs: int,
 ) -> None:
     """Watch the server directly; take the proxy down for ``seconds`` once a trial of every one of
-    ``datasets`` has logged an epoch (so the outage stalls every pipeline alike, in its sweep)."""
+    ``datasets`` has logged an epoch and some Tune trial (KD or baseline) is running with at
+    least 4 epochs still to log: the outage lands inside that trial, so the trial's later epochs
+    can only reach the server after it (MLflow's client retries)."""
     client = MlflowClient(tracking_uri=server_uri)
     while not done.is_set():
         experiment = client.get_experiment_by_name("kdray")
         trials = (
-            client.search_runs([experiment.experiment_id], "tags.`kdray.role` = 'trial'")
+            [
+                r
+                for r in client.search_runs([experiment.experiment_id], "")
+                if r.data.tags.get("kdray.role") in ("trial", "baseline-trial")
+            ]
             if experiment
             else []
         )
         logged = {t.data.tags["kdray.dataset"] for t in trials if "val_accuracy" in t.data.metrics}
-        if logged >= set(datasets):
-            proxy.down()
-            outage["start"] = time.time()
-            time.sleep(seconds)
-            proxy.up()
-            outage["end"] = time.time()
-            return
-        time.sleep(0.2)
+        for trial in trials if logged >= set(datasets) else []:
+            if trial.info.status != "RUNNING" or "val_accuracy" not in trial.data.metrics:
+                continue
+            history = client.get_metric_history(trial.info.run_id, "val_accuracy")
+            if len(history) <= epochs - 4:
+                proxy.down()
+                outage["start"] = time.time()
+                time.sleep(seconds)
+                proxy.up()
+                outage["end"] = time.time()
+                return
+        time.sleep(0.1)
 
 
 def _checkout_to_ship(tmp_path: Path) -> tuple[Path, str]:
@@ -306,8 +345,8 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}"}}
     done, outage = threading.Event(), {}
     watcher = threading.Thread(
-        target=_outage_once_a_trial_logged,
-        args=(mlflow_uri, proxy, 5.0, done, outage, ("brain_tumor", "eye_disease")),
+        target=_outage_mid_trial,
+        args=(mlflow_uri, proxy, 5.0, done, outage, ("brain_tumor", "eye_disease"), EPOCHS),
     )
     watcher.start()
     try:
@@ -337,6 +376,12 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
                 # the other waits, so the datasets' trials overlap if their pipelines do.
                 "--set",
                 "tune.max_concurrent_trials=1",
+                # Trials long enough (about a second) for the outage to land inside one; every
+                # trial trains them all (no early stop), so the one it hit logs after it.
+                "--set",
+                f"student.epochs={EPOCHS}",
+                "--set",
+                "tune.scheduler=none",
                 "--set",
                 "ray.num_cpus=null",
                 "--set",
@@ -381,17 +426,19 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
         r.data.tags["kdray.dataset"]: r for r in runs if r.data.tags["kdray.role"] == "teacher"
     }
     assert _overlap(span(teachers["brain_tumor"]), span(teachers["eye_disease"]))
-    tune_trials = {
-        d: [
-            span(r)
-            for r in runs
-            if r.data.tags["kdray.dataset"] == d
-            and r.data.tags["kdray.role"] in ("trial", "baseline-trial")
+    # The outage hit the Tune searches while they ran: a trial (KD or baseline) logged epochs
+    # before the server went down and after it came back, in one FINISHED run.
+    spanning = []
+    for run in runs:
+        if run.data.tags["kdray.role"] not in ("trial", "baseline-trial"):
+            continue
+        assert run.info.status == "FINISHED", run.data.tags.get("kdray.error")
+        stamps = [
+            m.timestamp / 1e3 for m in client.get_metric_history(run.info.run_id, "val_accuracy")
         ]
-        for d in parents
-    }
-    # The outage hit the Tune searches while they ran: some trial (KD or baseline) ended after it.
-    assert any(end / 1e3 > outage["start"] for d in tune_trials for _, end in tune_trials[d])
+        if min(stamps) < outage["start"] and max(stamps) > outage["end"]:
+            spanning.append(run.info.run_name)
+    assert spanning, ("no trial logged on both sides of the outage", outage)
     assert len({t.data.tags["kdray.node_id"] for t in trials}) == 2  # trials on both nodes
     # The driver and the trials on both nodes ran the kdray the job shipped, not the installed one.
     assert {r.data.tags["kdray.source_digest"] for r in [*parents.values(), *trials]} == {shipped}

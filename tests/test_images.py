@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
-import resource
+import json
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -41,6 +43,44 @@ def _error(source, **kwargs) -> ImageError:
     with pytest.raises(ImageError) as info:
         decode(source, **kwargs)
     return info.value
+
+
+_PEAK_PROBE = """
+import json, resource, sys
+from kdray.data.images import ImageError, decode
+source = sys.argv[1] or sys.stdin.buffer.read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode(source)
+    kind = reason = None
+except ImageError as err:
+    kind, reason = err.kind, err.reason
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # KiB on Linux
+print(json.dumps({"grew": grew, "kind": kind, "reason": reason}))
+"""
+
+
+def _decode_peak(source: bytes | Path) -> tuple[float, ImageError | None]:
+    """Decode ``source`` in a fresh Python process: how much its peak RSS grew (bytes) and the
+    error, if any. ``ru_maxrss`` is a high-water mark of the whole process: in pytest's own, an
+    earlier test that peaked higher would hide any growth here."""
+    path, data = (str(source), None) if isinstance(source, Path) else ("", source)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, path],
+        input=data,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    out = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    error = ImageError(out["kind"], out["reason"]) if out["kind"] else None
+    return out["grew"], error
+
+
+def test_the_peak_memory_probe_sees_a_decode_that_allocates():
+    """The probe below can fail: a real 6000x5000 RGB decode (90 MB of pixels) shows."""
+    grew, error = _decode_peak(_png(Image.new("RGB", (6000, 5000))))
+    assert error is None and grew > 80e6, grew
 
 
 def _old_read_image(path: Path, size: int) -> np.ndarray:
@@ -183,11 +223,11 @@ def _declared(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(("width", "height"), [(20000, 20000), (10000, 10000), (9000, 8000)])
 def test_decompression_bomb_is_too_large_before_decoding(width, height):
     limit = Image.MAX_IMAGE_PIXELS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     err = _error(_declared(width, height))
     assert time.perf_counter() - start < 0.5
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024 < 50e6  # KiB on Linux
+    grew, probed = _decode_peak(_declared(width, height))
+    assert grew < 50e6 and probed is not None and probed.kind == "too_large", (grew, probed)
     assert err.kind == "too_large" and "above the 64-megapixel limit" in err.reason
     if width * height < 2 * limit:  # Pillow's own error (above 2x its limit) gives only a count
         assert f"{width}×{height} pixels" in err.reason
@@ -338,7 +378,7 @@ def test_dicom_codestream_larger_than_its_header_is_not_decoded(tmp_path):
     assert (ds.Rows, ds.Columns) == (100, 100)
     ds.PixelData = encapsulate([_png(Image.new("RGB", (6000, 5000)), "JPEG")])
     ds.save_as(tmp_path / "lying.dcm")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    err = _error(tmp_path / "lying.dcm")
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024 < 50e6
+    grew, err = _decode_peak(tmp_path / "lying.dcm")
+    assert grew < 50e6, grew
+    assert err is not None
     assert err.kind == "corrupt" and "100×100" in err.reason and "6000×5000" in err.reason

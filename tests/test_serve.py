@@ -372,7 +372,9 @@ def test_bad_input_is_a_4xx_with_a_json_reason_and_the_service_keeps_serving(ser
         == 200
     )
     log = served.log.read_text()
-    assert "Traceback" not in log or "kdray" not in log.split("Traceback")[-1][:2000]
+    # No traceback through kdray's code anywhere in the service's log (Ray's own may appear)
+    through_kdray = [tb[:2000] for tb in log.split("Traceback")[1:] if "kdray/" in tb[:2000]]
+    assert not through_kdray, through_kdray[0]
 
 
 def test_bearer_token_guards_the_api_but_not_health_checks(served):

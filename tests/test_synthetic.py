@@ -288,14 +288,12 @@ def _train_and_score(images, labels, train, test, epochs: int, seed: int) -> flo
 
 @pytest.mark.parametrize("dataset_id", DATASET_IDS)
 def test_global_statistics_do_not_reveal_the_class(dataset_id: str) -> None:
-    pytest.importorskip("sklearn")
-    pytest.importorskip("torch")
     images, labels, _ = make_arrays(dataset_id, N_PER_CLASS, SIZE, seed=11)
     train, test = split(labels)
     stats_acc = stats_accuracy(images, labels, train, test)
     cnn_acc = cnn_accuracy(images, labels, train, test)
     print(f"{dataset_id}: stats {stats_acc:.3f}  cnn {cnn_acc:.3f}")
-    # Measured 0.25 / 0.36 / 0.41 on 2026-12-01 (chance 0.25); the README quotes these figures.
+    # Measured 0.25 / 0.36 / 0.41 on 2026-12-01 (chance 0.25); docs/data.md quotes these figures.
     assert stats_acc < 0.45, f"global statistics classify {dataset_id} too well: {stats_acc:.3f}"
     assert cnn_acc - stats_acc >= 0.25, (
         f"{dataset_id}: cnn {cnn_acc:.3f} is not well above global statistics {stats_acc:.3f}"
