@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 DATASET = "brain_tumor"
-TEACHER_EPOCHS, STUDENT_EPOCHS, TRIALS = 8, 6, 3
+TEACHER_EPOCHS, STUDENT_EPOCHS, TRIALS = 5, 6, 3
 
 
 def _cmd(ws: Path, *extra: str) -> list[str]:

@@ -20,11 +20,11 @@ def _images(ws: Path, per_dataset: int = 3) -> list[Path]:
     return found
 
 
-def test_sixteen_clients_for_thirty_seconds_mixing_predict_and_explain(served):
+def test_sixteen_clients_for_twelve_seconds_mixing_predict_and_explain(served):
     result = run_load(
         served.url,
         [p.read_bytes() for p in _images(served.workspace)],
-        seconds=30,
+        seconds=12,
         clients=16,
         token=served.token,
     )
