@@ -8,7 +8,6 @@ from torch import nn
 
 from kdray.data.prepare import Split
 from kdray.engine import evaluate
-from kdray.figures import confusion_figure
 from kdray.tracking import Tracker
 
 __all__ = ["SCALAR_METRICS", "evaluate_and_log"]
@@ -37,6 +36,8 @@ def evaluate_and_log(
         },
         f"{prefix}_report.json",
     )
+    from kdray.figures import confusion_figure  # matplotlib: only where a figure is drawn
+
     fig = confusion_figure(metrics["confusion"], class_names, title or f"{prefix} confusion matrix")
     tracker.log_figure(run_id, fig, f"{prefix}_confusion.png")
     return metrics

@@ -12,13 +12,11 @@ import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision.models import DenseNet
 
 __all__ = [
     "ModelSpec",
@@ -32,6 +30,20 @@ __all__ = [
     "model_files",
     "save_model",
 ]
+
+if TYPE_CHECKING:
+    from kdray.densenet import TeacherDenseNet
+
+
+def __getattr__(name: str) -> Any:
+    # The teacher's class needs torchvision (about 2 s to import, torch._dynamo included): loaded
+    # when a teacher is built, not in every student trial's process.
+    if name == "TeacherDenseNet":
+        from kdray.densenet import TeacherDenseNet
+
+        return TeacherDenseNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,41 +125,6 @@ class StudentCNN(nn.Module):
         return self.head(torch.flatten(self.pool(x), 1))
 
 
-class TeacherDenseNet(DenseNet):
-    """torchvision's DenseNet121 with input normalisation and no in-place ops.
-
-    torchvision's forward applies ``F.relu(inplace=True)`` after ``features``; here the ReLU is
-    out of place so a hook on ``features`` (or ``features.norm5``) sees the real activation.
-    """
-
-    def __init__(self, num_classes: int) -> None:
-        # The same constructor arguments as torchvision.models.densenet121.
-        super().__init__(
-            growth_rate=32,
-            block_config=(6, 12, 24, 16),
-            num_init_features=64,
-            num_classes=num_classes,
-        )
-        self.norm = InputNorm()
-        for module in self.modules():
-            if isinstance(module, nn.ReLU):
-                module.inplace = False
-
-    @property
-    def block_names(self) -> list[str]:
-        return [
-            "features.denseblock1",
-            "features.denseblock2",
-            "features.denseblock3",
-            "features.denseblock4",
-        ]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = F.relu(self.features(self.norm(x)))
-        out = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
-        return self.classifier(out)
-
-
 _OLD_DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
@@ -202,6 +179,8 @@ def build_model(spec: ModelSpec, teacher_weights: str | None = None) -> nn.Modul
     if spec.kind == "teacher":
         if spec.arch != "densenet121":
             raise ValueError(f"unknown teacher arch {spec.arch!r}; expected 'densenet121'")
+        from kdray.densenet import TeacherDenseNet
+
         model = TeacherDenseNet(spec.num_classes)
         init_teacher_weights(model, teacher_weights)
         return model

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -41,9 +41,11 @@ from kdray.models import (
     save_model,
 )
 from kdray.provenance import SOURCE_TAG, source_digest
-from kdray.teacher import TeacherResult
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
+
+if TYPE_CHECKING:  # a trial's process needs no teacher code (torchvision's augmentations)
+    from kdray.teacher import TeacherResult
 
 __all__ = [
     "StudentJob",
