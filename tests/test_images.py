@@ -46,24 +46,31 @@ def _error(source, **kwargs) -> ImageError:
 
 
 _PEAK_PROBE = """
-import json, resource, sys
+import json, sys
 from kdray.data.images import ImageError, decode
+
+def kib(field):  # this process's memory, from /proc/self/status (kB)
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1])
+
 source = sys.argv[1] or sys.stdin.buffer.read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak RSS (VmHWM) starts again from the current RSS
+before = kib("VmRSS")
 try:
-    decode(source)
+    decode(source).load()  # the pixels too: decode may return a lazily read image
     kind = reason = None
 except ImageError as err:
     kind, reason = err.kind, err.reason
-grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # KiB on Linux
+grew = (kib("VmHWM") - before) * 1024
 print(json.dumps({"grew": grew, "kind": kind, "reason": reason}))
 """
 
 
 def _decode_peak(source: bytes | Path) -> tuple[float, ImageError | None]:
-    """Decode ``source`` in a fresh Python process: how much its peak RSS grew (bytes) and the
-    error, if any. ``ru_maxrss`` is a high-water mark of the whole process: in pytest's own, an
-    earlier test that peaked higher would hide any growth here."""
+    """Decode ``source`` in a fresh Python process: how much its peak RSS grew during the call
+    (bytes) and the error, if any. ``ru_maxrss`` of pytest's own process is a high-water mark of
+    the whole session: once an earlier test peaked higher, it hides any growth here."""
     path, data = (str(source), None) if isinstance(source, Path) else ("", source)
     proc = subprocess.run(
         [sys.executable, "-c", _PEAK_PROBE, path],
