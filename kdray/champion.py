@@ -271,7 +271,7 @@ def crown_champion(
     # A tag, not a param: a resume that finishes a trial that had failed may count one more.
     tracker.set_tags(run_id, {"kdray.selected_from": len(outcomes)})
     tracker.log_config(run_id, cfg.to_dict())
-    tracker.client.log_inputs(run_id, job.inputs("train", "val", "test"))
+    tracker.log_inputs(run_id, job.inputs("train", "val", "test"))
     tracker.log_metrics(
         run_id,
         {"val_accuracy": chosen.best_val_accuracy, "params": chosen.params, "flops": chosen.flops},
@@ -354,7 +354,7 @@ def crown_champion(
     )
     tracker.set_tags(baseline_run, {"kdray.selected_from": len(baseline_outcomes)})
     tracker.log_config(baseline_run, cfg.to_dict())
-    tracker.client.log_inputs(baseline_run, job.inputs("train", "val", "test"))
+    tracker.log_inputs(baseline_run, job.inputs("train", "val", "test"))
     stats = _log_seed_rows(tracker, baseline_run, baseline_rows)
     tracker.log_metrics(
         baseline_run,

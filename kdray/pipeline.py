@@ -141,7 +141,7 @@ def log_data(tracker: Tracker, run_id: str, data: PreparedData) -> None:
     unreadable (``data.skip_unreadable``) as param ``n_unreadable`` and artifact
     ``data/unreadable_files.json`` (path and reason each)."""
     manifest = data.manifest
-    tracker.client.log_inputs(run_id, split_inputs(data))
+    tracker.log_inputs(run_id, split_inputs(data))
     tracker.log_params(run_id, {f"n_{k}": v for k, v in manifest.counts().items()})
     if manifest.skipped:
         tracker.log_params(run_id, {"n_unreadable": len(manifest.skipped)})

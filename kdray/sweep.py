@@ -286,7 +286,11 @@ def _kd_trial(config: dict[str, Any], job: StudentJob, role: str = "trial") -> N
         job.parent_run_id,
         tags={"kdray.trial_id": trial_id},
     )
-    if not resumed:
+    # A trial restarted after a failure resumes its run: what the failed attempt did not log
+    # yet (it may have died between starting the run and logging its inputs) is logged now.
+    run = tracker.client.get_run(run_id) if resumed else None
+    logged = run.data.params if run is not None else {}
+    if "epochs" not in logged or not any(key.startswith("cfg.") for key in logged):
         tracker.log_params(
             run_id,
             {
@@ -300,7 +304,8 @@ def _kd_trial(config: dict[str, Any], job: StudentJob, role: str = "trial") -> N
             },
         )
         tracker.log_config(run_id, cfg.to_dict())
-        tracker.client.log_inputs(run_id, job.inputs("train", "val"))
+    if run is None or not run.inputs.dataset_inputs:
+        tracker.log_inputs(run_id, job.inputs("train", "val"))
     tracker.set_tags(run_id, {"kdray.node_id": node_id, SOURCE_TAG: source_digest()})
     checkpoint = tune.get_checkpoint()
 

@@ -400,7 +400,7 @@ def train_teacher(
                 **data.manifest.counts(),
             },
         )
-        tracker.client.log_inputs(run_id, split_inputs(data))
+        tracker.log_inputs(run_id, split_inputs(data))
         pending.parent.mkdir(parents=True, exist_ok=True)
         pending.write_text(run_id)
     t = cfg.teacher

@@ -214,6 +214,21 @@ class Tracker:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         self.client.log_batch(run_id, metrics=items)
 
+    def log_inputs(self, run_id: str, inputs: list[Any], attempts: int = 5) -> None:
+        """Link dataset inputs to a run. The first link of a dataset creates its row in the
+        experiment: two runs doing that at once (concurrent trials, concurrent datasets) race,
+        and the loser gets a unique-constraint error. Tried again, it finds the row."""
+        for attempt in range(attempts):
+            try:
+                self.client.log_inputs(run_id, inputs)
+                return
+            except MlflowException as exc:
+                text = str(exc).lower()
+                duplicate = "unique" in text or "duplicate" in text or "integrity" in text
+                if not duplicate or attempt == attempts - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
