@@ -1,9 +1,13 @@
 """Cost of one KD student epoch: cached teacher logits vs live teacher vs CE only (no teacher).
 
 One run, the three modes interleaved (machines are shared and noisy), medians printed with the
-ratio cached / CE-only (goal <= 1.2) and live / cached.
+ratio cached / CE-only (goal <= 1.2) and live / cached. The live teacher travels as a trial gets
+it: its saved files as bytes (``StudentJob.teacher_files``).
 
     .venv/bin/python benchmarks/kd_trial_cost.py [--images-per-class 128] [--size 64] [--repeats 3]
+
+``--quick`` (8 images per class at 32 px, one round: seconds) runs the same code to check that it
+works; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ import torch
 from kdray.config import ExperimentConfig
 from kdray.data.prepare import in_memory_synthetic
 from kdray.engine import predict_logits
-from kdray.models import ModelSpec, build_model, save_model
+from kdray.models import ModelSpec, build_model, model_files, save_model
 from kdray.sweep import StudentJob, train_student
+
+# --quick: the same code on tiny sizes (seconds), to check that the script works.
+QUICK = {"images_per_class": 8, "size": 32, "repeats": 1}
 
 
 def main() -> None:
@@ -30,7 +37,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (a Tune trial's CPUs)"
     )
+    parser.add_argument("--quick", action="store_true", help="8 images per class, 32 px, 1 round")
     args = parser.parse_args()
+    if args.quick:  # smaller defaults; options given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = in_memory_synthetic(
         "eye_disease", args.images_per_class, args.size, val_fraction=0.1, test_fraction=0.1
@@ -41,13 +52,13 @@ def main() -> None:
     cfg = ExperimentConfig.model_validate({"student": {"epochs": 1, "batch_size": 32}})
     widths = cfg.student.resolved_widths()
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(teacher, spec, Path(tmp) / "teacher")
+        teacher_files = model_files(save_model(teacher, spec, Path(tmp) / "teacher"))
         logits = predict_logits(teacher, data.splits["train"].images)
         common = (cfg, data.spec.id, classes, args.size, data.splits["train"], data.splits["val"])
         jobs = {
             "CE only (alpha=1)": (StudentJob(*common), 1.0),
             "KD, cached logits": (StudentJob(*common, teacher_logits=logits), 0.5),
-            "KD, live teacher": (StudentJob(*common, teacher_dir=str(Path(tmp) / "teacher")), 0.5),
+            "KD, live teacher": (StudentJob(*common, teacher_files=teacher_files), 0.5),
         }
         times: dict[str, list[float]] = {name: [] for name in jobs}
         for _ in range(args.repeats):

@@ -14,6 +14,11 @@ asyncio (aiohttp) in this process and post a 512x512 PNG as the raw body. Printe
 - predict p99 while 4 clients keep asking for SHAP, against idle p99 (goal <= 3x).
 
     .venv/bin/python benchmarks/serve_bench.py [--seconds 15] [--requests 300]
+
+``--quick`` (1 s loads, 5 requests per latency series, 1 per /explain series, 1 warm-up request,
+8 SHAP samples, and no second service with batching off: ``--batching-off`` adds it back) runs
+the same code to check that it works; its figures mean nothing. Each service runs on a private
+Ray (``serve run --address local``, its own temp dir), never on another Ray of this machine.
 """
 
 from __future__ import annotations
@@ -48,6 +53,15 @@ from kdray.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET, SIZE = "brain_tumor", 224
+# --quick: the same code with tiny loads, to check that the script works.
+QUICK = {
+    "seconds": 1.0,
+    "requests": 5,
+    "explain_requests": 1,
+    "warmup": 1,
+    "shap_nsamples": 8,
+    "batching_off": False,  # a second `serve run` costs tens of seconds; its code is the same
+}
 
 
 def _port() -> int:
@@ -58,7 +72,8 @@ def _port() -> int:
 
 def register_models(ws: Workspace) -> tuple[str, Path]:
     """A 224-px student and teacher registered as kdray-brain_tumor(-teacher)@champion."""
-    tracker = Tracker.open(MLflowConfig(), ws)
+    # The workspace's own SQLite registry, never $MLFLOW_TRACKING_URI's.
+    tracker = Tracker.open(MLflowConfig(tracking_uri=f"sqlite:///{ws.mlflow_db.resolve()}"), ws)
     classes = ["glioma", "meningioma", "notumor", "pituitary"]
     background = np.random.default_rng(0).integers(0, 256, (16, 3, SIZE, SIZE), dtype=np.uint8)
     student_dir = ws.root / "student"
@@ -128,8 +143,10 @@ async def throughput(
         return len(done) / (time.perf_counter() - started), done
 
 
-async def predict_under_shap(predict_url: str, shap_url: str, body: bytes, n: int) -> list[float]:
-    """Predict latencies of one client while 4 clients keep asking for SHAP."""
+async def predict_under_shap(
+    predict_url: str, shap_url: str, body: bytes, n: int, settle: float = 2.0
+) -> list[float]:
+    """Predict latencies of one client while 4 clients keep asking for SHAP (after ``settle`` s)."""
     stop = asyncio.Event()
 
     async def shap_client(session: aiohttp.ClientSession) -> None:
@@ -138,7 +155,7 @@ async def predict_under_shap(predict_url: str, shap_url: str, body: bytes, n: in
 
     async with aiohttp.ClientSession() as session:
         load = [asyncio.create_task(shap_client(session)) for _ in range(4)]
-        await asyncio.sleep(2.0)  # let the SHAP load build up
+        await asyncio.sleep(settle)  # let the SHAP load build up
         result = await latencies(predict_url, body, n, warmup=0)
         stop.set()
         await asyncio.gather(*load)
@@ -216,7 +233,7 @@ PLAIN_APP = textwrap.dedent('''
 
 
 def run_plain(
-    student_dir: Path, body: bytes, n: int, seconds: float, tmp: Path
+    student_dir: Path, body: bytes, n: int, seconds: float, tmp: Path, warmup: int = 10
 ) -> tuple[list[float], float, list[float]]:
     script = tmp / "plain_app.py"
     script.write_text(PLAIN_APP)
@@ -233,7 +250,7 @@ def run_plain(
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        lat = asyncio.run(latencies(url, body, n))
+        lat = asyncio.run(latencies(url, body, n, warmup))
         rps, lat16 = asyncio.run(throughput(url, body, 16, seconds))
         return lat, rps, lat16
     finally:
@@ -242,13 +259,28 @@ def run_plain(
 
 
 def serve_measure(
-    uri: str, body: bytes, tmp: Path, batching: bool, n: int, seconds: float, full: bool
+    uri: str,
+    body: bytes,
+    tmp: Path,
+    batching: bool,
+    n: int,
+    seconds: float,
+    full: bool,
+    explain_n: int | None = None,
+    warmup: int = 10,
+    shap_nsamples: int | None = None,
 ) -> dict[str, object]:
+    """``serve run`` on serve/config.yaml, measured; ``explain_n``: requests per /explain series
+    (default max(10, n / 10)); ``shap_nsamples``: the service's default SHAP samples (default:
+    the config's)."""
     user_config = {"max_batch_size": 8 if batching else 1, "batch_wait_timeout_s": 0.0}
+    app_args: dict[str, object] = {"tracking_uri": uri, "datasets": [DATASET]}
+    if shap_nsamples is not None:
+        app_args["shap_nsamples"] = shap_nsamples
     config = service_config(
         REPO / "serve" / "config.yaml",
         _port(),
-        args={"tracking_uri": uri, "datasets": [DATASET]},
+        args=app_args,
         deployments={"Gateway": {"user_config": user_config}},
     )
     service = launch(config, tmp / f"serve-{'on' if batching else 'off'}", cwd=REPO)
@@ -258,25 +290,34 @@ def serve_measure(
         base = f"{service.url}/v1/models/{DATASET}"
         predict = f"{base}/predict"
         if full:
-            out["predict_1"] = asyncio.run(latencies(predict, body, n))
+            out["predict_1"] = asyncio.run(latencies(predict, body, n, warmup))
         out["rps_16"], out["lat_16"] = asyncio.run(throughput(predict, body, 16, seconds))
         if full:
             explain = f"{base}/explain"
-            k = max(10, n // 10)
+            k = explain_n or max(10, n // 10)
             out["explain_fast"] = asyncio.run(
-                latencies(f"{explain}?methods=feature_maps,gradcam", body, k)
+                latencies(f"{explain}?methods=feature_maps,gradcam", body, k, warmup)
             )
             out["explain_shap"] = asyncio.run(
-                latencies(f"{explain}?methods=feature_maps,gradcam,shap", body, k, 2)
+                latencies(f"{explain}?methods=feature_maps,gradcam,shap", body, k, min(2, warmup))
             )
             out["explain_both"] = asyncio.run(
-                latencies(f"{explain}?methods=feature_maps,gradcam&model=both", body, k, 2)
+                latencies(
+                    f"{explain}?methods=feature_maps,gradcam&model=both", body, k, min(2, warmup)
+                )
             )
             out["explain_both_shap"] = asyncio.run(
-                latencies(f"{explain}?methods=feature_maps,gradcam,shap&model=both", body, 5, 1)
+                latencies(
+                    f"{explain}?methods=feature_maps,gradcam,shap&model=both",
+                    body,
+                    min(5, k),
+                    min(1, warmup),
+                )
             )
             out["predict_under_shap"] = asyncio.run(
-                predict_under_shap(predict, f"{explain}?methods=shap", body, n)
+                predict_under_shap(
+                    predict, f"{explain}?methods=shap", body, n, settle=min(2.0, seconds)
+                )
             )
     finally:
         service.stop()
@@ -289,7 +330,42 @@ def main() -> None:
         "--seconds", type=float, default=15.0, help="duration of each 16-client load"
     )
     parser.add_argument("--requests", type=int, default=300, help="requests per latency series")
+    parser.add_argument(
+        "--explain-requests",
+        type=int,
+        default=None,
+        help="requests per /explain series (default: max(10, requests / 10))",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="warm-up requests before a latency series"
+    )
+    parser.add_argument(
+        "--shap-nsamples",
+        type=int,
+        default=None,
+        help="the service's SHAP samples per request (default: serve/config.yaml's)",
+    )
+    parser.add_argument(
+        "--batching-off",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure a service with batching off (16 clients)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 s loads, 5 requests a series (1 for /explain), 1 warm-up, 8 SHAP samples, "
+        "no service with batching off",
+    )
     args = parser.parse_args()
+    if args.quick:  # smaller defaults; options given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
+    load = {
+        "explain_n": args.explain_requests,
+        "warmup": args.warmup,
+        "shap_nsamples": args.shap_nsamples,
+    }
     with tempfile.TemporaryDirectory(prefix="kdray-serve-bench-") as tmp_name:
         tmp = Path(tmp_name)
         ws = Workspace(tmp / "ws").create()
@@ -300,10 +376,12 @@ def main() -> None:
             f"{torch.get_num_threads()} cores visible to torch"
         )
         cpu_ceiling, ceiling_how = ceiling(student_dir, body, min(args.seconds, 10.0))
-        on = serve_measure(uri, body, tmp, True, args.requests, args.seconds, full=True)
-        off = serve_measure(uri, body, tmp, False, args.requests, args.seconds, full=False)
+        on = serve_measure(uri, body, tmp, True, args.requests, args.seconds, True, **load)
+        off = None
+        if args.batching_off:
+            off = serve_measure(uri, body, tmp, False, args.requests, args.seconds, False, **load)
         plain_lat, plain_rps, plain_lat16 = run_plain(
-            student_dir, body, args.requests, args.seconds, tmp
+            student_dir, body, args.requests, args.seconds, tmp, args.warmup
         )
 
     p1 = on["predict_1"]
@@ -314,13 +392,18 @@ def main() -> None:
         f"plain FastAPI+uvicorn 1 client: p50 {pct(plain_lat, 50):.1f} ms, p99 {pct(plain_lat, 99):.1f} ms"
     )
     print(f"Serve / plain, p50 at 1 client: {pct(p1, 50) / pct(plain_lat, 50):.2f}x (goal <= 1.3x)")
+    off_text = (
+        f"off {off['rps_16']:.1f} req/s (p50 {pct(off['lat_16'], 50):.0f} ms), " if off else ""
+    )
     print(
         f"16 clients: batching on {on['rps_16']:.1f} req/s (p50 {pct(on['lat_16'], 50):.0f} ms), "
-        f"off {off['rps_16']:.1f} req/s (p50 {pct(off['lat_16'], 50):.0f} ms), plain {plain_rps:.1f} req/s"
+        f"{off_text}plain {plain_rps:.1f} req/s"
     )
-    print(
-        f"batching on / off, 16 clients: {on['rps_16'] / off['rps_16']:.2f}x (goal >= 2x on GPU replicas)"
-    )
+    if off:
+        print(
+            f"batching on / off, 16 clients: {on['rps_16'] / off['rps_16']:.2f}x "
+            "(goal >= 2x on GPU replicas)"
+        )
     print(f"Serve / plain, p50 at 16 clients: {pct(on['lat_16'], 50) / pct(plain_lat16, 50):.2f}x")
     print(
         f"CPU ceiling (decode + forward in one process, no HTTP; best: {ceiling_how}): "

@@ -11,6 +11,9 @@ without AMX ``teacher.amp`` trains in fp32 (``kdray.engine.amp_dtype``); this sc
 there all the same, to show why.
 
     .venv/bin/python benchmarks/teacher_precision.py [--dataset eye_disease] [--steps 8] [--epochs 4]
+
+``--quick`` (32 px, batch 4, one timed step per mode, one epoch on 4 images per class: seconds)
+runs the same code to check that it works; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from kdray.engine import (
 from kdray.models import ModelSpec, build_model
 
 MODES = {"fp32": None, "bf16": torch.bfloat16}
+# --quick: the same code on tiny sizes (seconds), to check that the script works.
+QUICK = {"size": 32, "batch": 4, "steps": 1, "rounds": 1, "per_class": 4, "epochs": 1}
 
 
 def _ce(logits, y, _extras, _x):
@@ -112,7 +117,13 @@ def main() -> None:
     parser.add_argument(
         "--epochs", type=int, default=4, help="epochs of the accuracy check (0: skip)"
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="32 px, batch 4, 1 step, 1 round, 1 epoch"
+    )
     args = parser.parse_args()
+    if args.quick:  # smaller defaults; options given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU AMX bf16: {cpu_has_amx()}; torch {torch.__version__}; {args.threads} threads")
     spec = ModelSpec(kind="teacher", num_classes=4, image_size=args.size, class_names=list("abcd"))

@@ -7,11 +7,15 @@ model's validation accuracy per epoch (the learning curves) and the test accurac
 validation epoch.
 
     python benchmarks/teacher_recipe.py --dataset eye_disease --recipes current,no_zoom
+
+``--quick`` (8 synthetic images per class at 32 px, one epoch per model, in a temporary
+workspace: seconds) runs the same code to check that it works; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +39,14 @@ RECIPES: dict[str, dict] = {
     "no_zoom_cosine": {"augment": {"zoom": 0.0}, "schedule": "cosine"},
     "no_zoom_smooth": {"augment": {"zoom": 0.0}, "label_smoothing": 0.1},
 }
+# --quick: the same code on tiny sizes (seconds), to check that the script works.
+QUICK = {"epochs": 1, "workspace": None}
+QUICK_SET = [
+    "data.image_size=32",
+    "data.synthetic.n_per_class=8",
+    "data.synthetic.size=32",
+    "student.epochs=1",
+]
 
 
 def _ce(smoothing: float):
@@ -109,11 +121,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="teacher epochs (default: config)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workspace", default="/tmp/kdray-teacher-recipe", help="data cache")
+    parser.add_argument(
+        "--workspace",
+        default="/tmp/kdray-teacher-recipe",
+        help="data cache (--quick: a temporary one)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="8 images per class at 32 px, 1 epoch per model, temporary workspace",
+    )
     args = parser.parse_args()
+    if args.quick:  # smaller defaults; options given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config)
-    data = prepare_dataset(cfg.data, args.dataset, Workspace(Path(args.workspace)).create())
+    cfg = load_config(args.config, QUICK_SET if args.quick else None)
+    with tempfile.TemporaryDirectory(prefix="kdray-teacher-recipe-") as tmp:  # for --quick
+        workspace = Workspace(Path(args.workspace or tmp)).create()
+        data = prepare_dataset(cfg.data, args.dataset, workspace)
     print(f"{args.dataset}: {data.manifest.counts()} images at {data.image_size} px")
     rows = []
 

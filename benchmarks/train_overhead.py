@@ -16,6 +16,11 @@ Prints ``Ray Train / plain, whole epoch: <ratio>`` (goal <= 1.15 at 1 worker) an
 ``Ray Train fixed start-up: <seconds> s``, then where the epoch's extra time goes.
 
     .venv/bin/python benchmarks/train_overhead.py [--images-per-class 96] [--size 64] [--epochs 4]
+
+Unless ``$RAY_ADDRESS`` names a cluster to join, the script starts its own local Ray, in a
+temporary directory of its own. ``--quick`` (8 images per class at 32 px, 3 epochs per side: Ray's
+start-up is most of its time) runs the same code to check that it works; its figures mean
+nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from kdray.pipeline import ray_session
 from kdray.teacher import STATE_FILE, _ce_loss, fit_teacher
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
+
+# --quick: the same code on tiny sizes, to check that the script works.
+QUICK = {"images_per_class": 8, "size": 32, "epochs": 3}
 
 
 def plain_epochs(
@@ -121,7 +129,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4, help="per side; the first one warms up")
     parser.add_argument("--two-workers", action="store_true", help="also time 2 workers x 1 CPU")
+    parser.add_argument(
+        "--quick", action="store_true", help="8 images per class at 32 px, 3 epochs per side"
+    )
     args = parser.parse_args()
+    if args.quick:  # smaller defaults; options given explicitly still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     if args.epochs < 3:
         parser.error("--epochs must be at least 3 (the first is excluded, two make a median)")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -139,10 +153,12 @@ def main() -> None:
         f"{args.size}x{args.size}, batch 32, 2 threads, {args.epochs} epochs per side "
         "(the first excluded)"
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    # Ray leaves its logs behind in its temp dir while shutting down: ignore them at cleanup.
+    with tempfile.TemporaryDirectory(prefix="kdray-bench-", ignore_cleanup_errors=True) as tmp:
         ws = Workspace(Path(tmp))
         tracker = Tracker.open(MLflowConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db"), ws)
-        with ray_session(RayConfig(num_cpus=2), ws):  # the product's local Ray
+        # The product's local Ray, in a temp dir of its own: never another Ray on this machine.
+        with ray_session(RayConfig(num_cpus=2, temp_dir=f"{tmp}/ray"), ws):
             plain_a = plain_epochs(cfg1, data, spec, args.epochs, Path(tmp))
             ray1 = trainer_epochs(cfg1, data, spec, tracker, tmp, "w1")
             plain_b = plain_epochs(cfg1, data, spec, args.epochs, Path(tmp))  # before and after
