@@ -37,8 +37,12 @@ $(CHROMEDRIVER):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 
+# Two pytest-xdist workers: the tests that read the smoke run stay on one (tests/conftest.py), the
+# rest share out; measured in docs/testing.md. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(CHROMEDRIVER)  ## the whole test suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only (no Ray / MLflow integration)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

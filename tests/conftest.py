@@ -25,6 +25,15 @@ torch.set_num_threads(1)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``), every test that reads the
+    smoke pipeline's workspace or its served app runs on one worker, so the session's smoke run
+    and service start once, not once per worker."""
+    for item in items:
+        if {"smoke_run", "served"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smoke-workspace"))
+
+
 @pytest.fixture()
 def workspace(tmp_path: Path):
     from kdray.workspace import Workspace
@@ -157,6 +166,9 @@ def smoke_run(tmp_path_factory):
             str(REPO / "configs" / "smoke.yaml"),
             "--workspace",
             str(ws),
+            # Its own Ray temp dir: other tests' pipelines may run beside it (pytest-xdist).
+            "--set",
+            f"ray.temp_dir=/tmp/kdray-smoke-{os.getpid()}",
             *(["--resume"] if reuse else []),
         ],
         cwd=REPO,
