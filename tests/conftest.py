@@ -221,6 +221,7 @@ def served(smoke_run, tmp_path_factory):
         yield Server(service.url, SERVE_TOKEN, ws, service.log)
     finally:
         service.stop()
+    assert not service.ray_tmpdir.exists()  # stop() leaves no Ray session behind in /tmp
 
 
 class Proxy:

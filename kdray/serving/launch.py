@@ -8,6 +8,7 @@ own Ray temp dir, and :meth:`Service.stop` shuts Serve and that Ray down.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ class Service:
     url: str
     process: subprocess.Popen
     log: Path
+    ray_tmpdir: Path | None = None  # the child's private Ray temp dir, removed by stop()
 
     def wait_ready(self, timeout_s: float = 240.0) -> None:
         """Block until ``/readyz`` answers 200.
@@ -68,7 +70,8 @@ class Service:
             time.sleep(1.0)
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        """Ctrl-C to ``serve run`` (it shuts Serve and its Ray down), then kill what is left."""
+        """Ctrl-C to ``serve run`` (it shuts Serve and its Ray down), then kill what is left;
+        the private Ray temp dir goes too."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGINT)
             try:
@@ -76,6 +79,8 @@ class Service:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        if self.ray_tmpdir is not None:
+            shutil.rmtree(self.ray_tmpdir, ignore_errors=True)
 
 
 def launch(
@@ -95,8 +100,9 @@ def launch(
     path, log = workdir / "serve-config.yaml", workdir / "serve.log"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KDRAY_HOME")}
+    ray_tmpdir = Path(f"/tmp/kdray-svc-{os.getpid()}-{config['http_options']['port']}")
     child_env.update(
-        RAY_TMPDIR=f"/tmp/kdray-svc-{os.getpid()}-{config['http_options']['port']}",
+        RAY_TMPDIR=str(ray_tmpdir),
         RAY_USAGE_STATS_ENABLED="0",
         **(env or {}),
     )
@@ -110,4 +116,4 @@ def launch(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return Service(f"http://127.0.0.1:{config['http_options']['port']}", process, log)
+    return Service(f"http://127.0.0.1:{config['http_options']['port']}", process, log, ray_tmpdir)
