@@ -25,6 +25,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``), every test that reads the
     smoke pipeline's workspace or its served app runs on one worker, so the session's smoke run
@@ -150,12 +151,31 @@ def browser():
     driver.quit()
 
 
+def _claim_for_this_worker(tmp_path_factory, what: str) -> None:
+    """Under pytest-xdist, fail if another worker of this session already made ``what``: its
+    tests are grouped onto one worker (``xdist_group``), and a grouping that silently stopped
+    working (pytest-xdist issue 1386) would pay for it twice."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    marker = tmp_path_factory.getbasetemp().parent / f"{what}.worker"  # shared by the workers
+    try:
+        with open(marker, "x") as f:
+            f.write(worker)
+    except FileExistsError:
+        pytest.fail(
+            f"{what} made on {marker.read_text()} and again on {worker}: "
+            "the xdist_group of tests/conftest.py did not hold"
+        )
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """The smoke pipeline (3 datasets) once per session: its workspace and the finished process.
 
     ``KDRAY_TEST_SMOKE_WS=<dir>`` (developers, not CI) runs it there once and reuses it after.
     """
+    _claim_for_this_worker(tmp_path_factory, "smoke-run")
     reuse = os.environ.get("KDRAY_TEST_SMOKE_WS")
     ws = Path(reuse) if reuse else tmp_path_factory.mktemp("smoke") / "ws"
     proc = subprocess.run(
