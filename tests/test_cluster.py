@@ -48,6 +48,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents. Ray's defaults (52365 for the dashboard agent, which
+    serves the Jobs API's submissions) are taken by any other Ray on the machine, e.g. another
+    test's: the job head then answers "No available agent to submit job" for good."""
+    return [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+    ]
+
+
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
@@ -201,6 +213,7 @@ def cluster(tmp_path):
                     "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard_port}",
+                    *_agent_ports(),
                 ],
                 env,
                 tmp_path / "head.log",
@@ -220,6 +233,7 @@ def cluster(tmp_path):
                     "--num-cpus=1",
                     "--node-ip-address=127.0.0.1",
                     f"--temp-dir={temp_dir}-w",
+                    *_agent_ports(),
                 ],
                 env,
                 tmp_path / "worker.log",
