@@ -216,14 +216,20 @@ class TuneConfig(_Strict):
     The width and depth dimensions apply unless ``student.widths`` is set explicitly.
     """
 
-    num_samples: int = Field(4, ge=1)
+    num_samples: int = Field(24, ge=1, description="KD trials per dataset (and CE baseline trials)")
     max_concurrent_trials: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
+    reuse_actors: bool = Field(
+        True, description="trials run one after another in the same Ray actors (no restart)"
+    )
     search: Literal["optuna", "random"] = Field("optuna", description="optuna: TPE sampler")
+    startup_trials: int = Field(
+        8, ge=0, description="optuna: random trials (the seed point included) before TPE models"
+    )
     scheduler: Literal["asha", "none"] = Field("asha", description="asha: early-stop weak trials")
-    grace_period: int = Field(3, ge=1, description="ASHA: epochs before a trial can be stopped")
-    reduction_factor: float = Field(2.0, gt=1.0)
+    grace_period: int = Field(4, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1.0, description="ASHA: 1/rf of trials go on per rung")
     alpha: tuple[float, float] = (0.05, 0.95)
     temperature: tuple[float, float] = (1.0, 20.0)
     base_width: list[int] = Field(default_factory=lambda: [8, 16, 24])

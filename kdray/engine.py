@@ -21,6 +21,7 @@ __all__ = [
     "cpu_has_amx",
     "evaluate",
     "make_loader",
+    "memory_format_of",
     "predict_logits",
     "seed_everything",
     "softmax",
@@ -157,17 +158,29 @@ def train_epoch(
     return out
 
 
+def memory_format_of(model: nn.Module) -> torch.memory_format:
+    """``channels_last`` when the model's first 4-D weight is stored so, else contiguous: feed
+    inputs in the model's layout (a layout mismatch makes oneDNN convert every layer)."""
+    for param in model.parameters():
+        if param.dim() == 4:
+            if param.is_contiguous(memory_format=torch.channels_last) and not param.is_contiguous():
+                return torch.channels_last
+            break
+    return torch.contiguous_format
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, images: np.ndarray, batch_size: int = 128, device: torch.device | str = "cpu"
 ) -> np.ndarray:
-    """Logits (N, classes) for uint8 images (N, 3, H, W), in eval mode."""
+    """Logits (N, classes) for uint8 images (N, 3, H, W), in eval mode and the model's layout."""
     was_training = model.training
     model.eval()
+    layout = memory_format_of(model)
     out = []
     for start in range(0, len(images), batch_size):
         x = to_input(_as_tensor(images[start : start + batch_size]), device)
-        out.append(model(x).float().cpu())
+        out.append(model(x.contiguous(memory_format=layout)).float().cpu())
     model.train(was_training)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)

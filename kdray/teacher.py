@@ -136,18 +136,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(config["seed"])
     spec = ModelSpec.from_dict(config["spec"])
     device = ray.train.torch.get_device()
-    # teacher.amp: float16 + GradScaler on CUDA, bfloat16 on a CPU with AMX (channels-last, the
-    # layout oneDNN's bf16 convolutions are fast in), else fp32. Validation runs in fp32.
+    # teacher.amp: float16 + GradScaler on CUDA, bfloat16 on a CPU with AMX, else fp32.
+    # Validation runs in fp32.
     dtype = amp_dtype(device, config["amp"])
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     bf16 = dtype == torch.bfloat16
-    model = build_model(spec, config["weights"])
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
+    # Channels-last in every precision: on a CPU without AMX a fp32 step takes about 0.8x the
+    # time in it (DenseNet121, 64 px, batch 32, 2 threads).
+    model = build_model(spec, config["weights"]).to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    augment = build_augment(config["augment"])
-    if bf16:
-        augment = channels_last(augment)
+    augment = channels_last(build_augment(config["augment"]))
     if rank == 0:
         config["tracker"].set_tags(
             config["run_id"],

@@ -70,6 +70,14 @@ HEADLINES: dict[str, tuple[list[str], bool]] = {
         ],
         True,
     ),
+    "sweep_throughput.py": (
+        [
+            r"^Tune KD trial / plain loop, same epochs: {n}$",
+            r"^KD trials per minute, 2 cores: {n}$",
+            r"^  ASHA grace 4, reduction 3: stops {n}/{n} trials",
+        ],
+        True,
+    ),
     "serve_bench.py": (
         [
             r"^/predict 1 client: p50 {n} ms, p99 {n} ms",

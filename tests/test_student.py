@@ -288,3 +288,36 @@ def test_the_selected_trial_is_its_seeds_run_only_when_it_trained_every_epoch():
     stopped = TrialOutcome("r", {}, [4], 1e-3, 0.9, 1, 1, None, epochs_run=3)  # ASHA stopped it
     assert not _is_seed_run(stopped, 0, cfg)
     assert not _is_seed_run(TrialOutcome("r", {}, [4], 1e-3, 0.9, 1, 1, None), 0, cfg)  # unknown
+
+
+def test_the_tuners_budget_sampler_and_scheduler_come_from_the_config(tmp_path):
+    """Trial count, trials at once, actor reuse, TPE's random start and ASHA's rungs: all keys."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from kdray.sweep import SweepProgress, _new_tuner, search_space
+    from kdray.workspace import Workspace
+
+    cfg = ExperimentConfig.model_validate(
+        {
+            "student": {"epochs": 10},
+            "tune": {
+                "num_samples": 17,
+                "max_concurrent_trials": 3,
+                "reuse_actors": False,
+                "startup_trials": 5,
+                "grace_period": 4,
+                "reduction_factor": 3,
+            },
+        }
+    )
+    space, first = search_space(cfg)
+    progress = SweepProgress("brain_tumor", "KD sweep", 17, 10)
+    tuner = _new_tuner(cfg, "x", space, first, Workspace(tmp_path), "s", "brain_tumor", progress)
+    tc = tuner._local_tuner._tune_config
+    assert (tc.num_samples, tc.max_concurrent_trials, tc.reuse_actors) == (17, 3, False)
+    assert tc.search_alg._sampler._n_startup_trials == 5
+    assert isinstance(tc.scheduler, ASHAScheduler)
+    assert tc.scheduler._reduction_factor == 3 and tc.scheduler._max_t == 10
+    assert [t for t, _ in tc.scheduler._brackets[0]._rungs] == [4]  # grace 4; 12 > max_t
+    defaults = ExperimentConfig().tune
+    assert defaults.num_samples >= 24 and defaults.reuse_actors  # the default searches
