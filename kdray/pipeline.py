@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -23,6 +24,7 @@ from kdray.config import ExperimentConfig, RayConfig
 from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, preflight, prepare_dataset
 from kdray.metrics import paired_difference
+from kdray.search_findings import SearchFindings, across_datasets, log_findings
 from kdray.sweep import make_job, run_sweep
 from kdray.teacher import train_teacher
 from kdray.tracking import Tracker
@@ -77,6 +79,9 @@ class DatasetSummary:
     # Training images each side saw (data.synthetic.student_fraction); 0 in an older summary.
     teacher_train_images: int = 0
     student_train_images: int = 0
+    # What the KD search found (kdray.search_findings.SearchFindings.to_dict()); empty in an
+    # older summary.
+    search: dict[str, Any] = field(default_factory=dict)
 
 
 @contextmanager
@@ -234,6 +239,11 @@ def run_dataset(
             )
             trials = len(outcomes)
             _save_state(ws, dataset, {**base, "champion": asdict(champion), "trials": trials})
+        # Before the report: it shows the search's panels (search.md, search.png).
+        findings = log_findings(
+            tracker, parent, champion.trial_run_id, ws.reports / dataset, dataset, cfg.seed
+        )
+        log.info("%s: %s", dataset, findings.sentence())
         # Before the report: it finds the learning curves through these tags.
         tracker.set_tags(
             parent,
@@ -294,6 +304,7 @@ def run_dataset(
             agreement=agreement,
             teacher_train_images=len(data.splits["train"]),
             student_train_images=n_students,
+            search=findings.to_dict(),
         )
         tracker.log_metrics(
             parent,
@@ -468,6 +479,16 @@ def format_summary(rows: list[DatasetSummary]) -> str:
             "image, with a random map's in brackets:"
         )
         lines += [f"- {_agreement_words(r)}" for r in rows if r.agreement]
+    searched = [r for r in rows if r.search.get("trials")]
+    if searched:
+        lines.append("")
+        lines.append(
+            "What the KD searches found (best trial by val accuracy; the seed point is the "
+            "config's own α, T and widths, tried first; importance: fANOVA share of the val "
+            "accuracy's variance over the trials):"
+        )
+        lines += [f"- {r.dataset}: {SearchFindings(**r.search).sentence()}" for r in searched]
+        lines.append(f"- {across_datasets([(r.dataset, r.search) for r in searched])}")
     lines.append(
         "ECE: expected calibration error on the test split (15 bins, lower is better); "
         "reliability diagrams in each dataset's report."
@@ -481,7 +502,14 @@ def _write_summary(rows: list[DatasetSummary], ws: Workspace) -> None:
 
     def flat(r: DatasetSummary) -> dict:
         row = asdict(r)
-        return {**row, **row.pop("agreement")}  # one column per agreement score
+        search = row.pop("search")
+        columns = {
+            "search_trials": search.get("trials", 0),
+            "search_seed_rank": search.get("seed_rank", 0),
+            **{f"search_best_{k}": v for k, v in search.get("best", {}).items()},
+            **{f"search_importance_{k}": v for k, v in search.get("importances", {}).items()},
+        }
+        return {**row, **row.pop("agreement"), **columns}  # one column per score
 
     flats = [flat(r) for r in rows]
     buf = io.StringIO()

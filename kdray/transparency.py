@@ -88,6 +88,10 @@ def report_dataset(
         baseline_probabilities=np.load(baseline) if baseline.is_file() else None,
         learning_curves=learning_curves(tracker, parent_run_id),
     )
+    search = out / "search.md"  # kdray.search_findings, written after the sweep
+    if search.is_file():
+        markdown = report.paths["markdown"]
+        markdown.write_text(markdown.read_text().rstrip("\n") + "\n\n" + search.read_text())
     tracker.log_metrics(parent_run_id, {f"explain.{k}": v for k, v in report.metrics.items()})
     tracker.log_artifacts(parent_run_id, str(out), "transparency")
     if champion_run_id is not None:
