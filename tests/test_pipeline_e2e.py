@@ -125,6 +125,11 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
             == champion.data.tags["kdray.selected_from"]
             == "2"
         )
+        # What the search found, read back from these trials (kdray.search_findings).
+        assert parent.data.metrics["search.trials"] == len(trials)
+        assert 1 <= parent.data.metrics["search.seed_rank"] <= len(trials)
+        search = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+        assert search == {"search/search.png", "search/search.md"}
         artifacts = {a.path for a in client.list_artifacts(champion.info.run_id)}
         assert {"config.yaml", "test_confusion.png", "model"} <= artifacts
         assert {"config.yaml", "test_confusion.png", "model"} <= {
@@ -146,6 +151,11 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
         assert "feature_maps.png" in {a.path for a in client.list_artifacts(champion.info.run_id)}
     assert "| brain_tumor | KD student (champion) |" in proc.stdout
     assert "2 CE trials |" in proc.stdout and "How each side was chosen" in proc.stdout
+    assert "What the KD searches found" in proc.stdout and "across datasets:" in proc.stdout
+    for dataset in ("brain_tumor", "eye_disease", "alzheimer"):
+        report = (ws / "reports" / dataset / "report.md").read_text()
+        assert "## What the search found" in report and "rank" in report
+        assert (ws / "reports" / dataset / "search.png").stat().st_size > 10_000
     assert (ws / "reports" / "summary.csv").read_text().count("\n") == 4
 
 
