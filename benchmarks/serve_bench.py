@@ -274,7 +274,8 @@ def serve_measure(
     (default max(10, n / 10)); ``shap_nsamples``: the service's default SHAP samples (default:
     the config's)."""
     user_config = {"max_batch_size": 8 if batching else 1, "batch_wait_timeout_s": 0.0}
-    app_args: dict[str, object] = {"tracking_uri": uri, "datasets": [DATASET]}
+    # No auth: the plain app it is compared with has none either (loopback, a private Ray).
+    app_args: dict[str, object] = {"tracking_uri": uri, "datasets": [DATASET], "auth": "none"}
     if shap_nsamples is not None:
         app_args["shap_nsamples"] = shap_nsamples
     config = service_config(

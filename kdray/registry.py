@@ -16,6 +16,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
@@ -24,6 +25,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from torch import nn
 
+from kdray.data.mlflow_inputs import trained_on
+from kdray.data.specs import DATASETS, get_spec
 from kdray.models import SPEC_FILE, ModelSpec, load_model
 
 __all__ = [
@@ -148,6 +151,9 @@ class RegisteredModel:
     directory: Path
     spec: ModelSpec
     metrics: dict[str, float] = field(default_factory=dict)
+    # The data the registering run trained on (kdray.data.mlflow_inputs.trained_on): what a
+    # model card says, not the dataset catalogue's description of the public dataset.
+    trained_on: dict[str, Any] = field(default_factory=dict)
 
 
 def fetch_registered(
@@ -166,8 +172,19 @@ def fetch_registered(
     if (local / KDRAY_FILES / SPEC_FILE).is_file():  # a pyfunc model folder; older: the files
         local = local / KDRAY_FILES
     spec = ModelSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
-    metrics = dict(client.get_run(version.run_id).data.metrics)
-    return RegisteredModel(name, alias, str(version.version), version.run_id, local, spec, metrics)
+    run = client.get_run(version.run_id)
+    title = get_spec(spec.dataset).title if spec.dataset in DATASETS else name
+    trained = trained_on(run.inputs.dataset_inputs, title)
+    return RegisteredModel(
+        name,
+        alias,
+        str(version.version),
+        version.run_id,
+        local,
+        spec,
+        dict(run.data.metrics),
+        trained,
+    )
 
 
 def load_registered(

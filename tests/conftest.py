@@ -4,11 +4,13 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +209,25 @@ class Server:
     token: str
     workspace: Path
     log: Path
+    ray_tmpdir: Path | None = None  # the service's own Ray temp dir: names its processes
+
+    def replica_pids(self, deployment: str) -> list[int]:
+        """The service's replica processes of ``deployment`` (``ray::ServeReplica:kdray:<name>``),
+        told from other Rays' by the RAY_TMPDIR they inherited from this service's start."""
+        marker = f"RAY_TMPDIR={self.ray_tmpdir}".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                if f"ServeReplica:kdray:{deployment}".encode() not in cmdline:
+                    continue
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:  # gone, or not ours to read
+                continue
+        return pids
 
     @property
     def auth(self) -> dict[str, str]:
@@ -228,6 +249,9 @@ def served(smoke_run, tmp_path_factory):
             "shap_nsamples": 8,
             "max_shap_nsamples": 16,
             "token_env": "KDRAY_TEST_SERVE_TOKEN",
+            # Two 4096 x 4096 images decoding at once: the memory test's bound stays far below
+            # what 16 unbounded decodes take.
+            "max_decode_pixels": 2 * 4096 * 4096,
         },
     )
     service = launch(
@@ -238,7 +262,7 @@ def served(smoke_run, tmp_path_factory):
     )
     try:
         service.wait_ready()
-        yield Server(service.url, SERVE_TOKEN, ws, service.log)
+        yield Server(service.url, SERVE_TOKEN, ws, service.log, service.ray_tmpdir)
     finally:
         service.stop()
     assert not service.ray_tmpdir.exists()  # stop() leaves no Ray session behind in /tmp
@@ -300,3 +324,20 @@ def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG declaring width x height (tests of the size limits)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )

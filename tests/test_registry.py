@@ -85,3 +85,54 @@ def test_kdrays_loader_still_reads_the_registered_folder(registered):
     np.testing.assert_allclose(predict_logits(loaded, x), predict_logits(model, x), atol=1e-6)
     folder = MlflowClient(uri).get_model_version_by_alias("kdray-brain_tumor", "champion").source
     assert folder.endswith("/model")
+
+
+def test_a_registered_model_says_what_it_trained_on_from_its_own_run(tmp_path):
+    """The model card's "trained on" and title come from the registering run's dataset inputs:
+    a model of the synthetic stand-in says so, whatever the catalogue calls the dataset."""
+    from kdray.data.mlflow_inputs import split_inputs
+    from kdray.data.prepare import in_memory_synthetic
+    from kdray.registry import fetch_registered
+    from kdray.serving.deployments import card_title
+    from kdray.serving.store import LoadedModel
+
+    ws = Workspace(tmp_path / "ws").create()
+    tracker = Tracker.open(MLflowConfig(), ws)
+    spec = ModelSpec(
+        kind="student",
+        num_classes=4,
+        image_size=32,
+        class_names=CLASSES,
+        widths=[4, 8],
+        dataset="brain_tumor",
+    )
+    data = in_memory_synthetic("brain_tumor", 8, 32)
+    synthetic_root = str(ws.root / "data" / "synthetic" / "brain_tumor-n8-s32-seed0")
+    real_root = "/data/brain-tumor-mri-dataset"
+    cards = {}
+    for root, name in ((synthetic_root, "kdray-brain_tumor"), (real_root, "kdray-other")):
+        data.manifest.root = root
+        data.manifest.fingerprint = f"{abs(hash(root)):016x}"  # other files, another digest
+        students = data.for_students(0.5, 0)
+        run_id = tracker.start_run("champion", "brain_tumor", "champion")
+        tracker.log_inputs(run_id, split_inputs(students))
+        log_model_folder(
+            tracker.client, run_id, save_model(build_model(spec), spec, tmp_path / name)
+        )
+        register_model(tracker.client, name, run_id, "champion")
+        reg = fetch_registered(name, "champion", tmp_path / f"{name}-dl", tracker.tracking_uri)
+        cards[root] = (
+            reg.trained_on,
+            card_title(LoadedModel("brain_tumor", "student", reg, None, None)),
+        )
+    n = len(students.splits["train"])
+    trained, title = cards[synthetic_root]
+    assert trained["synthetic"] and trained["images"] == n
+    assert (
+        trained["text"].startswith("synthetic stand-in for Brain Tumor MRI (Kaggle")
+        and "50%" in trained["text"]
+    )
+    assert title == "Brain Tumor MRI · synthetic stand-in"
+    trained, title = cards[real_root]
+    assert not trained["synthetic"] and real_root in trained["text"]
+    assert title == "Brain Tumor MRI · brain-tumor-mri-dataset"

@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
+import statistics
 import subprocess
-import zlib
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from kdray.data.specs import DATASETS
 from kdray.engine import to_input
 from kdray.registry import load_registered
 
-from conftest import BIN
+from conftest import BIN, huge_png_header
 
 pytestmark = pytest.mark.integration
 
@@ -51,26 +52,10 @@ def _test_image(ws: Path, dataset: str) -> bytes:
     return path.read_bytes()
 
 
-def _huge_png_header(width: int, height: int) -> bytes:
-    """A tiny, valid-looking PNG declaring width x height (never decodable in memory)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _call(server, method: str, path: str, *, auth: bool = True, **kwargs) -> requests.Response:
     headers = {**(server.auth if auth else {}), **kwargs.pop("headers", {})}
-    return requests.request(method, server.url + path, headers=headers, timeout=120, **kwargs)
+    kwargs.setdefault("timeout", 120)
+    return requests.request(method, server.url + path, headers=headers, **kwargs)
 
 
 def _predict(
@@ -271,7 +256,7 @@ def _bad_requests(ws: Path) -> list[tuple[str, dict, int, str]]:
         ),
         (
             "20k x 20k PNG",
-            {"url": predict, "files": {"file": ("big.png", _huge_png_header(20000, 20000))}},
+            {"url": predict, "files": {"file": ("big.png", huge_png_header(20000, 20000))}},
             413,
             "image_too_large",
         ),
@@ -438,3 +423,101 @@ def test_schemathesis_finds_no_server_error(served, tmp_path):
     assert len(statuses) >= 300, (len(statuses), proc.stdout[-3000:])
     assert not [s for s in statuses if s >= 500]
     assert statuses.count(200) >= 20  # generated images got through to the models too
+
+
+def test_readiness_and_the_model_list_answer_at_once_while_shap_is_saturated(served):
+    """8 clients keep the ShapExplainer's queue full (SHAP of student and teacher); /readyz and
+    /v1/models answer from what the deployments last reported, not behind that queue."""
+    png = _test_image(served.workspace, "brain_tumor")
+    stop = threading.Event()
+    explain_s: list[float] = []
+    codes: list[int] = []
+
+    def shap_client() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            response = _call(
+                served,
+                "POST",
+                "/v1/models/brain_tumor/explain?methods=shap&model=both&nsamples=16",
+                files={"file": ("x.png", png)},
+            )
+            explain_s.append(time.perf_counter() - started)
+            codes.append(response.status_code)
+
+    clients = [threading.Thread(target=shap_client) for _ in range(8)]
+    for client in clients:
+        client.start()
+    try:
+        time.sleep(3.0)  # the queue fills
+        probes: dict[str, list[float]] = {"/readyz": [], "/v1/models": []}
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline:
+            for path, times in probes.items():
+                started = time.perf_counter()
+                response = _call(served, "GET", path, auth=path != "/readyz", timeout=5)
+                times.append(time.perf_counter() - started)
+                assert response.status_code == 200, (path, response.text)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    assert set(codes) <= {200, 503} and codes.count(200) >= 8, codes
+    slowest_probe = max(max(times) for times in probes.values())
+    # The SHAP requests waited in a queue (each took seconds); no probe waited behind it. The
+    # goal (p99 <= 100 ms) is measured in the note; here, well below one SHAP request.
+    assert statistics.median(explain_s) > 3 * slowest_probe, (explain_s, probes)
+    assert slowest_probe < 1.0, probes
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def test_a_flood_of_large_images_keeps_the_gateways_memory_bounded(served):
+    """16 clients post 4096 x 4096 PNGs (tiny files, 48 MB each decoded, within the per-image
+    limit) and 8000 x 8000 ones (413 from the header): the decode budget (here two such images
+    in flight) bounds the Gateway's RSS growth, every answer is 200/413/503, /readyz stays 200.
+    Unbounded, 14 decodes at once would take about 14 x 50-100 MB."""
+    (gateway,) = served.replica_pids("Gateway")
+    big = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (40, 80, 120)).save(big, "PNG")
+    bodies = [big.getvalue(), huge_png_header(8000, 8000)]
+    baseline = _rss_mb(gateway)
+    stop = threading.Event()
+    codes: list[int] = []
+    busy: list[tuple[str | None, str]] = []
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            body = bodies[i % 2 if i < 4 else 0]  # mostly decodable ones: they cost memory
+            response = _predict(served, "brain_tumor", body, timeout=60)
+            codes.append(response.status_code)
+            if response.status_code == 503:
+                busy.append((response.headers.get("Retry-After"), response.json()["error"]))
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for c in clients:
+        c.start()
+    peak, ready = baseline, []
+    try:
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            peak = max(peak, _rss_mb(gateway))
+            ready.append(_call(served, "GET", "/readyz", auth=False, timeout=5).status_code)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join()
+    assert set(codes) <= {200, 413, 503}, sorted(set(codes))
+    assert codes.count(200) >= 4 and 413 in codes, codes
+    assert all(retry == "1" and error == "busy" for retry, error in busy), busy
+    assert set(ready) == {200}
+    # Two images in flight are ~100 MB of pixels; the PNG decoder's buffers and the allocator's
+    # slack over 40 decode threads come on top (seen: 318 MB of growth).
+    assert peak - baseline < 500, f"Gateway RSS {baseline:.0f} -> {peak:.0f} MB"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -31,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 __all__ = ["FORMATS", "MAX_PIXELS", "ImageError", "check_image", "decode", "read_image"]
 
 MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any fundus photo or MRI slice
+Admit = Callable[[int], None]  # decode's hook: the pixels about to be decoded (may raise)
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "DICOM")
 _PIL_FORMATS = frozenset({"PNG", "JPEG", "MPO", "BMP", "TIFF"})  # MPO: JPEG with extra frames
 _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
@@ -121,7 +123,9 @@ def _check_codestream(ds: Any, rows: int, cols: int) -> None:
         )
 
 
-def _decode_dicom(fp: IO[bytes], has_magic: bool, max_pixels: int) -> Image.Image:
+def _decode_dicom(
+    fp: IO[bytes], has_magic: bool, max_pixels: int, admit: Admit | None = None
+) -> Image.Image:
     import pydicom  # imported here: only DICOM inputs pay for it
     from pydicom import pixels as px
     from pydicom import uid
@@ -145,6 +149,8 @@ def _decode_dicom(fp: IO[bytes], has_magic: bool, max_pixels: int) -> Image.Imag
     if rows < 1 or cols < 1:
         raise ImageError("corrupt", "DICOM file declares no valid image size (Rows/Columns)")
     _check_pixels(cols, rows, max_pixels)
+    if admit is not None:
+        admit(cols * rows)
     if not syntax:  # a bare dataset (no file meta): the encoding pydicom found tells the syntax
         implicit, little = ds.original_encoding
         syntax = uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
@@ -198,7 +204,9 @@ def _bomb(exc: Exception, max_pixels: int) -> ImageError:
     )
 
 
-def _decode_pil(fp: IO[bytes], head: bytes, max_pixels: int) -> Image.Image:
+def _decode_pil(
+    fp: IO[bytes], head: bytes, max_pixels: int, admit: Admit | None = None
+) -> Image.Image:
     try:
         image = Image.open(fp)  # reads the header only
     except _BOMB as exc:
@@ -215,6 +223,8 @@ def _decode_pil(fp: IO[bytes], head: bytes, max_pixels: int) -> Image.Image:
             f"{image.format} images are not accepted; expected one of {', '.join(FORMATS)}",
         )
     _check_pixels(image.width, image.height, max_pixels)
+    if admit is not None:
+        admit(image.width * image.height)
     fmt = "JPEG" if image.format == "MPO" else image.format
     try:
         image.load()  # the full decode of the first frame: truncated or corrupt data shows here
@@ -225,6 +235,8 @@ def _decode_pil(fp: IO[bytes], head: bytes, max_pixels: int) -> Image.Image:
     try:
         if image.mode in _HIGH_BIT_MODES:
             return Image.fromarray(_to_uint8(np.asarray(image))).convert("RGB")
+        if image.mode == "RGB":
+            return image  # convert() would copy it: 48 MB more for a 4096 x 4096 photo
         return image.convert("RGB")  # drops alpha; palette, CMYK, gray and 1-bit become RGB
     except Exception:
         raise ImageError(
@@ -238,6 +250,7 @@ def decode(
     filename: str | None = None,
     content_type: str | None = None,
     max_pixels: int = MAX_PIXELS,
+    admit: Admit | None = None,
 ) -> Image.Image:
     """An image file or its bytes as an RGB Pillow image at its own size.
 
@@ -250,6 +263,8 @@ def decode(
         content_type: ``application/dicom`` marks DICOM; other types are only hints (the bytes
             decide).
         max_pixels: width x height limit, checked from the header before the pixels are decoded.
+        admit: called with width x height once the header passed, before the pixels are
+            decoded; it may raise to refuse (the server's budget of pixels in flight).
 
     Raises:
         ImageError: see the module docstring for what each kind means.
@@ -274,8 +289,8 @@ def decode(
         named = (filename or "").lower().endswith(".dcm")
         typed = (content_type or "").split(";")[0].strip().lower() == "application/dicom"
         if has_magic or named or typed:
-            return _decode_dicom(fp, has_magic, max_pixels)
-        return _decode_pil(fp, head, max_pixels)
+            return _decode_dicom(fp, has_magic, max_pixels, admit)
+        return _decode_pil(fp, head, max_pixels, admit)
 
 
 def read_image(source: str | Path | bytes, size: int, **decode_kwargs: Any) -> np.ndarray:

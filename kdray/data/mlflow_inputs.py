@@ -18,7 +18,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 
 from kdray.data.prepare import PreparedData
 
-__all__ = ["CONTEXT_TAG", "split_inputs"]
+__all__ = ["CONTEXT_TAG", "is_synthetic_root", "split_inputs", "trained_on"]
 
 CONTEXT_TAG = "mlflow.data.context"  # MLflow's own tag: shown next to the dataset in the UI
 DIGEST_LENGTH = 12
@@ -61,3 +61,38 @@ def split_inputs(
         )
         out.append(DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, split)]))
     return out
+
+
+def is_synthetic_root(root: str) -> bool:
+    """Is this data root a synthetic stand-in (``<workspace>/data/synthetic/<id>-n..-s..-seed..``,
+    kdray.data.prepare.synthetic_root) rather than a real folder?"""
+    parts = root.replace("\\", "/").rstrip("/").split("/")
+    return len(parts) >= 3 and parts[-2] == "synthetic" and parts[-3] == "data"
+
+
+def trained_on(inputs: list[DatasetInput], title: str) -> dict[str, object]:
+    """What a run's training split was, from its MLflow dataset inputs (its own record, not the
+    dataset's catalogue entry): ``{"synthetic", "images", "source", "text"}``; ``text`` is the
+    line model cards and reports show. Empty when the run has no training input."""
+    train = next(
+        (
+            d.dataset
+            for d in inputs
+            if any(t.key == CONTEXT_TAG and t.value == "train" for t in d.tags)
+        ),
+        None,
+    )
+    if train is None:
+        return {}
+    source = json.loads(train.source or "{}").get("uri", "")
+    profile = json.loads(train.profile or "{}")
+    images = int(profile.get("num_images", 0))
+    synthetic = is_synthetic_root(source)
+    share = profile.get("student_fraction")
+    cut = f" ({share:.0%} of the training split)" if share else ""
+    text = (
+        f"synthetic stand-in for {title}: {images:,} generated training images{cut}"
+        if synthetic
+        else f"{images:,} training images{cut} from {source}"
+    )
+    return {"synthetic": synthetic, "images": images, "source": source, "text": text}

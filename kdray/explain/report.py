@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from kdray.config import ExplainConfig
+from kdray.data.mlflow_inputs import is_synthetic_root
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import predict_logits, softmax
 from kdray.explain.agreement import prediction_agreement, rank_correlation, top_overlap
@@ -512,7 +513,20 @@ def _markdown(
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
     n_masked = int(masks.any(axis=(1, 2)).sum()) if masks is not None else 0
     lines = [
-        f"# Transparency report: {data.spec.title} (`{data.spec.id}`)",
+        f"# Transparency report: {data.spec.title.split(' (')[0]} (`{data.spec.id}`), "
+        + (
+            "synthetic stand-in"
+            if is_synthetic_root(data.manifest.root)
+            else f"data from `{data.manifest.root}`"
+        ),
+        "",
+        "Trained on: "
+        + (
+            f"the synthetic stand-in generated in `{data.manifest.root}`, not the public "
+            f"{data.spec.title}: figures here describe models of the stand-in."
+            if is_synthetic_root(data.manifest.root)
+            else f"the images under `{data.manifest.root}`."
+        ),
         "",
         f"Input {size}x{size}. {n} test images scored ({n_masked} with a lesion mask); mean "
         f"execution time (MET) over {min(cfg.timing_images, n)} single-image calls, "

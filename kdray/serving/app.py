@@ -31,6 +31,7 @@ from kdray.devices import assigned_cpus, assigned_device, use_assigned_threads
 from kdray.explain.api import METHODS
 from kdray.explain.gradcam import ExplainError
 from kdray.serving.deployments import BatchPredictor, Explainer, store_status
+from kdray.serving.readiness import ReadinessBoard, serve_health
 from kdray.serving.schemas import (
     ErrorBody,
     ExplainResponse,
@@ -41,14 +42,19 @@ from kdray.serving.schemas import (
     ReadyBody,
 )
 from kdray.serving.settings import load_settings
-from kdray.serving.store import ModelStore, ModelUnavailable
-from kdray.serving.uploads import RAW_TYPES, UploadError, decode_upload, read_upload
+from kdray.serving.store import ModelStore, ModelUnavailable, redact
+from kdray.serving.uploads import (
+    RAW_TYPES,
+    PixelBudget,
+    UploadError,
+    decode_upload,
+    read_upload,
+)
 
 __all__ = ["Gateway", "app", "build_app"]
 
 log = logging.getLogger("kdray.serve")
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
-STATUS_TIMEOUT_S = 10.0
 
 
 class Timings:
@@ -160,6 +166,13 @@ class Gateway:
         settings: dict[str, Any],
     ) -> None:
         self.settings = load_settings(settings)
+        # Read once, first: with auth: token a missing variable stops this replica's start
+        # before it loads anything (fail closed, never an open API).
+        self._token = self.settings.token()
+        # Serve's own logger: the line lands in the replica's log and `serve run`'s output.
+        logging.getLogger("ray.serve").info("kdray gateway: %s", self.settings.auth_mode())
+        self._uri = self.settings.resolved_tracking_uri()
+        self._budget = PixelBudget(self.settings.max_decode_pixels)
         device = assigned_device()
         store = ModelStore(
             self.settings.resolved_tracking_uri(),
@@ -175,6 +188,18 @@ class Gateway:
         self.predictor = BatchPredictor(store, workers)
         self.explainer, self.shap = explainer, shap_explainer
         self._cards: dict[str, dict[str, Any]] = {}
+        self._board = ReadinessBoard(
+            {
+                "Explainer": lambda: self.explainer.status.remote(),
+                "ShapExplainer": lambda: self.shap.status.remote(),
+            },
+            health=serve_health,
+        )
+
+    def __del__(self) -> None:  # Serve calls it when the replica shuts down
+        predictor = getattr(self, "predictor", None)  # None: __init__ failed (e.g. auth)
+        if predictor is not None:
+            predictor.store.close()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config``: ``max_batch_size`` (1 turns batching off), ``batch_wait_timeout_s``."""
@@ -184,8 +209,8 @@ class Gateway:
 
     # -- helpers -------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
-        token = self.settings.token()
-        if token is None:
+        token = self._token
+        if token is None:  # auth: none, chosen in the config
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -194,25 +219,16 @@ class Gateway:
             )
 
     async def _statuses(self) -> dict[str, dict[str, Any]]:
-        async def one(name: str, handle: DeploymentHandle) -> dict[str, Any]:
-            try:
-                return await asyncio.wait_for(handle.status.remote(), STATUS_TIMEOUT_S)
-            except Exception as exc:  # replica starting, restarting or gone
-                return {
-                    "ready": False,
-                    "loaded": [],
-                    "cards": {},
-                    "errors": {name: f"{type(exc).__name__}: {exc}"[:300]},
-                }
-
-        names = {"Explainer": self.explainer, "ShapExplainer": self.shap}
-        results = await asyncio.gather(*(one(n, h) for n, h in names.items()))
+        """Every deployment's status, without waiting on any request queue: the Gateway's own
+        store, and the explainers' last reports (kdray.serving.readiness)."""
+        self._board.start()
         statuses = {
             "Gateway": await run_in_threadpool(store_status, self.predictor.store),
-            **dict(zip(names, results, strict=True)),
+            **self._board.statuses(),
         }
         for status in statuses.values():
             self._cards.update(status["cards"])
+            status["errors"] = {k: redact(e, self._uri) for k, e in status["errors"].items()}
         return statuses
 
     async def _card(self, dataset: str, role: str = "student") -> dict[str, Any]:
@@ -229,6 +245,7 @@ class Gateway:
         if key not in self._cards:
             statuses = await self._statuses()
             if key not in self._cards:
+                self._board.poke()  # loaded since the last report? The next one will say
                 reasons = [
                     e
                     for s in statuses.values()
@@ -272,11 +289,14 @@ class Gateway:
         try:
             upload = await read_upload(request, self.settings.max_body_bytes)
             timings.mark("read")
-            image = await run_in_threadpool(decode_upload, upload, size, self.settings.max_pixels)
+            image = await run_in_threadpool(
+                decode_upload, upload, size, self.settings.max_pixels, self._budget
+            )
             timings.mark("decode")
             return image
         except UploadError as exc:
-            raise ApiError(exc.status, exc.error, exc.detail) from None
+            retry = {"Retry-After": "1"} if exc.status == 503 else None  # the decode budget
+            raise ApiError(exc.status, exc.error, exc.detail, retry) from None
 
     # -- routes --------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)

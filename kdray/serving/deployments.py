@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from kdray.explain.api import Explanation, Render, explain
 from kdray.serving.settings import load_settings
 from kdray.serving.store import LoadedModel, ModelStore, Role
 
-__all__ = ["BatchPredictor", "Explainer", "model_entry", "store_status"]
+__all__ = ["BatchPredictor", "Explainer", "card_title", "model_entry", "store_status"]
 
 FAST_METHODS = ("feature_maps", "gradcam")
 
@@ -48,7 +49,21 @@ def model_entry(m: LoadedModel) -> dict[str, Any]:
         "flops": int(reg.metrics.get("flops", 0)),
         "test_metrics": {k: v for k, v in reg.metrics.items() if k.startswith("test_")},
         "methods": methods,
+        "trained_on": reg.trained_on.get("text", ""),
     }
+
+
+def card_title(m: LoadedModel) -> str:
+    """The task and the data the model trained on (from its run), e.g. "Brain Tumor MRI ·
+    synthetic stand-in": the catalogue's title names the public dataset, which the model may
+    never have seen."""
+    task = get_spec(m.dataset).title.split(" (")[0]
+    trained = m.registered.trained_on
+    if not trained:
+        return task
+    if trained["synthetic"]:
+        return f"{task} · synthetic stand-in"
+    return f"{task} · {PurePath(str(trained['source'])).name or trained['source']}"
 
 
 def store_status(store: ModelStore) -> dict[str, Any]:
@@ -60,7 +75,7 @@ def store_status(store: ModelStore) -> dict[str, Any]:
         "errors": store.errors(),
         "cards": {
             f"{m.dataset}/{m.role}": {
-                "title": get_spec(m.dataset).title,
+                "title": card_title(m),
                 "classes": m.class_names,
                 "image_size": m.image_size,
                 "entry": model_entry(m),
@@ -143,6 +158,11 @@ class Explainer:
             self.settings.alias,
             roles,
         )
+
+    def __del__(self) -> None:  # Serve calls it when the replica shuts down
+        store = getattr(self, "store", None)  # None: __init__ failed
+        if store is not None:
+            store.close()
 
     def status(self) -> dict[str, Any]:
         return store_status(self.store)

@@ -43,11 +43,14 @@ class ModelEntry(BaseModel):
         description="test_accuracy, test_f1_macro, ... of the run"
     )
     methods: list[str] = Field(description="explanation methods available for this model")
+    trained_on: str = Field(
+        "", description="the data this model trained on, from its own MLflow run's inputs"
+    )
 
 
 class ModelCard(BaseModel):
     dataset: str
-    title: str
+    title: str = Field(description="the task, and the data the student trained on")
     classes: list[str]
     image_size: int = Field(description="side of the square model input; uploads are resized to it")
     student: ModelEntry

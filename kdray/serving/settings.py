@@ -7,16 +7,19 @@ with a message naming the key.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
 from kdray.config import ConfigError, ExplainConfig, _Strict
-from kdray.data.images import MAX_PIXELS
 from kdray.data.specs import DATASETS
 from kdray.workspace import resolve_workspace
 
-__all__ = ["ServeSettings", "load_settings"]
+__all__ = ["SERVE_MAX_PIXELS", "ServeSettings", "load_settings"]
+
+# The models take 32-224 px: 16 MP (4096 x 4096, a large fundus photo) is more than any input
+# needs, and one such RGB image decodes to 48 MB (kdray.data.images allows 64 MP for datasets).
+SERVE_MAX_PIXELS = 16_777_216
 
 
 class ServeSettings(_Strict):
@@ -36,13 +39,26 @@ class ServeSettings(_Strict):
     teacher: bool = Field(True, description="also load the teachers (model=teacher|both)")
     max_body_mb: float = Field(10.0, gt=0, le=1024, description="request bodies above this get 413")
     max_pixels: int = Field(
-        MAX_PIXELS, ge=1, description="decoded image size limit (checked in the header)"
+        SERVE_MAX_PIXELS,
+        ge=1,
+        description="one image's size limit, width x height, read from its header: 413 above",
+    )
+    max_decode_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="pixels being decoded at once in a Gateway replica, all requests together: "
+        "503 + Retry-After beyond (an image alone is always admitted)",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="server-side deadline of one request")
     shap_nsamples: int = Field(50, ge=1, description="SHAP samples when a request names none")
     max_shap_nsamples: int = Field(200, ge=1, description="upper bound a request may ask for")
+    auth: Literal["token", "none"] = Field(
+        "token",
+        description="token: API routes need 'Authorization: Bearer <$token_env>', and a replica "
+        "whose variable is missing or empty refuses to start; none: no auth (loopback only)",
+    )
     token_env: str = Field(
-        "KDRAY_SERVE_TOKEN", description="env var holding the optional bearer token"
+        "KDRAY_SERVE_TOKEN", description="env var holding the bearer token (auth: token)"
     )
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
 
@@ -66,8 +82,31 @@ class ServeSettings(_Strict):
         return int(self.max_body_mb * 1024 * 1024)
 
     def token(self) -> str | None:
-        """The bearer token, read from the environment at call time (never logged)."""
-        return os.environ.get(self.token_env) or None
+        """The bearer token (never logged); None with ``auth: none``.
+
+        Raises:
+            ConfigError: ``auth: token`` and the variable is missing or blank in this process. A
+                replica raises it from its constructor, so it refuses to start instead of
+                serving the API open (``serve deploy`` carries no variable from the deployer's
+                shell: set it in ``runtime_env.env_vars`` or from a mounted secret).
+        """
+        if self.auth == "none":
+            return None
+        value = os.environ.get(self.token_env, "")
+        if not value.strip():
+            raise ConfigError(
+                f"args.auth is 'token' but ${self.token_env} is "
+                f"{'empty' if self.token_env in os.environ else 'not set'} in this replica's "
+                "environment: set it (serve config runtime_env.env_vars, or a secret), or set "
+                "args.auth: none to serve the API without auth"
+            )
+        return value
+
+    def auth_mode(self) -> str:
+        """What the start-up log says about auth (never the token)."""
+        if self.auth == "none":
+            return "auth: none - the API answers anyone who reaches the port"
+        return f"auth: bearer token from ${self.token_env}"
 
 
 def load_settings(args: dict[str, Any] | None) -> ServeSettings:

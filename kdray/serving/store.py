@@ -8,6 +8,7 @@ started before ``make run`` finished becomes ready once the champions are regist
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -25,7 +26,7 @@ from kdray.explain.background import load_background
 from kdray.models import load_model
 from kdray.registry import RegisteredModel, fetch_registered, registered_name
 
-__all__ = ["LoadedModel", "ModelStore", "ModelUnavailable", "Role"]
+__all__ = ["LoadedModel", "ModelStore", "ModelUnavailable", "Role", "redact"]
 
 log = logging.getLogger("kdray.serve")
 Role = Literal["student", "teacher"]
@@ -50,6 +51,15 @@ class LoadedModel:
     @property
     def image_size(self) -> int:
         return int(self.registered.spec.image_size)
+
+
+_URI = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+
+
+def redact(text: str, tracking_uri: str) -> str:
+    """``text`` without the tracking URI or any other URI in it: a URI can hold a database
+    password, and these errors reach ``/readyz`` and 503 bodies."""
+    return _URI.sub("<uri>", text.replace(tracking_uri, "<tracking uri>"))
 
 
 def discover_datasets(tracking_uri: str, alias: str) -> list[str]:
@@ -111,6 +121,13 @@ class ModelStore:
     def _load(self, dataset: str, role: Role) -> LoadedModel:
         name = registered_name(dataset, teacher=role == "teacher")
         dest = tempfile.mkdtemp(prefix=f"{name}-", dir=self._dir)
+        try:
+            return self._load_into(dataset, role, name, dest)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)  # each failed attempt left a folder
+            raise
+
+    def _load_into(self, dataset: str, role: Role, name: str, dest: str) -> LoadedModel:
         registered = fetch_registered(name, self.alias, dest, self.tracking_uri)
         model, _ = load_model(registered.directory, device=self.device)
         model.requires_grad_(False)  # inference only; explanations enable what they need
@@ -129,14 +146,14 @@ class ModelStore:
                 try:
                     wanted = discover_datasets(self.tracking_uri, self.alias)
                 except Exception as exc:  # tracking store unreachable
-                    self._registry_error = f"registry at {self.tracking_uri} unreachable: {exc}"
+                    self._registry_error = redact(f"registry unreachable: {exc}", self.tracking_uri)
                     return
                 self._registry_error = (
                     None
                     if wanted
                     else (
-                        f"no registered model kdray-<dataset>@{self.alias} in {self.tracking_uri}; "
-                        "run `make run` (tune/run.py) first"
+                        f"no registered model kdray-<dataset>@{self.alias} in the registry "
+                        "(args.tracking_uri); run `make run` (tune/run.py) first"
                     )
                 )
             for dataset in wanted:
@@ -154,9 +171,8 @@ class ModelStore:
                         )
                     except Exception as exc:
                         name = registered_name(dataset, teacher=role == "teacher")
-                        self._errors[key] = f"{name}@{self.alias}: {type(exc).__name__}: {exc}"[
-                            :500
-                        ]
+                        text = f"{name}@{self.alias}: {type(exc).__name__}: {exc}"
+                        self._errors[key] = redact(text, self.tracking_uri)[:500]
 
     def get(self, dataset: str, role: Role = "student") -> LoadedModel:
         """The loaded model.

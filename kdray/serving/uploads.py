@@ -3,12 +3,15 @@
 Ray Serve's proxy sets no limit on request bodies, so the body is read here in chunks and
 refused (413) past ``max_bytes``, also when the client sends no Content-Length. Decoding checks
 the image's dimensions in its header before the pixels (:mod:`kdray.data.images`), so a small
-file declaring 20000x20000 pixels is a 413, not a memory spike.
+file declaring 20000x20000 pixels is a 413, not a memory spike; and the pixels being decoded at
+once, across requests, stay within a budget (:class:`PixelBudget`: 503 beyond it).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +21,15 @@ from starlette.requests import Request
 
 from kdray.data.images import ImageError, read_image
 
-__all__ = ["RAW_TYPES", "Upload", "UploadError", "decode_upload", "read_upload"]
+__all__ = [
+    "RAW_TYPES",
+    "DecodeBudgetExceeded",
+    "PixelBudget",
+    "Upload",
+    "UploadError",
+    "decode_upload",
+    "read_upload",
+]
 
 RAW_TYPES = frozenset(
     {
@@ -110,21 +121,30 @@ async def read_upload(request: Request, limit: int) -> Upload:
     return upload
 
 
-def decode_upload(upload: Upload, size: int, max_pixels: int) -> np.ndarray:
+def decode_upload(
+    upload: Upload, size: int, max_pixels: int, budget: PixelBudget | None = None
+) -> np.ndarray:
     """The upload as the model's input: uint8 (3, size, size), resized as in training.
+
+    With ``budget``, its pixels count against the replica's budget while they are decoded.
 
     Raises:
         UploadError: 400 corrupt or not an image, 413 too many pixels, 415 unsupported format
-            (e.g. a DICOM transfer syntax without a decoder); the detail names the reason.
+            (e.g. a DICOM transfer syntax without a decoder), 503 the budget is spent; the
+            detail names the reason.
     """
     try:
-        return read_image(
-            upload.data,
-            size,
-            filename=upload.filename,
-            content_type=upload.content_type,
-            max_pixels=max_pixels,
-        )
+        with budget.holding() if budget is not None else nullcontext(None) as admit:
+            return read_image(
+                upload.data,
+                size,
+                filename=upload.filename,
+                content_type=upload.content_type,
+                max_pixels=max_pixels,
+                admit=admit,
+            )
+    except DecodeBudgetExceeded as exc:
+        raise UploadError(503, "busy", f"too many image pixels being decoded: {exc}") from None
     except ImageError as exc:
         error = {
             "corrupt": "bad_image",
@@ -132,3 +152,44 @@ def decode_upload(upload: Upload, size: int, max_pixels: int) -> np.ndarray:
             "unsupported": "unsupported_image",
         }[exc.kind]
         raise UploadError(_STATUS[exc.kind], error, exc.reason) from None
+
+
+class DecodeBudgetExceeded(Exception):
+    """More decoded pixels in flight than the server's budget: answer 503 and Retry-After."""
+
+
+class PixelBudget:
+    """Bounds the pixels being decoded at once, across all requests of a replica.
+
+    ``max_pixels`` bounds one image; this bounds their sum (a small PNG can declare 8000x8000
+    and decode to 192 MB, and the replica decodes on a pool of 40 threads). An image that alone
+    fits the per-image limit is always admitted when nothing else is in flight, so the budget
+    never refuses a valid image on an idle server.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def holding(self) -> Iterator[Callable[[int], None]]:
+        """An ``admit`` hook for :func:`kdray.data.images.decode`; what it admitted is released
+        when the block ends (after the decoded image became the model's small input)."""
+        taken: list[int] = []
+
+        def admit(pixels: int) -> None:
+            with self._lock:
+                if self.in_flight and self.in_flight + pixels > self.limit:
+                    raise DecodeBudgetExceeded(
+                        f"{self.in_flight / 1e6:.0f} MP being decoded, budget "
+                        f"{self.limit / 1e6:.0f} MP (args.max_decode_pixels)"
+                    )
+                self.in_flight += pixels
+                taken.append(pixels)
+
+        try:
+            yield admit
+        finally:
+            with self._lock:
+                self.in_flight -= sum(taken)

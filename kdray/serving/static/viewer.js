@@ -5,6 +5,12 @@
 const $ = (sel, root = document) => root.querySelector(sel);
 const state = { models: {}, file: null, seq: 0 };
 
+function esc(text) {  // text from the server into innerHTML (a data folder's name, say)
+  const span = document.createElement("span");
+  span.textContent = String(text);
+  return span.innerHTML;
+}
+
 function token() { return localStorage.getItem("kdray-token") || ""; }
 function headers() { return token() ? { Authorization: `Bearer ${token()}` } : {}; }
 
@@ -67,7 +73,8 @@ function renderCards() {
       <dt>parameters</dt><dd>${fmt(entry.params)}</dd>
       <dt>FLOPs / image</dt><dd>${fmt(entry.flops)}</dd>
       <dt>test accuracy</dt><dd>${acc === undefined ? "–" : acc.toFixed(3)}</dd>
-      <dt>input</dt><dd>${m.image_size} × ${m.image_size}</dd></dl>`;
+      <dt>input</dt><dd>${m.image_size} × ${m.image_size}</dd>
+      <dt>trained on</dt><dd>${esc(entry.trained_on || "–")}</dd></dl>`;
     cards.append(card);
   }
 }
@@ -201,6 +208,13 @@ function init() {
   $("#opacity").addEventListener("input", (e) => {
     for (const img of document.querySelectorAll(".stack .heat")) img.style.opacity = e.target.value / 100;
   });
+  // `make serve` prints a link with the token in the fragment (never sent to the server, never
+  // in access logs): keep it, then take it out of the address bar and the history.
+  const fromLink = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromLink) {
+    localStorage.setItem("kdray-token", fromLink);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
   $("#token").value = token();
   $("#token").addEventListener("change", (e) => { localStorage.setItem("kdray-token", e.target.value); loadModels(); });
   loadModels();
