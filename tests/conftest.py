@@ -27,14 +27,26 @@ torch.set_num_threads(1)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+# The longest tests outside the smoke group (minutes each on 2 cores), started first: xdist hands
+# out work in collection order (after its largest group), and one of these started last would
+# run alone while the other worker idles.
+LONGEST_FIRST = ("test_resume.py", "test_cluster.py", "test_benchmarks.py", "test_teacher.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``), every test that reads the
     smoke pipeline's workspace or its served app runs on one worker, so the session's smoke run
-    and service start once, not once per worker."""
+    and service start once, not once per worker; the longest other tests go first."""
     for item in items:
         if {"smoke_run", "served"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("smoke-workspace"))
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture()
