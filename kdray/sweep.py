@@ -497,8 +497,9 @@ def make_job(
 
 
 class SweepProgress(tune.Callback):
-    """A console line each time a trial ends: trials done / total, how many the scheduler stopped
-    early, the best validation accuracy so far, ETA from the pace so far. Runs in the driver."""
+    """A console line as trials end (each of a small search; about eight for a large one): trials
+    done / total, how many the scheduler stopped early, the best validation accuracy so far, ETA
+    from the pace so far. Runs in the driver."""
 
     def __init__(self, dataset: str, label: str, total: int, epochs: int) -> None:
         self.dataset, self.label, self.total, self.epochs = dataset, label, total, epochs
@@ -509,6 +510,10 @@ class SweepProgress(tune.Callback):
         self.started = time.perf_counter()
 
     def _line(self, trials: list[Any]) -> None:
+        done = len(self.ended)
+        # About eight lines a search (24 trials: every third), always the first and the last.
+        if done not in (1, self.total) and done % max(1, self.total // 8):
+            return
         best = max((t.last_result.get(METRIC, -1.0) for t in trials if t.last_result), default=-1.0)
         stopped = sum(v == "stopped" for v in self.ended.values())
         errors = sum(v == "error" for v in self.ended.values())

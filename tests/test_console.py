@@ -161,3 +161,14 @@ def test_run_help_documents_verbose(flag, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     assert "logs/run-*.log" in capsys.readouterr().out
+
+
+def test_a_large_search_prints_about_eight_lines(caplog):
+    progress = SweepProgress("alzheimer", "KD sweep", total=24, epochs=12)
+    trials = [_Trial(str(i), {"epoch": 3, "best_val_accuracy": 0.5}) for i in range(24)]
+    with caplog.at_level(logging.INFO, logger="kdray"):
+        for trial in trials:
+            progress.on_trial_complete(0, trials, trial)
+    done = [int(r.getMessage().split("KD sweep ")[1].split("/")[0]) for r in caplog.records]
+    assert done == [1, 3, 6, 9, 12, 15, 18, 21, 24]
+    assert "24/24 trials done, 24 stopped early" in caplog.records[-1].getMessage()
