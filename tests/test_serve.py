@@ -521,3 +521,49 @@ def test_a_flood_of_large_images_keeps_the_gateways_memory_bounded(served):
     # Two images in flight are ~100 MB of pixels; the PNG decoder's buffers and the allocator's
     # slack over 40 decode threads come on top (seen: 318 MB of growth).
     assert peak - baseline < 500, f"Gateway RSS {baseline:.0f} -> {peak:.0f} MB"
+
+
+def test_the_open_inference_protocol_with_tritons_own_client(served):
+    """KServe v2 REST, driven by tritonclient.http: health, metadata, binary UINT8 tensors and
+    encoded images (BYTES), student and teacher, the same answer as /predict, 400 and 401."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url=served.url.removeprefix("http://"))
+    auth = served.auth
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("brain_tumor", headers=auth)
+    meta = client.get_model_metadata("brain_tumor", headers=auth)
+    assert meta["inputs"][0]["datatype"] == "UINT8"
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "label"]
+    classes = meta["parameters"]["classes"]
+
+    png = _test_image(served.workspace, "brain_tumor")
+    expected = _predict(served, "brain_tumor", png).json()
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[None]  # [1, H, W, 3]
+    tensor = triton.InferInput("image", list(image.shape), "UINT8")
+    tensor.set_data_from_numpy(image)  # the binary tensor extension, tritonclient's default
+    result = client.infer("brain_tumor", [tensor], headers=auth, request_id="r1")
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (1, len(classes)) and result.get_response()["id"] == "r1"
+    np.testing.assert_allclose(probs[0], [expected["probabilities"][c] for c in classes], atol=1e-5)
+    assert result.as_numpy("label")[0].decode() == expected["label"]
+
+    encoded = triton.InferInput("image", [2], "BYTES")
+    encoded.set_data_from_numpy(np.array([png, png], dtype=np.object_))
+    teacher = client.infer("brain_tumor-teacher", [encoded], headers=auth)
+    t = teacher.as_numpy("probabilities")
+    assert t.shape == (2, len(classes)) and np.allclose(t.sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(t[0], t[1], atol=1e-6)
+
+    bad = triton.InferInput("image", [1, 5, 5, 4], "UINT8")
+    bad.set_data_from_numpy(np.zeros((1, 5, 5, 4), dtype=np.uint8))
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("brain_tumor", [bad], headers=auth)
+    assert refused.value.status() == "400" and "[N, H, W, 3]" in refused.value.message()
+    with pytest.raises(InferenceServerException) as unauthorised:
+        client.infer("brain_tumor", [tensor])
+    assert unauthorised.value.status() == "401"
+    with pytest.raises(InferenceServerException) as unknown:
+        client.get_model_metadata("no_such_dataset", headers=auth)
+    assert unknown.value.status() == "404"

@@ -31,6 +31,13 @@ from kdray.devices import assigned_cpus, assigned_device, use_assigned_threads
 from kdray.explain.api import METHODS
 from kdray.explain.gradcam import ExplainError
 from kdray.serving.deployments import BatchPredictor, Explainer, store_status
+from kdray.serving.oip import (
+    OipError,
+    infer_response,
+    model_metadata,
+    parse_infer,
+    split_model_name,
+)
 from kdray.serving.readiness import ReadinessBoard, serve_health
 from kdray.serving.schemas import (
     ErrorBody,
@@ -48,6 +55,7 @@ from kdray.serving.uploads import (
     PixelBudget,
     UploadError,
     decode_upload,
+    read_body,
     read_upload,
 )
 
@@ -476,6 +484,94 @@ class Gateway:
             else None,
             server_ms=timings.total_ms,
         )
+
+    # -- Open Inference Protocol (KServe v2 REST): kdray.serving.oip ----------------------------
+    async def _oip_card(self, request: Request | None, name: str) -> tuple[str, str, dict]:
+        """(dataset, role, card) of a protocol model name; auth first when ``request`` is given.
+
+        Raises:
+            OipError: the protocol's answer (401, 404, 503) with ``{"error": reason}``.
+        """
+        try:
+            if request is not None:
+                self._authorize(request)
+            dataset, role = split_model_name(name)
+            if role == "teacher" and not self.settings.teacher:
+                raise ApiError(404, "unknown_model", "this server does not serve teachers")
+            return dataset, role, await self._card(dataset, role)
+        except ApiError as exc:
+            raise OipError(exc.status, exc.detail) from None
+
+    @staticmethod
+    def _oip_error(exc: OipError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
+
+    @app.get("/v2", summary="Open Inference Protocol: server metadata")
+    async def v2_server(self) -> dict[str, Any]:
+        return {"name": "kdray", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", summary="Open Inference Protocol: alive")
+    async def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="Open Inference Protocol: every model loaded")
+    async def v2_ready(self) -> JSONResponse:
+        ready = all(s["ready"] for s in (await self._statuses()).values())
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
+    async def v2_model(self, request: Request, name: str) -> JSONResponse:
+        try:
+            _, _, card = await self._oip_card(request, name)
+        except OipError as exc:
+            return self._oip_error(exc)
+        version = card["entry"]["registry"]["version"]
+        return JSONResponse(model_metadata(name, version, card["classes"], card["image_size"]))
+
+    @app.get("/v2/models/{name}/ready", summary="Open Inference Protocol: model loaded")
+    async def v2_model_ready(self, request: Request, name: str) -> JSONResponse:
+        try:
+            await self._oip_card(request, name)
+        except OipError as exc:
+            if exc.status == 503:
+                return JSONResponse({"name": name, "ready": False}, status_code=503)
+            return self._oip_error(exc)
+        return JSONResponse({"name": name, "ready": True})
+
+    @app.post("/v2/models/{name}/infer", summary="Open Inference Protocol: inference")
+    async def v2_infer(self, request: Request, name: str) -> JSONResponse:
+        started = time.perf_counter()
+        try:
+            dataset, role, card = await self._oip_card(request, name)
+            try:
+                body = await read_body(request, self.settings.max_body_bytes)
+            except UploadError as exc:
+                raise OipError(exc.status, exc.detail) from None
+            parsed = await run_in_threadpool(
+                parse_infer,
+                body,
+                request.headers.get("inference-header-content-length"),
+                card["image_size"],
+                self.settings.max_infer_batch,
+                self.settings.max_pixels,
+                self._budget,
+            )
+            if role == "student":  # batched with /predict's requests, in this replica
+                calls = [self.predictor.predict(dataset, image) for image in parsed.images]
+                probs = await self._gather(calls, started)
+            else:
+                (probs,) = await self._gather(
+                    [self.explainer.predict.remote(dataset, role, parsed.images)], started
+                )
+        except OipError as exc:
+            return self._oip_error(exc)
+        except ApiError as exc:  # from the model calls: busy, timeout, not loaded
+            return self._oip_error(OipError(exc.status, exc.detail))
+        version = card["entry"]["registry"]["version"]
+        return JSONResponse(infer_response(name, version, parsed, probs, card["classes"]))
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

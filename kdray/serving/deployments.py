@@ -25,6 +25,7 @@ from kdray.data.specs import get_spec
 from kdray.devices import use_assigned_threads
 from kdray.engine import to_input
 from kdray.explain.api import Explanation, Render, explain
+from kdray.explain.hooks import model_lock
 from kdray.serving.settings import load_settings
 from kdray.serving.store import LoadedModel, ModelStore, Role
 
@@ -166,6 +167,20 @@ class Explainer:
 
     def status(self) -> dict[str, Any]:
         return store_status(self.store)
+
+    @torch.inference_mode()
+    def predict(self, dataset: str, role: Role, images: list[np.ndarray]) -> list[list[float]]:
+        """Class probabilities of uint8 (3, S, S) images with ``role``'s model (the Open Inference
+        Protocol's ``<dataset>-teacher``: the Gateway holds only the students).
+
+        Raises:
+            ModelUnavailable: that model is not loaded.
+        """
+        m = self.store.get(dataset, role)
+        # Under the model's explanation lock: explanation hooks must not see this forward pass.
+        with model_lock(m.model):
+            x = to_input(torch.from_numpy(np.stack(images)), self.store.device)
+            return torch.softmax(m.model(x).float(), dim=1).cpu().tolist()
 
     def explain(
         self,

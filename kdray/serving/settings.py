@@ -49,6 +49,9 @@ class ServeSettings(_Strict):
         description="pixels being decoded at once in a Gateway replica, all requests together: "
         "503 + Retry-After beyond (an image alone is always admitted)",
     )
+    max_infer_batch: int = Field(
+        64, ge=1, le=4096, description="images in one Open Inference Protocol request: 413 above"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="server-side deadline of one request")
     shap_nsamples: int = Field(50, ge=1, description="SHAP samples when a request names none")
     max_shap_nsamples: int = Field(200, ge=1, description="upper bound a request may ask for")

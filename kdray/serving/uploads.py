@@ -28,6 +28,7 @@ __all__ = [
     "Upload",
     "UploadError",
     "decode_upload",
+    "read_body",
     "read_upload",
 ]
 
@@ -67,7 +68,7 @@ def _too_large(limit: int) -> UploadError:
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -92,7 +93,7 @@ async def read_upload(request: Request, limit: int) -> Upload:
     """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        body = await _read_body(request, limit)
+        body = await read_body(request, limit)
         try:
             form = await MultiPartParser(
                 request.headers, _once(body), max_files=1, max_fields=16, max_part_size=limit
@@ -108,7 +109,7 @@ async def read_upload(request: Request, limit: int) -> Upload:
         part_type = (part.content_type or "application/octet-stream").split(";")[0].strip().lower()
         upload = Upload(data, part.filename, part_type)
     elif content_type in RAW_TYPES:
-        upload = Upload(await _read_body(request, limit), None, content_type)
+        upload = Upload(await read_body(request, limit), None, content_type)
     else:
         raise UploadError(
             415,
