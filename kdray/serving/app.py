@@ -183,7 +183,7 @@ class Gateway:
         self._budget = PixelBudget(self.settings.max_decode_pixels)
         device = assigned_device()
         store = ModelStore(
-            self.settings.resolved_tracking_uri(),
+            self._uri,
             self.settings.datasets,
             self.settings.alias,
             ("student",),
@@ -236,8 +236,11 @@ class Gateway:
         }
         for status in statuses.values():
             self._cards.update(status["cards"])
-            status["errors"] = {k: redact(e, self._uri) for k, e in status["errors"].items()}
-        return statuses
+        # Copies: the board keeps the reports themselves.
+        return {
+            name: {**s, "errors": {k: redact(e, self._uri) for k, e in s["errors"].items()}}
+            for name, s in statuses.items()
+        }
 
     async def _card(self, dataset: str, role: str = "student") -> dict[str, Any]:
         """The loaded model's card; 404 for a dataset not served, 503 while it is not loaded."""
