@@ -25,7 +25,7 @@ from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, preflight, prepare_dataset
 from kdray.metrics import paired_difference
 from kdray.search_findings import SearchFindings, across_datasets, log_findings
-from kdray.sweep import make_job, run_sweep
+from kdray.sweep import make_job, run_sweep, seed_point
 from kdray.teacher import train_teacher
 from kdray.tracking import Tracker
 from kdray.transparency import report_dataset
@@ -241,7 +241,13 @@ def run_dataset(
             _save_state(ws, dataset, {**base, "champion": asdict(champion), "trials": trials})
         # Before the report: it shows the search's panels (search.md, search.png).
         findings = log_findings(
-            tracker, parent, champion.trial_run_id, ws.reports / dataset, dataset, cfg.seed
+            tracker,
+            parent,
+            champion.trial_run_id,
+            ws.reports / dataset,
+            dataset,
+            cfg.seed,
+            seed_point=seed_point(cfg),
         )
         log.info("%s: %s", dataset, findings.sentence())
         # Before the report: it finds the learning curves through these tags.

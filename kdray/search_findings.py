@@ -105,10 +105,17 @@ class SearchFindings:
 
 
 def trials_from_mlflow(
-    tracker: Tracker, parent_run_id: str, role: str = "trial"
+    tracker: Tracker,
+    parent_run_id: str,
+    role: str = "trial",
+    seed_point: dict[str, Any] | None = None,
 ) -> list[TrialPoint]:
-    """The search's trials (runs of ``role`` under ``parent_run_id``), oldest first; the oldest is
-    the seed point (Tune starts the search with it)."""
+    """The search's trials (runs of ``role`` under ``parent_run_id``), oldest first.
+
+    ``seed_point`` (``alpha``, ``temperature``, ``lr``, ``widths``: the search's first point)
+    marks the trial that ran it; without it, or if none matches, the oldest run. (Trials start
+    two at a time: the oldest run is not always the first point.)
+    """
     runs = tracker.client.search_runs(
         [tracker.experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TAG_ROLE}` = '{role}'",
@@ -131,8 +138,18 @@ def trials_from_mlflow(
             )
         )
     if points:
-        points[0].first = True
+        match = [p for p in points if seed_point is not None and _is_point(p, seed_point)]
+        (match or points)[0].first = True
     return points
+
+
+def _is_point(p: TrialPoint, point: dict[str, Any]) -> bool:
+    return (
+        math.isclose(p.alpha, float(point["alpha"]), rel_tol=1e-9)
+        and math.isclose(p.temperature, float(point["temperature"]), rel_tol=1e-9)
+        and math.isclose(p.lr, float(point["lr"]), rel_tol=1e-9)
+        and p.widths == list(point["widths"])
+    )
 
 
 def _searched(points: Sequence[TrialPoint]) -> list[str]:
@@ -294,11 +311,12 @@ def log_findings(
     out_dir: Path,
     dataset: str,
     seed: int = 0,
+    seed_point: dict[str, Any] | None = None,
 ) -> SearchFindings:
     """Read the search from MLflow; write ``search.png`` and ``search.md`` into ``out_dir``; log
     the importances (``search.importance.<param>``), the trial count and the seed point's gap to
     the best as metrics of the parent run, the files under its ``search/`` artifacts."""
-    points = trials_from_mlflow(tracker, parent_run_id)
+    points = trials_from_mlflow(tracker, parent_run_id, seed_point=seed_point)
     findings = find(points, seed)
     if not points:
         return findings

@@ -55,6 +55,7 @@ __all__ = [
     "run_sweep",
     "sampler_seed",
     "search_space",
+    "seed_point",
     "train_student",
 ]
 
@@ -412,6 +413,18 @@ def search_space(cfg: ExperimentConfig) -> tuple[dict[str, Any], dict[str, Any]]
             space[key] = tune.choice(sorted(choices))
             first[key] = default
     return space, first
+
+
+def seed_point(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The KD search's first point as a trial runs it: alpha, temperature, lr, widths."""
+    _, first = search_space(cfg)
+    widths, lr = trial_hyperparameters(first, cfg)
+    return {
+        "alpha": first["alpha"],
+        "temperature": first["temperature"],
+        "lr": lr,
+        "widths": widths,
+    }
 
 
 def baseline_search_space(

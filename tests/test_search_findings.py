@@ -84,3 +84,26 @@ def test_across_datasets_states_whether_the_best_settings_agree():
     apart = [*same, ("c", {"best": {"alpha": 0.1, "temperature": 4.0}})]
     assert "they differ" in across_datasets(apart)
     assert "nothing to compare" in across_datasets(same[:1])
+
+
+def test_the_seed_point_is_the_trial_that_ran_the_first_point_not_the_oldest_run(tmp_path):
+    """Two trials start at once: the run created first need not be the search's first point."""
+    from kdray.config import ExperimentConfig, MLflowConfig
+    from kdray.search_findings import trials_from_mlflow
+    from kdray.sweep import seed_point
+    from kdray.tracking import Tracker
+    from kdray.workspace import Workspace
+
+    cfg = ExperimentConfig()
+    first = seed_point(cfg)
+    tracker = Tracker.open(MLflowConfig(), Workspace(tmp_path / "ws").create())
+    parent = tracker.start_run("parent", "brain_tumor", "parent")
+    for i, alpha in enumerate((0.3, first["alpha"], 0.8)):  # the seed point's run is the 2nd
+        point = {**first, "alpha": alpha}
+        run = tracker.start_run(f"t{i}", "brain_tumor", "trial", parent)
+        tracker.log_params(run, {**point, "widths": "-".join(map(str, point["widths"]))})
+        tracker.log_metrics(run, {"best_val_accuracy": 0.5 + i / 10}, step=0)
+    points = trials_from_mlflow(tracker, parent, seed_point=first)
+    assert len(points) == 3 and [p.alpha for p in points if p.first] == [first["alpha"]]
+    oldest = trials_from_mlflow(tracker, parent)  # no hint: the oldest run
+    assert oldest[0].first and sum(p.first for p in oldest) == 1
