@@ -19,18 +19,22 @@ from kdray.workspace import Workspace
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 
 
-@pytest.fixture()
-def registered(tmp_path):
-    ws = Workspace(tmp_path / "ws").create()
-    tracker = Tracker.open(MLflowConfig(), ws)
-    spec = ModelSpec(
+def _student_spec(widths: list[int]) -> ModelSpec:
+    return ModelSpec(
         kind="student",
         num_classes=4,
         image_size=32,
         class_names=CLASSES,
-        widths=[4, 8, 8],
+        widths=widths,
         dataset="brain_tumor",
     )
+
+
+@pytest.fixture()
+def registered(tmp_path):
+    ws = Workspace(tmp_path / "ws").create()
+    tracker = Tracker.open(MLflowConfig(), ws)
+    spec = _student_spec([4, 8, 8])
     torch.manual_seed(0)
     model = build_model(spec).eval()
     folder = save_model(model, spec, tmp_path / "student")
@@ -98,14 +102,7 @@ def test_a_registered_model_says_what_it_trained_on_from_its_own_run(tmp_path):
 
     ws = Workspace(tmp_path / "ws").create()
     tracker = Tracker.open(MLflowConfig(), ws)
-    spec = ModelSpec(
-        kind="student",
-        num_classes=4,
-        image_size=32,
-        class_names=CLASSES,
-        widths=[4, 8],
-        dataset="brain_tumor",
-    )
+    spec = _student_spec([4, 8])
     data = in_memory_synthetic("brain_tumor", 8, 32)
     synthetic_root = str(ws.root / "data" / "synthetic" / "brain_tumor-n8-s32-seed0")
     real_root = "/data/brain-tumor-mri-dataset"

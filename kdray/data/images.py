@@ -29,7 +29,15 @@ from typing import IO, Any, Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["FORMATS", "MAX_PIXELS", "ImageError", "check_image", "decode", "read_image"]
+__all__ = [
+    "FORMATS",
+    "MAX_PIXELS",
+    "ImageError",
+    "check_image",
+    "decode",
+    "read_image",
+    "to_model_input",
+]
 
 MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any fundus photo or MRI slice
 Admit = Callable[[int], None]  # decode's hook: the pixels about to be decoded (may raise)
@@ -302,7 +310,11 @@ def read_image(source: str | Path | bytes, size: int, **decode_kwargs: Any) -> n
     Raises:
         ImageError: the image cannot be used.
     """
-    image = decode(source, **decode_kwargs)
+    return to_model_input(decode(source, **decode_kwargs), size)
+
+
+def to_model_input(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB image as the model input: bilinear to (size, size), uint8 (3, size, size)."""
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()

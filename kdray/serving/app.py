@@ -489,15 +489,14 @@ class Gateway:
         )
 
     # -- Open Inference Protocol (KServe v2 REST): kdray.serving.oip ----------------------------
-    async def _oip_card(self, request: Request | None, name: str) -> tuple[str, str, dict]:
-        """(dataset, role, card) of a protocol model name; auth first when ``request`` is given.
+    async def _oip_card(self, request: Request, name: str) -> tuple[str, str, dict]:
+        """(dataset, role, card) of a protocol model name, after the request's auth.
 
         Raises:
             OipError: the protocol's answer (401, 404, 503) with ``{"error": reason}``.
         """
         try:
-            if request is not None:
-                self._authorize(request)
+            self._authorize(request)
             dataset, role = split_model_name(name)
             if role == "teacher" and not self.settings.teacher:
                 raise ApiError(404, "unknown_model", "this server does not serve teachers")

@@ -86,6 +86,14 @@ def store_status(store: ModelStore) -> dict[str, Any]:
     }
 
 
+def probabilities(
+    model: torch.nn.Module, images: Sequence[np.ndarray], device: torch.device
+) -> list[list[float]]:
+    """Class probabilities of uint8 (3, S, S) images, one forward pass (call in inference mode)."""
+    x = to_input(torch.from_numpy(np.stack(images)), device)
+    return torch.softmax(model(x).float(), dim=1).cpu().tolist()
+
+
 MAX_CONCURRENT_BATCHES = 8  # an upper bound; the worker threads decide how many run at once
 
 
@@ -133,8 +141,8 @@ class BatchPredictor:
         out: list[list[float]] = [[] for _ in images]
         for dataset in dict.fromkeys(datasets):
             idx = [i for i, d in enumerate(datasets) if d == dataset]
-            x = to_input(torch.from_numpy(np.stack([images[i] for i in idx])), self.store.device)
-            probs = torch.softmax(self.store.get(dataset).model(x).float(), dim=1).cpu().tolist()
+            model = self.store.get(dataset).model
+            probs = probabilities(model, [images[i] for i in idx], self.store.device)
             for i, p in zip(idx, probs, strict=True):
                 out[i] = p
         return out
@@ -179,8 +187,7 @@ class Explainer:
         m = self.store.get(dataset, role)
         # Under the model's explanation lock: explanation hooks must not see this forward pass.
         with model_lock(m.model):
-            x = to_input(torch.from_numpy(np.stack(images)), self.store.device)
-            return torch.softmax(m.model(x).float(), dim=1).cpu().tolist()
+            return probabilities(m.model, images, self.store.device)
 
     def explain(
         self,

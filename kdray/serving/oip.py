@@ -14,15 +14,14 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from kdray.data.images import ImageError, read_image
-from kdray.serving.uploads import DecodeBudgetExceeded, PixelBudget
+from kdray.data.images import to_model_input
+from kdray.serving.uploads import PixelBudget, Upload, UploadError, decode_upload
 
 __all__ = [
     "INPUT",
@@ -100,14 +99,6 @@ def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
     return out
 
 
-def _resize(array: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (3, size, size), bilinear as every upload is."""
-    image = Image.fromarray(np.ascontiguousarray(array))
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
 def parse_infer(
     body: bytes,
     header_length: str | None,
@@ -169,14 +160,14 @@ def parse_infer(
                 raise OipError(400, "BYTES data in JSON must be base64 strings") from None
         images = []
         for i, blob in enumerate(encoded):
-            try:
-                with budget.holding() if budget is not None else nullcontext(None) as admit:
-                    images.append(read_image(blob, size, max_pixels=max_pixels, admit=admit))
-            except ImageError as exc:
-                status = 413 if exc.kind == "too_large" else 400
-                raise OipError(status, f"element {i}: {exc.reason}") from None
-            except DecodeBudgetExceeded as exc:
-                raise OipError(503, f"too many image pixels being decoded: {exc}") from None
+            try:  # the uploads' decoder, limits and decode budget
+                images.append(decode_upload(Upload(blob, None, None), size, max_pixels, budget))
+            except UploadError as exc:
+                if exc.status == 503:  # the budget: no element is at fault
+                    raise OipError(503, exc.detail) from None
+                raise OipError(
+                    413 if exc.status == 413 else 400, f"element {i}: {exc.detail}"
+                ) from None
     elif datatype == "UINT8":
         if len(shape) != 4 or not (shape[3] == 3 or shape[1] == 3):
             raise OipError(400, f"UINT8 input must be [N, H, W, 3] or [N, 3, H, W], got {shape}")
@@ -206,7 +197,8 @@ def parse_infer(
         array = array.reshape(shape)
         if not channels_last:
             array = array.transpose(0, 2, 3, 1)
-        images = [_resize(a, size) for a in array]
+        # bilinear as every upload is
+        images = [to_model_input(Image.fromarray(np.ascontiguousarray(a)), size) for a in array]
     else:
         raise OipError(400, f"input datatype must be UINT8 or BYTES, got {datatype!r}")
     wanted = request.get("outputs")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -62,7 +61,6 @@ class ReadinessBoard:
         self.fetchers, self.health = fetchers, health
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.reports: dict[str, Status] = {}
-        self.reported_at: dict[str, float] = {}
         self.failures: dict[str, str] = {}  # why the last refresh of a deployment got no report
         self.serve_status: dict[str, str] = {}
         self._task: asyncio.Task | None = None
@@ -94,7 +92,7 @@ class ReadinessBoard:
         except Exception as exc:  # starting, restarting, gone, or busy past the timeout
             self.failures[name] = f"{type(exc).__name__}: {exc}"[:300]
             return
-        self.reports[name], self.reported_at[name] = report, time.monotonic()
+        self.reports[name] = report
         self.failures.pop(name, None)
 
     async def refresh(self) -> None:
