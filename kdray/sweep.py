@@ -41,7 +41,7 @@ from kdray.models import (
     save_model,
 )
 from kdray.provenance import SOURCE_TAG, source_digest
-from kdray.tracking import Tracker
+from kdray.tracking import TAG_TRIAL, Tracker
 from kdray.workspace import Workspace
 
 if TYPE_CHECKING:  # a trial's process needs no teacher code (torchvision's augmentations)
@@ -288,7 +288,7 @@ def _kd_trial(config: dict[str, Any], job: StudentJob, role: str = "trial") -> N
         job.dataset,
         role,
         job.parent_run_id,
-        tags={"kdray.trial_id": trial_id},
+        tags={TAG_TRIAL: trial_id},
     )
     # A trial restarted after a failure resumes its run: what the failed attempt did not log
     # yet (it may have died between starting the run and logging its inputs) is logged now.
@@ -345,12 +345,30 @@ def _kd_trial(config: dict[str, Any], job: StudentJob, role: str = "trial") -> N
     tracker.end_run(run_id)
 
 
-def _settle_trial_runs(tracker: Tracker, grid: Any, epochs: int) -> None:
+def _settle_trial_runs(
+    tracker: Tracker,
+    grid: Any,
+    epochs: int,
+    parent_run_id: str | None,
+    role: str,
+    trainable: str,
+) -> None:
     """Give every trial's MLflow run the status of its Tune outcome.
 
     Tune's final result is the truth: the scheduler may have stopped a trial mid-report (run
     still RUNNING), and an attempt that failed before a successful retry or resume left FAILED.
+    A trial the driver started just before it died, and Tune had not yet saved in its
+    experiment state, is unknown to the restored search (which runs another in its place): its
+    run, still RUNNING and of no trial in the results, is closed and deleted
+    (:meth:`Tracker.discard_lost`).
     """
+    # A trial's folder is named <trainable>_<trial id>_<n>_<params>: its id, even if it never
+    # reported (metrics empty).
+    known = {
+        Path(result.path).name.removeprefix(f"{trainable}_").split("_")[0]
+        for result in grid
+        if result.path
+    }
     for result in grid:
         run_id = (result.metrics or {}).get("mlflow_run_id")
         if not run_id:
@@ -366,6 +384,14 @@ def _settle_trial_runs(tracker: Tracker, grid: Any, epochs: int) -> None:
         status = "FAILED" if result.error else "FINISHED"
         if tracker.client.get_run(run_id).info.status != status:
             tracker.end_run(run_id, status, error=result.error)
+    lost = tracker.discard_lost(parent_run_id, role, known) if parent_run_id else []
+    for run_id in lost:
+        log.warning(
+            "%s run %s: a trial the restored Tune experiment does not know (the driver stopped "
+            "before Tune saved it); closed as KILLED and deleted",
+            role,
+            run_id,
+        )
 
 
 def _prune_checkpoints(grid: Any) -> None:
@@ -663,7 +689,7 @@ def run_sweep(
             )
         tuner = _new_tuner(cfg, trainable, space, first, ws, name, job.dataset, progress)
     grid = tuner.fit()
-    _settle_trial_runs(job.tracker, grid, cfg.student.epochs)
+    _settle_trial_runs(job.tracker, grid, cfg.student.epochs, job.parent_run_id, role, trainable)
     _prune_checkpoints(grid)
     outcomes = []
     for result in grid:

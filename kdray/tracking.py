@@ -29,6 +29,7 @@ __all__ = ["LOCAL_UI", "Tracker", "flatten", "resolve_tracking_uri", "runs_url",
 TAG_DATASET = "kdray.dataset"
 TAG_ROLE = "kdray.role"
 PARENT_TAG = "mlflow.parentRunId"
+TAG_TRIAL = "kdray.trial_id"
 
 
 def resolve_tracking_uri(cfg: MLflowConfig, ws: Workspace) -> str:
@@ -253,6 +254,23 @@ class Tracker:
             text = (str(error).strip().splitlines() or [""])[0]
             self.set_tags(run_id, {"kdray.error": f"{type(error).__name__}: {text}"[:500]})
         self.client.set_terminated(run_id, status=status)
+
+    def discard_lost(self, parent_run_id: str, role: str, known_trials: set[str]) -> list[str]:
+        """Close as KILLED (tag ``kdray.lost``) and delete every RUNNING run of ``role`` under
+        ``parent_run_id`` whose ``kdray.trial_id`` is not in ``known_trials``: runs no live job
+        will ever end. Deleted runs stay in
+        the store (``mlflow gc`` removes them; the UI lists them under "Deleted")."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TAG_ROLE}` = "
+            f"'{role}' and attributes.status = 'RUNNING'",
+        )
+        lost = [r.info.run_id for r in runs if r.data.tags.get(TAG_TRIAL) not in known_trials]
+        for run_id in lost:
+            self.set_tags(run_id, {"kdray.lost": "the driver stopped before Ray Tune saved it"})
+            self.client.set_terminated(run_id, status="KILLED")
+            self.client.delete_run(run_id)
+        return lost
 
     def abandon(self, run_id: str) -> None:
         """Mark a run left RUNNING by an abandoned job, and its RUNNING children, KILLED."""

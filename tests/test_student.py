@@ -321,3 +321,58 @@ def test_the_tuners_budget_sampler_and_scheduler_come_from_the_config(tmp_path):
     assert [t for t, _ in tc.scheduler._brackets[0]._rungs] == [4]  # grace 4; 12 > max_t
     defaults = ExperimentConfig().tune
     assert defaults.num_samples >= 24 and defaults.reuse_actors  # the default searches
+
+
+def test_settling_a_restored_sweep_deletes_only_the_runs_of_trials_tune_never_saved(tmp_path):
+    """A driver killed just after a trial began, before Tune saved its experiment state, leaves
+    that trial's MLflow run RUNNING and the restored search unaware of it: once the search ends,
+    that run alone is closed (KILLED, tagged) and deleted; the trials Tune knows keep theirs."""
+    from types import SimpleNamespace
+
+    from kdray.config import MLflowConfig
+    from kdray.sweep import _settle_trial_runs
+    from kdray.tracking import TAG_TRIAL, Tracker
+    from kdray.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").create()
+    tracker = Tracker.open(MLflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), ws)
+    parent = tracker.start_run("p", "eye_disease", "parent")
+    other_parent = tracker.start_run("q", "eye_disease", "parent")
+    runs = {
+        tid: tracker.start_run(f"trial-{tid}", "eye_disease", "trial", parent, {TAG_TRIAL: tid})
+        for tid in ("aaaa0001", "aaaa0002", "aaaa0003", "lost0004")
+    }
+    elsewhere = tracker.start_run(
+        "x", "eye_disease", "trial", other_parent, {TAG_TRIAL: "lost0005"}
+    )
+    baseline = tracker.start_run(
+        "b", "eye_disease", "baseline-trial", parent, {TAG_TRIAL: "lost0006"}
+    )
+
+    def result(tid: str, n: int, metrics: dict, error=None):
+        path = f"/r/sweep/kd_trial_eye_disease_{tid}_{n}_alpha=0.5,temperature=4"
+        return SimpleNamespace(path=path, metrics=metrics, error=error)
+
+    grid = [
+        result("aaaa0001", 1, {"mlflow_run_id": runs["aaaa0001"], "epoch": 3}),  # all 4 epochs
+        result("aaaa0002", 2, {"mlflow_run_id": runs["aaaa0002"], "epoch": 1}),  # stopped early
+        result("aaaa0003", 3, {}, error=RuntimeError("died before its first report")),
+    ]
+    _settle_trial_runs(tracker, grid, 4, parent, "trial", "kd_trial_eye_disease")
+
+    def info(run_id: str):
+        return tracker.client.get_run(run_id).info
+
+    assert info(runs["aaaa0001"]).status == "FINISHED"
+    assert info(runs["aaaa0002"]).status == "FINISHED"
+    assert tracker.client.get_run(runs["aaaa0002"]).data.tags["kdray.stopped_early"] == "true"
+    assert info(runs["aaaa0003"]).status == "RUNNING"  # Tune knows it: not this rule's to close
+    lost = tracker.client.get_run(runs["lost0004"])
+    assert (lost.info.status, lost.info.lifecycle_stage) == ("KILLED", "deleted")
+    assert "kdray.lost" in lost.data.tags
+    # Another sweep's runs and the other role's are left alone.
+    assert (info(elsewhere).status, info(elsewhere).lifecycle_stage) == ("RUNNING", "active")
+    assert (info(baseline).status, info(baseline).lifecycle_stage) == ("RUNNING", "active")
+    assert tracker.child_runs(parent, "trial") == [
+        runs[t] for t in ("aaaa0001", "aaaa0002", "aaaa0003")
+    ]
