@@ -16,7 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
+
+# The suite's processes share the cores with the other xdist worker's: OpenMP threads that spin
+# while they wait for work (libgomp's default) then steal the CPU from the other worker's
+# threads. Measured on 2 cores: two DenseNet121 forward loops at 2 threads each took 10x their
+# time alone (5.4 s against 0.55 s), with OMP_WAIT_POLICY=PASSIVE 1.7x. Set before torch loads
+# libgomp, inherited by every process the tests start (pipelines, Ray workers, Serve, benchmarks);
+# processes that set no thread count of their own get their share of the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch  # noqa: E402  (after the OpenMP settings above)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -24,7 +36,6 @@ SERVE_TOKEN = "kdray-test-token"
 
 # Tests share the machine with other work: keep torch to one thread unless a test says otherwise.
 torch.set_num_threads(1)
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 # The longest tests outside the smoke group (minutes each on 2 cores), started first: xdist hands
@@ -246,10 +257,13 @@ class Server:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served(smoke_run, tmp_path_factory):
     """`serve run serve/config.yaml` on the smoke run's registry: the user's path, on a free port,
-    its own Ray (``--address local``, own temp dir), a bearer token, small SHAP sample counts."""
+    its own Ray (``--address local``, own temp dir), a bearer token, small SHAP sample counts.
+
+    For one module (``test_serve.py`` holds every test of the running service): stopped after
+    its last test, not at the session's end (an idle service takes about 0.15 of a core)."""
     from kdray.serving.launch import launch, service_config
 
     ws, _ = smoke_run

@@ -32,11 +32,23 @@ from conftest import tiny_data
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-class _KillAfterFirstBatch:
-    """A loader that hands out one batch and then kills its own worker process (SIGKILL)."""
+class _FailAfterFirstBatch:
+    """A loader that hands out one batch, then fails its worker: ``"raise"`` raises from inside
+    the epoch, ``"kill"`` SIGKILLs the worker's own process."""
 
-    def __init__(self, loader, registered: Path):
-        self.loader, self.sampler, self.registered = loader, loader.sampler, registered
+    def __init__(self, loader, how: str, snapshot: Path, epoch: int):
+        self.loader, self.sampler = loader, loader.sampler
+        self.how, self.snapshot, self.epoch = how, snapshot, epoch
+
+    def _registered(self) -> bool:
+        """Ray Train's controller has registered the previous epoch's checkpoint."""
+        import json
+
+        try:
+            latest = json.loads(self.snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            return False
+        return latest.get("metrics", {}).get("epoch", -1) >= self.epoch - 1
 
     def __iter__(self):
         import os
@@ -45,12 +57,14 @@ class _KillAfterFirstBatch:
 
         for i, batch in enumerate(self.loader):
             if i == 1:
-                # Ray Train's controller learns of a report by polling the workers (every 2 s):
-                # kill only once it has registered the last checkpoint, so resuming from it is
-                # what the test can demand (a kill inside that window repeats one more epoch).
+                # The controller learns of a report by polling the workers (every 2 s): fail only
+                # once it has registered the last checkpoint, so resuming from it is what the
+                # test can demand (a failure inside that window repeats one more epoch).
                 deadline = time.monotonic() + 60
-                while not self.registered.exists() and time.monotonic() < deadline:
+                while not self._registered() and time.monotonic() < deadline:
                     time.sleep(0.2)
+                if self.how == "raise":
+                    raise RuntimeError("injected worker failure")
                 os.kill(os.getpid(), signal.SIGKILL)
             yield batch
 
@@ -58,18 +72,10 @@ class _KillAfterFirstBatch:
         return len(self.loader)
 
 
-def observing_loop(
-    log_dir: Path,
-    fail_at_epoch: int | None = None,
-    kill_rank: int | None = None,
-    run_dir: Path | None = None,
-):
-    """Wrap the product's per-worker loop: record what each rank trains on, optionally fail once.
-
-    With ``kill_rank`` the failure at ``fail_at_epoch`` is that rank's process killed mid-epoch
-    (after its first batch, once the controller registered a checkpoint in ``run_dir``) instead
-    of an exception.
-    """
+def observing_loop(log_dir: Path, failures: dict[int, tuple[int, str]], run_dir: Path):
+    """Wrap the product's per-worker loop: record what each rank trains on, and fail once at
+    each epoch of ``failures`` (epoch -> (rank, "raise" | "kill")), after that epoch's first
+    batch, once the controller registered the previous checkpoint in ``run_dir``."""
 
     def loop(config):
         import ray
@@ -92,12 +98,12 @@ def observing_loop(
             calls["n"] += 1
             with open(log_dir / f"rank{rank}.log", "a") as f:
                 f.write(f"{epoch} {' '.join(map(str, sorted(loader.sampler)))}\n")
-            marker = log_dir / "failed-once"
-            if fail_at_epoch == epoch and not marker.exists() and kill_rank in (None, rank):
+            marker = log_dir / f"failed-at-{epoch}"
+            fail_rank, how = failures.get(epoch, (None, ""))
+            if fail_rank == rank and not marker.exists():
                 marker.touch()
-                if kill_rank is None:
-                    raise RuntimeError("injected worker failure")
-                loader = _KillAfterFirstBatch(loader, run_dir / "checkpoint_manager_snapshot.json")
+                snapshot = run_dir / "checkpoint_manager_snapshot.json"
+                loader = _FailAfterFirstBatch(loader, how, snapshot, epoch)
             out = original(model, loader, *args, **kwargs)
             val = ray.get(config["data"])["val"].images
             np.save(log_dir / f"rank{rank}-logits.npy", predict_logits(unwrap(model), val))
@@ -150,39 +156,17 @@ def _epochs_logged(tracker: Tracker, run_id: str) -> list[int]:
 
 
 @pytest.mark.integration
-def test_worker_failure_resumes_from_the_last_checkpoint(ray_local, tmp_path):
-    cfg, data, tracker, spec, run_id = _setup(tmp_path, num_workers=1, epochs=3, max_failures=1)
-    state = fit_teacher(
-        cfg,
-        data,
-        spec,
-        tracker,
-        run_id,
-        "fault",
-        str(tmp_path / "ray"),
-        loop=observing_loop(tmp_path, fail_at_epoch=1),
-    )
-    epochs_run = [
-        int(line.split()[0]) for line in (tmp_path / "rank0.log").read_text().splitlines()
-    ]
-    assert epochs_run == [0, 1, 1, 2]  # failed in epoch 2 (index 1), resumed there, not at 0
-    assert state["epoch"] == 2
-    assert _epochs_logged(tracker, run_id) == [0, 1, 2]  # one run, each epoch logged once
-    experiment = MlflowClient(tracker.tracking_uri).search_runs([tracker.experiment_id])
-    assert len(experiment) == 1
-
-
-@pytest.mark.integration
-def test_ddp_disjoint_shards_a_killed_worker_resumes_and_the_checkpoint_restores(
+def test_ddp_shards_are_disjoint_and_each_failure_resumes_from_the_last_checkpoint(
     ray_local, tmp_path
 ):
-    """Two DDP workers; rank 1's process is SIGKILLed inside epoch 2: the group restarts once,
-    from the last checkpoint. Every epoch (the interrupted one too) splits the training split into
-    disjoint shards; the replicas end with identical weights, and the checkpoint (rank 0's)
-    restores their predictions."""
-    # Batches of 4, 2 images per rank: 4 steps an epoch, so the kill lands inside the epoch.
+    """DDP over 2 Ray Train workers, and two failures of one fit: rank 0 raises inside epoch 1,
+    then rank 1's process is killed inside epoch 2. Each time the group restarts from the last
+    checkpoint, not from scratch. Every epoch (the interrupted ones too) splits the training
+    split into disjoint shards; the replicas end with identical weights, the checkpoint (rank
+    0's) restores their predictions, and one MLflow run holds each epoch once."""
+    # Batches of 4, 2 images per rank: 4 steps an epoch, so each failure lands inside the epoch.
     cfg, data, tracker, spec, run_id = _setup(
-        tmp_path, num_workers=2, epochs=3, max_failures=1, batch_size=4
+        tmp_path, num_workers=2, epochs=4, max_failures=2, batch_size=4
     )
     state = fit_teacher(
         cfg,
@@ -190,20 +174,21 @@ def test_ddp_disjoint_shards_a_killed_worker_resumes_and_the_checkpoint_restores
         spec,
         tracker,
         run_id,
-        "kill",
+        "faults",
         str(tmp_path / "ray"),
         loop=observing_loop(
-            tmp_path, fail_at_epoch=1, kill_rank=1, run_dir=tmp_path / "ray" / "kill"
+            tmp_path, {1: (0, "raise"), 2: (1, "kill")}, run_dir=tmp_path / "ray" / "faults"
         ),
     )
-    assert (tmp_path / "failed-once").exists()
+    assert (tmp_path / "failed-at-1").exists() and (tmp_path / "failed-at-2").exists()
     rows = {
         rank: [line.split() for line in (tmp_path / f"rank{rank}.log").read_text().splitlines()]
         for rank in (0, 1)
     }
     for rank in (0, 1):
         epochs_run = [int(row[0]) for row in rows[rank]]
-        assert epochs_run == [0, 1, 1, 2], (rank, epochs_run)  # epoch 2 again, not from scratch
+        # Each interrupted epoch again, not from scratch: [0, 1 (raised), 1, 2 (killed), 2, 3].
+        assert epochs_run == [0, 1, 1, 2, 2, 3], (rank, epochs_run)
     n_train = len(data.splits["train"])
     for line0, line1 in zip(rows[0], rows[1], strict=True):
         shard0, shard1 = {int(i) for i in line0[1:]}, {int(i) for i in line1[1:]}
@@ -224,8 +209,8 @@ def test_ddp_disjoint_shards_a_killed_worker_resumes_and_the_checkpoint_restores
         rtol=1e-5,
         atol=1e-5,
     )
-    assert state["epoch"] == 2
-    assert _epochs_logged(tracker, run_id) == [0, 1, 2]  # rank 0 alone logs, each epoch once
+    assert state["epoch"] == 3
+    assert _epochs_logged(tracker, run_id) == [0, 1, 2, 3]  # rank 0 alone logs, each epoch once
     assert len(MlflowClient(tracker.tracking_uri).search_runs([tracker.experiment_id])) == 1
     # teacher.amp on a CPU: bf16 where the CPU has AMX tiles, read here from /proc/cpuinfo
     # itself (not with the function under test)
