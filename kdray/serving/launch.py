@@ -69,9 +69,10 @@ class Service:
                 pass
             time.sleep(1.0)
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Ctrl-C to ``serve run`` (it shuts Serve and its Ray down), then kill what is left;
-        the private Ray temp dir goes too."""
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Ctrl-C to ``serve run`` (it shuts Serve and its Ray down), then, after ``timeout_s``
+        (a busy service's graceful shutdown can wait on its replicas' requests for a minute),
+        kill what is left; the private Ray temp dir goes too."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGINT)
             try:
