@@ -293,6 +293,16 @@ class ExplainConfig(_Strict):
     report_images: int = Field(16, ge=1, description="test images scored per dataset in the report")
     timing_images: int = Field(4, ge=1, description="images timed for the mean execution time")
     grid_examples: int = Field(4, ge=1, description="example rows in the report's figure grid")
+    sanity: bool = Field(
+        True,
+        description="sanity checks in the report: model parameter randomisation and random logit",
+    )
+    sanity_images: int = Field(
+        8, ge=1, description="scored images the sanity checks explain (feature maps, Grad-CAM)"
+    )
+    sanity_shap_images: int = Field(
+        2, ge=1, description="of those, images SHAP explains (it costs shap_nsamples passes each)"
+    )
 
 
 class MLflowConfig(_Strict):

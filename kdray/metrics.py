@@ -116,15 +116,17 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float
     """Mean and spread of ``a - b`` over paired runs (the same seeds), with a paired t-test.
 
     Returns:
-        ``mean``, ``std`` (sample std of the differences), ``n``, and ``p``: the two-sided p-value
-        of a paired t-test (mean difference 0), NaN with fewer than two pairs.
+        ``mean``, ``std`` (sample std of the differences), ``n``, ``p``: the two-sided p-value
+        of a paired t-test (mean difference 0), and ``mde``: the smallest mean difference that
+        test detects with 80 % power at the 5 % level given ``std`` and ``n``
+        (:func:`minimum_detectable_difference`); NaN with fewer than two pairs.
     """
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if d.ndim != 1 or d.size == 0:
         raise ValueError(f"need two equal, non-empty series (got {np.shape(a)} and {np.shape(b)})")
     n, mean = int(d.size), float(d.mean())
     if n < 2:
-        return {"mean": mean, "std": float("nan"), "n": n, "p": float("nan")}
+        return {"mean": mean, "std": float("nan"), "n": n, "p": float("nan"), "mde": float("nan")}
     std = float(d.std(ddof=1))
     if std == 0.0:
         p = 1.0 if mean == 0.0 else 0.0
@@ -132,4 +134,35 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float
         from scipy import stats
 
         p = float(2.0 * stats.t.sf(abs(mean / (std / np.sqrt(n))), n - 1))
-    return {"mean": mean, "std": std, "n": n, "p": p}
+    return {"mean": mean, "std": std, "n": n, "p": p, "mde": minimum_detectable_difference(std, n)}
+
+
+def minimum_detectable_difference(
+    std: float, n: int, alpha: float = 0.05, power: float = 0.8
+) -> float:
+    """The smallest true mean difference a two-sided paired t-test over ``n`` pairs detects
+    with probability ``power`` at level ``alpha``, when the differences' std is ``std``.
+
+    Exact: the t statistic of a true difference d is noncentral t with n - 1 degrees of freedom
+    and noncentrality d * sqrt(n) / std; d is found where the test rejects with ``power``.
+    0 when ``std`` is 0; NaN with fewer than two pairs or a non-finite ``std``.
+    """
+    if n < 2 or not np.isfinite(std):
+        return float("nan")
+    if std == 0.0:
+        return 0.0
+    from scipy import optimize, stats
+
+    df = n - 1
+    crit = stats.t.ppf(1.0 - alpha / 2.0, df)
+
+    def shortfall(nc: float) -> float:
+        # scipy's nct returns NaN where a tail underflows: that tail is then 0
+        upper_tail = float(np.nan_to_num(stats.nct.sf(crit, df, nc), nan=1.0))
+        lower_tail = float(np.nan_to_num(stats.nct.cdf(-crit, df, nc), nan=0.0))
+        return upper_tail + lower_tail - power
+
+    # the noncentrality lies below twice the normal approximation's (scipy's nct is NaN far out)
+    upper = 2.0 * (crit + stats.norm.ppf(power)) + 5.0
+    nc = optimize.brentq(shortfall, 0.0, upper)
+    return float(nc * std / np.sqrt(n))

@@ -70,6 +70,8 @@ class DatasetSummary:
     # (NaN with one seed).
     kd_gain_std: float = float("nan")
     kd_gain_p: float = float("nan")
+    # The smallest gain that paired test detects with 80 % power, from the observed spread.
+    kd_gain_mde: float = float("nan")
     # The baseline's own search: its chosen lr and how many trials it was chosen from.
     baseline_lr: float = float("nan")
     baseline_trials: int = 0
@@ -82,6 +84,12 @@ class DatasetSummary:
     # What the KD search found (kdray.search_findings.SearchFindings.to_dict()); empty in an
     # older summary.
     search: dict[str, Any] = field(default_factory=dict)
+    # The report's sanity checks (``*.randomisation.*``, ``*.random_logit.*``,
+    # ``*.blank_test.*`` of its metrics; empty without a report or in an older summary).
+    sanity: dict[str, float] = field(default_factory=dict)
+
+
+SANITY_KEYS = (".randomisation.", ".random_logit.", ".blank_test.", "localisation_test.images")
 
 
 @contextmanager
@@ -260,6 +268,7 @@ def run_dataset(
             },
         )
         agreement: dict[str, float] = {}
+        sanity: dict[str, float] = {}
         if cfg.explain.report:
             log.info("%s: transparency report (teacher vs champion)", dataset)
             report = report_dataset(
@@ -273,6 +282,7 @@ def run_dataset(
                 champion.run_id,
             )
             agreement = {k: v for k, v in report.metrics.items() if k.startswith("agreement.")}
+            sanity = {k: v for k, v in report.metrics.items() if any(p in k for p in SANITY_KEYS)}
         seeds = champion.champion_seeds
         student_acc = seeds.get("test_accuracy_mean", champion.test_metrics["accuracy"])
         summary = DatasetSummary(
@@ -311,6 +321,7 @@ def run_dataset(
             teacher_train_images=len(data.splits["train"]),
             student_train_images=n_students,
             search=findings.to_dict(),
+            sanity=sanity,
         )
         tracker.log_metrics(
             parent,
@@ -345,7 +356,7 @@ def _paired_gain(champion: ChampionResult) -> dict[str, float]:
     if not a or len(a) != len(b):  # a state written before kdray kept the per-seed figures
         return {}
     gain = paired_difference(a, b)
-    return {"kd_gain_std": gain["std"], "kd_gain_p": gain["p"]}
+    return {"kd_gain_std": gain["std"], "kd_gain_p": gain["p"], "kd_gain_mde": gain["mde"]}
 
 
 def _gain_words(r: DatasetSummary) -> str:
@@ -353,9 +364,17 @@ def _gain_words(r: DatasetSummary) -> str:
     if n < 2 or not math.isfinite(r.kd_gain_p):
         return f"{r.dataset} {r.kd_gain:+.3f} (one seed: no uncertainty; set `seeds: [0, 1, 2]`)"
     verdict = "larger than its uncertainty" if r.kd_gain_p < 0.05 else "within noise"
+    power = ""
+    if math.isfinite(r.kd_gain_mde):
+        power = (
+            f"; with {n} seeds and this spread the test detects a gain of ±{r.kd_gain_mde:.3f} "
+            "or more (80 % power)"
+        )
+        if r.kd_gain_p >= 0.05:
+            power += ", so a smaller one may have been missed"
     return (
         f"{r.dataset} {r.kd_gain:+.3f} ± {r.kd_gain_std:.3f} over {n} seeds, paired t-test "
-        f"p = {r.kd_gain_p:.2f}: {verdict}"
+        f"p = {r.kd_gain_p:.2f}: {verdict}{power}"
     )
 
 
@@ -417,6 +436,29 @@ def _agreement_words(r: DatasetSummary) -> str:
                 f"{get(f'agreement.top10_overlap_random.{method}')})"
             )
     return "; ".join(parts)
+
+
+def _sanity_words(r: DatasetSummary) -> str:
+    s = r.sanity
+    parts = []
+    for model in ("student", "teacher"):
+        checks = [
+            f"{title} {s[key]:.2f} {'passes' if s[key] < 0.5 else 'fails'}"
+            for method, title in AGREEMENT_METHODS.items()
+            if math.isfinite(s.get(key := f"{model}.randomisation.{method}", math.nan))
+        ]
+        if checks:
+            parts.append(f"{model} " + ", ".join(checks))
+    blank = [
+        f"{model} {int(s[f'{model}.blank_test.gradcam'])}"
+        for model in ("student", "teacher")
+        if f"{model}.blank_test.gradcam" in s
+    ]
+    if blank and "localisation_test.images" in s:
+        parts.append(
+            f"blank Grad-CAM {', '.join(blank)} of {int(s['localisation_test.images'])} images"
+        )
+    return f"{r.dataset}: " + "; ".join(parts)
 
 
 def format_summary(rows: list[DatasetSummary]) -> str:
@@ -485,6 +527,15 @@ def format_summary(rows: list[DatasetSummary]) -> str:
             "image, with a random map's in brackets:"
         )
         lines += [f"- {_agreement_words(r)}" for r in rows if r.agreement]
+    if any(r.sanity for r in rows):
+        lines.append("")
+        lines.append(
+            "Sanity checks (Adebayo et al. 2018; each report's section has the curves): each "
+            "method's rank correlation with its maps once the whole model is randomised "
+            "(passes below 0.5: the map depends on what the model learned), and the blank "
+            "Grad-CAM maps on the masked test split (scored as misses):"
+        )
+        lines += [f"- {_sanity_words(r)}" for r in rows if r.sanity]
     searched = [r for r in rows if r.search.get("trials")]
     if searched:
         lines.append("")
@@ -515,7 +566,7 @@ def _write_summary(rows: list[DatasetSummary], ws: Workspace) -> None:
             **{f"search_best_{k}": v for k, v in search.get("best", {}).items()},
             **{f"search_importance_{k}": v for k, v in search.get("importances", {}).items()},
         }
-        return {**row, **row.pop("agreement"), **columns}  # one column per score
+        return {**row, **row.pop("agreement"), **row.pop("sanity"), **columns}  # a column each
 
     flats = [flat(r) for r in rows]
     buf = io.StringIO()

@@ -52,6 +52,13 @@ def test_localisation_scores_on_toy_maps() -> None:
     flat_top = np.zeros((1, 8, 8), np.float32)
     flat_top[0, :4, :] = 1.0  # the maximum is shared by 32 pixels, 16 of them in the mask
     assert pointing_game(flat_top, masks[:1])[0] == pytest.approx(0.5)
+    # A blank map (all zero, as a Grad-CAM whose weighted sum is negative) is a miss, not a tie
+    # over the whole image; a constant one too. Healthy images stay unscored.
+    blank = np.zeros((3, 8, 8), np.float32)
+    assert pointing_game(blank, masks)[:2].tolist() == [0.0, 0.0]
+    assert energy_in_mask(blank, masks)[:2].tolist() == [0.0, 0.0]
+    assert np.isnan(pointing_game(blank, masks)[2]) and np.isnan(energy_in_mask(blank, masks)[2])
+    assert pointing_game(np.full((1, 8, 8), 0.7), masks[:1])[0] == 0.0
     with pytest.raises(ValueError):
         pointing_game(maps, masks[:2])
     rnd = random_maps(4, (16, 16), seed=3)

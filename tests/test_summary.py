@@ -141,3 +141,56 @@ def test_the_summary_says_how_many_training_images_each_side_saw():
     )
     # A summary written before kdray counted them says nothing about it.
     assert "Training images" not in format_summary([_row("eye_disease", "0 1 2", 0.0)])
+
+
+def test_the_smallest_detectable_gain_has_the_power_it_claims():
+    """At the returned difference, a paired t-test rejects in 80 % of simulated experiments."""
+    import numpy as np
+    from scipy import stats
+
+    from kdray.metrics import minimum_detectable_difference, paired_difference
+
+    rng = np.random.default_rng(0)
+    for n, std in ((3, 0.03), (10, 0.02)):
+        mde = minimum_detectable_difference(std, n)
+        d = rng.normal(mde, std, size=(20000, n))
+        t = d.mean(1) / (d.std(1, ddof=1) / np.sqrt(n))
+        rejected = 2 * stats.t.sf(np.abs(t), n - 1) < 0.05
+        assert rejected.mean() == pytest.approx(0.8, abs=0.015), (n, mde)
+    # more seeds, smaller detectable gains; large n tends to (z_.975 + z_.8) std / sqrt(n)
+    assert minimum_detectable_difference(0.03, 10) < minimum_detectable_difference(0.03, 3)
+    assert minimum_detectable_difference(1.0, 400) == pytest.approx(2.8016 / 20, rel=0.01)
+    assert minimum_detectable_difference(0.0, 3) == 0.0
+    assert np.isnan(minimum_detectable_difference(0.03, 1))
+    assert paired_difference([0.9, 0.92, 0.95], [0.88, 0.91, 0.90])["mde"] > 0
+
+
+def test_a_verdict_within_noise_says_how_large_a_gain_could_have_been_missed():
+    row = replace(_row("eye_disease", "0 1 2", -0.004, 0.030, 0.91), kd_gain_mde=0.105)
+    text = format_summary([row, replace(row, dataset="alzheimer", kd_gain_p=0.01)])
+    assert (
+        "- eye_disease -0.004 ± 0.030 over 3 seeds, paired t-test p = 0.91: within noise; with 3 "
+        "seeds and this spread the test detects a gain of ±0.105 or more (80 % power), so a "
+        "smaller one may have been missed" in text
+    )
+    assert "p = 0.01: larger than its uncertainty; with 3 seeds and this spread the test " in text
+    assert "(80 % power)\n" in text  # no "missed" clause on a detected gain
+
+
+def test_the_summary_carries_each_datasets_sanity_checks():
+    row = replace(
+        _row("brain_tumor", "0", 0.01),
+        sanity={
+            "student.randomisation.feature_maps": 0.83,
+            "student.randomisation.gradcam": 0.04,
+            "teacher.randomisation.gradcam": 0.61,
+            "student.blank_test.gradcam": 6.0,
+            "teacher.blank_test.gradcam": 2.0,
+            "localisation_test.images": 180.0,
+        },
+    )
+    text = format_summary([row])
+    assert (
+        "- brain_tumor: student Grad-CAM 0.04 passes, feature maps 0.83 fails; teacher Grad-CAM "
+        "0.61 fails; blank Grad-CAM student 6, teacher 2 of 180 images" in text
+    )

@@ -38,6 +38,7 @@ from kdray.explain.render import (
     signed_overlay,
     strip,
 )
+from kdray.explain.sanity import blank_maps
 from kdray.models import TeacherDenseNet, load_model
 
 __all__ = ["METHODS", "Explainer", "Explanation", "LayerMap", "MethodResult", "explain"]
@@ -83,12 +84,16 @@ class LayerMap(BaseModel):
         png: the map blended over the input (heat maps at opacity 0.5); ``render`` overlay|both.
         heat_png: the map alone (RGB ``jet`` for heat maps, RGBA for SHAP), to draw over
             ``Explanation.input_png`` at an opacity of the viewer's choice; ``render`` layer|both.
+        blank: the map is constant (zero everywhere): it points nowhere. For Grad-CAM, no
+            positive evidence for the target class at this layer (the ReLU of a negative
+            weighted sum); the viewer says so instead of drawing it.
     """
 
     layer: str
     png: PngBytes | None = None
     heat_png: PngBytes | None = None
     array: Array2D | None = None
+    blank: bool = False
 
 
 class MethodResult(BaseModel):
@@ -175,6 +180,7 @@ def _render(
             if render != "overlay"
             else None,
             array=a if include_arrays else None,
+            blank=bool(blank_maps(a[None])[0]),
         )
         for i, (name, a) in enumerate(arrays)
     ]

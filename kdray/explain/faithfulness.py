@@ -50,7 +50,8 @@ def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     A coarse map upsampled to the input (a 2x2 Grad-CAM at 64x64) has a flat top covering many
     pixels, and ``argmax`` would always pick its first pixel in raster order (an image corner).
     When the maximum is shared, the score is the share of the tied pixels inside the mask: the
-    expected hit of a random tie-break.
+    expected hit of a random tie-break. A constant map (a blank Grad-CAM: zero everywhere)
+    points nowhere and scores 0, a miss, not the mask's share of the image.
 
     Args:
         maps: (N, H, W) maps; larger means more relevant.
@@ -66,12 +67,14 @@ def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     tied = flat >= top - 1e-6 * np.maximum(spread, 1e-12)
     inside = masks.reshape(len(masks), -1)
     hit = (tied & inside).sum(1) / tied.sum(1)
+    hit[spread[:, 0] <= 1e-12 * np.maximum(np.abs(top[:, 0]), 1.0)] = 0.0  # constant: a miss
     hit[~masks.any(axis=(1, 2))] = np.nan
     return hit
 
 
 def energy_in_mask(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Share of the map's positive mass inside the mask; NaN for empty masks or no mass.
+    """Share of the map's positive mass inside the mask; NaN for empty masks; 0 for a map with
+    no positive mass (a blank Grad-CAM), a miss.
 
     Returns:
         float (N,) in [0, 1].
@@ -82,7 +85,8 @@ def energy_in_mask(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     inside = (pos * masks).sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         share = inside / total
-    share[(total <= 0) | ~masks.any(axis=(1, 2))] = np.nan
+    share[total <= 0] = 0.0
+    share[~masks.any(axis=(1, 2))] = np.nan
     return share
 
 

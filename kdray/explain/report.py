@@ -15,6 +15,9 @@
   baseline when given), with each model's expected calibration error;
 * ``learning_curves.png``: validation accuracy per epoch of teacher, KD champion and CE-only
   baseline, when given (does the teacher know more than the student learns alone?);
+* ``sanity.png``: the sanity checks (``explain.sanity``, :mod:`kdray.explain.sanity_report`):
+  each method's maps as the model is randomised from the output down, and the random-logit
+  test; blank Grad-CAM maps counted (scored as misses);
 * ``report.json``: the flat metrics.
 """
 
@@ -56,6 +59,13 @@ from kdray.explain.figures import (
 from kdray.explain.gradcam import default_cam_layer, grad_cam, layer_output_size
 from kdray.explain.inputs import display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
+from kdray.explain.sanity import blank_maps
+from kdray.explain.sanity_report import (
+    SanityResults,
+    run_sanity_checks,
+    sanity_figure,
+    sanity_section,
+)
 from kdray.metrics import calibration
 
 __all__ = ["Report", "build_report"]
@@ -173,6 +183,10 @@ def _test_split_localisation(
                 out[f"{name}.localisation_test.{method}"] = nanmean(
                     pointing_game(np.concatenate(parts), masks)
                 )
+        if "gradcam" in cfg.methods:
+            out[f"{name}.blank_test.gradcam"] = float(
+                blank_maps(np.concatenate(maps["gradcam"])).sum()
+            )
     return out
 
 
@@ -265,6 +279,8 @@ def _measure(
         out[f"{name}.met_ms.{method}"] = float(np.mean(ms))
         # other jobs on a shared machine stall single calls: the median shows that
         out[f"{name}.met_median_ms.{method}"] = float(np.median(ms))
+    for method, maps in s.maps.items():
+        out[f"{name}.blank.{method}"] = float(blank_maps(maps).sum())
     for method, maps in {**s.maps, "random": rand}.items():
         if masks is not None:
             out[f"{name}.pointing_game.{method}"] = nanmean(pointing_game(maps, masks))
@@ -393,6 +409,26 @@ def build_report(
         cam_shape[name] = (layer, layer_output_size(model, layer, size))
     metrics.update(_agreement(scored, rand))
     metrics.update(_test_split_localisation(models, test, cfg, seed))
+    sanity = None
+    if cfg.sanity:
+        layers = {}
+        for name, model in models.items():
+            cam = _cam_layer(name, model, cfg, size)
+            layers[name] = (
+                cam,
+                scored[name].layers[_feature_layer_index(scored[name].layers, cam)],
+            )
+        sanity = run_sanity_checks(
+            models,
+            layers,
+            x,
+            {name: scored[name].predictions for name in models},
+            background,
+            data.spec.num_classes,
+            cfg,
+            seed,
+        )
+        metrics.update(sanity.metrics())
     fractions = np.linspace(0.0, 1.0, steps + 1)
     for key in ("params", "flops", "flops_224", *(f"met_ms.{m}" for m in cfg.methods)):
         metrics[f"ratio.{key}"] = _ratio(metrics[f"teacher.{key}"], metrics[f"student.{key}"])
@@ -428,6 +464,8 @@ def build_report(
         f"Feature maps, {classes[labels[first]]}: first block to last",
     )
     curves_figure(fractions, curves, paths["curves"], title)
+    if sanity is not None:
+        paths["sanity"] = sanity_figure(sanity, out / "sanity.png", f"Sanity checks, {title}")
     probabilities = {
         name: softmax(predict_logits(model, test.images))
         for name, model in (("teacher", teacher), ("student", student))
@@ -468,6 +506,7 @@ def build_report(
         steps,
         cam_shape if "gradcam" in cfg.methods else {},
         curves,
+        sanity,
     )
     paths["markdown"].write_text(markdown)
     paths["json"].write_text(json.dumps({"dataset": data.spec.id, "metrics": metrics}, indent=1))
@@ -508,6 +547,7 @@ def _markdown(
     steps: int,
     cam_shape: dict[str, tuple[str, tuple[int, int]]],
     curves: dict[str, list[float]],
+    sanity: SanityResults | None = None,
 ) -> str:
     size = data.image_size
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
@@ -640,6 +680,19 @@ def _markdown(
             f"{_fmt(get(f'agreement.top10_overlap.{method}'), 2)} | "
             f"{_fmt(get(f'agreement.top10_overlap_random.{method}'), 2)} |"
         )
+    if sanity is not None:
+        blank = {
+            f"{model}.{method}": int(get(f"{model}.blank.{method}"))
+            for model in MODELS
+            for method in cfg.methods
+            if method != "feature_maps" and f"{model}.blank.{method}" in m
+        }
+        for model in MODELS:
+            if f"{model}.blank_test.gradcam" in m:
+                blank[f"test.{model}.gradcam"] = int(m[f"{model}.blank_test.gradcam"])
+        if "localisation_test.images" in m:
+            blank["test.images"] = int(m["localisation_test.images"])
+        lines += sanity_section(sanity, paths["sanity"].name, blank)
     lines += _curves_section(curves, paths)
     lines += [
         "",

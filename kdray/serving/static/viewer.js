@@ -111,6 +111,15 @@ function renderMethod(role, explanation, method) {
   time.className = "time";
   time.textContent = `${result.maps[0].layer} · ${result.time_ms.toFixed(1)} ms`;
   cell.append(time);
+  if (result.maps[0].blank) {
+    // A constant map draws nothing: say so rather than show the bare image as if it were one.
+    const note = document.createElement("div");
+    note.className = "blank";
+    note.textContent = method === "gradcam"
+      ? "Blank: no positive evidence for this class at this layer (Grad-CAM is zero everywhere)."
+      : "Blank: this map is constant, it points nowhere.";
+    cell.append(note);
+  }
 }
 
 function renderStrip(role, explanation) {
