@@ -143,7 +143,14 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
             "transparency/report.md",
             "transparency/explanations.png",
             "transparency/reliability.png",
+            "transparency/sanity.png",
         } <= report_files
+        # the sanity checks of every method and model, and the blank Grad-CAM count
+        for model in ("teacher", "student"):
+            for method in ("feature_maps", "gradcam", "shap"):
+                assert f"explain.{model}.randomisation.{method}" in parent.data.metrics
+            assert f"explain.{model}.random_logit.gradcam" in parent.data.metrics
+            assert f"explain.{model}.blank_test.gradcam" in parent.data.metrics
         assert {"explain.teacher.ece", "explain.student.ece", "explain.baseline.ece"} <= set(
             parent.data.metrics
         )
@@ -152,9 +159,11 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
     assert "| brain_tumor | KD student (champion) |" in proc.stdout
     assert "2 CE trials |" in proc.stdout and "How each side was chosen" in proc.stdout
     assert "What the KD searches found" in proc.stdout and "across datasets:" in proc.stdout
+    assert "Sanity checks (Adebayo et al. 2018" in proc.stdout
     for dataset in ("brain_tumor", "eye_disease", "alzheimer"):
         report = (ws / "reports" / dataset / "report.md").read_text()
         assert "## What the search found" in report and "rank" in report
+        assert "## Sanity checks" in report and "| student | Grad-CAM |" in report
         assert (ws / "reports" / dataset / "search.png").stat().st_size > 10_000
     assert (ws / "reports" / "summary.csv").read_text().count("\n") == 4
 
