@@ -395,6 +395,12 @@ def _teacher_words(r: DatasetSummary) -> str:
         head = f"{r.dataset} {margin:+.3f} (the baseline's seeds agree exactly)"
     else:
         head = f"{r.dataset} {margin:+.3f} (one seed: no spread)"
+    if r.student_train_images and r.teacher_train_images > r.student_train_images:
+        head += (
+            f" [the teacher saw {r.teacher_train_images} training images, the students "
+            f"{r.student_train_images}: on the synthetic stand-ins the margin comes partly from "
+            "the teacher's extra data]"
+        )
     if margin > bar:
         return f"{head}: above it, the paper's setting"
     if margin < -bar:

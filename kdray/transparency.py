@@ -87,6 +87,10 @@ def report_dataset(
         seed=cfg.seed,
         baseline_probabilities=np.load(baseline) if baseline.is_file() else None,
         learning_curves=learning_curves(tracker, parent_run_id),
+        train_images=(
+            len(data.splits["train"]),
+            len(data.student_indices(cfg.data.student_fraction(data.spec.id), cfg.data.split_seed)),
+        ),
     )
     search = out / "search.md"  # kdray.search_findings, written after the sweep
     if search.is_file():

@@ -192,7 +192,19 @@ def test_report_writes_files_and_metrics(trained, tmp_path: Path) -> None:
         tmp_path / "report",
         baseline_probabilities=uniform,
         learning_curves=curves,
+        train_images=(len(d["train_labels"]), 7),
     )
+
+    # Every section compares teacher and student: each says what each side trained on.
+    sections = report.markdown.split("\n## ")[1:]
+    assert len(sections) >= 8
+    seen = f"_Trained on: teacher {len(d['train_labels'])} images, students (KD and CE-only) 7"
+    assert all(seen in section for section in sections)
+    assert "## Sanity checks" in report.markdown and report.paths["sanity"].is_file()
+    for model in ("teacher", "student"):
+        for method in ("feature_maps", "gradcam", "shap"):
+            assert -1.0 <= report.metrics[f"{model}.randomisation.{method}"] <= 1.0
+        assert report.metrics[f"{model}.blank.gradcam"] >= 0
 
     for key in (
         "markdown",

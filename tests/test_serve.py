@@ -159,7 +159,10 @@ def test_explain_teacher_beside_student_every_method(served):
     methods = default["explanations"]["student"]["methods"]
     assert set(methods) == {"feature_maps", "gradcam"}  # the default methods
     for result in methods.values():  # render=overlay by default, and no feature-map strip
-        assert all(set(m) == {"layer", "png"} for m in result["maps"]) and "grid_png" not in result
+        assert (
+            all(set(m) == {"layer", "png", "blank"} for m in result["maps"])
+            and "grid_png" not in result
+        )
     layers = _call(
         served,
         "POST",
@@ -168,7 +171,7 @@ def test_explain_teacher_beside_student_every_method(served):
         files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))},
     ).json()
     for result in layers["explanations"]["student"]["methods"].values():
-        assert all(set(m) == {"layer", "heat_png"} for m in result["maps"])
+        assert all(set(m) == {"layer", "heat_png", "blank"} for m in result["maps"])
     arrays = _call(
         served,
         "POST",

@@ -194,3 +194,13 @@ def test_the_summary_carries_each_datasets_sanity_checks():
         "- brain_tumor: student Grad-CAM 0.04 passes, feature maps 0.83 fails; teacher Grad-CAM "
         "0.61 fails; blank Grad-CAM student 6, teacher 2 of 180 images" in text
     )
+
+
+def test_the_teacher_margin_says_when_the_teacher_saw_more_images():
+    row = replace(_row("brain_tumor", "0 1 2", 0.01), teacher_train_images=816)
+    assert "the teacher saw" not in format_summary([row])  # an older summary: no counts
+    text = format_summary([replace(row, student_train_images=204)])
+    assert (
+        "[the teacher saw 816 training images, the students 204: on the synthetic stand-ins "
+        "the margin comes partly from the teacher's extra data]" in text
+    )

@@ -341,6 +341,7 @@ def build_report(
     steps: int = 12,
     baseline_probabilities: np.ndarray | None = None,
     learning_curves: Mapping[str, Sequence[float]] | None = None,
+    train_images: tuple[int, int] | None = None,
 ) -> Report:
     """Measure and write the transparency report of one dataset (see the module docstring).
 
@@ -357,6 +358,9 @@ def build_report(
             split, to show its calibration beside the two models'.
         learning_curves: ``teacher`` / ``student`` / ``baseline`` -> validation accuracy per
             epoch (their MLflow runs'), shown as a figure and a table; None or empty: no section.
+        train_images: training images (teacher, students) when they differ from the training
+            split's size for the students (``data.synthetic.student_fraction``); every
+            comparison says what each side saw. Default: both the whole training split.
 
     Returns:
         :class:`Report`.
@@ -442,7 +446,11 @@ def build_report(
         "curves": out / "deletion_insertion.png",
     }
     shown = display_images(x)
-    title = f"{data.spec.title} ({data.spec.id}), {size}x{size}"
+    seen = train_images or (len(train), len(train))
+    title = (
+        f"{data.spec.title} ({data.spec.id}), {size}x{size}; trained on: teacher {seen[0]}, "
+        f"students {seen[1]} images"
+    )
     rows = []
     for i in _examples(labels, masks, cfg.grid_examples):
         rows.append(
@@ -492,7 +500,7 @@ def build_report(
         learning_curves_figure(
             {CALIBRATION_LABELS.get(k, k): v for k, v in curves.items()},
             paths["learning_curves"],
-            f"Learning curves, {data.spec.id}",
+            f"Learning curves, {data.spec.id} (teacher {seen[0]}, students {seen[1]} images)",
         )
     metrics["report_seconds"] = time.perf_counter() - started
     markdown = _markdown(
@@ -507,6 +515,7 @@ def build_report(
         cam_shape if "gradcam" in cfg.methods else {},
         curves,
         sanity,
+        seen,
     )
     paths["markdown"].write_text(markdown)
     paths["json"].write_text(json.dumps({"dataset": data.spec.id, "metrics": metrics}, indent=1))
@@ -548,6 +557,7 @@ def _markdown(
     cam_shape: dict[str, tuple[str, tuple[int, int]]],
     curves: dict[str, list[float]],
     sanity: SanityResults | None = None,
+    seen: tuple[int, int] | None = None,
 ) -> str:
     size = data.image_size
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
@@ -723,4 +733,27 @@ def _markdown(
         f"![Deletion and insertion curves]({paths['curves'].name})",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(_disclose(lines, seen, is_synthetic_root(data.manifest.root)))
+
+
+def _disclose(lines: list[str], seen: tuple[int, int] | None, synthetic: bool) -> list[str]:
+    """Every section compares teacher and student: each states the training images each saw."""
+    if seen is None:
+        return lines
+    teacher, students = seen
+    note = f"_Trained on: teacher {teacher} images, students (KD and CE-only) {students}"
+    if teacher > students:
+        note += (
+            " (on the synthetic stand-in the students see `data.synthetic.student_fraction` of "
+            "the training split: the teacher's extra images stand in for its ImageNet "
+            "pretraining, and part of any teacher-student margin is that extra data)"
+            if synthetic
+            else ""
+        )
+    note += "._"
+    out: list[str] = []
+    for line in lines:
+        out.append(line)
+        if line.startswith("## "):
+            out += ["", note]
+    return out
