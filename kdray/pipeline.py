@@ -537,7 +537,7 @@ def format_summary(rows: list[DatasetSummary]) -> str:
         lines.append("")
         lines.append(
             "Sanity checks (Adebayo et al. 2018; each report's section has the curves): each "
-            "method's rank correlation with its maps once the whole model is randomised "
+            "method's absolute rank correlation with its maps once the whole model is randomised "
             "(passes below 0.5: the map depends on what the model learned), and the blank "
             "Grad-CAM maps on the masked test split (scored as misses):"
         )

@@ -6,7 +6,8 @@
   each step keeps the earlier ones randomised) and compare each step's map with the trained
   model's map, by Spearman rank correlation and SSIM. A map that still looks the same once the
   whole network is random explains the input, not the network: the method **passes** when the
-  mean rank correlation with the fully randomised model is below :data:`PASS_BELOW`.
+  mean absolute rank correlation with the fully randomised model is below :data:`PASS_BELOW`
+  (absolute, as in the paper: a map turned into its negative still shows the same structure).
 - **Random logit**: the map for the predicted class against the map for a random other class.
   A class-sensitive method (Grad-CAM, SHAP) should give different maps; the feature maps are
   class-blind by construction (one map per image, whatever the class), so the test does not
@@ -86,10 +87,13 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:
     return index.mean(axis=(1, 2))
 
 
-def _similarity(reference: np.ndarray, maps: np.ndarray) -> tuple[float, float]:
-    """Mean rank correlation (0 where either map is constant) and mean SSIM."""
+def _similarity(
+    reference: np.ndarray, maps: np.ndarray, absolute: bool = False
+) -> tuple[float, float]:
+    """Mean rank correlation (of its absolute value with ``absolute``; 0 where either map is
+    constant) and mean SSIM."""
     rho = np.nan_to_num(rank_correlation(reference, maps), nan=0.0)
-    return float(rho.mean()), float(ssim(reference, maps).mean())
+    return float((np.abs(rho) if absolute else rho).mean()), float(ssim(reference, maps).mean())
 
 
 def randomisation_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -149,7 +153,7 @@ class Cascade:
 
     Attributes:
         steps: "trained", then the label of each group randomised (cumulatively).
-        rank_correlation: mean Spearman with the trained model's maps at each step.
+        rank_correlation: mean absolute Spearman with the trained model's maps at each step.
         ssim: mean SSIM with them at each step.
         blank: maps that were constant at each step (of ``images``).
     """
@@ -204,7 +208,7 @@ def parameter_randomisation(
         for method, (fn, n) in methods.items():
             t0 = time.perf_counter()
             maps = fn(randomised, images[:n], targets[:n])
-            rho, structural = _similarity(reference[method], maps)
+            rho, structural = _similarity(reference[method], maps, absolute=True)
             c = cascades[method]
             c.steps.append(label)
             c.rank_correlation.append(rho)
@@ -231,7 +235,8 @@ def random_logit(
     num_classes: int,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Mean rank correlation and SSIM between the maps for ``targets`` and for a random other
-    class per image (low for a class-sensitive method)."""
+    """Mean (signed) rank correlation and SSIM between the maps for ``targets`` and for a random
+    other class per image (low for a class-sensitive method; negative: what speaks for one class
+    speaks against the other)."""
     others = random_other_classes(targets, num_classes, seed)
     return _similarity(fn(model, images, targets), fn(model, images, others))

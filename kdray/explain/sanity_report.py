@@ -112,9 +112,9 @@ def sanity_figure(results: SanityResults, path: Path, title: str) -> Path:
             ax.plot(range(len(c.steps)), c.rank_correlation, marker="o", label=TITLES[c.method])
             ax.set_xticks(range(len(c.steps)), c.steps, rotation=30, ha="right", fontsize=8)
         ax.axhline(PASS_BELOW, color="grey", linestyle="--", linewidth=1)
-        ax.set_ylim(-1.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{model}: randomised from the output down", fontsize=10)
-        ax.set_ylabel("rank correlation with trained maps")
+        ax.set_ylabel("|rank correlation| with trained maps")
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -144,16 +144,17 @@ def sanity_section(results: SanityResults, figure: str, blank: Mapping[str, int]
         "..., the first) and each step's maps are compared with the trained model's, for the "
         f"class the trained model predicted, on {n} scored images (SHAP on "
         f"{min((c.images for c in results.cascades if c.method == 'shap'), default=0)}). A "
-        f"method passes when its maps' mean Spearman rank correlation with the fully randomised "
-        f"model's is below {PASS_BELOW}: a map that survives randomising the whole network shows "
-        "the image, not the model (an edge detector would fail). Random logit: the map of the "
+        f"method passes when its maps' mean absolute Spearman rank correlation with the fully "
+        f"randomised model's is below {PASS_BELOW} (absolute: a map turned into its negative "
+        "still shows the same structure): a map that survives randomising the whole network "
+        "shows the image, not the model (an edge detector would fail). Random logit: the map of the "
         "predicted class against the map of a random other class (low is class-sensitive). The "
         "feature maps are class-blind by design (one channel-mean map per image, whatever the "
         "class): the random-logit test does not apply to them, and since they read one block, "
         "randomising the blocks above it leaves them unchanged: their curve falls once their "
         "own block is reached. A constant (blank) map counts as no similarity.",
         "",
-        "| Model | Method | Rank corr., fully randomised | SSIM | Verdict | Random logit |",
+        "| Model | Method | abs. rank corr., fully randomised | SSIM | Verdict | Random logit |",
         "|---|---|---:|---:|---|---:|",
     ]
     for c in results.cascades:

@@ -2,8 +2,8 @@
 deployments of their own.
 
 Prediction runs inside the ingress replica (:class:`BatchPredictor`): on CPU a forward pass of
-the student costs about 10 ms at 224 px and each extra hop between Serve processes about 3 ms, so
-a separate predictor deployment would add a third to every prediction. Explanations, which take
+the student costs about 5 ms at 224 px (2 cores) and each extra hop between Serve processes about
+3 ms, so a separate predictor deployment would add more than half to every prediction. Explanations, which take
 tens of milliseconds to seconds, run in :class:`Explainer` replicas (feature maps and Grad-CAM) and
 in the same class bound as ``ShapExplainer`` (SHAP only, bounded), so they never stall a
 prediction. Each is sized in ``serve/config.yaml``.
