@@ -23,6 +23,7 @@ from kdray.champion import ChampionResult, crown_champion
 from kdray.config import ExperimentConfig, RayConfig
 from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, preflight, prepare_dataset
+from kdray.explain.sanity import PASS_BELOW
 from kdray.metrics import paired_difference
 from kdray.search_findings import SearchFindings, across_datasets, log_findings
 from kdray.sweep import make_job, run_sweep, seed_point
@@ -449,7 +450,7 @@ def _sanity_words(r: DatasetSummary) -> str:
     parts = []
     for model in ("student", "teacher"):
         checks = [
-            f"{title} {s[key]:.2f} {'passes' if s[key] < 0.5 else 'fails'}"
+            f"{title} {s[key]:.2f} {'passes' if s[key] < PASS_BELOW else 'fails'}"
             for method, title in AGREEMENT_METHODS.items()
             if math.isfinite(s.get(key := f"{model}.randomisation.{method}", math.nan))
         ]
@@ -538,7 +539,7 @@ def format_summary(rows: list[DatasetSummary]) -> str:
         lines.append(
             "Sanity checks (Adebayo et al. 2018; each report's section has the curves): each "
             "method's absolute rank correlation with its maps once the whole model is randomised "
-            "(passes below 0.5: the map depends on what the model learned), and the blank "
+            f"(passes below {PASS_BELOW}: the map depends on what the model learned), and the blank "
             "Grad-CAM maps on the masked test split (scored as misses):"
         )
         lines += [f"- {_sanity_words(r)}" for r in rows if r.sanity]

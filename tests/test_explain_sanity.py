@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from kdray.engine import make_loader, train_epoch
+from kdray.explain.agreement import blank_maps
 from kdray.explain.gradcam import grad_cam
 from kdray.explain.inputs import to_batch
 from kdray.explain.sanity import (
     PASS_BELOW,
-    blank_maps,
     parameter_randomisation,
     random_logit,
     random_other_classes,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["prediction_agreement", "rank_correlation", "top_overlap"]
+__all__ = ["blank_maps", "prediction_agreement", "rank_correlation", "top_overlap"]
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +43,10 @@ def prediction_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a == b).mean())
 
 
-def _constant(flat: np.ndarray) -> np.ndarray:
+def blank_maps(maps: np.ndarray) -> np.ndarray:
+    """True for each map (a row of ``maps``, any shape after the first axis) with no variation:
+    zero everywhere (a blank Grad-CAM), or any constant."""
+    flat = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
     return np.ptp(flat, axis=1) <= 1e-12 * np.maximum(np.abs(flat).max(1), 1.0)
 
 
@@ -62,7 +65,7 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     rb -= rb.mean(1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = (ra * rb).sum(1) / np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
-    rho[_constant(a) | _constant(b)] = np.nan
+    rho[blank_maps(a) | blank_maps(b)] = np.nan
     return rho
 
 
@@ -87,5 +90,5 @@ def top_overlap(a: np.ndarray, b: np.ndarray, fraction: float = 0.1) -> np.ndarr
     a, b = _pair(a, b)
     ta, tb = _top(a, fraction), _top(b, fraction)
     iou = (ta & tb).sum(1) / (ta | tb).sum(1)
-    iou[_constant(a) | _constant(b)] = np.nan
+    iou[blank_maps(a) | blank_maps(b)] = np.nan
     return iou

@@ -24,6 +24,7 @@ from pydantic import (
 from torch import nn
 
 from kdray.config import ExplainConfig
+from kdray.explain.agreement import blank_maps
 from kdray.explain.background import load_background
 from kdray.explain.expected_gradients import shap_maps
 from kdray.explain.gradcam import grad_cam
@@ -38,7 +39,6 @@ from kdray.explain.render import (
     signed_overlay,
     strip,
 )
-from kdray.explain.sanity import blank_maps
 from kdray.models import TeacherDenseNet, load_model
 
 __all__ = ["METHODS", "Explainer", "Explanation", "LayerMap", "MethodResult", "explain"]

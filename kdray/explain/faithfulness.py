@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
+from kdray.explain.agreement import blank_maps
 from kdray.explain.hooks import eval_mode, model_lock
 from kdray.explain.inputs import ImageLike, to_batch
 
@@ -67,7 +68,7 @@ def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     tied = flat >= top - 1e-6 * np.maximum(spread, 1e-12)
     inside = masks.reshape(len(masks), -1)
     hit = (tied & inside).sum(1) / tied.sum(1)
-    hit[spread[:, 0] <= 1e-12 * np.maximum(np.abs(top[:, 0]), 1.0)] = 0.0  # constant: a miss
+    hit[blank_maps(maps)] = 0.0  # constant: a miss
     hit[~masks.any(axis=(1, 2))] = np.nan
     return hit
 

@@ -37,7 +37,12 @@ from kdray.config import ExplainConfig
 from kdray.data.mlflow_inputs import is_synthetic_root
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import predict_logits, softmax
-from kdray.explain.agreement import prediction_agreement, rank_correlation, top_overlap
+from kdray.explain.agreement import (
+    blank_maps,
+    prediction_agreement,
+    rank_correlation,
+    top_overlap,
+)
 from kdray.explain.background import select_background, stratified_indices
 from kdray.explain.cost import count_flops, count_params, time_call
 from kdray.explain.expected_gradients import shap_maps
@@ -59,7 +64,6 @@ from kdray.explain.figures import (
 from kdray.explain.gradcam import default_cam_layer, grad_cam, layer_output_size
 from kdray.explain.inputs import display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
-from kdray.explain.sanity import blank_maps
 from kdray.explain.sanity_report import (
     SanityResults,
     run_sanity_checks,
@@ -415,16 +419,12 @@ def build_report(
     metrics.update(_test_split_localisation(models, test, cfg, seed))
     sanity = None
     if cfg.sanity:
-        layers = {}
-        for name, model in models.items():
-            cam = _cam_layer(name, model, cfg, size)
-            layers[name] = (
-                cam,
-                scored[name].layers[_feature_layer_index(scored[name].layers, cam)],
-            )
         sanity = run_sanity_checks(
             models,
-            layers,
+            {
+                name: (cam, scored[name].layers[_feature_layer_index(scored[name].layers, cam)])
+                for name, (cam, _) in cam_shape.items()
+            },
             x,
             {name: scored[name].predictions for name in models},
             background,
@@ -691,18 +691,7 @@ def _markdown(
             f"{_fmt(get(f'agreement.top10_overlap_random.{method}'), 2)} |"
         )
     if sanity is not None:
-        blank = {
-            f"{model}.{method}": int(get(f"{model}.blank.{method}"))
-            for model in MODELS
-            for method in cfg.methods
-            if method != "feature_maps" and f"{model}.blank.{method}" in m
-        }
-        for model in MODELS:
-            if f"{model}.blank_test.gradcam" in m:
-                blank[f"test.{model}.gradcam"] = int(m[f"{model}.blank_test.gradcam"])
-        if "localisation_test.images" in m:
-            blank["test.images"] = int(m["localisation_test.images"])
-        lines += sanity_section(sanity, paths["sanity"].name, blank)
+        lines += sanity_section(sanity, paths["sanity"].name, m)
     lines += _curves_section(curves, paths)
     lines += [
         "",

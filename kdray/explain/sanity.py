@@ -31,13 +31,12 @@ import torch
 from scipy.ndimage import uniform_filter
 from torch import nn
 
-from kdray.explain.agreement import rank_correlation
+from kdray.explain.agreement import blank_maps, rank_correlation
 
 __all__ = [
     "PASS_BELOW",
     "Cascade",
     "MapFn",
-    "blank_maps",
     "parameter_randomisation",
     "random_logit",
     "random_other_classes",
@@ -50,12 +49,6 @@ PASS_BELOW = 0.5  # mean rank correlation with the fully randomised model's maps
 
 # (model, images, target class per image) -> (N, H, W) maps
 MapFn = Callable[[nn.Module, torch.Tensor, np.ndarray], np.ndarray]
-
-
-def blank_maps(maps: np.ndarray) -> np.ndarray:
-    """True for each (H, W) map with no variation (zero everywhere, or any constant)."""
-    flat = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
-    return np.ptp(flat, axis=1) <= 1e-12 * np.maximum(np.abs(flat).max(1), 1.0)
 
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> np.ndarray:

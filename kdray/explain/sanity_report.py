@@ -88,14 +88,14 @@ def run_sanity_checks(
     for name, model in models.items():
         started = time.perf_counter()
         fns = _map_fns(*layers[name], background, cfg, seed)
-        counts = {m: (cfg.sanity_shap_images if m == "shap" else n) for m in cfg.methods}
+        counts = {m: min(cfg.sanity_shap_images if m == "shap" else n, n) for m in cfg.methods}
         preds = np.asarray(predictions[name])[:n]
         results.cascades += parameter_randomisation(
-            model, name, images, {m: (fns[m], min(counts[m], n)) for m in cfg.methods}, preds, seed
+            model, name, images, {m: (fns[m], counts[m]) for m in cfg.methods}, preds, seed
         )
         for method in cfg.methods:
             if method in CLASS_SENSITIVE:
-                k = min(counts[method], n)
+                k = counts[method]
                 results.random_logit[f"{name}.{method}"] = random_logit(
                     model, images[:k], fns[method], preds[:k], num_classes, seed
                 )
@@ -127,12 +127,13 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
 
 
-def sanity_section(results: SanityResults, figure: str, blank: Mapping[str, int]) -> list[str]:
+def sanity_section(results: SanityResults, figure: str, metrics: Mapping[str, float]) -> list[str]:
     """The report's "Sanity checks" section.
 
     Args:
-        blank: ``<model>.<method>`` -> blank maps among the report's scored images, and
-            ``test.<model>.gradcam`` / ``test.images`` on the whole masked test split.
+        metrics: the report's, for its blank-map counts: ``<model>.blank.<method>`` on the
+            scored images, ``<model>.blank_test.gradcam`` on the whole masked test split
+            (``localisation_test.images`` images).
     """
     n = max((c.images for c in results.cascades if c.method != "shap"), default=0)
     lines = [
@@ -166,22 +167,28 @@ def sanity_section(results: SanityResults, figure: str, blank: Mapping[str, int]
         )
     seconds = ", ".join(f"{m} {s:.1f} s" for m, s in results.seconds.items())
     lines += ["", f"Time: {seconds}.", "", f"![Sanity checks]({figure})", ""]
-    counted = [k.split(".") for k in blank if not k.startswith("test.")]
+    models = ("teacher", "student")
+    counted = [
+        f"{model} {TITLES[method]} {int(metrics[key])}"
+        for model in models
+        for method in CLASS_SENSITIVE
+        if (key := f"{model}.blank.{method}") in metrics
+    ]
     if counted:
         lines.append(
             "Blank maps (zero everywhere: Grad-CAM is the ReLU of a weighted sum of the layer's "
             "channels, and a negative sum leaves nothing) among the scored images: "
-            + ", ".join(f"{m} {TITLES[t]} {blank[f'{m}.{t}']}" for m, t in counted)
+            + ", ".join(counted)
             + "."
         )
-    if "test.images" in blank:
+    if "localisation_test.images" in metrics:
         lines.append(
-            f"On the whole masked test split ({blank['test.images']} images), blank Grad-CAM "
-            "maps: "
+            f"On the whole masked test split ({int(metrics['localisation_test.images'])} images), "
+            "blank Grad-CAM maps: "
             + ", ".join(
-                f"{m} {blank[f'test.{m}.gradcam']}"
-                for m in ("teacher", "student")
-                if f"test.{m}.gradcam" in blank
+                f"{model} {int(metrics[key])}"
+                for model in models
+                if (key := f"{model}.blank_test.gradcam") in metrics
             )
             + ". The localisation scores count a blank map as a miss; the viewer says "
             '"no positive evidence for this class at this layer" instead of drawing it.'
