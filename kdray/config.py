@@ -305,6 +305,17 @@ class ExplainConfig(_Strict):
     )
 
 
+class ExportConfig(_Strict):
+    """The champion's ONNX copy (``kdray.edge``): exported at the end of each dataset's run."""
+
+    onnx: bool = Field(
+        True,
+        description="export the champion to ONNX (explain + predict graphs), parity-checked "
+        "against torch, logged as the onnx/ artifact of its registered version",
+    )
+    parity_images: int = Field(64, ge=1, description="test images the parity check runs on")
+
+
 class MLflowConfig(_Strict):
     experiment: str = "kdray"
     tracking_uri: str | None = Field(
@@ -340,6 +351,7 @@ class ExperimentConfig(_Strict):
     kd: KDConfig = Field(default_factory=KDConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -25,6 +25,7 @@ from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, preflight, prepare_dataset
 from kdray.explain.sanity import PASS_BELOW
 from kdray.metrics import paired_difference
+from kdray.registry import registered_name
 from kdray.search_findings import SearchFindings, across_datasets, log_findings
 from kdray.sweep import make_job, run_sweep, seed_point
 from kdray.teacher import train_teacher
@@ -133,7 +134,8 @@ def run_key(cfg: ExperimentConfig) -> str:
     data = cfg.to_dict()
     data["data"].pop("datasets")  # the state is per dataset: the list around it does not matter
     blob = json.dumps(
-        {k: v for k, v in data.items() if k not in ("ray", "mlflow", "explain")}, sort_keys=True
+        {k: v for k, v in data.items() if k not in ("ray", "mlflow", "explain", "export")},
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -164,6 +166,32 @@ def log_data(tracker: Tracker, run_id: str, data: PreparedData) -> None:
             {"root": manifest.root, "skipped": manifest.skipped},
             "data/unreadable_files.json",
         )
+
+
+def _export_champion(
+    cfg: ExperimentConfig, data: PreparedData, ws: Workspace, tracker: Tracker, dataset: str
+) -> None:
+    """The champion as ONNX beside its registered version; a failed parity check is logged, not
+    fatal (the run's models and results stand without the edge copy)."""
+    from kdray.edge.export import ExportError
+    from kdray.edge.publish import export_registered
+
+    images = data.splits["test"].images[: cfg.export.parity_images]
+    try:
+        export, registered = export_registered(
+            registered_name(dataset), "champion", images, ws.edge / dataset, tracker.tracking_uri
+        )
+    except ExportError as exc:
+        log.warning("%s: no ONNX copy of the champion: %s", dataset, exc)
+        return
+    log.info(
+        "%s: champion v%s exported to ONNX in %.1f s (%s): %s",
+        dataset,
+        registered.version,
+        export.seconds,
+        export.directory,
+        export.parity.describe(),
+    )
 
 
 def run_dataset(
@@ -268,6 +296,8 @@ def run_dataset(
                 "kdray.baseline_run": champion.baseline_run_id,
             },
         )
+        if cfg.export.onnx:
+            _export_champion(cfg, data, ws, tracker, dataset)
         agreement: dict[str, float] = {}
         sanity: dict[str, float] = {}
         if cfg.explain.report:

@@ -91,6 +91,11 @@ class Workspace:
         return self.root / "champions"
 
     @property
+    def edge(self) -> Path:
+        """The champions' ONNX exports (``tune/export.py``), one folder per dataset."""
+        return self.root / "edge"
+
+    @property
     def ray_results(self) -> Path:
         return self.root / "ray_results"
 

@@ -190,6 +190,9 @@ def test_the_console_shows_progress_and_the_log_file_the_rest(smoke_run):
 
 
 def test_champions_are_registered_and_load_by_alias(smoke_run):
+    from kdray.edge.export import session
+    from kdray.edge.publish import fetch_edge
+    from kdray.explain.gradcam import default_cam_layer
     from kdray.registry import load_registered
 
     ws, _ = smoke_run
@@ -206,6 +209,32 @@ def test_champions_are_registered_and_load_by_alias(smoke_run):
         assert version.run_id == _runs(client, dataset, "champion")[0].info.run_id
         teacher, tspec = load_registered(f"kdray-{dataset}-teacher", "champion", tracking_uri=uri)
         assert tspec.kind == "teacher"
+        # The ONNX copy beside the version, parity-checked on the test split by the run.
+        folder, card = fetch_edge(f"kdray-{dataset}", "champion", ws / "fetched" / dataset, uri)
+        assert card["source"]["version"] == version.version
+        assert card["parity"]["images"] > 0 and card["parity"]["labels_equal"]
+        assert max(card["parity"][k] for k in ("logits", "feature_maps", "gradcam")) <= 1e-4
+        assert card["cam_layer"] == default_cam_layer(model, spec.image_size)
+        assert version.tags["kdray.onnx"] == "onnx/"
+        sess = session(folder / card["files"]["predict"])
+        logits = sess.run(["logits"], {"image": (x * 255).round().to(torch.uint8).numpy()})[0]
+        with torch.no_grad():
+            ref = model((x * 255).round() / 255)
+        assert abs(logits - ref.numpy()).max() <= 1e-4
+
+
+def test_export_entry_point_exports_any_alias_and_names_a_missing_one(smoke_run, tmp_path, capsys):
+    from kdray.edge.cli import export_main
+
+    ws, _ = smoke_run
+    common = ["--config", str(REPO / "configs" / "smoke.yaml"), "--workspace", str(ws)]
+    rc = export_main(["--dataset", "alzheimer", *common, "--out", str(tmp_path / "a"), "--no-log"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "labels equal" in out.out and (tmp_path / "a" / "model.onnx").is_file()
+    rc = export_main(["--dataset", "alzheimer", "--alias", "nope", *common, "--no-log"])
+    assert rc == 2
+    assert "kdray-alzheimer@nope" in capsys.readouterr().err
 
 
 def test_rerun_reuses_the_teacher(smoke_run):

@@ -1,0 +1,129 @@
+"""``tune/export.py``: a registered student as ONNX, checked against torch, logged beside it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+
+from kdray.config import DEFAULT_CONFIG, ConfigError, load_config
+from kdray.data.folders import DataError
+from kdray.data.specs import DATASETS
+from kdray.workspace import Workspace, WorkspaceError
+
+__all__ = ["build_export_parser", "export_main"]
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune/export.py",
+        description="Export a registered student (default kdray-<dataset>@champion) to ONNX: "
+        "model.onnx (logits, probabilities, per-block feature maps, Grad-CAM) and predict.onnx, "
+        "with model.json; both are checked against torch on the workspace's test split "
+        "(max |difference| <= 1e-4, same labels) and logged as the onnx/ artifact of the "
+        "version's run. `tune/run.py` does this for every champion (export.onnx).",
+    )
+    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    parser.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    parser.add_argument(
+        "--out", metavar="DIR", default=None, help="default: <workspace>/edge/<dataset>"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=str(DEFAULT_CONFIG),
+        help="the run's experiment YAML: its data (test split) and MLflow settings",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="the run's overrides",
+    )
+    parser.add_argument(
+        "--workspace", metavar="DIR", default=None, help="default: $KDRAY_HOME, else ./workspace"
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="test images the parity check runs on (default: export.parity_images, 64)",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write predict.int8.onnx (onnxruntime static quantisation, calibrated on 256 "
+        "training images) and report its test accuracy change and speed",
+    )
+    parser.add_argument(
+        "--no-log", action="store_true", help="write the folder only; log nothing to MLflow"
+    )
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = build_export_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.images is not None and args.images < 1:
+        print("error: --images must be at least 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.exceptions import MlflowException
+
+    from kdray.data.prepare import prepare_dataset
+    from kdray.edge.export import ExportError
+    from kdray.edge.publish import export_registered
+    from kdray.registry import registered_name
+    from kdray.tracking import resolve_tracking_uri
+
+    ws = Workspace.at(args.workspace)
+    name = registered_name(args.dataset)
+    out = args.out or ws.edge / args.dataset
+    try:
+        data = prepare_dataset(cfg.data, args.dataset, ws)
+        test = data.splits["test"]
+        n = args.images or cfg.export.parity_images
+        export, registered = export_registered(
+            name,
+            args.alias,
+            test.images[:n],
+            out,
+            resolve_tracking_uri(cfg.mlflow, ws),
+            log=not args.no_log,
+        )
+    except (DataError, WorkspaceError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:
+        print(f"error: {name}@{args.alias}: {exc.message}", file=sys.stderr)
+        return 2
+    print(f"{name} v{registered.version} ({args.alias}) exported to {export.directory}")
+    print(f"  parity: {export.parity.describe()}")
+    print(f"  Grad-CAM at {export.card['cam_layer']}, opset {export.card['opset']}")
+    if not args.no_log:
+        print(f"  logged as onnx/ of run {registered.run_id}")
+    if args.int8:
+        from kdray.edge.quantize import quantize_predict
+
+        train = data.splits["train"].images
+        pick = np.random.default_rng(cfg.seed).permutation(len(train))[:256]
+        report = quantize_predict(export.directory, train[np.sort(pick)], test.images, test.labels)
+        print(f"  {report.describe()}")
+    print(
+        f"  predict and explain without torch: python examples/edge_predict.py IMAGE "
+        f"--model {export.directory}"
+    )
+    return 0

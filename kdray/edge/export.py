@@ -1,0 +1,288 @@
+"""Export a trained student to ONNX, check it against torch, and describe it in ``model.json``.
+
+The folder an export writes (what ``examples/edge_predict.py --model DIR`` reads)::
+
+    model.onnx     image -> logits, probabilities, feature_maps, gradcam, cam_class
+    predict.onnx   image -> logits, probabilities (the same weights, nothing else computed)
+    model.json     classes, input size and preprocessing, outputs, layers, opset, parity
+
+Both graphs come from torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``) at
+:data:`OPSET` with a dynamic batch axis, and both are run through onnxruntime on real images
+before the folder is kept: any logit, probability or map further than :data:`TOLERANCE` from
+torch's, or a different label, fails the export (:class:`ExportError`), never a silent copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdray.edge.graph import OUTPUTS, EdgeStudent
+from kdray.explain.gradcam import default_cam_layer, grad_cam
+from kdray.explain.layer_maps import feature_maps
+from kdray.models import ModelSpec, StudentCNN
+
+__all__ = [
+    "CARD_FILE",
+    "EXPLAIN_FILE",
+    "OPSET",
+    "PREDICT_FILE",
+    "TOLERANCE",
+    "EdgeExport",
+    "ExportError",
+    "Parity",
+    "check_parity",
+    "export_student",
+    "session",
+]
+
+OPSET = 20  # ONNX opset: onnxruntime >= 1.17 runs it; torch 2.14's dynamo exporter's default
+TOLERANCE = 1e-4
+EXPLAIN_FILE = "model.onnx"
+PREDICT_FILE = "predict.onnx"
+CARD_FILE = "model.json"
+FORMAT = "kdray-edge/1"
+PREPROCESS = (
+    "decode the first frame; 16-bit or float gray min-max scaled to 0-255; RGB; bilinear resize "
+    "(Pillow) to image_size x image_size; uint8, channels first. No normalisation: the graph "
+    "divides by 255 and applies the ImageNet mean and std itself."
+)
+_DESCRIBE = {
+    "logits": ("float32", ["N", "K"], "class scores"),
+    "probabilities": ("float32", ["N", "K"], "softmax of the logits"),
+    "feature_maps": (
+        "float32",
+        ["N", "L", "H", "W"],
+        "channel-mean activation of each block (feature_layers order), bilinear to the input "
+        "size, min-max scaled to [0, 1]; a constant map is 0",
+    ),
+    "gradcam": (
+        "float32",
+        ["N", "H", "W"],
+        "Grad-CAM of the predicted class at cam_layer, in [0, 1] at the input size; all zero "
+        "when no location adds positive evidence",
+    ),
+    "cam_class": ("int64", ["N"], "the class each Grad-CAM map explains (the predicted one)"),
+}
+
+
+class ExportError(RuntimeError):
+    """The exported graph does not reproduce the torch model (or could not be exported).
+
+    ``parity`` holds the differences when the graphs exported but did not match.
+    """
+
+    def __init__(self, message: str, parity: Parity | None = None) -> None:
+        super().__init__(message)
+        self.parity = parity
+
+
+@dataclass
+class Parity:
+    """Largest absolute differences between onnxruntime and torch on ``images`` images."""
+
+    images: int
+    logits: float
+    probabilities: float
+    feature_maps: float
+    gradcam: float
+    labels_equal: bool
+    tolerance: float = TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        worst = max(self.logits, self.probabilities, self.feature_maps, self.gradcam)
+        return self.labels_equal and worst <= self.tolerance
+
+    def describe(self) -> str:
+        return (
+            f"max |Δ| on {self.images} images: logits {self.logits:.1e}, probabilities "
+            f"{self.probabilities:.1e}, feature maps {self.feature_maps:.1e}, Grad-CAM "
+            f"{self.gradcam:.1e} (tolerance {self.tolerance:g}); labels "
+            f"{'equal' if self.labels_equal else 'DIFFER'}"
+        )
+
+
+@dataclass
+class EdgeExport:
+    directory: Path
+    card: dict[str, Any]
+    parity: Parity
+    seconds: float
+
+
+class _Predict(nn.Module):
+    """uint8 image -> logits, probabilities: the predict path, without the explanations."""
+
+    def __init__(self, student: StudentCNN) -> None:
+        super().__init__()
+        self.student = student.eval()
+
+    def forward(self, image: torch.Tensor):  # noqa: ANN201
+        logits = self.student(image.to(torch.float32) / 255.0)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def session(path: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session (``threads`` intra-op threads; None: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _export(module: nn.Module, example: torch.Tensor, outputs: list[str], path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter's optimiser logs each rewrite at INFO (a hundred lines an export).
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    with warnings.catch_warnings():  # the exporter's notes on its own internals
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=["image"],
+                output_names=outputs,
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed: {str(exc).splitlines()[0]}") from exc
+        finally:
+            for q, level in zip(quiet, levels, strict=True):
+                q.setLevel(level)
+    program.save(str(path))
+
+
+def check_parity(
+    model: StudentCNN, cam_layer: str, directory: str | Path, images: np.ndarray
+) -> Parity:
+    """Both exported graphs against torch (kdray's own explainers) on uint8 (N, 3, S, S) images."""
+    directory = Path(directory)
+    x = np.ascontiguousarray(images, dtype=np.uint8)
+    fm = feature_maps(model, x)
+    cam = grad_cam(model, x, cam_layer)
+    ref_prob = torch.softmax(torch.from_numpy(fm.logits), 1).numpy()
+    out = dict(zip(OUTPUTS, session(directory / EXPLAIN_FILE).run(None, {"image": x}), strict=True))
+    logits, probs = session(directory / PREDICT_FILE).run(None, {"image": x})
+    labels = fm.logits.argmax(1)
+    return Parity(
+        images=len(x),
+        logits=float(
+            max(np.abs(out["logits"] - fm.logits).max(), np.abs(logits - fm.logits).max())
+        ),
+        probabilities=float(
+            max(np.abs(out["probabilities"] - ref_prob).max(), np.abs(probs - ref_prob).max())
+        ),
+        feature_maps=float(np.abs(out["feature_maps"] - fm.maps).max()),
+        gradcam=float(np.abs(out["gradcam"] - cam.maps).max()),
+        labels_equal=bool(
+            (out["logits"].argmax(1) == labels).all()
+            and (logits.argmax(1) == labels).all()
+            and (out["cam_class"] == cam.targets).all()
+        ),
+    )
+
+
+def _card(spec: ModelSpec, model: StudentCNN, cam_layer: str, parity: Parity) -> dict[str, Any]:
+    import onnxruntime
+
+    size = spec.image_size
+    return {
+        "format": FORMAT,
+        "dataset": spec.dataset,
+        "class_names": list(spec.class_names),
+        "image_size": size,
+        "widths": list(spec.widths),
+        "input": {
+            "name": "image",
+            "dtype": "uint8",
+            "shape": ["N", 3, size, size],
+            "preprocess": PREPROCESS,
+        },
+        "files": {"explain": EXPLAIN_FILE, "predict": PREDICT_FILE},
+        "outputs": {
+            name: {"dtype": d, "shape": s, "description": text}
+            for name, (d, s, text) in _DESCRIBE.items()
+        },
+        "feature_layers": list(model.block_names),
+        "cam_layer": cam_layer,
+        "cam_method": "Grad-CAM; the class gradient written out in the graph (exact: "
+        "conv, eval BatchNorm, ReLU, max-pool, average pool and linear head)",
+        "opset": OPSET,
+        "exporter": f"torch {torch.__version__} (dynamo)",
+        "checked_with": f"onnxruntime {onnxruntime.__version__}",
+        "parity": asdict(parity),
+    }
+
+
+def export_student(
+    model: StudentCNN,
+    spec: ModelSpec,
+    out_dir: str | Path,
+    images: np.ndarray,
+    cam_layer: str | None = None,
+    source: dict[str, str] | None = None,
+) -> EdgeExport:
+    """Export ``model`` into ``out_dir`` (replaced whole, only once the parity check passed).
+
+    Args:
+        model: a trained student (left in eval mode, weights untouched).
+        spec: its spec (classes, input size, dataset).
+        images: uint8 (N, 3, S, S) images to check parity on (e.g. 64 of the test split).
+        cam_layer: the block Grad-CAM reads; default the report's (``default_cam_layer``).
+        source: where the weights came from (registered name, version, run), kept in the card.
+
+    Raises:
+        ExportError: export failed, or onnxruntime's outputs differ from torch's (the reason
+            names the output and the difference).
+    """
+    if not isinstance(model, StudentCNN):
+        raise ExportError(f"only the student exports; got {type(model).__name__}")
+    started = time.perf_counter()
+    model = model.eval()
+    layer = cam_layer or default_cam_layer(model, spec.image_size)
+    if layer not in model.block_names:
+        raise ExportError(f"cam_layer {layer!r} is not one of {model.block_names}")
+    size = spec.image_size
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".export-") as tmp:
+        work = Path(tmp)
+        cam_block = model.block_names.index(layer) + 1
+        _export(EdgeStudent(model, cam_block), example, list(OUTPUTS), work / EXPLAIN_FILE)
+        _export(_Predict(model), example, ["logits", "probabilities"], work / PREDICT_FILE)
+        parity = check_parity(model, layer, work, images)
+        if not parity.ok:
+            raise ExportError(f"the ONNX graphs do not match torch: {parity.describe()}", parity)
+        card = _card(spec, model, layer, parity)
+        if source:
+            card["source"] = dict(source)
+        (work / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+        out_dir.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users
+        # TemporaryDirectory's cleanup of the moved folder: make it find an empty one.
+        work.mkdir()
+    return EdgeExport(out_dir, card, parity, time.perf_counter() - started)

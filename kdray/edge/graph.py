@@ -1,0 +1,109 @@
+"""The student as one forward-only graph: logits, per-block feature maps and Grad-CAM.
+
+ONNX has no autograd, so Grad-CAM's gradient is written out by hand. Behind the CAM block the
+student is conv3x3 -> BatchNorm (eval: a per-channel affine) -> ReLU -> 2x2 max-pool per block,
+then global average pooling and a linear head, so the class score's gradient is exact in closed
+form, block by block from the head down:
+
+- head and GAP: d logit_c / dA = W[c] / (h * w) at every position;
+- max-pool: the gradient goes to the window's maximum (the position equal to the pooled value;
+  a window of equal positive maxima would share it, which never happens with real activations,
+  and windows of zeros are cut by the ReLU below);
+- ReLU: kept where its output is positive (as torch's ``threshold_backward``);
+- BatchNorm (eval): times ``gamma / sqrt(running_var + eps)`` per channel;
+- conv3x3, stride 1, padding 1: ``conv_transpose2d`` with the same weights.
+
+Every output is computed as :func:`kdray.explain.feature_maps` and :func:`kdray.explain.grad_cam`
+compute it, so the exported copy explains what the served student explains (parity is checked at
+export, :mod:`kdray.edge.export`). Only the student exports: the teacher's dense blocks would need
+their own backward, and it is the model the paper moves off the server.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdray.explain.layer_maps import reduce_activation
+from kdray.models import StudentCNN
+
+__all__ = ["OUTPUTS", "EdgeStudent"]
+
+OUTPUTS = ("logits", "probabilities", "feature_maps", "gradcam", "cam_class")
+
+
+def _minmax_cam(cam: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's ``scale_cam_image`` without the resize: (x - min) / (1e-7 + max)."""
+    flat = cam.flatten(1)
+    lo = flat.min(1).values[:, None, None]
+    shifted = cam - lo
+    return shifted / (1e-7 + shifted.flatten(1).max(1).values[:, None, None])
+
+
+class EdgeStudent(nn.Module):
+    """A trained :class:`~kdray.models.StudentCNN` with its explanations as graph outputs.
+
+    Input ``image``: uint8 (N, 3, H, W), RGB, already at the model's input size. Outputs (in
+    :data:`OUTPUTS` order): ``logits`` (N, K); ``probabilities`` (N, K); ``feature_maps`` (N, L, H,
+    W) in [0, 1], the channel mean of every block, as :func:`kdray.explain.feature_maps`;
+    ``gradcam`` (N, H, W) in [0, 1] for the predicted class at ``cam_block``, as
+    :func:`kdray.explain.grad_cam`; ``cam_class`` (N,) int64, the class it explains.
+
+    Args:
+        student: the trained student (its weights are shared, not copied).
+        cam_block: 1-based index of the block Grad-CAM reads (the report's layer).
+    """
+
+    def __init__(self, student: StudentCNN, cam_block: int) -> None:
+        super().__init__()
+        depth = len(student.features)
+        if not 1 <= cam_block <= depth:
+            raise ValueError(f"cam_block must be 1..{depth}, got {cam_block}")
+        self.student = student.eval()
+        self.cam_block = cam_block
+
+    def _backward_block(self, block: nn.Module, x_in: torch.Tensor, grad_out: torch.Tensor):
+        """d score / d(block input) from d score / d(block output), for conv-BN-ReLU-pool."""
+        pre = block.bn(block.conv(x_in))
+        act = block.relu(pre)
+        pooled = block.pool(act)
+        h, w = act.shape[-2], act.shape[-1]
+        up_pooled = pooled.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        up_grad = grad_out.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        # The pool floors odd sides: the last row/column got no gradient.
+        pad = (0, w - up_grad.shape[-1], 0, h - up_grad.shape[-2])
+        up_pooled = F.pad(up_pooled, pad, value=float("inf"))
+        up_grad = F.pad(up_grad, pad)
+        grad_act = up_grad * (act == up_pooled).to(act.dtype) * (act > 0).to(act.dtype)
+        bn = block.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        grad_conv = grad_act * scale[None, :, None, None]
+        return F.conv_transpose2d(grad_conv, block.conv.weight, padding=1)
+
+    def forward(self, image: torch.Tensor):  # noqa: ANN201 - a tuple of tensors, see OUTPUTS
+        x = image.to(torch.float32) / 255.0
+        size = (x.shape[2], x.shape[3])
+        blocks = list(self.student.features)
+        acts = []
+        a = self.student.norm(x)
+        for block in blocks:
+            acts.append(a)  # each block's input, kept for the backward pass
+            a = block(a)
+        pooled = torch.flatten(self.student.pool(a), 1)
+        logits = self.student.head(pooled)
+        probabilities = torch.softmax(logits, dim=1)
+        maps = torch.stack([reduce_activation(b, size) for b in [*acts[1:], a]], 1)
+
+        cam_class = logits.argmax(1)
+        weight = self.student.head.weight[cam_class]  # (N, C_last)
+        grad = weight[:, :, None, None].expand_as(a) / float(a.shape[-2] * a.shape[-1])
+        for i in range(len(blocks) - 1, self.cam_block - 1, -1):
+            grad = self._backward_block(blocks[i], acts[i], grad)
+        target = acts[self.cam_block] if self.cam_block < len(blocks) else a
+        alpha = grad.mean(dim=(2, 3))  # Grad-CAM's channel weights
+        cam = torch.relu((alpha[:, :, None, None] * target).sum(1))
+        cam = _minmax_cam(cam)
+        cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        cam = _minmax_cam(cam)  # pytorch-grad-cam scales once more after the resize
+        return logits, probabilities, maps, cam, cam_class

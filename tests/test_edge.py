@@ -1,0 +1,193 @@
+"""The student's ONNX export: parity with torch, refusal of a wrong graph, and the torch-free
+edge script (a subprocess in which importing torch fails)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdray.data.images import read_image
+from kdray.edge.export import (
+    CARD_FILE,
+    EXPLAIN_FILE,
+    PREDICT_FILE,
+    ExportError,
+    export_student,
+    session,
+)
+from kdray.edge.graph import OUTPUTS, EdgeStudent
+from kdray.explain import feature_maps, grad_cam
+from kdray.models import ModelSpec, StudentCNN
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 28  # blocks of 14, 7, 3 and 1 pixels: odd sides, where the pool drops a row
+
+
+def _student(seed: int = 0) -> tuple[StudentCNN, ModelSpec]:
+    """A student with random weights and BatchNorm statistics (not the identity of a fresh init)."""
+    torch.manual_seed(seed)
+    model = StudentCNN(4, [6, 8, 8, 10])
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.2)
+    spec = ModelSpec("student", 4, SIZE, ["a", "b", "c", "d"], widths=[6, 8, 8, 10], dataset="x")
+    return model.eval(), spec
+
+
+def _images(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, SIZE, SIZE), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model, spec = _student()
+    out = tmp_path_factory.mktemp("edge") / "brain"
+    return model, spec, export_student(model, spec, out, _images(24), cam_layer="features.block2")
+
+
+def test_the_graph_reproduces_kdrays_maps_at_every_block():
+    # The hand-written class gradient, checked in torch against pytorch-grad-cam through kdray,
+    # with the CAM at each block (the last one is the head's weight row alone).
+    model, _ = _student()
+    x = _images(6)
+    fm = feature_maps(model, x)
+    for block in range(1, 5):
+        with torch.no_grad():
+            out = dict(zip(OUTPUTS, EdgeStudent(model, block)(torch.from_numpy(x)), strict=True))
+        cam = grad_cam(model, x, f"features.block{block}")
+        assert np.abs(out["logits"].numpy() - fm.logits).max() < 1e-5
+        assert np.abs(out["feature_maps"].numpy() - fm.maps).max() < 1e-5
+        assert np.abs(out["gradcam"].numpy() - cam.maps).max() < 1e-4, block
+        assert (out["cam_class"].numpy() == cam.targets).all()
+        if block < 4:  # block4 is 1x1 here: a constant map, blank in both
+            assert cam.maps.max() > 0.5  # a real map, not two blank ones agreeing
+
+
+def test_export_checks_parity_and_describes_itself(exported):
+    model, spec, export = exported
+    assert export.parity.ok and export.parity.images == 24
+    assert export.parity.gradcam <= 1e-4 and export.parity.feature_maps <= 1e-4
+    card = json.loads((export.directory / CARD_FILE).read_text())
+    assert card["class_names"] == spec.class_names and card["image_size"] == SIZE
+    assert card["cam_layer"] == "features.block2"
+    assert card["feature_layers"] == model.block_names
+    assert card["opset"] == 20 and card["input"]["dtype"] == "uint8"
+    assert set(card["outputs"]) == set(OUTPUTS)
+    # The batch axis is dynamic: one image and an odd batch run on both graphs.
+    for n in (1, 5):
+        x = _images(n, seed=7)
+        explain = session(export.directory / EXPLAIN_FILE).run(None, {"image": x})
+        predict = session(export.directory / PREDICT_FILE).run(None, {"image": x})
+        assert explain[2].shape == (n, 4, SIZE, SIZE) and explain[3].shape == (n, SIZE, SIZE)
+        assert np.abs(explain[0] - predict[0]).max() < 1e-5
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x).float() / 255).numpy()
+        assert np.abs(predict[0] - ref).max() < 1e-4
+
+
+def test_a_graph_that_explains_wrongly_is_refused(tmp_path, monkeypatch):
+    # Mirror the gradient each block passes down: the CAM drifts, the export fails and leaves
+    # no folder behind.
+    model, spec = _student()
+    original = EdgeStudent._backward_block
+
+    def mirrored(self, block, x_in, grad_out):
+        return original(self, block, x_in, grad_out.flip(-1))
+
+    monkeypatch.setattr(EdgeStudent, "_backward_block", mirrored)
+    with pytest.raises(ExportError, match="do not match torch") as caught:
+        export_student(model, spec, tmp_path / "out", _images(16), cam_layer="features.block1")
+    assert caught.value.parity.gradcam > 1e-2  # the CAM is what drifted
+    assert caught.value.parity.logits < 1e-4 and caught.value.parity.feature_maps < 1e-4
+    assert not (tmp_path / "out").exists()
+
+
+_NO_TORCH = """
+import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "ray", "mlflow", "kdray", "torchvision"}:
+            raise ImportError(f"{name} is not on the edge device")
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_edge_script_predicts_and_explains_without_torch(exported, tmp_path):
+    model, spec, export = exported
+    files = []
+    rng = np.random.default_rng(3)
+    rgb = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(rgb)
+    gray16 = tmp_path / "slice16.png"  # 16-bit gray: min-max scaled as kdray scales it
+    Image.fromarray(rng.integers(100, 4000, (SIZE, SIZE), dtype=np.uint16)).save(gray16)
+    jpeg = tmp_path / "scan.jpg"
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(jpeg, quality=90)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    files = [rgb, gray16, broken, jpeg]
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, str(REPO / "examples" / "edge_predict.py")]
+        + [str(f) for f in files]
+        + ["--model", str(export.directory), "--out", str(out), "--save-maps"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr  # one file was unreadable
+    assert "broken.png" in proc.stderr
+    result = json.loads((out / "predictions.json").read_text())
+    assert [r["file"] for r in result["unreadable"]] == [str(broken)]
+    read = [f for f in files if f != broken]
+    assert [r["file"] for r in result["predictions"]] == [str(f) for f in read]
+
+    x = np.stack([read_image(f, SIZE) for f in read])  # kdray's own decoder
+    fm = feature_maps(model, x)
+    cam = grad_cam(model, x, "features.block2")
+    probs = torch.softmax(torch.from_numpy(fm.logits), 1).numpy()
+    edge_probs = np.array(
+        [[r["probabilities"][c] for c in spec.class_names] for r in result["predictions"]]
+    )
+    assert np.abs(edge_probs - probs).max() <= 1e-4
+    assert [r["label"] for r in result["predictions"]] == [
+        spec.class_names[i] for i in probs.argmax(1)
+    ]
+    maps = np.load(out / "maps.npz")
+    assert np.abs(maps["feature_maps"] - fm.maps).max() <= 1e-4
+    assert np.abs(maps["gradcam"] - cam.maps).max() <= 1e-4
+    for row in result["predictions"]:
+        for name in row["overlays"]:
+            assert Image.open(out / name).size[1] == SIZE
+
+
+def test_int8_predict_graph_is_reported_never_assumed(exported, tmp_path):
+    import shutil
+
+    from kdray.edge.quantize import INT8_FILE, quantize_predict
+
+    _, _, export = exported
+    folder = Path(shutil.copytree(export.directory, tmp_path / "copy"))
+    labels = np.random.default_rng(0).integers(0, 4, 48)
+    report = quantize_predict(folder, _images(64, seed=5), _images(48, seed=6), labels)
+    card = json.loads((folder / CARD_FILE).read_text())
+    assert card["files"]["predict_int8"] == INT8_FILE
+    assert card["int8"]["test_images"] == 48
+    assert card["files"]["predict_preferred"] in (INT8_FILE, PREDICT_FILE)
+    assert (card["files"]["predict_preferred"] == INT8_FILE) == report.usable
+    x = _images(48, seed=6)
+    int8 = session(folder / INT8_FILE).run(["logits"], {"image": x})[0]
+    fp32 = session(folder / PREDICT_FILE).run(["logits"], {"image": x})[0]
+    assert report.agreement == pytest.approx(float((int8.argmax(1) == fp32.argmax(1)).mean()))
+    assert np.corrcoef(int8.ravel(), fp32.ravel())[0, 1] > 0.9  # quantised, not broken
