@@ -211,7 +211,7 @@ def test_champions_are_registered_and_load_by_alias(smoke_run):
         assert tspec.kind == "teacher"
         # The ONNX copy beside the version, parity-checked on the test split by the run.
         folder, card = fetch_edge(f"kdray-{dataset}", "champion", ws / "fetched" / dataset, uri)
-        assert card["source"]["version"] == version.version
+        assert card["source"]["version"] == str(version.version)
         assert card["parity"]["images"] > 0 and card["parity"]["labels_equal"]
         assert max(card["parity"][k] for k in ("logits", "feature_maps", "gradcam")) <= 1e-4
         assert card["cam_layer"] == default_cam_layer(model, spec.image_size)
