@@ -43,6 +43,8 @@ from PIL import Image
 from kdray.config import MLflowConfig
 from kdray.data import synthetic
 from kdray.data.images import read_image
+from kdray.edge.export import PREDICT_FILE, session
+from kdray.edge.publish import export_registered
 from kdray.engine import to_input
 from kdray.explain.background import save_background
 from kdray.models import ModelSpec, build_model, save_model
@@ -61,6 +63,7 @@ QUICK = {
     "warmup": 1,
     "shap_nsamples": 8,
     "batching_off": False,  # a second `serve run` costs tens of seconds; its code is the same
+    "torch_runtime": False,
 }
 
 
@@ -96,6 +99,14 @@ def register_models(ws: Workspace) -> tuple[str, Path]:
         register_model(
             tracker.client, registered_name(DATASET, teacher=kind == "teacher"), run_id, "champion"
         )
+        if kind == "student":  # its ONNX copy, as tune/run.py makes one (runtime: onnx)
+            export_registered(
+                registered_name(DATASET),
+                "champion",
+                background,
+                ws.root / "edge",
+                tracker.tracking_uri,
+            )
         tracker.end_run(run_id)
     return tracker.tracking_uri, student_dir
 
@@ -162,18 +173,25 @@ async def predict_under_shap(
     return result
 
 
+async def _models(url: str) -> list[dict]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return (await response.json())["models"]
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def ceiling(student_dir: Path, body: bytes, seconds: float) -> tuple[float, str]:
+def ceiling(student_dir: Path, edge_dir: Path, body: bytes, seconds: float) -> tuple[float, str]:
     """The best images/s of decode + resize + forward in this process, no HTTP: the fastest of
-    one loop at batch 8 on all threads, and one loop per core at batch 1 on one thread each."""
+    one torch loop at batch 8 on all threads, one torch loop per core at batch 1 on one thread
+    each, and one onnxruntime loop per core at batch 1 on one thread each."""
     import threading
 
     from kdray.models import load_model
 
     model = load_model(student_dir)[0].to(memory_format=torch.channels_last)
+    onnx = session(edge_dir / PREDICT_FILE, threads=1)
 
     def loop(batch: int, stop: float, counts: list[int]) -> None:
         with torch.inference_mode():
@@ -182,15 +200,22 @@ def ceiling(student_dir: Path, body: bytes, seconds: float) -> tuple[float, str]
                 model(to_input(torch.from_numpy(images)))
                 counts.append(batch)
 
+    def onnx_loop(batch: int, stop: float, counts: list[int]) -> None:
+        while time.perf_counter() < stop:
+            images = np.stack([read_image(body, SIZE) for _ in range(batch)])
+            onnx.run(["probabilities"], {"image": images})
+            counts.append(batch)
+
     results = {}
-    for name, batch, loops, threads in (
-        ("1 loop, batch 8, 2 threads", 8, 1, 2),
-        ("2 loops, batch 1, 1 thread each", 1, 2, 1),
+    for name, batch, loops, threads, fn in (
+        ("1 torch loop, batch 8, 2 threads", 8, 1, 2, loop),
+        ("2 torch loops, batch 1, 1 thread each", 1, 2, 1, loop),
+        ("2 onnxruntime loops, batch 1, 1 thread each", 1, 2, 1, onnx_loop),
     ):
         torch.set_num_threads(threads)
         counts: list[int] = []
         stop = time.perf_counter() + seconds / 2
-        workers = [threading.Thread(target=loop, args=(batch, stop, counts)) for _ in range(loops)]
+        workers = [threading.Thread(target=fn, args=(batch, stop, counts)) for _ in range(loops)]
         started = time.perf_counter()
         for w in workers:
             w.start()
@@ -269,13 +294,22 @@ def serve_measure(
     explain_n: int | None = None,
     warmup: int = 10,
     shap_nsamples: int | None = None,
+    runtime: str = "onnx",
+    latency: bool | None = None,
 ) -> dict[str, object]:
     """``serve run`` on serve/config.yaml, measured; ``explain_n``: requests per /explain series
     (default max(10, n / 10)); ``shap_nsamples``: the service's default SHAP samples (default:
-    the config's)."""
+    the config's); ``runtime``: what the Gateway predicts with; ``latency``: measure the
+    1-client /predict series (default: ``full``)."""
+    latency = full if latency is None else latency
     user_config = {"max_batch_size": 8 if batching else 1, "batch_wait_timeout_s": 0.0}
     # No auth: the plain app it is compared with has none either (loopback, a private Ray).
-    app_args: dict[str, object] = {"tracking_uri": uri, "datasets": [DATASET], "auth": "none"}
+    app_args: dict[str, object] = {
+        "tracking_uri": uri,
+        "datasets": [DATASET],
+        "auth": "none",
+        "runtime": runtime,
+    }
     if shap_nsamples is not None:
         app_args["shap_nsamples"] = shap_nsamples
     config = service_config(
@@ -284,13 +318,15 @@ def serve_measure(
         args=app_args,
         deployments={"Gateway": {"user_config": user_config}},
     )
-    service = launch(config, tmp / f"serve-{'on' if batching else 'off'}", cwd=REPO)
+    service = launch(config, tmp / f"serve-{'on' if batching else 'off'}-{runtime}", cwd=REPO)
     out: dict[str, object] = {}
     try:
         service.wait_ready()
         base = f"{service.url}/v1/models/{DATASET}"
         predict = f"{base}/predict"
-        if full:
+        models = asyncio.run(_models(f"{service.url}/v1/models"))
+        out["runtime"] = models[0]["student"]["runtime"]
+        if latency:
             out["predict_1"] = asyncio.run(latencies(predict, body, n, warmup))
         out["rps_16"], out["lat_16"] = asyncio.run(throughput(predict, body, 16, seconds))
         if full:
@@ -353,10 +389,16 @@ def main() -> None:
         help="also measure a service with batching off (16 clients)",
     )
     parser.add_argument(
+        "--torch-runtime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure a service whose Gateway predicts with torch (runtime: torch)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="1 s loads, 5 requests a series (1 for /explain), 1 warm-up, 8 SHAP samples, "
-        "no service with batching off",
+        "no service with batching off or on torch",
     )
     args = parser.parse_args()
     if args.quick:  # smaller defaults; options given explicitly still win
@@ -376,16 +418,32 @@ def main() -> None:
             f"student 224x224 widths 16-32-64-128-128; request: {len(body) / 1024:.0f} KB 512x512 PNG; "
             f"{torch.get_num_threads()} cores visible to torch"
         )
-        cpu_ceiling, ceiling_how = ceiling(student_dir, body, min(args.seconds, 10.0))
+        cpu_ceiling, ceiling_how = ceiling(
+            student_dir, ws.root / "edge", body, min(args.seconds, 10.0)
+        )
         on = serve_measure(uri, body, tmp, True, args.requests, args.seconds, True, **load)
-        off = None
+        off = on_torch = None
         if args.batching_off:
             off = serve_measure(uri, body, tmp, False, args.requests, args.seconds, False, **load)
+        if args.torch_runtime:
+            on_torch = serve_measure(
+                uri,
+                body,
+                tmp,
+                True,
+                args.requests,
+                args.seconds,
+                False,
+                runtime="torch",
+                latency=True,
+                **load,
+            )
         plain_lat, plain_rps, plain_lat16 = run_plain(
             student_dir, body, args.requests, args.seconds, tmp, args.warmup
         )
 
     p1 = on["predict_1"]
+    print(f"\nGateway predicts with: {on['runtime']}")
     print(
         f"\n/predict 1 client: p50 {pct(p1, 50):.1f} ms, p99 {pct(p1, 99):.1f} ms (goal p50 <= 15 ms)"
     )
@@ -412,6 +470,13 @@ def main() -> None:
         f"(goal >= 0.7x)"
     )
     print(f"Serve / plain throughput, 16 clients: {on['rps_16'] / plain_rps:.2f}x")
+    if on_torch:
+        t1 = on_torch["predict_1"]
+        print(
+            f"runtime torch: /predict 1 client p50 {pct(t1, 50):.1f} ms, 16 clients "
+            f"{on_torch['rps_16']:.1f} req/s; onnx / torch: p50 {pct(p1, 50) / pct(t1, 50):.2f}x, "
+            f"throughput {on['rps_16'] / on_torch['rps_16']:.2f}x"
+        )
     for key, label, goal in (
         ("explain_fast", "feature_maps+gradcam, student", "<= 60 ms"),
         ("explain_shap", "+ shap, student", "<= 1000 ms"),

@@ -47,6 +47,15 @@ HEADLINES: dict[str, tuple[list[str], bool]] = {
         ],
         True,
     ),
+    "student_runtimes.py": (
+        [
+            r"^conv 3x3 rate: 1 thread\(s\) {n} GFLOP/s, 2 thread\(s\) {n} GFLOP/s$",
+            r"^(?:met |MISS)  best fp32 path at \d+ px, batch 1, 2 threads <= 1\.5x the "
+            r"floor: {n}x \(.+\)$",
+            r"^onnxruntime fp32 / torch eager at \d+ px, batch 1, 2 threads: {n}$",
+        ],
+        True,
+    ),
     "teacher_precision.py": (
         [
             r"^bf16 / fp32 step time: {n}$",
@@ -80,6 +89,7 @@ HEADLINES: dict[str, tuple[list[str], bool]] = {
     ),
     "serve_bench.py": (
         [
+            r"^Gateway predicts with: onnx \(",  # the benchmark's student has its ONNX copy
             r"^/predict 1 client: p50 {n} ms, p99 {n} ms",
             r"^Serve / plain, p50 at 1 client: {n}x",
             r"^CPU ceiling .*: {n} img/s; Serve with batching / ceiling: {n}x",

@@ -191,3 +191,54 @@ def test_int8_predict_graph_is_reported_never_assumed(exported, tmp_path):
     fp32 = session(folder / PREDICT_FILE).run(["logits"], {"image": x})[0]
     assert report.agreement == pytest.approx(float((int8.argmax(1) == fp32.argmax(1)).mean()))
     assert np.corrcoef(int8.ravel(), fp32.ravel())[0, 1] > 0.9  # quantised, not broken
+
+
+def test_the_server_predicts_on_onnx_only_where_the_export_matches_torch(tmp_path):
+    # The registry path the Serve Gateway takes (ModelStore, runtime: onnx): a version without an
+    # export predicts with torch, one with a matching export with onnxruntime, and one whose
+    # export no longer matches its torch weights falls back to torch, saying why.
+    from kdray.config import MLflowConfig
+    from kdray.edge.publish import export_registered
+    from kdray.models import save_model
+    from kdray.registry import log_model_folder, register_model
+    from kdray.serving.store import ModelStore
+    from kdray.tracking import Tracker
+    from kdray.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").create()
+    tracker = Tracker.open(MLflowConfig(), ws)
+    model, spec = _student(seed=2)
+    spec.dataset = "brain_tumor"
+    run_id = tracker.start_run("champion", "brain_tumor", "champion")
+    log_model_folder(tracker.client, run_id, save_model(model, spec, tmp_path / "m"))
+    register_model(tracker.client, "kdray-brain_tumor", run_id, "champion")
+
+    def student():
+        store = ModelStore(
+            tracker.tracking_uri, ["brain_tumor"], "champion", ("student",), runtime="onnx"
+        )
+        try:
+            assert store.ready(), store.errors()
+            return store.get("brain_tumor")
+        finally:
+            store.close()
+
+    loaded = student()
+    assert loaded.onnx is None and "no ONNX export" in loaded.runtime_note
+
+    export_registered(
+        "kdray-brain_tumor", "champion", _images(8), tmp_path / "edge", tracker.tracking_uri
+    )
+    loaded = student()
+    assert loaded.runtime_note.startswith("onnx")
+    x = [img for img in _images(5, seed=9)]
+    with torch.no_grad():
+        ref = torch.softmax(model(torch.from_numpy(np.stack(x)).float() / 255), 1).numpy()
+    assert np.abs(np.array(loaded.onnx.probabilities(x)) - ref).max() <= 1e-5
+
+    # Another model's graph logged over this version's export: caught at load.
+    other, _ = _student(seed=3)
+    stale = export_student(other, spec, tmp_path / "stale", _images(8))
+    tracker.client.log_artifacts(run_id, str(stale.directory), "onnx")
+    loaded = student()
+    assert loaded.onnx is None and "differs from the torch weights" in loaded.runtime_note

@@ -94,6 +94,10 @@ def test_health_ready_and_model_cards(served):
         assert card["teacher"]["params"] > 10 * card["student"]["params"]
         for entry in (card["student"], card["teacher"]):
             assert entry["methods"] == ["feature_maps", "gradcam", "shap"]  # backgrounds registered
+        # serve/config.yaml's runtime: onnx; the run exported every champion, so each predicts
+        # on its checked ONNX copy; teachers stay on torch.
+        assert card["student"]["runtime"].startswith("onnx ("), card["student"]["runtime"]
+        assert card["teacher"]["runtime"] == "torch"
 
 
 def test_predict_is_the_registered_model_on_the_decoded_image(served):

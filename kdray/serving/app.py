@@ -189,6 +189,10 @@ class Gateway:
             ("student",),
             device=device,
             channels_last=True,
+            # onnxruntime's CPU provider, one thread per predict worker (one worker per CPU, as
+            # for torch below); on a GPU the torch model predicts.
+            runtime=self.settings.runtime if device.type == "cpu" else "torch",
+            onnx_threads=1,
         )
         # CPU: one forward pass per CPU of this replica, one torch thread each; GPU: one at a time.
         workers = 1 if device.type == "cuda" else assigned_cpus()
@@ -234,7 +238,8 @@ class Gateway:
             "Gateway": await run_in_threadpool(store_status, self.predictor.store),
             **self._board.statuses(),
         }
-        for status in statuses.values():
+        # The Gateway's own cards last: it predicts the students, so its runtime is theirs.
+        for _name, status in sorted(statuses.items(), key=lambda item: item[0] == "Gateway"):
             self._cards.update(status["cards"])
         # Copies: the board keeps the reports themselves.
         return {

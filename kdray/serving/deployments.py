@@ -51,6 +51,7 @@ def model_entry(m: LoadedModel) -> dict[str, Any]:
         "test_metrics": {k: v for k, v in reg.metrics.items() if k.startswith("test_")},
         "methods": methods,
         "trained_on": reg.trained_on.get("text", ""),
+        "runtime": m.runtime_note,
     }
 
 
@@ -141,8 +142,13 @@ class BatchPredictor:
         out: list[list[float]] = [[] for _ in images]
         for dataset in dict.fromkeys(datasets):
             idx = [i for i, d in enumerate(datasets) if d == dataset]
-            model = self.store.get(dataset).model
-            probs = probabilities(model, [images[i] for i in idx], self.store.device)
+            loaded = self.store.get(dataset)
+            batch = [images[i] for i in idx]
+            probs = (
+                loaded.onnx.probabilities(batch)
+                if loaded.onnx is not None
+                else probabilities(loaded.model, batch, self.store.device)
+            )
             for i, p in zip(idx, probs, strict=True):
                 out[i] = p
         return out

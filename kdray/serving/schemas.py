@@ -46,6 +46,11 @@ class ModelEntry(BaseModel):
     trained_on: str = Field(
         "", description="the data this model trained on, from its own MLflow run's inputs"
     )
+    runtime: str = Field(
+        "torch",
+        description="what computes this model's predictions (onnx or torch) and why; "
+        "explanations always run on torch",
+    )
 
 
 class ModelCard(BaseModel):

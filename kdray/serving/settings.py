@@ -63,6 +63,13 @@ class ServeSettings(_Strict):
     token_env: str = Field(
         "KDRAY_SERVE_TOKEN", description="env var holding the bearer token (auth: token)"
     )
+    runtime: Literal["onnx", "torch"] = Field(
+        "onnx",
+        description="what the Gateway predicts with: onnx, the champion's exported predict.onnx "
+        "on onnxruntime (checked against the registered torch weights at load; a version "
+        "without an export, or one that differs, falls back to torch and says so in its card), "
+        "or torch. Explanations always run on torch (they need gradients)",
+    )
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
 
     @field_validator("datasets")

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,6 +43,10 @@ class LoadedModel:
     registered: RegisteredModel
     model: nn.Module
     background: np.ndarray | None
+    # The predict path on onnxruntime (kdray.edge.runtime.OnnxPredictor), when the store was
+    # asked for it and the version's export matched its torch weights; None: torch predicts.
+    onnx: Any = None
+    runtime_note: str = "torch"  # what predicts, and why (shown in the model card)
 
     @property
     def class_names(self) -> list[str]:
@@ -87,6 +91,9 @@ class ModelStore:
         device: where the models live (see :func:`kdray.devices.assigned_device`).
         channels_last: keep the weights in channels-last memory format, for forward passes only:
             on CPU the students' max-pooling is then about 2x faster (same outputs to 1e-8).
+        runtime: ``onnx``: students also load their ONNX export for prediction
+            (:mod:`kdray.edge.runtime`); ``torch``: torch only.
+        onnx_threads: onnxruntime intra-op threads per prediction.
     """
 
     def __init__(
@@ -97,8 +104,12 @@ class ModelStore:
         roles: tuple[Role, ...],
         device: torch.device | str = "cpu",
         channels_last: bool = False,
+        runtime: Literal["onnx", "torch"] = "torch",
+        onnx_threads: int = 1,
     ) -> None:
         self.tracking_uri = tracking_uri
+        self.runtime = runtime
+        self.onnx_threads = onnx_threads
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.alias = alias
@@ -133,7 +144,23 @@ class ModelStore:
         model.requires_grad_(False)  # inference only; explanations enable what they need
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return LoadedModel(dataset, role, registered, model, load_background(registered.directory))
+        loaded = LoadedModel(
+            dataset, role, registered, model, load_background(registered.directory)
+        )
+        if role == "student" and self.runtime == "onnx":
+            from kdray.edge.runtime import load_onnx_predictor
+
+            loaded.onnx, loaded.runtime_note = load_onnx_predictor(
+                name,
+                self.alias,
+                dest,
+                self.tracking_uri,
+                model,
+                self.onnx_threads,
+                loaded.background,
+            )
+            log.info("%s v%s predicts with %s", name, registered.version, loaded.runtime_note)
+        return loaded
 
     def retry_missing(self, min_interval_s: float = 10.0) -> None:
         """Try to load every configured model that is not loaded (at most every ``min_interval_s``)."""
