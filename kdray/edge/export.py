@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -77,6 +78,11 @@ _DESCRIBE = {
 }
 
 
+# torch.export traces through process-wide state (dynamo's caches, the loggers quietened below):
+# datasets whose pipelines run at once (ray.max_concurrent_datasets) export one at a time.
+_EXPORT_LOCK = threading.Lock()
+
+
 class ExportError(RuntimeError):
     """The exported graph does not reproduce the torch model (or could not be exported).
 
@@ -129,7 +135,7 @@ class _Predict(nn.Module):
         super().__init__()
         self.student = student.eval()
 
-    def forward(self, image: torch.Tensor):  # noqa: ANN201
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.student(image.to(torch.float32) / 255.0)
         return logits, torch.softmax(logits, dim=1)
 
@@ -149,10 +155,10 @@ def _export(module: nn.Module, example: torch.Tensor, outputs: list[str], path: 
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter's optimiser logs each rewrite at INFO (a hundred lines an export).
     quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.WARNING)
-    with warnings.catch_warnings():  # the exporter's notes on its own internals
+    with _EXPORT_LOCK, warnings.catch_warnings():  # and the exporter's notes on its internals
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.WARNING)
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

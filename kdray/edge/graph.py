@@ -81,7 +81,7 @@ class EdgeStudent(nn.Module):
         grad_conv = grad_act * scale[None, :, None, None]
         return F.conv_transpose2d(grad_conv, block.conv.weight, padding=1)
 
-    def forward(self, image: torch.Tensor):  # noqa: ANN201 - a tuple of tensors, see OUTPUTS
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = image.to(torch.float32) / 255.0
         size = (x.shape[2], x.shape[3])
         blocks = list(self.student.features)

@@ -69,7 +69,7 @@ class _Reader:
         return next(self._batches, None)
 
 
-def _ms_per_image(sess, images: np.ndarray, batch: int = 16, repeats: int = 5) -> float:  # noqa: ANN001
+def _ms_per_image(sess, images: np.ndarray, batch: int = 16, repeats: int = 5) -> float:
     x = images[:batch]
     sess.run(None, {"image": x})
     best = float("inf")
@@ -80,7 +80,7 @@ def _ms_per_image(sess, images: np.ndarray, batch: int = 16, repeats: int = 5) -
     return best / len(x) * 1000
 
 
-def _accuracy(sess, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:  # noqa: ANN001
+def _accuracy(sess, images: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     pred = np.concatenate(
         [sess.run(["logits"], {"image": images[i : i + 64]})[0] for i in range(0, len(images), 64)]
     ).argmax(1)
