@@ -10,7 +10,11 @@ asyncio (aiohttp) in this process and post a 512x512 PNG as the raw body. Printe
   forward at batch 16 in one process, no HTTP);
 - the same load against a plain FastAPI + uvicorn process serving the same model: Serve's
   overhead at p50 (goal <= 1.3x);
-- /explain p50: feature_maps+gradcam (goal <= 60 ms), +shap (goal <= 1 s), model=both;
+- /explain p50: feature_maps+gradcam (goal <= 60 ms; also with render=layer and render=none),
+  +shap (goal <= 1 s), model=both;
+- the ingress modes side by side (kdray.serving.launch.INGRESS: make serve's HAProxy in front
+  of the replica, Serve's proxy, plain direct ingress) and the Gateway predicting with torch
+  instead of onnxruntime;
 - predict p99 while 4 clients keep asking for SHAP, against idle p99 (goal <= 3x).
 
     .venv/bin/python benchmarks/serve_bench.py [--seconds 15] [--requests 300]
@@ -342,6 +346,12 @@ def serve_measure(
             out["explain_fast"] = asyncio.run(
                 latencies(f"{explain}?methods=feature_maps,gradcam", body, k, warmup)
             )
+            out["explain_layer"] = asyncio.run(
+                latencies(f"{explain}?methods=feature_maps,gradcam&render=layer", body, k, warmup)
+            )
+            out["explain_none"] = asyncio.run(
+                latencies(f"{explain}?methods=feature_maps,gradcam&render=none", body, k, warmup)
+            )
             out["explain_shap"] = asyncio.run(
                 latencies(f"{explain}?methods=feature_maps,gradcam,shap", body, k, min(2, warmup))
             )
@@ -523,6 +533,8 @@ def main() -> None:
         )
     for key, label, goal in (
         ("explain_fast", "feature_maps+gradcam, student", "<= 60 ms"),
+        ("explain_layer", "feature_maps+gradcam, student, render=layer", ""),
+        ("explain_none", "feature_maps+gradcam, student, render=none", ""),
         ("explain_shap", "+ shap, student", "<= 1000 ms"),
         ("explain_both", "feature_maps+gradcam, model=both", ""),
         ("explain_both_shap", "all three, model=both", ""),

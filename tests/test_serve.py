@@ -180,10 +180,12 @@ def test_explain_teacher_beside_student_every_method(served):
         served,
         "POST",
         "/v1/models/brain_tumor/explain",
-        params={"methods": "gradcam", "include_arrays": "true", "target": 1},
+        params={"methods": "gradcam", "include_arrays": "true", "target": 1, "render": "none"},
         files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))},
     ).json()
-    cam = np.array(arrays["explanations"]["student"]["methods"]["gradcam"]["maps"][0]["array"])
+    (cam_map,) = arrays["explanations"]["student"]["methods"]["gradcam"]["maps"]
+    assert set(cam_map) == {"layer", "array", "blank"}  # render=none: no image encoded
+    cam = np.array(cam_map["array"])
     assert cam.shape == tuple(arrays["explanations"]["student"]["image_size"])
     assert 0.0 <= cam.min() <= cam.max() <= 1.0
     assert arrays["explanations"]["student"]["target"] == 1

@@ -154,7 +154,7 @@ def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         return model(x).float().numpy()
 
 
-Render = Literal["overlay", "layer", "both"]
+Render = Literal["overlay", "layer", "both", "none"]
 
 
 def _render(
@@ -169,15 +169,15 @@ def _render(
     signed = method == "shap"
     overlays = (
         [signed_overlay(shown, a) if signed else heat_overlay(shown, a) for _, a in arrays]
-        if render != "layer" or (grid and method == "feature_maps")
+        if render in ("overlay", "both") or (grid and method == "feature_maps")
         else None
     )
     maps = [
         LayerMap(
             layer=name,
-            png=png_bytes(overlays[i]) if render != "layer" else None,
+            png=png_bytes(overlays[i]) if render in ("overlay", "both") else None,
             heat_png=png_bytes(signed_layer(a) if signed else heat_layer(a))
-            if render != "overlay"
+            if render in ("layer", "both")
             else None,
             array=a if include_arrays else None,
             blank=bool(blank_maps(a[None])[0]),
@@ -226,7 +226,8 @@ def explain(
         seed: SHAP sampling seed.
         include_arrays: keep the float maps in the result (``to_json`` drops them by default).
         render: per map, ``overlay`` (``png``: blended over the input), ``layer`` (``heat_png``:
-            the map alone) or ``both``.
+            the map alone), ``both``, or ``none`` (no image: with ``include_arrays``, the arrays
+            alone, and no rendering time spent).
         grid: feature maps: also the input + every layer as one strip (``grid_png``).
 
     Returns:

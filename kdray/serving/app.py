@@ -410,10 +410,11 @@ class Gateway:
             "student", description="both: the paper's comparison"
         ),
         include_arrays: bool = Query(False, description="add the raw maps as nested lists"),
-        render: Literal["overlay", "layer", "both"] = Query(
+        render: Literal["overlay", "layer", "both", "none"] = Query(
             "overlay",
             description="per map: overlay (png: blended over the input), layer "
-            "(heat_png: the map alone, to draw over input_png at any opacity) or both",
+            "(heat_png: the map alone, to draw over input_png at any opacity), both, or none "
+            "(no image drawn or encoded: with include_arrays, the raw maps alone)",
         ),
         nsamples: int | None = Query(
             None, ge=1, description="SHAP samples (default and upper bound: server args)"
