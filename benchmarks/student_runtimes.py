@@ -13,8 +13,9 @@ at 224 px) with random weights: speed does not depend on the values. Also printe
 graph (``model.onnx``: feature maps and Grad-CAM too) against kdray's torch explainers at the same
 point, and which runtime wins at each point.
 
-``python benchmarks/student_runtimes.py`` (about 3 minutes on 2 cores) or ``--quick`` (the same
-code, 64 px only, batch 1, few rounds: seconds) to check that it runs; quick figures mean nothing.
+``python benchmarks/student_runtimes.py`` (about 90 s on 2 cores) or ``--quick`` (the same code,
+64 px only, batch 1, few rounds, no ``torch.compile``: seconds) to check that it runs; quick
+figures mean nothing.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds (median reported)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     args = parser.parse_args()
+    if args.quick and not args.no_compile:  # compiling takes longer than the rest of --quick
+        print("torch.compile: not run with --quick (inductor compiles for tens of seconds)")
+        args.no_compile = True
     sizes, batches = ([64], [1]) if args.quick else ([64, 224], [1, 16])
     repeats, min_s = (1, 0.05) if args.quick else (args.repeats, 0.4)
     threads_list = [1, 2]

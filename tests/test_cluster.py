@@ -404,6 +404,8 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
                 f"ray.storage_path={tmp_path / 'shared'}",
                 "--set",  # the report runs in the driver alone: the smoke tests cover it
                 "explain.report=false",
+                "--set",  # so does the ONNX export (two at once: tests/test_edge.py)
+                "export.onnx=false",
             ],
             cwd=tmp_path,
             env=env,

@@ -242,3 +242,22 @@ def test_the_server_predicts_on_onnx_only_where_the_export_matches_torch(tmp_pat
     tracker.client.log_artifacts(run_id, str(stale.directory), "onnx")
     loaded = student()
     assert loaded.onnx is None and "differs from the torch weights" in loaded.runtime_note
+
+
+def test_datasets_exporting_at_once_both_get_a_checked_export(tmp_path):
+    # A run's datasets may finish at once (ray.max_concurrent_datasets): their exports meet in
+    # one process, and torch.export's state is process-wide.
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(_student(seed)[0], _student(seed)[1], tmp_path / f"d{seed}") for seed in (4, 5)]
+    with ThreadPoolExecutor(2) as pool:
+        exports = list(
+            pool.map(lambda job: export_student(job[0], job[1], job[2], _images(8)), jobs)
+        )
+    for export, (model, _, folder) in zip(exports, jobs, strict=True):
+        assert export.parity.ok and export.directory == folder
+        x = _images(3, seed=8)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x).float() / 255).numpy()
+        logits = session(folder / PREDICT_FILE).run(["logits"], {"image": x})[0]
+        assert np.abs(logits - ref).max() < 1e-4  # each folder holds its own model

@@ -57,6 +57,8 @@ def _cmd(ws: Path, *extra: str) -> list[str]:
         "seeds=[0,1]",
         "--set",  # the report is killed and resumed, not checked: its sanity checks can go
         "explain.sanity=false",
+        "--set",  # the ONNX export is tested on the smoke run (tests/test_pipeline_e2e.py)
+        "export.onnx=false",
         "--set",  # its own Ray temp dir: other tests' pipelines may run beside it (pytest-xdist)
         f"ray.temp_dir=/tmp/kdray-resume-{os.getpid()}",
         *extra,
