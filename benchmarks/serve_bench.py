@@ -37,6 +37,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -198,29 +199,32 @@ def ceiling(student_dir: Path, edge_dir: Path, body: bytes, seconds: float) -> t
     model = load_model(student_dir)[0].to(memory_format=torch.channels_last)
     onnx = session(edge_dir / PREDICT_FILE, threads=1)
 
-    def loop(batch: int, stop: float, counts: list[int]) -> None:
+    def torch_forward(images: np.ndarray) -> None:
         with torch.inference_mode():
-            while time.perf_counter() < stop:
-                images = np.stack([read_image(body, SIZE) for _ in range(batch)])
-                model(to_input(torch.from_numpy(images)))
-                counts.append(batch)
+            model(to_input(torch.from_numpy(images)))
 
-    def onnx_loop(batch: int, stop: float, counts: list[int]) -> None:
+    def onnx_forward(images: np.ndarray) -> None:
+        onnx.run(["probabilities"], {"image": images})
+
+    def loop(
+        forward: Callable[[np.ndarray], None], batch: int, stop: float, counts: list[int]
+    ) -> None:
         while time.perf_counter() < stop:
-            images = np.stack([read_image(body, SIZE) for _ in range(batch)])
-            onnx.run(["probabilities"], {"image": images})
+            forward(np.stack([read_image(body, SIZE) for _ in range(batch)]))
             counts.append(batch)
 
     results = {}
     for name, batch, loops, threads, fn in (
-        ("1 torch loop, batch 8, 2 threads", 8, 1, 2, loop),
-        ("2 torch loops, batch 1, 1 thread each", 1, 2, 1, loop),
-        ("2 onnxruntime loops, batch 1, 1 thread each", 1, 2, 1, onnx_loop),
+        ("1 torch loop, batch 8, 2 threads", 8, 1, 2, torch_forward),
+        ("2 torch loops, batch 1, 1 thread each", 1, 2, 1, torch_forward),
+        ("2 onnxruntime loops, batch 1, 1 thread each", 1, 2, 1, onnx_forward),
     ):
         torch.set_num_threads(threads)
         counts: list[int] = []
         stop = time.perf_counter() + seconds / 2
-        workers = [threading.Thread(target=fn, args=(batch, stop, counts)) for _ in range(loops)]
+        workers = [
+            threading.Thread(target=loop, args=(fn, batch, stop, counts)) for _ in range(loops)
+        ]
         started = time.perf_counter()
         for w in workers:
             w.start()
@@ -450,9 +454,10 @@ def main() -> None:
         off = on_torch = None
         if args.batching_off:
             off = serve_measure(uri, body, tmp, False, args.requests, args.seconds, False, **load)
-        modes = {}
-        for mode in filter(None, args.ingress.split(",")):
-            modes[mode] = serve_measure(
+
+        def predict_only(**variant: str) -> dict[str, object]:
+            """A batching service in another ingress mode or runtime: /predict only."""
+            return serve_measure(
                 uri,
                 body,
                 tmp,
@@ -461,22 +466,13 @@ def main() -> None:
                 args.seconds,
                 False,
                 latency=True,
-                ingress=mode,
+                **variant,
                 **load,
             )
+
+        modes = {m: predict_only(ingress=m) for m in filter(None, args.ingress.split(","))}
         if args.torch_runtime:
-            on_torch = serve_measure(
-                uri,
-                body,
-                tmp,
-                True,
-                args.requests,
-                args.seconds,
-                False,
-                runtime="torch",
-                latency=True,
-                **load,
-            )
+            on_torch = predict_only(runtime="torch")
         plain_lat, plain_rps, plain_lat16 = run_plain(
             student_dir, body, args.requests, args.seconds, tmp, args.warmup
         )

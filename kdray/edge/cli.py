@@ -9,7 +9,8 @@ import sys
 
 import numpy as np
 
-from kdray.config import DEFAULT_CONFIG, ConfigError, load_config
+from kdray.cli import _parser
+from kdray.config import ConfigError, load_config
 from kdray.data.folders import DataError
 from kdray.data.specs import DATASETS
 from kdray.workspace import Workspace, WorkspaceError
@@ -18,35 +19,20 @@ __all__ = ["build_export_parser", "export_main"]
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tune/export.py",
-        description="Export a registered student (default kdray-<dataset>@champion) to ONNX: "
-        "model.onnx (logits, probabilities, per-block feature maps, Grad-CAM) and predict.onnx, "
-        "with model.json; both are checked against torch on the workspace's test split "
-        "(max |difference| <= 1e-4, same labels) and logged as the onnx/ artifact of the "
-        "version's run. `tune/run.py` does this for every champion (export.onnx).",
+    parser = _parser(
+        "tune/export.py",
+        "Export a registered student (default kdray-<dataset>@champion) to ONNX: model.onnx "
+        "(logits, probabilities, per-block feature maps, Grad-CAM) and predict.onnx, with "
+        "model.json; both are checked against torch on the workspace's test split (max "
+        "|difference| <= 1e-4, same labels) and logged as the onnx/ artifact of the version's "
+        "run. `tune/run.py` does this for every champion (export.onnx). --config, --set and "
+        "--workspace name the run: its data (test split) and MLflow settings.",
+        "the run's overrides",
     )
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--alias", default="champion", help="registry alias (default: champion)")
     parser.add_argument(
         "--out", metavar="DIR", default=None, help="default: <workspace>/edge/<dataset>"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        default=str(DEFAULT_CONFIG),
-        help="the run's experiment YAML: its data (test split) and MLflow settings",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        help="the run's overrides",
-    )
-    parser.add_argument(
-        "--workspace", metavar="DIR", default=None, help="default: $KDRAY_HOME, else ./workspace"
     )
     parser.add_argument(
         "--images",
