@@ -157,29 +157,40 @@ class RegisteredModel:
 
 
 def fetch_registered(
-    name: str, alias: str, dest: str | Path, tracking_uri: str | None = None
+    name: str,
+    alias: str,
+    dest: str | Path,
+    tracking_uri: str | None = None,
+    version: str | None = None,
 ) -> RegisteredModel:
     """Download ``name@alias`` into ``dest`` (a new folder) and read its spec and run metrics.
 
+    ``version`` pins a version number instead (``alias`` is then only recorded): what workers
+    that load a model the driver resolved use, so a moved alias cannot split them.
+
     Raises:
-        MlflowException: no such model or alias, or the tracking store is unreachable.
+        MlflowException: no such model, alias or version, or the tracking store is unreachable.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
-    version = client.get_model_version_by_alias(name, alias)
+    found = (
+        client.get_model_version(name, version)
+        if version is not None
+        else client.get_model_version_by_alias(name, alias)
+    )
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    local = Path(client.download_artifacts(version.run_id, ARTIFACT_PATH, str(dest)))
+    local = Path(client.download_artifacts(found.run_id, ARTIFACT_PATH, str(dest)))
     if (local / KDRAY_FILES / SPEC_FILE).is_file():  # a pyfunc model folder; older: the files
         local = local / KDRAY_FILES
     spec = ModelSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
-    run = client.get_run(version.run_id)
+    run = client.get_run(found.run_id)
     title = get_spec(spec.dataset).title if spec.dataset in DATASETS else name
     trained = trained_on(run.inputs.dataset_inputs, title)
     return RegisteredModel(
         name,
         alias,
-        str(version.version),
-        version.run_id,
+        str(found.version),
+        found.run_id,
         local,
         spec,
         dict(run.data.metrics),

@@ -72,7 +72,7 @@ from kdray.explain.sanity_report import (
 )
 from kdray.metrics import calibration
 
-__all__ = ["Report", "build_report"]
+__all__ = ["Report", "build_report", "cam_layer", "feature_layer_index"]
 
 MODELS = ("teacher", "student")
 CALIBRATION_LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "CE-only baseline"}
@@ -114,12 +114,12 @@ class _Scored:
     seconds: float = 0.0
 
 
-def _cam_layer(model_name: str, model: nn.Module, cfg: ExplainConfig, size: int) -> str:
+def cam_layer(model_name: str, model: nn.Module, cfg: ExplainConfig, size: int) -> str:
     chosen = cfg.teacher_layer if model_name == "teacher" else cfg.student_layer
     return chosen or default_cam_layer(model, size)
 
 
-def _feature_layer_index(layers: list[str], cam_layer: str) -> int:
+def feature_layer_index(layers: list[str], cam_layer: str) -> int:
     """Which feature map the report scores: Grad-CAM's block if it is one of them, else the last."""
     return layers.index(cam_layer) if cam_layer in layers else len(layers) - 1
 
@@ -136,11 +136,11 @@ def _score_maps(
     fm = feature_maps(model, x, None, cfg.top_k_channels)
     preds = fm.logits.argmax(1)
     maps: dict[str, np.ndarray] = {}
-    layer = _cam_layer(name, model, cfg, x.shape[-1])
+    layer = cam_layer(name, model, cfg, x.shape[-1])
     if "feature_maps" in cfg.methods:
         # Scored at the block Grad-CAM reads (>= 7x7 by default): a 2x2 last block at 64 px,
         # upsampled, peaks in a corner and cannot localise anything.
-        maps["feature_maps"] = fm.maps[:, _feature_layer_index(fm.layers, layer)]
+        maps["feature_maps"] = fm.maps[:, feature_layer_index(fm.layers, layer)]
     if "gradcam" in cfg.methods:
         maps["gradcam"] = grad_cam(model, x, layer, preds).maps
     if "shap" in cfg.methods:
@@ -175,7 +175,7 @@ def _test_split_localisation(
         ),
     }
     for name, model in models.items():
-        layer = _cam_layer(name, model, cfg, size)
+        layer = cam_layer(name, model, cfg, size)
         maps: dict[str, list[np.ndarray]] = {"feature_maps": [], "gradcam": []}
         for start in range(0, len(keep), LOCALISE_BATCH):
             x = to_batch(test.images[keep[start : start + LOCALISE_BATCH]])
@@ -205,7 +205,7 @@ def _met_ms(
 ) -> dict[str, list[float]]:
     """Single-image times per method, in ms (after one untimed warm-up call each)."""
     n = min(cfg.timing_images, len(x))
-    layer = _cam_layer(name, model, cfg, x.shape[-1])
+    layer = cam_layer(name, model, cfg, x.shape[-1])
     calls = {
         "feature_maps": lambda i: feature_maps(model, x[i : i + 1], None, cfg.top_k_channels),
         "gradcam": lambda i: grad_cam(model, x[i : i + 1], layer, None),
@@ -413,7 +413,7 @@ def build_report(
                 curves,
             )
         )
-        layer = _cam_layer(name, model, cfg, x.shape[-1])
+        layer = cam_layer(name, model, cfg, x.shape[-1])
         cam_shape[name] = (layer, layer_output_size(model, layer, size))
     metrics.update(_agreement(scored, rand))
     metrics.update(_test_split_localisation(models, test, cfg, seed))
@@ -422,7 +422,7 @@ def build_report(
         sanity = run_sanity_checks(
             models,
             {
-                name: (cam, scored[name].layers[_feature_layer_index(scored[name].layers, cam)])
+                name: (cam, scored[name].layers[feature_layer_index(scored[name].layers, cam)])
                 for name, (cam, _) in cam_shape.items()
             },
             x,
@@ -486,6 +486,10 @@ def build_report(
         calibrations["baseline"] = calibration(baseline_probabilities, test.labels)
     for name, c in calibrations.items():
         metrics[f"{name}.ece"] = c["ece"]
+    if "baseline" in calibrations:
+        probabilities["baseline"] = baseline_probabilities
+    for name, p in probabilities.items():  # the whole test split (the audit's figure too)
+        metrics[f"{name}.accuracy_test"] = float((p.argmax(1) == test.labels).mean())
     paths["reliability"] = out / "reliability.png"
     reliability_figure(
         {CALIBRATION_LABELS[n]: c for n, c in calibrations.items()},
@@ -697,14 +701,14 @@ def _markdown(
         "",
         "## Calibration (whole test split)",
         "",
-        "Expected calibration error of the top class (15 equal-width confidence bins; 0 is "
-        "perfect, lower is better): the gap between how sure a model is and how often it is "
-        "right.",
+        "Accuracy, and expected calibration error of the top class (15 equal-width confidence "
+        "bins; 0 is perfect, lower is better): the gap between how sure a model is and how "
+        "often it is right.",
         "",
-        "| Model | ECE |",
-        "|---|---:|",
+        "| Model | Accuracy | ECE |",
+        "|---|---:|---:|",
         *(
-            f"| {CALIBRATION_LABELS[n]} | {_fmt(get(f'{n}.ece'))} |"
+            f"| {CALIBRATION_LABELS[n]} | {_fmt(get(f'{n}.accuracy_test'))} | {_fmt(get(f'{n}.ece'))} |"
             for n in ("teacher", "student", "baseline")
             if f"{n}.ece" in m
         ),

@@ -1,0 +1,332 @@
+"""The dataset audit (tune/audit.py, kdray.audit): Ray Data over every image, student and teacher.
+
+The scoring and the look-first rules are tested on constructed cases without Ray; the pipeline
+runs on the smoke run's registry (its test split against its report and the serving path, a
+Kaggle-layout folder with broken files while an actor dies, an unlabelled folder through the
+command line). The 2-node cluster test (tests/test_cluster.py) audits with actors on both nodes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, tiny_data
+
+SIZE = 32
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def _student(seed: int):
+    from kdray.models import ModelSpec, build_model
+
+    torch.manual_seed(seed)
+    spec = ModelSpec(
+        kind="student",
+        num_classes=4,
+        image_size=SIZE,
+        class_names=CLASSES,
+        widths=[4, 8, 8],
+        dataset="brain_tumor",
+    )
+    return build_model(spec).eval(), spec
+
+
+def _files(model, spec, tmp_path: Path):
+    from kdray.models import model_files, save_model
+
+    folder = tmp_path / f"model-{id(model)}"
+    save_model(model, spec, folder)
+    return model_files(folder)
+
+
+def _png(array: np.ndarray, path: Path) -> str:
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def _batch(items: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.array([it[k] for it in items]) for k in items[0]}
+
+
+def _item(i: int, path: str, label: int, mask: str = "") -> dict:
+    return {
+        "index": i,
+        "path": path,
+        "name": Path(path).name,
+        "split": "test",
+        "label": label,
+        "mask": mask,
+        "shap": False,
+    }
+
+
+def test_each_look_first_rule_catches_its_constructed_case(tmp_path):
+    """A flipped label, a mask moved off the map, a teacher that disagrees, a broken file: each
+    lands in its own list, ranked; a teacher identical to the student agrees on every map."""
+    from kdray.audit.cases import aggregates, look_first
+    from kdray.audit.scorer import Settings, load_audit_model, score_batch
+    from kdray.config import ExplainConfig
+    from kdray.explain.gradcam import grad_cam
+
+    data = tiny_data("brain_tumor", n_per_class=4, size=SIZE)
+    images = data.splits["train"].images[:8]
+    student, spec = _student(0)
+    cfg = ExplainConfig()
+    s = load_audit_model("student", _files(student, spec, tmp_path), None, cfg)
+    settings = Settings(explain=cfg)
+    paths = [_png(im.transpose(1, 2, 0), tmp_path / f"im{i}.png") for i, im in enumerate(images)]
+    x = torch.from_numpy(images).float() / 255
+    preds = student(x).argmax(1).numpy()
+    cams = grad_cam(student, images, s.layer, preds).maps
+    lit = [i for i in range(len(images)) if np.ptp(cams[i]) > 0]
+    assert lit, "no image with a non-blank Grad-CAM to move a mask against"
+    k = lit[0]
+    on = cams[k] >= np.quantile(cams[k], 0.9)  # the map's top 10 %
+    off = cams[k] <= np.quantile(cams[k], 0.1)  # its bottom 10 %
+    mask_on = _png(on.astype(np.uint8) * 255, tmp_path / "on.png")
+    mask_off = _png(off.astype(np.uint8) * 255, tmp_path / "off.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    flipped = 3
+    items = [_item(i, p, int(preds[i])) for i, p in enumerate(paths)]  # all right...
+    items[flipped]["label"] = int((preds[flipped] + 1) % 4)  # ...but one
+    items += [
+        _item(8, paths[k], int(preds[k]), mask_on),
+        _item(9, paths[k], int(preds[k]), mask_off),  # the same image, the mask moved off
+        _item(10, str(tmp_path / "broken.png"), 0),
+    ]
+
+    # A teacher identical to the student: the same labels, the same maps.
+    twin = load_audit_model("teacher", _files(student, spec, tmp_path), None, cfg)
+    df = score_batch([s, twin], _batch(items), settings).to_pandas()
+    ok = df[df["error"] == ""]
+    assert ok["agree"].all()
+    lit_rows = ok[ok["index"].isin(lit)]
+    assert np.allclose(lit_rows["maps_rank_gradcam"], 1.0)
+    assert np.allclose(lit_rows["maps_iou_gradcam"], 1.0)
+
+    # A teacher forced to one class: it disagrees exactly where the student says another.
+    biased, _ = _student(0)
+    with torch.no_grad():
+        biased.head.bias[2] += 50.0
+    teacher = load_audit_model("teacher", _files(biased, spec, tmp_path), None, cfg)
+    df = score_batch([s, teacher], _batch(items), settings).to_pandas()
+    assert len(df) == 11 and (df["index"] == range(11)).all()
+    cases = {c.kind: c for c in look_first(df, CLASSES, top=20)}
+
+    assert [r["index"] for r in cases["confident_wrong"].rows] == [flipped]
+    assert "truth" in cases["confident_wrong"].rows[0]["why"]
+
+    outside = [r["index"] for r in cases["right_outside_lesion"].rows]
+    assert outside[0] == 9 and 8 in outside  # moved off: first; on target: after it
+    energy = df.set_index("index")["student_gradcam_energy"]
+    assert energy[9] < energy[8]
+    assert df.set_index("index")["student_gradcam_pointing"][8] == 1.0
+
+    disagree = {r["index"] for r in cases["disagree"].rows}
+    expected = set(df[(df["error"] == "") & (df["student_label"] != 2)]["index"])
+    assert disagree == expected and (df[df["error"] == ""]["teacher_label"] == 2).all()
+
+    ranks = [
+        df.set_index("index")["maps_rank_gradcam"][r["index"]] for r in cases["maps_disagree"].rows
+    ]
+    assert ranks == sorted(ranks) and len(ranks) == cases["maps_disagree"].matched
+
+    assert [(r["index"], r["name"]) for r in cases["unreadable"].rows] == [(10, "broken.png")]
+    assert cases["unreadable"].rows[0]["why"]  # the decoder's reason
+    broken = df.set_index("index").loc[10]
+    assert broken["student_label"] == -1 and np.isnan(broken["student_confidence"])
+
+    m = aggregates(df, CLASSES, ["feature_maps", "gradcam"])
+    assert m["images"] == 11 and m["unreadable"] == 1 and m["with_mask"] == 2
+    assert m["student.accuracy"] == pytest.approx(9 / 10)  # the broken file is not scored
+    assert m["agreement.predictions"] == pytest.approx(1 - len(expected) / 10)
+
+
+@pytest.fixture()
+def smoke_cfg(smoke_run):
+    from kdray.config import load_config
+    from kdray.workspace import Workspace
+
+    ws, _ = smoke_run
+    return load_config(REPO / "configs" / "smoke.yaml", []), Workspace.at(ws)
+
+
+@pytest.mark.integration
+def test_the_test_split_audit_matches_the_report_the_registry_and_the_server(
+    smoke_cfg, ray_local, tmp_path
+):
+    from mlflow import MlflowClient
+
+    from kdray.audit.run import AuditRequest, audit_experiment, run_audit
+    from kdray.data.images import read_image
+    from kdray.serving.deployments import BatchPredictor
+    from kdray.serving.store import ModelStore
+    from kdray.tracking import resolve_tracking_uri
+
+    cfg, ws = smoke_cfg
+    dataset = "eye_disease"
+    result = run_audit(cfg, ws, AuditRequest(dataset=dataset, out=str(tmp_path / "audit")))
+    df = pd.read_parquet(result.table)  # plain Parquet: pandas reads it without Ray
+    report = json.loads((ws.reports / dataset / "report.json").read_text())["metrics"]
+    test_entries = [
+        e
+        for e in json.loads(next(ws.manifests.glob(f"{dataset}-*.json")).read_text())["entries"]
+        if e["split"] == "test"
+    ]
+    assert len(df) == len(test_entries) == result.metrics["readable"]
+    assert (df["error"] == "").all()
+    m = result.metrics
+    # The report's definitions, on the same split: accuracy exactly, the rest to float noise.
+    for role in ("student", "teacher"):
+        assert m[f"{role}.accuracy"] == report[f"{role}.accuracy_test"]
+        assert m[f"{role}.ece"] == pytest.approx(report[f"{role}.ece"], abs=1e-6)
+        for method in ("feature_maps", "gradcam"):
+            assert m[f"{role}.pointing_game.{method}"] == pytest.approx(
+                report[f"{role}.localisation_test.{method}"], abs=1e-9
+            )
+    assert m["agreement.predictions"] == report["agreement.predictions_test"]
+    assert m["with_mask"] == report["localisation_test.images"]
+
+    # The serving path (the Gateway's store and batch predictor: onnxruntime) on the same files.
+    store = ModelStore(
+        resolve_tracking_uri(cfg.mlflow, ws), [dataset], "champion", ("student",), runtime="onnx"
+    )
+    try:
+        assert store.get(dataset).onnx is not None
+        size = store.get(dataset).image_size
+        images = [read_image(Path(p).read_bytes(), size) for p in df["path"]]
+        served = np.array(BatchPredictor(store)._forward([dataset] * len(images), images))
+    finally:
+        store.close()
+    assert (served.argmax(1) == df["student_label"].to_numpy()).all()
+    assert np.abs(served - np.stack(df["student_probs"])).max() < 1e-4
+
+    # Logged: the run, its metrics and artifacts, the per-image table, the version's link to it.
+    client = MlflowClient(resolve_tracking_uri(cfg.mlflow, ws))
+    run = client.get_run(result.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == audit_experiment(cfg)
+    assert run.data.params["model.student"] == result.versions["student"]
+    assert run.data.metrics["student.accuracy"] == m["student.accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"audit.parquet", "audit.md", "audit_table.json", "ray_data_stats.txt"} <= artifacts
+    name, version = result.versions["student"].split("/")
+    assert client.get_model_version(name, version).tags["kdray.audit.last_run"] == result.run_id
+    markdown = result.markdown.read_text()
+    for title in ("Student confident and wrong", "Teacher and student maps disagree most"):
+        assert title in markdown
+    for picture in (result.out_dir / "thumbs").glob("*.png"):
+        assert Image.open(picture).size[0] >= 96 * 3  # input, student, teacher side by side
+    assert "MapBatches(AuditScorer)" in result.stats
+
+
+def _crash_once(marker: Path):
+    """An audit actor that dies (the whole process) on the first batch any actor gets."""
+    from kdray.audit.scorer import AuditScorer
+
+    class CrashOnce(AuditScorer):
+        def __call__(self, batch):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return super().__call__(batch)
+            os._exit(1)
+
+    return CrashOnce
+
+
+def _kaggle_folder(ws_root: Path, root: Path) -> int:
+    """A Training/Testing layout from the smoke stand-in's brain_tumor images, with a broken
+    file, a 16-bit PNG and a JPEG among the Testing images; returns the readable count."""
+    src = next((ws_root / "data" / "synthetic").glob("brain_tumor-*")) / "images"
+    n = 0
+    for part in ("Training", "Testing"):
+        for cls in CLASSES:
+            dest = root / part / cls
+            dest.mkdir(parents=True)
+            for path in sorted((src / part / cls).glob("*.png"))[:2]:
+                shutil.copy(path, dest / path.name)
+                n += 1
+    test = root / "Testing" / "glioma"
+    (test / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (test / "empty.jpg").write_bytes(b"")
+    deep = (np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 20).astype(np.uint16)
+    Image.fromarray(deep).save(test / "deep16.png")
+    buf = io.BytesIO()
+    Image.open(next(test.glob("glioma_*.png"))).convert("RGB").save(buf, format="JPEG")
+    (test / "photo.jpg").write_bytes(buf.getvalue())
+    return n + 2
+
+
+@pytest.mark.integration
+def test_a_kaggle_folder_with_broken_files_survives_a_killed_actor(smoke_cfg, ray_local, tmp_path):
+    from kdray.audit.run import AuditRequest, run_audit
+
+    cfg, ws = smoke_cfg
+    readable = _kaggle_folder(ws.root, tmp_path / "kaggle")
+    marker = tmp_path / "crashed"
+    request = AuditRequest(
+        dataset="brain_tumor",
+        root=str(tmp_path / "kaggle"),
+        out=str(tmp_path / "audit"),
+        batch_size=2,
+        log_mlflow=False,
+    )
+    result = run_audit(cfg, ws, request, scorer_cls=_crash_once(marker))
+    assert marker.exists()  # an actor did die mid-audit
+    df = pq.read_table(result.table).to_pandas()
+    assert len(df) == readable + 2 and sorted(df["index"]) == list(range(len(df)))  # no row lost
+    bad = df[df["error"] != ""].set_index("name")["error"].to_dict()
+    assert set(bad) == {"Testing/glioma/broken.png", "Testing/glioma/empty.jpg"}
+    assert "empty" in bad["Testing/glioma/empty.jpg"]
+    assert set(df["split"]) == {"train", "test"}  # the layout's own split, labels from folders
+    labelled = df[df["error"] == ""]
+    assert (
+        labelled["label"] == labelled["name"].map(lambda n: CLASSES.index(n.split("/")[1]))
+    ).all()
+    unread = next(c for c in result.cases if c.kind == "unreadable")
+    assert unread.matched == 2
+
+
+@pytest.mark.integration
+def test_the_command_audits_an_unlabelled_folder_and_names_bad_input(
+    smoke_cfg, ray_local, tmp_path, capsys
+):
+    from kdray.audit.cli import audit_main
+
+    cfg, ws = smoke_cfg
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    src = next((ws.root / "data" / "synthetic").glob("alzheimer-*")) / "images"
+    for i, path in enumerate(sorted(src.rglob("*.png"))[:5]):
+        shutil.copy(path, folder / f"scan{i}.png")
+    (folder / "notes.png").write_text("not an image")
+    base = ["--config", str(REPO / "configs" / "smoke.yaml"), "--workspace", str(ws.root)]
+
+    assert audit_main([*base, "--dataset", "alzheimer", "--root", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert audit_main([*base, "--dataset", "alzheimer", "--alias", "gone", "--no-log"]) == 2
+    assert "kdray-alzheimer@gone" in capsys.readouterr().err
+    assert audit_main([*base, "--dataset", "alzheimer", "--methods", "lime"]) == 2
+    assert "lime" in capsys.readouterr().err
+
+    out = tmp_path / "audit"
+    argv = [*base, "--dataset", "alzheimer", "--root", str(folder), "--out", str(out), "-v"]
+    assert audit_main([*argv, "--methods", "gradcam,shap", "--shap-sample", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "6 images, 1 unreadable" in printed and "MLflow run" in printed
+    df = pd.read_parquet(out / "audit.parquet")
+    assert (df["label"] == -1).all() and set(df["split"]) == {"all"}
+    assert (df["student_shap"] != b"").sum() == 2  # the seeded SHAP sample, nothing more
+    markdown = (out / "audit.md").read_text()
+    assert "Unlabelled folder" in markdown and "notes.png" in markdown
