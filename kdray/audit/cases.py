@@ -8,10 +8,10 @@ The look-first lists, each ranked and each row explained in one sentence:
 
 * ``disagree``: teacher and student give different labels (surest teacher first);
 * ``confident_wrong``: the student is wrong and sure of it (labelled data; surest first);
-* ``right_outside_lesion``: the student is right but its Grad-CAM lies outside the lesion
-  (lowest energy in mask first; images with a mask);
-* ``maps_disagree``: teacher and student maps of the same image disagree most (lowest rank
-  correlation of their Grad-CAM, else feature maps, first);
+* ``right_outside_lesion``: the student is right but its Grad-CAM peaks outside the lesion
+  (images with a mask; lowest energy in mask first);
+* ``maps_disagree``: teacher and student maps of the same image are anti-correlated (rank
+  correlation of their Grad-CAM, else feature maps, below 0; the lowest first);
 * ``unreadable``: files that could not be decoded, with the reason.
 """
 
@@ -37,6 +37,7 @@ CASE_KINDS = {
     "unreadable": "Unreadable files",
 }
 ROLES = ("student", "teacher")
+MAPS_DISAGREE_BELOW = 0.0  # a random map's rank correlation with any map is about 0
 
 
 @dataclass
@@ -169,20 +170,20 @@ def look_first(df: pd.DataFrame, class_names: list[str], top: int = 10) -> list[
         right = labelled[
             (labelled["student_label"] == labelled["label"])
             & labelled["has_mask"]
-            & labelled[energy].notna()
+            & (labelled["student_gradcam_pointing"] < 0.5)
         ].sort_values([energy, "index"])
         cases.append(
             Case(
                 "right_outside_lesion",
                 CASE_KINDS["right_outside_lesion"],
-                "student right, image with a lesion mask; least Grad-CAM energy in the mask first",
+                "student right on an image with a lesion mask, its Grad-CAM's peak outside the "
+                "mask; least Grad-CAM energy in the mask first",
                 len(right),
                 rows(
                     right,
                     lambda r: (
-                        f"student right ({_name(class_names, r['student_label'])}), but "
-                        f"{r[energy]:.0%} of its Grad-CAM lies in the lesion; its peak is "
-                        + ("inside" if r["student_gradcam_pointing"] >= 0.5 else "outside")
+                        f"student right ({_name(class_names, r['student_label'])}), but its "
+                        f"Grad-CAM peaks outside the lesion and {r[energy]:.0%} of it lies inside"
                     ),
                 ),
             )
@@ -195,13 +196,14 @@ def look_first(df: pd.DataFrame, class_names: list[str], top: int = 10) -> list[
     method = next((m for m in ("gradcam", "feature_maps") if f"maps_rank_{m}" in ok.columns), None)
     if method is not None:
         col = f"maps_rank_{method}"
-        sel = ok[ok[col].notna()].sort_values([col, "index"])
+        sel = ok[ok[col] < MAPS_DISAGREE_BELOW].sort_values([col, "index"])
         label = "Grad-CAM" if method == "gradcam" else "feature maps"
         cases.append(
             Case(
                 "maps_disagree",
                 CASE_KINDS["maps_disagree"],
-                f"lowest rank correlation of the two models' {label} first",
+                f"rank correlation of the two models' {label} below {MAPS_DISAGREE_BELOW:g} (they "
+                "agree less than unrelated maps would); the lowest first",
                 len(sel),
                 rows(
                     sel,

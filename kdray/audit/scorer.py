@@ -5,7 +5,7 @@ feature maps and Grad-CAM at the report's layer, SHAP on the sampled rows, the s
 Data actor (:class:`AuditScorer`) and the benchmark's plain loop both call it, so they compare
 the same work. The maps are computed exactly as the transparency report computes them
 (:func:`kdray.explain.layer_maps.feature_maps` and :func:`kdray.explain.gradcam.grad_cam` at
-:func:`kdray.explain.report.cam_layer`), so numbers on the same split match the report's.
+:func:`kdray.explain.gradcam.cam_layer`), so numbers on the same split match the report's.
 
 Rows come back as a pyarrow table: plain Parquet types (lists, binary), readable without Ray.
 Each map is stored as uint8 at the resolution of the layer it comes from (its native
@@ -27,12 +27,11 @@ from torch import nn
 from kdray.config import ExplainConfig
 from kdray.data.folders import read_mask
 from kdray.data.images import ImageError, read_image
-from kdray.explain.agreement import rank_correlation, top_overlap
+from kdray.explain.agreement import TOP_FRACTION, rank_correlation, top_overlap
 from kdray.explain.expected_gradients import shap_maps
 from kdray.explain.faithfulness import energy_in_mask, pointing_game
-from kdray.explain.gradcam import grad_cam, layer_output_size
+from kdray.explain.gradcam import cam_layer, grad_cam, layer_output_size
 from kdray.explain.layer_maps import feature_maps
-from kdray.explain.report import TOP_FRACTION, cam_layer
 from kdray.models import ModelSpec, load_model_files
 
 __all__ = [

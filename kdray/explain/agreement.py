@@ -18,7 +18,10 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["blank_maps", "prediction_agreement", "rank_correlation", "top_overlap"]
+__all__ = ["TOP_FRACTION", "blank_maps", "prediction_agreement", "rank_correlation", "top_overlap"]
+
+
+TOP_FRACTION = 0.1  # the top-pixel overlap the reports and the audit use: each map's top 10 %
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

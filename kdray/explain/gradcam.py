@@ -18,6 +18,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from kdray.config import ExplainConfig
 from kdray.explain.hooks import capture_outputs, eval_mode, grads_only_for, model_lock
 from kdray.explain.inputs import ImageLike, to_batch
 
@@ -25,6 +26,7 @@ __all__ = [
     "MIN_CAM_SIDE",
     "CamMaps",
     "ExplainError",
+    "cam_layer",
     "default_cam_layer",
     "grad_cam",
     "layer_output_size",
@@ -95,6 +97,13 @@ def default_cam_layer(
         return names[-1]
     fitting = [n for n in names if min(layer_output_size(model, n, image_size)) >= min_side]
     return fitting[-1] if fitting else names[0]
+
+
+def cam_layer(role: str, model: nn.Module, cfg: ExplainConfig, image_size: int) -> str:
+    """The block the transparency report (and the audit) reads for ``role`` (``teacher`` or
+    ``student``): the configured layer, else :func:`default_cam_layer` at the input size."""
+    chosen = cfg.teacher_layer if role == "teacher" else cfg.student_layer
+    return chosen or default_cam_layer(model, image_size)
 
 
 def grad_cam(

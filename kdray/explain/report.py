@@ -38,6 +38,7 @@ from kdray.data.mlflow_inputs import is_synthetic_root
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import predict_logits, softmax
 from kdray.explain.agreement import (
+    TOP_FRACTION,
     blank_maps,
     prediction_agreement,
     rank_correlation,
@@ -61,7 +62,7 @@ from kdray.explain.figures import (
     learning_curves_figure,
     reliability_figure,
 )
-from kdray.explain.gradcam import default_cam_layer, grad_cam, layer_output_size
+from kdray.explain.gradcam import cam_layer, grad_cam, layer_output_size
 from kdray.explain.inputs import display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
 from kdray.explain.sanity_report import (
@@ -112,11 +113,6 @@ class _Scored:
     all_feature_maps: np.ndarray  # (N, L, H, W)
     maps: dict[str, np.ndarray]  # method -> (N, H, W)
     seconds: float = 0.0
-
-
-def cam_layer(model_name: str, model: nn.Module, cfg: ExplainConfig, size: int) -> str:
-    chosen = cfg.teacher_layer if model_name == "teacher" else cfg.student_layer
-    return chosen or default_cam_layer(model, size)
 
 
 def feature_layer_index(layers: list[str], cam_layer: str) -> int:
@@ -295,9 +291,6 @@ def _measure(
         curves["deletion"][f"{name} {method}"] = di.deletion_curves.mean(0)
         curves["insertion"][f"{name} {method}"] = di.insertion_curves.mean(0)
     return out
-
-
-TOP_FRACTION = 0.1  # the top-pixel overlap compares each map's top 10 %
 
 
 def _agreement(scored: dict[str, _Scored], rand: np.ndarray) -> dict[str, float]:
