@@ -54,3 +54,13 @@ def test_random_maps_barely_agree_and_a_shared_signal_does():
     noisy = rand + 0.3 * rand.std() * rng.standard_normal(rand.shape)
     assert np.nanmean(rank_correlation(rand, noisy)) > 0.8
     assert np.nanmean(top_overlap(rand, noisy)) > 0.5
+
+
+def test_average_ranks_are_scipys_rankdata_ties_included():
+    from scipy.stats import rankdata
+
+    from kdray.explain.agreement import average_ranks
+
+    rng = np.random.default_rng(0)
+    for x in (rng.random((3, 50)), rng.integers(0, 4, (5, 37)).astype(float), np.zeros((1, 9))):
+        assert np.array_equal(average_ranks(x), rankdata(x, axis=1))

@@ -31,6 +31,15 @@ NUM = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?nan|[-+]?inf)"
 # even the plain PyTorch ones take 6 to 10 s each on 2 cores (imports, oneDNN's first kernels),
 # too slow for `make test-fast`.
 HEADLINES: dict[str, tuple[list[str], bool]] = {
+    "audit_throughput.py": (
+        [
+            r"^audit Ray Data / plain loop, images/s: {n} \(steady state {n}\)$",
+            r"^audit 2 actors / 1 actor: {n} \(steady state {n}\)$",
+            r"^student only, 2 actors: {n} images/s \({n} steady\)$",
+            r"^SHAP \(\d+ samples\), student \+ teacher, 2 actors: {n} images/s on \d+ sampled",
+        ],
+        True,
+    ),
     "explain_speed.py": (
         [
             r"^(?:met |MISS)  full explanation teacher / student >= 15x: {n}x$",

@@ -29,6 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
@@ -465,3 +466,42 @@ def test_a_ray_job_ships_kdray_and_runs_two_datasets_at_once_logging_to_the_serv
         assert client.get_model_version_by_alias(f"kdray-{dataset}", "champion").run_id
     _champion_loads_with_standard_mlflow_tooling(mlflow_uri, tmp_path)
     assert (tmp_path / "shared").is_dir()  # Ray results went to the configured storage path
+
+    # The dataset audit as a job on the same cluster: one actor per node (1 CPU each), both work.
+    audit = _submit(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            dashboard,
+            "--working-dir",
+            str(checkout),
+            "--runtime-env-json",
+            json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri}}),
+            "--",
+            sys.executable,
+            "tune/audit.py",
+            "--config",
+            "configs/smoke.yaml",
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--dataset",
+            "brain_tumor",
+            "--actors",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "audit"),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
+    assert audit.returncode == 0, audit.stdout[-5000:] + audit.stderr[-3000:]
+    rows = pq.read_table(tmp_path / "audit" / "audit.parquet").to_pandas()
+    assert len(rows) == 16 and (rows["error"] == "").all()  # the smoke test split, every file
+    assert rows["node"].nunique() == 2, rows["node"].value_counts()  # actors on both nodes
+    runs = client.search_runs([client.get_experiment_by_name("kdray-audit").experiment_id])
+    champion = client.get_model_version_by_alias("kdray-brain_tumor", "champion").version
+    assert [r.data.params["model.student"] for r in runs] == [f"kdray-brain_tumor/{champion}"]

@@ -650,3 +650,60 @@ def test_viewer_asks_for_the_token_then_shows_every_explanation(served, browser,
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 20_000
     print(f"screenshot: {shot}")
+
+
+def test_the_viewer_opens_an_audit_and_draws_any_row(served, browser, ray_local, tmp_path):
+    """tune/audit.py's run, read back by the service (read-only routes) and shown in the viewer."""
+    from kdray.audit.run import AuditRequest, run_audit
+    from kdray.config import load_config
+    from kdray.workspace import Workspace
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml", [])
+    result = run_audit(
+        cfg, Workspace.at(served.workspace), AuditRequest("brain_tumor", out=str(tmp_path / "a"))
+    )
+    listed = _call(served, "GET", "/v1/audits?dataset=brain_tumor").json()["audits"]
+    assert result.run_id in [a["run_id"] for a in listed]
+    audit = _call(served, "GET", f"/v1/audits/{result.run_id}").json()
+    assert [c["kind"] for c in audit["cases"]] == [c.kind for c in result.cases]
+    index = next(r["index"] for c in audit["cases"] for r in c["rows"] if c["kind"] != "unreadable")
+    row = _call(served, "GET", f"/v1/audits/{result.run_id}/rows/{index}").json()
+    assert set(row["models"]) == {"student", "teacher"}
+    assert set(row["models"]["student"]["maps"]) == {"feature_maps", "gradcam"}
+    for path, status in (
+        (f"/v1/audits/{result.run_id}/rows/99999", 404),
+        ("/v1/audits/0123456789abcdef0123456789abcdef", 404),
+        ("/v1/audits/not-a-run", 404),
+        ("/v1/audits?dataset=nope", 404),
+    ):
+        response = _call(served, "GET", path)
+        assert response.status_code == status and response.json()["error"], (path, response.text)
+    assert _call(served, "GET", "/v1/audits", auth=False).status_code == 401
+
+    browser.get(f"{served.url}/#token={served.token}")
+    wait = WebDriverWait(browser, 60)
+    browser.find_element(By.ID, "mode-audit").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#audit-cases tr.clickable"))
+    Select(browser.find_element(By.ID, "audit")).select_by_value(result.run_id)
+    wait.until(
+        lambda d: d.find_elements(
+            By.CSS_SELECTOR, f"#audit-cases tr.clickable[data-index='{index}']"
+        )
+    )
+    titles = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#audit-cases .case h2")]
+    assert titles == [c.title for c in result.cases]
+    browser.find_element(
+        By.CSS_SELECTOR, f"#audit-cases tr.clickable[data-index='{index}']"
+    ).click()
+    wait.until(lambda d: d.find_element(By.ID, "audit-row").is_displayed())
+    wait.until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#audit-row-maps .stack img.heat")) == 4
+    )
+    rendered = browser.execute_script(
+        "return [...document.querySelectorAll('#audit-row img')].map(i => i.complete && i.naturalWidth > 0)"
+    )
+    assert rendered and all(rendered)
+    assert f"#{index} " in browser.find_element(By.ID, "audit-row-title").text
+    shot = tmp_path / "audit.png"
+    browser.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")

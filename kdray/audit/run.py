@@ -15,13 +15,14 @@ that dies and retries its batch, so a killed actor loses no row.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ __all__ = [
 log = logging.getLogger("kdray.audit")
 METHODS = ("feature_maps", "gradcam", "shap")
 TABLE = "audit.parquet"
+ACTOR_START_TIMEOUT_S = 600
 # The per-image table MLflow's UI shows (scores, no maps): the Parquet holds everything.
 UI_COLUMNS_EXCLUDE = ("thumbnail", "path", "node")
 
@@ -231,6 +233,10 @@ def run_audit(
     )
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # kdray prints its own progress lines
+    # Every actor up (models loaded) before the first batch is handed out: otherwise the first
+    # actor ready queues batches meant for the others (on a cluster, the node that had to unpack
+    # the job's code last would get little or nothing). Ten minutes to find room, then an error.
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     remote_args = {"num_gpus": req.gpus_per_actor} if req.gpus_per_actor else {}
     # Shipped once through the object store, to actors on any node; the reference is held until
     # the audit ends, so an actor Ray restarts reads the weights again.
@@ -249,10 +255,12 @@ def run_audit(
     tables: list[pa.Table] = []
     done, last = 0, time.perf_counter()
     scoring_started = time.perf_counter()
+    first_row_s: float | None = None  # the actors' start-up and first batch
     for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         tables.append(part)
         done += part.num_rows
         now = time.perf_counter()
+        first_row_s = now - scoring_started if first_row_s is None else first_row_s
         if now - last >= progress_every_s or done == n:
             elapsed = now - scoring_started
             progress(
@@ -274,6 +282,7 @@ def run_audit(
     metrics["rows_per_s"] = n / max(scoring_s, 1e-9)
     metrics["seconds"] = time.perf_counter() - started
     metrics["actors"] = float(actors)
+    metrics["first_row_seconds"] = float(first_row_s or 0.0)
     cases = look_first(df, class_names, req.top)
     nodes = df["node"].value_counts().to_dict()
     result = AuditResult(
@@ -289,9 +298,36 @@ def run_audit(
         nodes={str(k): int(v) for k, v in nodes.items()},
     )
     _write_markdown(result, df, class_names, settings, req, size, shap_n)
+    _write_summary(result, class_names, settings, req, size)
     if req.log_mlflow:
         _log(cfg, ws, result, df, req, settings, actors, batch, shap_n)
+    progress(
+        f"audit {req.dataset}: written to {out_dir} "
+        f"({time.perf_counter() - started - scoring_s:.1f} s outside the scoring, "
+        f"{first_row_s or 0.0:.1f} s to the first row)"
+    )
     return result
+
+
+SUMMARY = "audit.json"  # what the viewer reads: the lists, the aggregates, the models
+
+
+def _write_summary(
+    r: AuditResult, class_names: list[str], settings: Settings, req: AuditRequest, size: int
+) -> None:
+    summary = {
+        "dataset": r.dataset,
+        "source": r.source.description,
+        "labelled": r.source.labelled,
+        "class_names": class_names,
+        "image_size": size,
+        "methods": list(settings.methods),
+        "roles": ["student", "teacher"] if req.teacher else ["student"],
+        "versions": r.versions,
+        "metrics": r.metrics,
+        "cases": [asdict(c) for c in r.cases],
+    }
+    (r.out_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
 
 
 def _stamp(dataset: str) -> str:

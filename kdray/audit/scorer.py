@@ -8,13 +8,15 @@ the same work. The maps are computed exactly as the transparency report computes
 :func:`kdray.explain.gradcam.cam_layer`), so numbers on the same split match the report's.
 
 Rows come back as a pyarrow table: plain Parquet types (lists, binary), readable without Ray.
-Each map is stored as uint8 at the resolution of the layer it comes from (its native
-resolution: 16x16 for a student block at 64 px), enough for a viewer to draw any row.
+Each feature map and Grad-CAM is stored as uint8 at the resolution of the layer it comes from
+(its native resolution: 16x16 for a student block at 64 px), enough for a viewer to draw any
+row; SHAP, pixel-level and signed, at the input size with its scale (``<role>_shap_scale``).
 """
 
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +42,8 @@ __all__ = [
     "AuditScorer",
     "Settings",
     "decode_map",
+    "decode_signed",
+    "limit_threads",
     "load_audit_model",
     "score_batch",
 ]
@@ -96,6 +100,20 @@ def _native(maps: np.ndarray, side: tuple[int, int]) -> list[bytes]:
     small = F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(maps))[:, None], side)
     q = (small[:, 0].clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
     return [row.tobytes() for row in q]
+
+
+def _signed(maps: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """Signed (N, S, S) attributions -> uint8 bytes (127.5 is zero) and each map's max |value|."""
+    scale = np.abs(maps).reshape(len(maps), -1).max(1)
+    safe = np.where(scale > 0, scale, 1.0)[:, None, None]
+    q = np.clip(np.round(127.5 + 127.5 * maps / safe), 0, 255).astype(np.uint8)
+    return [row.tobytes() for row in q], scale.astype(np.float64)
+
+
+def decode_signed(data: bytes, side: int, scale: float) -> np.ndarray:
+    """A stored SHAP map back to float (side, side) attributions."""
+    q = np.frombuffer(data, dtype=np.uint8).reshape(side, side).astype(np.float32)
+    return (q / 127.5 - 1.0) * float(scale)
 
 
 def _thumb(image: np.ndarray) -> bytes:
@@ -163,8 +181,11 @@ def score_batch(
 ) -> pa.Table:
     """Decode and score one batch of :class:`kdray.audit.sources.Item` rows.
 
-    Unreadable files become rows with their reason in ``error`` (labels -1, scores NaN).
+    Unreadable files become rows with their reason in ``error`` (labels -1, scores NaN). Each
+    row also records when its batch finished (``scored_at``, epoch seconds) and how long the
+    batch took (``batch_seconds``).
     """
+    started = time.time()
     n = len(batch["index"])
     size = int(models[0].spec.image_size)
     images, masks, notes = _decode(list(batch["path"]), list(batch["mask"]), size)
@@ -224,8 +245,13 @@ def score_batch(
             stored = [b""] * n
             pg = np.full(n, np.nan)
             em = np.full(n, np.nan)
+            scale = np.full(n, np.nan)
             if maps is not None and len(rows):
-                for i, data in zip(rows, _native(maps, m.side), strict=True):
+                if method == "shap":  # signed, pixel-level: stored at the input size
+                    encoded, scale[rows] = _signed(maps)
+                else:
+                    encoded = _native(maps, m.side)
+                for i, data in zip(rows, encoded, strict=True):
                     stored[i] = data
                 mk = scored_masks if method != "shap" else scored_masks[shap_rows]
                 pg[rows] = pointing_game(maps, mk)
@@ -233,6 +259,8 @@ def score_batch(
             cols[f"{role}_{method}"] = pa.array(stored, pa.binary())
             cols[f"{role}_{method}_pointing"] = pa.array(pg)
             cols[f"{role}_{method}_energy"] = pa.array(em)
+            if method == "shap":
+                cols[f"{role}_shap_scale"] = pa.array(scale)
     if "teacher" in results and "student" in results:
         t, st = results["teacher"], results["student"]
         agree = np.zeros(n, dtype=bool)
@@ -249,7 +277,24 @@ def score_batch(
                 iou[rows] = top_overlap(tm, sm, TOP_FRACTION)
             cols[f"maps_rank_{method}"] = pa.array(rank)
             cols[f"maps_iou_{method}"] = pa.array(iou)
+    finished = time.time()  # wall clock: comparable across actors and nodes
+    cols["scored_at"] = pa.array([finished] * n)
+    cols["batch_seconds"] = pa.array([finished - started] * n)
     return pa.table(cols)
+
+
+def limit_threads(threads: int) -> None:
+    """Hold this process to ``threads`` CPUs: torch's, OpenCV's (pytorch-grad-cam resizes with
+    it) and every BLAS / OpenMP pool numpy and scipy load. An actor that reserved one CPU but
+    let OpenCV and OpenBLAS spread over the machine measured 1.3x faster alone and then slowed
+    its neighbour: two such actors did 1.28x the images of one instead of about 2x."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    n = max(1, int(threads))
+    torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+    threadpool_limits(n)
 
 
 class AuditScorer:
@@ -266,7 +311,7 @@ class AuditScorer:
 
         if isinstance(models, ray.ObjectRef):  # the driver put the weights in the object store
             models = ray.get(models)
-        torch.set_num_threads(max(1, settings.threads))
+        limit_threads(settings.threads)
         self.settings = settings
         self.models = [
             load_audit_model(role, files, background, settings.explain)

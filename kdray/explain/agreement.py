@@ -16,7 +16,6 @@ that is agreement a random explanation would not have.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 __all__ = ["TOP_FRACTION", "blank_maps", "prediction_agreement", "rank_correlation", "top_overlap"]
 
@@ -53,6 +52,21 @@ def blank_maps(maps: np.ndarray) -> np.ndarray:
     return np.ptp(flat, axis=1) <= 1e-12 * np.maximum(np.abs(flat).max(1), 1.0)
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks (1-based) of each row, ties given their average rank: ``scipy.stats.rankdata(x,
+    axis=1)``'s default, without importing scipy.stats (0.8 s, paid by every audit actor)."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, axis=1, kind="mergesort")
+    ranks = np.empty_like(x)
+    for i in range(len(x)):
+        s = x[i, order[i]]
+        new = np.r_[True, s[1:] != s[:-1]]
+        dense = np.cumsum(new)  # 1-based group of each sorted value
+        ends = np.r_[np.flatnonzero(new), len(s)]  # group g spans sorted positions ends[g-1]..
+        ranks[i, order[i]] = 0.5 * (ends[dense] + ends[dense - 1] + 1)
+    return ranks
+
+
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman's rank correlation of each pair of maps over their pixels (ties: average ranks).
 
@@ -63,7 +77,7 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         float (N,) in [-1, 1]; NaN where either map is constant (no ranking to compare).
     """
     a, b = _pair(a, b)
-    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra, rb = average_ranks(a), average_ranks(b)
     ra -= ra.mean(1, keepdims=True)
     rb -= rb.mean(1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):

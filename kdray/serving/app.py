@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdray import __version__
+from kdray.audit.browse import AuditBrowser, AuditNotFound
 from kdray.data.specs import DATASETS
 from kdray.devices import assigned_cpus, assigned_device, use_assigned_threads
 from kdray.explain.api import METHODS
@@ -200,6 +201,7 @@ class Gateway:
         self.predictor = BatchPredictor(store, workers)
         self.explainer, self.shap = explainer, shap_explainer
         self._cards: dict[str, dict[str, Any]] = {}
+        self._audits = AuditBrowser(self._uri, self.settings.audit_experiment)
         self._board = ReadinessBoard(
             {
                 "Explainer": lambda: self.explainer.status.remote(),
@@ -212,6 +214,9 @@ class Gateway:
         predictor = getattr(self, "predictor", None)  # None: __init__ failed (e.g. auth)
         if predictor is not None:
             predictor.store.close()
+        audits = getattr(self, "_audits", None)
+        if audits is not None:
+            audits.close()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config``: ``max_batch_size`` (1 turns batching off), ``batch_wait_timeout_s``."""
@@ -362,6 +367,48 @@ class Gateway:
                 )
             )
         return ModelsResponse(models=cards)
+
+    # -- audits (tune/audit.py's runs, read-only) -------------------------------------------------
+    async def _audit_call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await run_in_threadpool(fn, *args)
+        except AuditNotFound as exc:
+            raise ApiError(404, "not_found", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the tracking store: name it, not its URI
+            raise ApiError(
+                503, "tracking_unavailable", f"audits: {redact(str(exc), self._uri)[:300]}"
+            ) from None
+
+    @app.get(
+        "/v1/audits", responses=_ERRORS, summary="Dataset audits (tune/audit.py), newest first"
+    )
+    async def audits(self, request: Request, dataset: str | None = None) -> dict[str, Any]:
+        self._authorize(request)
+        if dataset is not None and dataset not in DATASETS:
+            raise ApiError(
+                404, "unknown_dataset", f"dataset {dataset!r}: expected one of {sorted(DATASETS)}"
+            )
+        return {"audits": await self._audit_call(self._audits.list, dataset)}
+
+    @app.get(
+        "/v1/audits/{run_id}",
+        responses=_ERRORS,
+        summary="One audit: its look-first lists, aggregates and models",
+    )
+    async def audit(self, request: Request, run_id: str) -> dict[str, Any]:
+        self._authorize(request)
+        return await self._audit_call(self._audits.summary, run_id)
+
+    @app.get(
+        "/v1/audits/{run_id}/rows/{index}",
+        responses=_ERRORS,
+        summary="One audited image: labels, probabilities, scores and its maps as PNG layers",
+    )
+    async def audit_row(
+        self, request: Request, run_id: str, index: int = Path(ge=0)
+    ) -> dict[str, Any]:
+        self._authorize(request)
+        return await self._audit_call(self._audits.row, run_id, index)
 
     @app.post(
         "/v1/models/{dataset}/predict",

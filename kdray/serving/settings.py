@@ -70,6 +70,11 @@ class ServeSettings(_Strict):
         "without an export, or one that differs, falls back to torch and says so in its card), "
         "or torch. Explanations always run on torch (they need gradients)",
     )
+    audit_experiment: str = Field(
+        "kdray-audit",
+        description="MLflow experiment the viewer lists dataset audits from (tune/audit.py logs "
+        "to '<mlflow.experiment>-audit')",
+    )
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
 
     @field_validator("datasets")

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (sel, root = document) => root.querySelector(sel);
-const state = { models: {}, file: null, seq: 0 };
+const state = { models: {}, file: null, seq: 0, audit: null, auditSummary: null };
 
 function esc(text) {  // text from the server into innerHTML (a data folder's name, say)
   const span = document.createElement("span");
@@ -207,6 +207,138 @@ function choose(file) {
   run();
 }
 
+
+// -- audits: tune/audit.py's runs, read from the server (/v1/audits) --------------------------
+const METHOD_NAMES = { gradcam: "Grad-CAM", feature_maps: "Feature maps", shap: "SHAP" };
+
+function mode(which) {
+  $("#image-view").hidden = which !== "image";
+  $("#audit-view").hidden = which !== "audit";
+  $("#mode-image").classList.toggle("active", which === "image");
+  $("#mode-audit").classList.toggle("active", which === "audit");
+  if (which === "audit") loadAudits();
+}
+
+function auditStatus(text, error = false) {
+  const el = $("#audit-status");
+  el.textContent = text;
+  el.classList.toggle("error", error);
+}
+
+async function loadAudits() {
+  try {
+    const { audits } = await api("/v1/audits");
+    const select = $("#audit");
+    const chosen = select.value;
+    select.innerHTML = "";
+    for (const a of audits) {
+      const option = document.createElement("option");
+      option.value = a.run_id;
+      const when = new Date(a.started).toISOString().slice(0, 16).replace("T", " ");
+      option.textContent = `${a.dataset} · ${when} · ${a.images} images`;
+      select.append(option);
+    }
+    if (audits.some((a) => a.run_id === chosen)) select.value = chosen;
+    if (!audits.length) { auditStatus("No audit yet: run `python tune/audit.py --dataset <id>`."); return; }
+    auditStatus("");
+    await openAudit(select.value);
+  } catch (err) {
+    auditStatus(`Audits: ${err.message}`, true);
+  }
+}
+
+function fixed(v, digits = 3) { return v === undefined || v === null ? "–" : Number(v).toFixed(digits); }
+
+async function openAudit(runId) {
+  if (!runId) return;
+  state.audit = runId;
+  const audit = await api(`/v1/audits/${runId}`);
+  if (state.audit !== runId) return;
+  state.auditSummary = audit;
+  const m = audit.metrics;
+  const summary = $("#audit-summary");
+  summary.hidden = false;
+  const rows = audit.roles.map((r) => `<dt>${r} accuracy</dt><dd>${fixed(m[`${r}.accuracy`])}</dd>
+    <dt>${r} ECE</dt><dd>${fixed(m[`${r}.ece`])}</dd>`).join("");
+  summary.innerHTML = `<h4>${esc(audit.dataset)} · ${esc(audit.versions.student)}</h4>
+    <dl><dt>source</dt><dd>${esc(audit.source)}</dd>
+    <dt>images</dt><dd>${m.images} (${m.unreadable} unreadable)</dd>${rows}
+    <dt>agreement</dt><dd>${fixed(m["agreement.predictions"])}</dd>
+    <dt>speed</dt><dd>${fixed(m.rows_per_s, 1)} images/s</dd></dl>`;
+  const box = $("#audit-cases");
+  box.innerHTML = "";
+  for (const c of audit.cases) {
+    const panel = document.createElement("div");
+    panel.className = "panel case";
+    panel.dataset.kind = c.kind;
+    panel.innerHTML = `<div class="panel-head"><h2>${esc(c.title)}</h2><span class="count">${c.matched}</span></div>
+      <p class="rule">${esc(c.rule)}</p>`;
+    if (!c.rows.length) panel.insertAdjacentHTML("beforeend", `<p class="none">None.</p>`);
+    const table = document.createElement("table");
+    table.className = "cases";
+    for (const row of c.rows) {
+      const tr = document.createElement("tr");
+      tr.dataset.index = row.index;
+      tr.innerHTML = `<td class="idx">${row.index}</td><td class="file">${esc(row.name)}</td><td>${esc(row.why)}</td>`;
+      if (c.kind !== "unreadable") {
+        tr.className = "clickable";
+        tr.addEventListener("click", () => openRow(runId, row.index, row.why));
+      }
+      table.append(tr);
+    }
+    panel.append(table);
+    box.append(panel);
+  }
+}
+
+function overlay(input, heat, caption) {
+  const wrap = document.createElement("td");
+  wrap.append(stack(input, heat, caption));
+  return wrap;
+}
+
+async function openRow(runId, index, why) {
+  try {
+    const row = await api(`/v1/audits/${runId}/rows/${index}`);
+    const panel = $("#audit-row");
+    panel.hidden = false;
+    $("#audit-row-title").textContent = `#${row.index} · ${row.name}`;
+    $("#audit-row-why").textContent = why || "";
+    const badge = $("#audit-row-badge");
+    badge.hidden = row.agree === null || row.agree === undefined;
+    badge.textContent = row.agree ? "teacher and student agree" : "teacher and student disagree";
+    badge.className = `badge ${row.agree ? "agree" : "disagree"}`;
+    const body = $("#audit-row-maps");
+    body.innerHTML = "";
+    for (const method of state.auditSummary.methods) {
+      const tr = document.createElement("tr");
+      tr.dataset.method = method;
+      tr.innerHTML = `<th>${METHOD_NAMES[method] || method}</th>`;
+      const input = document.createElement("td");
+      input.innerHTML = `<img class="thumb" alt="input" src="${png(row.input_png)}">`;
+      tr.append(input);
+      for (const role of ["student", "teacher"]) {
+        const model = row.models[role];
+        const map = model && model.maps[method];
+        if (map) tr.append(overlay(row.input_png, map.heat_png, `${method} ${role}`));
+        else tr.insertAdjacentHTML("beforeend", `<td class="none">${model ? "not computed" : "–"}</td>`);
+      }
+      body.append(tr);
+    }
+    const lines = [`truth: ${row.label || "unlabelled"}`];
+    for (const [role, model] of Object.entries(row.models)) {
+      const cam = model.maps.gradcam;
+      lines.push(`${role}: ${model.label} (${pct(model.confidence)})` +
+        (cam && cam.energy_in_mask !== null ? `, Grad-CAM energy in mask ${fixed(cam.energy_in_mask, 2)}` : ""));
+    }
+    if (row.agreement && row.agreement.gradcam) lines.push(`Grad-CAM rank correlation ${fixed(row.agreement.gradcam.rank_correlation, 2)}`);
+    $("#audit-row-scores").textContent = lines.join(" · ");
+    panel.scrollIntoView({ block: "nearest" });
+  } catch (err) {
+    auditStatus(`Row ${index}: ${err.message}`, true);
+  }
+}
+
 function init() {
   const drop = $("#drop");
   $("#file").addEventListener("change", (e) => choose(e.target.files[0]));
@@ -224,6 +356,9 @@ function init() {
     localStorage.setItem("kdray-token", fromLink);
     history.replaceState(null, "", location.pathname + location.search);
   }
+  $("#mode-image").addEventListener("click", () => mode("image"));
+  $("#mode-audit").addEventListener("click", () => mode("audit"));
+  $("#audit").addEventListener("change", (e) => openAudit(e.target.value));
   $("#token").value = token();
   $("#token").addEventListener("change", (e) => { localStorage.setItem("kdray-token", e.target.value); loadModels(); });
   loadModels();
