@@ -226,6 +226,43 @@ def smoke_run(tmp_path_factory):
     return ws, proc
 
 
+def crash_once(marker: Path):
+    """An audit actor class (kdray.audit) that kills its whole process on the first batch any
+    actor gets (``marker`` records that it happened); restarted by Ray, it scores normally."""
+    from kdray.audit.scorer import AuditScorer
+
+    class CrashOnce(AuditScorer):
+        def __call__(self, batch):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return super().__call__(batch)
+            os._exit(1)
+
+    return CrashOnce
+
+
+@pytest.fixture(scope="session")
+def smoke_audit(smoke_run, ray_local, tmp_path_factory):
+    """One dataset audit (tune/audit.py's pipeline) of the smoke run's eye_disease test split,
+    logged to its MLflow, while an actor dies on its first batch; for the audit's tests and the
+    viewer's. Returns (AuditResult, the marker file the dying actor wrote)."""
+    from kdray.audit.run import AuditRequest, run_audit
+    from kdray.config import load_config
+    from kdray.workspace import Workspace
+
+    ws, _ = smoke_run
+    tmp = tmp_path_factory.mktemp("audit")
+    marker = tmp / "crashed"
+    result = run_audit(
+        load_config(REPO / "configs" / "smoke.yaml", []),
+        Workspace.at(ws),
+        AuditRequest("eye_disease", batch_size=2, out=str(tmp / "out")),
+        scorer_cls=crash_once(marker),
+    )
+    return result, marker
+
+
 @dataclass
 class Server:
     url: str

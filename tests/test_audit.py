@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -154,30 +152,117 @@ def test_each_look_first_rule_catches_its_constructed_case(tmp_path):
     assert m["agreement.predictions"] == pytest.approx(1 - len(expected) / 10)
 
 
-@pytest.fixture()
-def smoke_cfg(smoke_run):
-    from kdray.config import load_config
-    from kdray.workspace import Workspace
+def _kaggle_folder(ws_root: Path, root: Path) -> int:
+    """A Training/Testing layout from the smoke stand-in's brain_tumor images, with a broken
+    file, an empty one, a 16-bit PNG and a JPEG among the Testing images; returns the readable
+    count."""
+    src = next((ws_root / "data" / "synthetic").glob("brain_tumor-*")) / "images"
+    n = 0
+    for part in ("Training", "Testing"):
+        for cls in CLASSES:
+            dest = root / part / cls
+            dest.mkdir(parents=True)
+            for path in sorted((src / part / cls).glob("*.png"))[:2]:
+                shutil.copy(path, dest / path.name)
+                n += 1
+    test = root / "Testing" / "glioma"
+    (test / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (test / "empty.jpg").write_bytes(b"")
+    deep = (np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 20).astype(np.uint16)
+    Image.fromarray(deep).save(test / "deep16.png")
+    buf = io.BytesIO()
+    Image.open(next(test.glob("glioma_*.png"))).convert("RGB").save(buf, format="JPEG")
+    (test / "photo.jpg").write_bytes(buf.getvalue())
+    return n + 2
 
-    ws, _ = smoke_run
-    return load_config(REPO / "configs" / "smoke.yaml", []), Workspace.at(ws)
+
+def test_an_unlabelled_folder_is_audited_without_accuracy(tmp_path):
+    """No class folders: every file (broken ones too) listed with label -1; agreement and
+    confidence are scored, accuracy and the truth-based lists are not."""
+    from kdray.audit.cases import aggregates, look_first
+    from kdray.audit.scorer import Settings, load_audit_model, score_batch
+    from kdray.audit.sources import folder_source, mark_shap
+    from kdray.config import ExplainConfig
+    from kdray.data.specs import get_spec
+
+    folder = tmp_path / "incoming" / "week1"
+    folder.mkdir(parents=True)
+    images = tiny_data("alzheimer", n_per_class=2, size=SIZE).splits["train"].images
+    for i, image in enumerate(images[:4]):
+        _png(image.transpose(1, 2, 0), folder / f"scan{i}.png")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "readme.txt").write_text("not listed: no image suffix")
+    source = folder_source(get_spec("alzheimer"), tmp_path / "incoming")
+    assert not source.labelled and len(source.items) == 5
+    assert {it.label for it in source.items} == {-1} and {it.split for it in source.items} == {
+        "all"
+    }
+    assert mark_shap(source, 2, seed=0) == 2 and sum(it.shap for it in source.items) == 2
+
+    student, spec = _student(0)
+    cfg = ExplainConfig()
+    models = [
+        load_audit_model("student", _files(student, spec, tmp_path), None, cfg),
+        load_audit_model("teacher", _files(_student(1)[0], spec, tmp_path), None, cfg),
+    ]
+    df = score_batch(models, _batch(source.rows()), Settings(explain=cfg)).to_pandas()
+    m = aggregates(df, list(spec.class_names), ["feature_maps", "gradcam"])
+    assert m["images"] == 5 and m["unreadable"] == 1 and m["labelled"] == 0
+    assert "student.accuracy" not in m and "student.ece" not in m
+    assert "agreement.predictions" in m and "student.confidence" in m
+    cases = {c.kind: c for c in look_first(df, list(spec.class_names))}
+    assert cases["confident_wrong"].matched == 0 and "unlabelled" in cases["confident_wrong"].rule
+    assert cases["right_outside_lesion"].matched == 0
+    assert [r["name"] for r in cases["unreadable"].rows] == ["week1/notes.png"]
+
+
+def test_a_kaggle_layout_is_listed_with_its_labels_split_and_masks(tmp_path):
+    from kdray.audit.sources import folder_source
+    from kdray.data.folders import DataError
+    from kdray.data.specs import get_spec
+
+    root = tmp_path / "kaggle"
+    src = tmp_path / "src"
+    from kdray.data import synthetic
+
+    synthetic.generate("brain_tumor", src / "images", src / "masks", 3, 48, 0)
+    shutil.copytree(src / "images", root)
+    (root / "Testing" / "glioma" / "broken.png").write_bytes(b"nope")
+    spec = get_spec("brain_tumor")
+    every = folder_source(spec, root, src / "masks")
+    assert every.labelled and {it.split for it in every.items} == {"train", "test"}
+    for it in every.items:
+        assert it.label == CLASSES.index(it.name.split("/")[1])
+        assert bool(it.mask) == (it.name != "Testing/glioma/broken.png")  # the mask tree mirrors it
+    test = folder_source(spec, root, split="test")
+    assert {it.split for it in test.items} == {"test"} and not any(it.mask for it in test.items)
+    with pytest.raises(DataError, match="val"):
+        folder_source(spec, root, split="val")
+    with pytest.raises(DataError, match="no such folder"):
+        folder_source(spec, tmp_path / "nope")
 
 
 @pytest.mark.integration
 def test_the_test_split_audit_matches_the_report_the_registry_and_the_server(
-    smoke_cfg, ray_local, tmp_path
+    smoke_run, smoke_audit
 ):
+    """The smoke run's test split, while an actor died on its first batch: every row there, the
+    report's numbers, the service's predictions, and the MLflow run."""
     from mlflow import MlflowClient
 
-    from kdray.audit.run import AuditRequest, audit_experiment, run_audit
+    from kdray.audit.run import audit_experiment
+    from kdray.config import load_config
     from kdray.data.images import read_image
     from kdray.serving.deployments import BatchPredictor
     from kdray.serving.store import ModelStore
     from kdray.tracking import resolve_tracking_uri
+    from kdray.workspace import Workspace
 
-    cfg, ws = smoke_cfg
-    dataset = "eye_disease"
-    result = run_audit(cfg, ws, AuditRequest(dataset=dataset, out=str(tmp_path / "audit")))
+    result, marker = smoke_audit
+    assert marker.exists()  # an actor did die mid-audit: Ray Data restarted it, retried its batch
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [])
+    ws = Workspace.at(smoke_run[0])
+    dataset = result.dataset
     df = pd.read_parquet(result.table)  # plain Parquet: pandas reads it without Ray
     report = json.loads((ws.reports / dataset / "report.json").read_text())["metrics"]
     test_entries = [
@@ -185,8 +270,8 @@ def test_the_test_split_audit_matches_the_report_the_registry_and_the_server(
         for e in json.loads(next(ws.manifests.glob(f"{dataset}-*.json")).read_text())["entries"]
         if e["split"] == "test"
     ]
-    assert len(df) == len(test_entries) == result.metrics["readable"]
-    assert (df["error"] == "").all()
+    assert len(df) == len(test_entries) == result.metrics["readable"]  # no row lost
+    assert sorted(df["index"]) == list(range(len(df))) and (df["error"] == "").all()
     m = result.metrics
     # The report's definitions, on the same split: accuracy exactly, the rest to float noise.
     for role in ("student", "teacher"):
@@ -220,7 +305,7 @@ def test_the_test_split_audit_matches_the_report_the_registry_and_the_server(
     assert run.data.params["model.student"] == result.versions["student"]
     assert run.data.metrics["student.accuracy"] == m["student.accuracy"]
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"audit.parquet", "audit.md", "audit_table.json", "ray_data_stats.txt"} <= artifacts
+    assert {"audit.parquet", "audit.md", "audit.json", "audit_table.json"} <= artifacts
     name, version = result.versions["student"].split("/")
     assert client.get_model_version(name, version).tags["kdray.audit.last_run"] == result.run_id
     markdown = result.markdown.read_text()
@@ -228,106 +313,44 @@ def test_the_test_split_audit_matches_the_report_the_registry_and_the_server(
         assert title in markdown
     for picture in (result.out_dir / "thumbs").glob("*.png"):
         assert Image.open(picture).size[0] >= 96 * 3  # input, student, teacher side by side
-    assert "MapBatches(AuditScorer)" in result.stats
-
-
-def _crash_once(marker: Path):
-    """An audit actor that dies (the whole process) on the first batch any actor gets."""
-    from kdray.audit.scorer import AuditScorer
-
-    class CrashOnce(AuditScorer):
-        def __call__(self, batch):
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                return super().__call__(batch)
-            os._exit(1)
-
-    return CrashOnce
-
-
-def _kaggle_folder(ws_root: Path, root: Path) -> int:
-    """A Training/Testing layout from the smoke stand-in's brain_tumor images, with a broken
-    file, a 16-bit PNG and a JPEG among the Testing images; returns the readable count."""
-    src = next((ws_root / "data" / "synthetic").glob("brain_tumor-*")) / "images"
-    n = 0
-    for part in ("Training", "Testing"):
-        for cls in CLASSES:
-            dest = root / part / cls
-            dest.mkdir(parents=True)
-            for path in sorted((src / part / cls).glob("*.png"))[:2]:
-                shutil.copy(path, dest / path.name)
-                n += 1
-    test = root / "Testing" / "glioma"
-    (test / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    (test / "empty.jpg").write_bytes(b"")
-    deep = (np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 20).astype(np.uint16)
-    Image.fromarray(deep).save(test / "deep16.png")
-    buf = io.BytesIO()
-    Image.open(next(test.glob("glioma_*.png"))).convert("RGB").save(buf, format="JPEG")
-    (test / "photo.jpg").write_bytes(buf.getvalue())
-    return n + 2
+    assert "MapBatches(CrashOnce)" in result.stats
 
 
 @pytest.mark.integration
-def test_a_kaggle_folder_with_broken_files_survives_a_killed_actor(smoke_cfg, ray_local, tmp_path):
-    from kdray.audit.run import AuditRequest, run_audit
+def test_the_command_audits_a_kaggle_folder_with_broken_files_and_names_bad_input(
+    smoke_run, ray_local, tmp_path, capsys
+):
+    from kdray.audit.cli import audit_main
 
-    cfg, ws = smoke_cfg
-    readable = _kaggle_folder(ws.root, tmp_path / "kaggle")
-    marker = tmp_path / "crashed"
-    request = AuditRequest(
-        dataset="brain_tumor",
-        root=str(tmp_path / "kaggle"),
-        out=str(tmp_path / "audit"),
-        batch_size=2,
-        log_mlflow=False,
-    )
-    result = run_audit(cfg, ws, request, scorer_cls=_crash_once(marker))
-    assert marker.exists()  # an actor did die mid-audit
-    df = pq.read_table(result.table).to_pandas()
-    assert len(df) == readable + 2 and sorted(df["index"]) == list(range(len(df)))  # no row lost
+    ws, _ = smoke_run
+    readable = _kaggle_folder(ws, tmp_path / "kaggle")
+    base = ["--config", str(REPO / "configs" / "smoke.yaml"), "--workspace", str(ws)]
+
+    assert audit_main([*base, "--dataset", "brain_tumor", "--root", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert audit_main([*base, "--dataset", "brain_tumor", "--alias", "gone", "--no-log"]) == 2
+    assert "kdray-brain_tumor@gone" in capsys.readouterr().err
+    assert audit_main([*base, "--dataset", "brain_tumor", "--methods", "lime"]) == 2
+    assert "lime" in capsys.readouterr().err
+
+    out = tmp_path / "audit"
+    argv = [*base, "--dataset", "brain_tumor", "--root", str(tmp_path / "kaggle"), "-v"]
+    argv += ["--out", str(out), "--methods", "gradcam,shap", "--shap-sample", "3", "--no-log"]
+    assert audit_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{readable + 2} images, 2 unreadable" in printed and "Unreadable files: 2" in printed
+    df = pd.read_parquet(out / "audit.parquet")
     bad = df[df["error"] != ""].set_index("name")["error"].to_dict()
     assert set(bad) == {"Testing/glioma/broken.png", "Testing/glioma/empty.jpg"}
     assert "empty" in bad["Testing/glioma/empty.jpg"]
     assert set(df["split"]) == {"train", "test"}  # the layout's own split, labels from folders
-    labelled = df[df["error"] == ""]
+    readable_rows = df[df["error"] == ""]
+    assert len(readable_rows) == readable
     assert (
-        labelled["label"] == labelled["name"].map(lambda n: CLASSES.index(n.split("/")[1]))
+        readable_rows["label"]
+        == readable_rows["name"].map(lambda n: CLASSES.index(n.split("/")[1]))
     ).all()
-    unread = next(c for c in result.cases if c.kind == "unreadable")
-    assert unread.matched == 2
-
-
-@pytest.mark.integration
-def test_the_command_audits_an_unlabelled_folder_and_names_bad_input(
-    smoke_cfg, ray_local, tmp_path, capsys
-):
-    from kdray.audit.cli import audit_main
-
-    cfg, ws = smoke_cfg
-    folder = tmp_path / "incoming"
-    folder.mkdir()
-    src = next((ws.root / "data" / "synthetic").glob("alzheimer-*")) / "images"
-    for i, path in enumerate(sorted(src.rglob("*.png"))[:5]):
-        shutil.copy(path, folder / f"scan{i}.png")
-    (folder / "notes.png").write_text("not an image")
-    base = ["--config", str(REPO / "configs" / "smoke.yaml"), "--workspace", str(ws.root)]
-
-    assert audit_main([*base, "--dataset", "alzheimer", "--root", str(tmp_path / "nope")]) == 2
-    assert "no such folder" in capsys.readouterr().err
-    assert audit_main([*base, "--dataset", "alzheimer", "--alias", "gone", "--no-log"]) == 2
-    assert "kdray-alzheimer@gone" in capsys.readouterr().err
-    assert audit_main([*base, "--dataset", "alzheimer", "--methods", "lime"]) == 2
-    assert "lime" in capsys.readouterr().err
-
-    out = tmp_path / "audit"
-    argv = [*base, "--dataset", "alzheimer", "--root", str(folder), "--out", str(out), "-v"]
-    assert audit_main([*argv, "--methods", "gradcam,shap", "--shap-sample", "2"]) == 0
-    printed = capsys.readouterr().out
-    assert "6 images, 1 unreadable" in printed and "MLflow run" in printed
-    df = pd.read_parquet(out / "audit.parquet")
-    assert (df["label"] == -1).all() and set(df["split"]) == {"all"}
-    assert (df["student_shap"] != b"").sum() == 2  # the seeded SHAP sample, nothing more
-    markdown = (out / "audit.md").read_text()
-    assert "Unlabelled folder" in markdown and "notes.png" in markdown
+    shap = df[df["student_shap"] != b""]
+    assert len(shap) <= 3 and len(shap) >= 1  # the seeded sample (a broken file is not explained)
+    assert shap["student_shap_scale"].gt(0).all()
+    assert "Testing/glioma/broken.png" in (out / "audit.md").read_text()

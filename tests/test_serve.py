@@ -652,17 +652,11 @@ def test_viewer_asks_for_the_token_then_shows_every_explanation(served, browser,
     print(f"screenshot: {shot}")
 
 
-def test_the_viewer_opens_an_audit_and_draws_any_row(served, browser, ray_local, tmp_path):
+def test_the_viewer_opens_an_audit_and_draws_any_row(served, browser, smoke_audit, tmp_path):
     """tune/audit.py's run, read back by the service (read-only routes) and shown in the viewer."""
-    from kdray.audit.run import AuditRequest, run_audit
-    from kdray.config import load_config
-    from kdray.workspace import Workspace
-
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml", [])
-    result = run_audit(
-        cfg, Workspace.at(served.workspace), AuditRequest("brain_tumor", out=str(tmp_path / "a"))
-    )
-    listed = _call(served, "GET", "/v1/audits?dataset=brain_tumor").json()["audits"]
+    result, _ = smoke_audit
+    dataset = result.dataset
+    listed = _call(served, "GET", f"/v1/audits?dataset={dataset}").json()["audits"]
     assert result.run_id in [a["run_id"] for a in listed]
     audit = _call(served, "GET", f"/v1/audits/{result.run_id}").json()
     assert [c["kind"] for c in audit["cases"]] == [c.kind for c in result.cases]
