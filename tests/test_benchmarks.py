@@ -35,8 +35,8 @@ HEADLINES: dict[str, tuple[list[str], bool]] = {
         [
             r"^audit Ray Data / plain loop, images/s: {n} \(steady state {n}\)$",
             r"^audit 2 actors / 1 actor: {n} \(steady state {n}\)$",
-            r"^student only, 2 actors: {n} images/s \({n} steady\)$",
-            r"^SHAP \(\d+ samples\), student \+ teacher, 2 actors: {n} images/s on \d+ sampled",
+            r"^student only, \d actor\(s\): {n} images/s \({n} steady\)$",
+            r"^SHAP \(\d+ samples\), student \+ teacher, \d actor\(s\): {n} images/s on \d+ sampled",
         ],
         True,
     ),

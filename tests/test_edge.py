@@ -23,7 +23,7 @@ from kdray.edge.export import (
     session,
 )
 from kdray.edge.graph import OUTPUTS, EdgeStudent
-from kdray.explain import feature_maps, grad_cam
+from kdray.explain import explain, feature_maps, grad_cam
 from kdray.models import ModelSpec, StudentCNN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,7 +215,12 @@ def test_the_server_predicts_on_onnx_only_where_the_export_matches_torch(tmp_pat
 
     def student():
         store = ModelStore(
-            tracker.tracking_uri, ["brain_tumor"], "champion", ("student",), runtime="onnx"
+            tracker.tracking_uri,
+            ["brain_tumor"],
+            "champion",
+            ("student",),
+            runtime="onnx",
+            explain_graph=True,  # what the Explainer deployment asks for with runtime: onnx
         )
         try:
             assert store.ready(), store.errors()
@@ -225,6 +230,7 @@ def test_the_server_predicts_on_onnx_only_where_the_export_matches_torch(tmp_pat
 
     loaded = student()
     assert loaded.onnx is None and "no ONNX export" in loaded.runtime_note
+    assert loaded.explain_graph is None and "no ONNX export" in loaded.explain_note
 
     export_registered(
         "kdray-brain_tumor", "champion", _images(8), tmp_path / "edge", tracker.tracking_uri
@@ -235,6 +241,16 @@ def test_the_server_predicts_on_onnx_only_where_the_export_matches_torch(tmp_pat
     with torch.no_grad():
         ref = torch.softmax(model(torch.from_numpy(np.stack(x)).float() / 255), 1).numpy()
     assert np.abs(np.array(loaded.onnx.probabilities(x)) - ref).max() <= 1e-5
+    assert loaded.explain_note.startswith("onnx")
+    for image in x[:2]:  # the Explainer's maps from the graph are kdray's torch maps
+        ours = explain(model, image, ["feature_maps", "gradcam"], render="none")
+        graphs = explain(
+            model, image, ["feature_maps", "gradcam"], render="none", graph=loaded.explain_graph
+        )
+        assert graphs.prediction == ours.prediction
+        for method in ("feature_maps", "gradcam"):
+            for a, b in zip(ours.methods[method].maps, graphs.methods[method].maps, strict=True):
+                assert a.layer == b.layer and np.abs(a.array - b.array).max() <= 1e-4
 
     # Another model's graph logged over this version's export: caught at load.
     other, _ = _student(seed=3)
@@ -242,6 +258,47 @@ def test_the_server_predicts_on_onnx_only_where_the_export_matches_torch(tmp_pat
     tracker.client.log_artifacts(run_id, str(stale.directory), "onnx")
     loaded = student()
     assert loaded.onnx is None and "differs from the torch weights" in loaded.runtime_note
+    assert loaded.explain_graph is None and "differs from torch" in loaded.explain_note
+
+
+def test_explain_takes_the_graph_only_for_what_it_computes(exported):
+    """explain(graph=...) answers from the ONNX pass only for the prediction's Grad-CAM at the
+    graph's layer and every block's mean map; a target, top-k channels or another layer go to
+    torch (the graph is never called)."""
+    from kdray.config import ExplainConfig
+    from kdray.edge.runtime import OnnxExplainer
+
+    model, _, export = exported
+    card = json.loads((export.directory / CARD_FILE).read_text())
+    graph = OnnxExplainer(session(export.directory / EXPLAIN_FILE), card)
+    calls = []
+
+    class Spy:
+        feature_layers, cam_layer = graph.feature_layers, graph.cam_layer
+
+        def run(self, image):
+            calls.append(image.shape)
+            return graph.run(image)
+
+    image = _images(1, seed=11)[0]
+    methods = ["feature_maps", "gradcam"]
+    torch_maps = explain(model, image, methods, render="none", cam_layer="features.block2")
+    graph_maps = explain(model, image, methods, render="none", graph=Spy())
+    assert calls == [(1, 3, SIZE, SIZE)]
+    for method in methods:
+        for a, b in zip(
+            torch_maps.methods[method].maps, graph_maps.methods[method].maps, strict=True
+        ):
+            assert a.layer == b.layer and np.abs(a.array - b.array).max() <= 1e-4
+    for kwargs in (
+        {"target": 1},
+        {"cfg": ExplainConfig(top_k_channels=2)},
+        {"cam_layer": "features.block1"},
+        {"feature_layers": ["features.block1"]},
+    ):
+        explain(model, image, methods, render="none", graph=Spy(), **kwargs)
+    explain(model, image.astype(np.float32) / 255, methods, render="none", graph=Spy())
+    assert len(calls) == 1  # none of those took the graph
 
 
 def test_datasets_exporting_at_once_both_get_a_checked_export(tmp_path):

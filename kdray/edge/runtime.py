@@ -18,7 +18,7 @@ from torch import nn
 from kdray.edge.export import TOLERANCE, session
 from kdray.edge.publish import EdgeMissing, fetch_edge
 
-__all__ = ["OnnxPredictor", "load_onnx_predictor"]
+__all__ = ["OnnxExplainer", "OnnxPredictor", "load_onnx_explainer", "load_onnx_predictor"]
 
 
 class OnnxPredictor:
@@ -82,3 +82,63 @@ def load_onnx_predictor(
         f"probability| {diff:.1e} against torch on {len(x)} images at load)"
     )
     return OnnxPredictor(sess, onnxruntime.__version__), note
+
+
+class OnnxExplainer:
+    """The student's feature maps (every block) and Grad-CAM (of its predicted class) from the
+    exported explain graph (``model.onnx``): one onnxruntime pass instead of torch's forward,
+    forward again and backward. :func:`kdray.explain.explain` uses it when asked for exactly
+    what the graph computes (see its ``graph`` argument)."""
+
+    def __init__(self, sess: object, card: dict) -> None:
+        self.session = sess
+        self.feature_layers = list(card["feature_layers"])
+        self.cam_layer = str(card["cam_layer"])
+
+    def run(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 (1, 3, S, S) -> logits (1, C), feature maps (1, L, S, S), Grad-CAM (1, S, S)."""
+        x = np.ascontiguousarray(image, dtype=np.uint8)
+        logits, maps, cam = self.session.run(["logits", "feature_maps", "gradcam"], {"image": x})
+        return logits, maps, cam
+
+
+def load_onnx_explainer(
+    name: str,
+    alias: str,
+    dest: str | Path,
+    tracking_uri: str,
+    model: nn.Module,
+    threads: int = 1,
+    background: np.ndarray | None = None,
+) -> tuple[OnnxExplainer | None, str]:
+    """``name@alias``'s ONNX explain graph, checked against kdray's torch explainers on
+    ``model`` (feature maps and Grad-CAM of 4 background images and 2 random ones, within
+    :data:`kdray.edge.export.TOLERANCE`).
+
+    Returns:
+        (explainer, note): None when torch must explain; the note says which and why.
+    """
+    from kdray.explain.gradcam import grad_cam
+    from kdray.explain.layer_maps import feature_maps
+
+    try:
+        folder, card = fetch_edge(name, alias, Path(dest) / "edge", tracking_uri)
+    except EdgeMissing:
+        return None, "torch (this version has no ONNX export)"
+    explainer = OnnxExplainer(session(folder / card["files"]["explain"], threads), card)
+    images = _check_images(int(card["image_size"]), background)
+    x = np.concatenate([images[:4], images[-2:]])
+    logits, maps, cam = explainer.run(x)
+    fm = feature_maps(model, x, explainer.feature_layers)
+    ref_cam = grad_cam(model, x, explainer.cam_layer, fm.logits.argmax(1)).maps
+    diff = max(
+        float(np.abs(maps - fm.maps).max()),
+        float(np.abs(cam - ref_cam).max()),
+        float(np.abs(logits - fm.logits).max()),
+    )
+    if diff > TOLERANCE or not (logits.argmax(1) == fm.logits.argmax(1)).all():
+        return None, f"torch (the ONNX explain graph differs from torch: max |Δ| {diff:.1e})"
+    return explainer, (
+        f"onnx ({card['files']['explain']}: feature maps and Grad-CAM in one pass; max |Δ| "
+        f"{diff:.1e} against torch on {len(x)} images at load)"
+    )

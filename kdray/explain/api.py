@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -155,6 +156,7 @@ def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 Render = Literal["overlay", "layer", "both", "none"]
+_RENDER_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kdray-render")
 
 
 def _render(
@@ -167,18 +169,35 @@ def _render(
 ) -> tuple[list[LayerMap], bytes | None]:
     """The maps as PNG: overlays and/or the maps alone (and, for feature maps, the strip)."""
     signed = method == "shap"
-    overlays = (
-        [signed_overlay(shown, a) if signed else heat_overlay(shown, a) for _, a in arrays]
-        if render in ("overlay", "both") or (grid and method == "feature_maps")
-        else None
+    want_overlay = render in ("overlay", "both") or (grid and method == "feature_maps")
+
+    def draw(a: np.ndarray) -> tuple[np.ndarray | None, bytes | None, bytes | None]:
+        overlay = (
+            (signed_overlay(shown, a) if signed else heat_overlay(shown, a))
+            if want_overlay
+            else None
+        )
+        png = png_bytes(overlay) if render in ("overlay", "both") else None
+        heat = (
+            png_bytes(signed_layer(a) if signed else heat_layer(a))
+            if render in ("layer", "both")
+            else None
+        )
+        return overlay, png, heat
+
+    # One map per pool thread: zlib and most of numpy's blending run without the GIL, so the
+    # five feature maps' PNGs of a student encode side by side.
+    drawn = (
+        list(_RENDER_POOL.map(draw, [a for _, a in arrays]))
+        if len(arrays) > 1
+        else [draw(arrays[0][1])]
     )
+    overlays = [d[0] for d in drawn] if want_overlay else None
     maps = [
         LayerMap(
             layer=name,
-            png=png_bytes(overlays[i]) if render in ("overlay", "both") else None,
-            heat_png=png_bytes(signed_layer(a) if signed else heat_layer(a))
-            if render in ("layer", "both")
-            else None,
+            png=drawn[i][1],
+            heat_png=drawn[i][2],
             array=a if include_arrays else None,
             blank=bool(blank_maps(a[None])[0]),
         )
@@ -190,6 +209,29 @@ def _render(
         names = ["input", *[name.split(".")[-1] for name, _ in arrays]]
         strip_png = png_bytes(strip([tile, *overlays], names))
     return maps, strip_png
+
+
+def _graph_applies(
+    graph: Any,
+    image: ImageLike,
+    wanted: list[str],
+    target: int | None,
+    feature_layers: Sequence[str] | None,
+    cam_layer: str | None,
+    cfg: ExplainConfig,
+) -> bool:
+    """The ONNX graph computes exactly what was asked: every block's mean map and the predicted
+    class's Grad-CAM at its own layer, from a uint8 (3, S, S) image."""
+    if graph is None or target is not None or cfg.top_k_channels is not None:
+        return False
+    if not ({"feature_maps", "gradcam"} & set(wanted)):
+        return False
+    if feature_layers is not None and list(feature_layers) != graph.feature_layers:
+        return False
+    if cam_layer is not None and cam_layer != graph.cam_layer:
+        return False
+    array = np.asarray(image) if isinstance(image, np.ndarray) else None
+    return array is not None and array.dtype == np.uint8 and array.ndim == 3
 
 
 def explain(
@@ -207,6 +249,7 @@ def explain(
     include_arrays: bool = True,
     render: Render = "both",
     grid: bool = True,
+    graph: Any = None,
 ) -> Explanation:
     """Predict one image and explain it with the requested methods.
 
@@ -229,6 +272,11 @@ def explain(
             the map alone), ``both``, or ``none`` (no image: with ``include_arrays``, the arrays
             alone, and no rendering time spent).
         grid: feature maps: also the input + every layer as one strip (``grid_png``).
+        graph: the student's ONNX explain graph (:class:`kdray.edge.runtime.OnnxExplainer`):
+            feature maps of every block and Grad-CAM of the prediction in one onnxruntime pass
+            (checked against these torch explainers when it was loaded). Used for a uint8 image
+            when nothing asks for more (no ``target``, ``feature_layers``, ``top_k_channels``,
+            the graph's Grad-CAM layer); the two methods then share the pass's time, half each.
 
     Returns:
         :class:`Explanation`.
@@ -254,6 +302,18 @@ def explain(
     results: dict[str, MethodResult] = {}
     layer_name = cam_layer or _cam_layer(model, cfg)
 
+    from_graph: dict[str, tuple[list[tuple[str, np.ndarray]], float]] = {}
+    if _graph_applies(graph, image, wanted, target, feature_layers, layer_name, cfg):
+        t0 = time.perf_counter()
+        g_logits, g_maps, g_cam = graph.run(np.asarray(image)[None])
+        share = (time.perf_counter() - t0) / len([m for m in wanted if m != "shap"])
+        logits = g_logits.astype(np.float32)
+        from_graph["feature_maps"] = (
+            list(zip(graph.feature_layers, g_maps[0], strict=True)),
+            share,
+        )
+        from_graph["gradcam"] = ([(graph.cam_layer, g_cam[0])], share)
+
     def tgt() -> int | None:
         if target is not None:
             return int(target)
@@ -261,7 +321,10 @@ def explain(
 
     for method in wanted:
         t0 = time.perf_counter()
-        if method == "feature_maps":
+        if method in from_graph:
+            arrays, seconds = from_graph[method]
+            t0 -= seconds  # the share of the one pass that computed it
+        elif method == "feature_maps":
             fm = feature_maps(model, x, feature_layers, cfg.top_k_channels)
             logits = fm.logits
             arrays = list(zip(fm.layers, fm.maps[0], strict=True))

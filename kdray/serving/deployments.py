@@ -172,6 +172,10 @@ class Explainer:
             self.settings.datasets,
             self.settings.alias,
             roles,
+            onnx_threads=self.threads,
+            # runtime: onnx: the students' feature maps and Grad-CAM from their exported explain
+            # graph (one onnxruntime pass, checked against torch at load); SHAP stays on torch.
+            explain_graph=self.settings.runtime == "onnx",
         )
 
     def __del__(self) -> None:  # Serve calls it when the replica shuts down
@@ -225,4 +229,5 @@ class Explainer:
             include_arrays=include_arrays,
             render=render,
             grid=False,
+            graph=m.explain_graph,
         )

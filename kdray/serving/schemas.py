@@ -49,7 +49,8 @@ class ModelEntry(BaseModel):
     runtime: str = Field(
         "torch",
         description="what computes this model's predictions (onnx or torch) and why; "
-        "explanations always run on torch",
+        "the student's feature maps and Grad-CAM of its prediction come from its ONNX explain "
+        "graph when its export matched torch at load; SHAP and the teachers run on torch",
     )
 
 

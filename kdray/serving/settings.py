@@ -68,7 +68,9 @@ class ServeSettings(_Strict):
         description="what the Gateway predicts with: onnx, the champion's exported predict.onnx "
         "on onnxruntime (checked against the registered torch weights at load; a version "
         "without an export, or one that differs, falls back to torch and says so in its card), "
-        "or torch. Explanations always run on torch (they need gradients)",
+        "or torch. With onnx the Explainer also takes a student's feature maps and Grad-CAM of "
+        "its prediction from the exported explain graph (checked against torch at load); SHAP, "
+        "a chosen target and the teachers run on torch",
     )
     audit_experiment: str = Field(
         "kdray-audit",

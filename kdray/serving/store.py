@@ -47,6 +47,9 @@ class LoadedModel:
     # asked for it and the version's export matched its torch weights; None: torch predicts.
     onnx: Any = None
     runtime_note: str = "torch"  # what predicts, and why (shown in the model card)
+    # The ONNX explain graph (kdray.edge.runtime.OnnxExplainer) when asked for and it matched.
+    explain_graph: Any = None
+    explain_note: str = "torch"
 
     @property
     def class_names(self) -> list[str]:
@@ -94,6 +97,8 @@ class ModelStore:
         runtime: ``onnx``: students also load their ONNX export for prediction
             (:mod:`kdray.edge.runtime`); ``torch``: torch only.
         onnx_threads: onnxruntime intra-op threads per prediction.
+        explain_graph: students also load their ONNX explain graph (feature maps and Grad-CAM in
+            one pass, :class:`kdray.edge.runtime.OnnxExplainer`), checked against torch.
     """
 
     def __init__(
@@ -106,10 +111,12 @@ class ModelStore:
         channels_last: bool = False,
         runtime: Literal["onnx", "torch"] = "torch",
         onnx_threads: int = 1,
+        explain_graph: bool = False,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.runtime = runtime
         self.onnx_threads = onnx_threads
+        self.explain_graph = explain_graph
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.alias = alias
@@ -160,6 +167,19 @@ class ModelStore:
                 loaded.background,
             )
             log.info("%s v%s predicts with %s", name, registered.version, loaded.runtime_note)
+        if role == "student" and self.explain_graph:
+            from kdray.edge.runtime import load_onnx_explainer
+
+            loaded.explain_graph, loaded.explain_note = load_onnx_explainer(
+                name,
+                self.alias,
+                dest,
+                self.tracking_uri,
+                model,
+                self.onnx_threads,
+                loaded.background,
+            )
+            log.info("%s v%s explains with %s", name, registered.version, loaded.explain_note)
         return loaded
 
     def retry_missing(self, min_interval_s: float = 10.0) -> None:
