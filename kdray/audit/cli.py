@@ -164,6 +164,8 @@ def audit_main(argv: list[str] | None = None) -> int:
         log_path = None if args.verbose else log_path_for(ws.logs)
         with calm_console(log_path, verbose=args.verbose), ray_session(cfg.ray, ws):
             result = run_audit(cfg, ws, request, prepared=prepared)
+            # Ray Data's operator stats into the run's log (the terminal with -v).
+            print(f"Ray Data stats of the audit:\n{result.stats}", file=sys.stderr)
     except (DataError, WorkspaceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

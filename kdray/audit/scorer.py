@@ -79,9 +79,10 @@ def load_audit_model(
     files: dict[str, bytes],
     background: np.ndarray | None,
     cfg: ExplainConfig,
+    device: torch.device | str = "cpu",
 ) -> AuditModel:
     """Build a model from :func:`kdray.models.model_files` bytes (they travel to any node)."""
-    model, spec = load_model_files(files)
+    model, spec = load_model_files(files, device)
     size = int(spec.image_size)
     layer = cam_layer(role, model, cfg, size)
     return AuditModel(role, model, spec, layer, layer_output_size(model, layer, size), background)
@@ -150,6 +151,7 @@ def _decode(paths: list[str], masks: list[str], size: int) -> tuple[list, list, 
 def _scores(m: AuditModel, x: torch.Tensor, shap_rows: np.ndarray, s: Settings) -> dict:
     """Probabilities, the maps of each method (N, S, S; SHAP only on ``shap_rows``)."""
     cfg = s.explain
+    x = x.to(next(m.model.parameters()).device)  # a GPU actor's model lives on its GPU
     fm = feature_maps(m.model, x, [m.layer], cfg.top_k_channels)
     preds = fm.logits.argmax(1)
     probs = torch.softmax(torch.from_numpy(fm.logits).double(), dim=1).numpy()
@@ -313,8 +315,11 @@ class AuditScorer:
             models = ray.get(models)
         limit_threads(settings.threads)
         self.settings = settings
+        from kdray.devices import assigned_device
+
+        device = assigned_device()  # cuda:0 where Ray gave this actor a GPU
         self.models = [
-            load_audit_model(role, files, background, settings.explain)
+            load_audit_model(role, files, background, settings.explain, device)
             for role, (files, background) in models.items()
         ]
         self.node = _node_id()

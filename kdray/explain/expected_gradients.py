@@ -150,10 +150,11 @@ def _torch_engine(
 ) -> np.ndarray:
     n = x.shape[0]
     idx, t = draw_samples(background.shape[0], nsamples, seed)
-    image_of = torch.arange(n).repeat_interleave(nsamples)
-    bg_of = torch.from_numpy(np.tile(idx, n))
-    t_of = torch.from_numpy(np.tile(t, n)).float()[:, None, None, None]
-    target_of = torch.from_numpy(targets)[image_of]
+    device = x.device  # the model's (an audit actor on a GPU moves its images there)
+    image_of = torch.arange(n).repeat_interleave(nsamples).to(device)
+    bg_of = torch.from_numpy(np.tile(idx, n)).to(device)
+    t_of = torch.from_numpy(np.tile(t, n)).float()[:, None, None, None].to(device)
+    target_of = torch.from_numpy(targets).to(device)[image_of]
     phi = torch.zeros_like(x)
     for start in range(0, n * nsamples, batch_size):
         sl = slice(start, start + batch_size)
@@ -163,7 +164,7 @@ def _torch_engine(
         score = model(inp).gather(1, target_of[sl, None]).sum()
         (grad,) = torch.autograd.grad(score, inp)
         phi.index_add_(0, image_of[sl], grad * (xi - xb))
-    return (phi / nsamples).numpy()
+    return (phi / nsamples).cpu().numpy()
 
 
 class _ClassScore(nn.Module):
@@ -231,7 +232,7 @@ def shap_maps(
     if engine not in ("torch", "shap"):
         raise ValueError(f"unknown SHAP engine {engine!r}; expected 'torch' or 'shap'")
     x = to_batch(images)
-    bg = to_batch(background)
+    bg = to_batch(background).to(x.device)
     if bg.shape[1:] != x.shape[1:]:
         raise ValueError(
             f"background images {tuple(bg.shape[1:])} differ from input {tuple(x.shape[1:])}"

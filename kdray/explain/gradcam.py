@@ -152,7 +152,7 @@ def grad_cam(
             maps = cam(input_tensor=x, targets=cam_targets)
         except IndexError as exc:
             raise ExplainError(f"Grad-CAM failed at {name!r}: {exc}") from exc
-        logits = cam.outputs.detach().float()
+        logits = cam.outputs.detach().float().cpu()
     picked = logits.argmax(1).numpy() if cam_targets is None else tgt
     return CamMaps(
         name, np.asarray(maps, dtype=np.float32), picked.astype(np.int64), logits.numpy()

@@ -116,4 +116,4 @@ def feature_maps(
         logits = model(x)
         # ``acts`` is read inside the block: the hooks must not outlive the call.
         maps = torch.stack([reduce_activation(acts[name], size, top_k) for name in names], 1)
-    return FeatureMaps(names, maps.numpy().astype(np.float32), logits.float().numpy())
+    return FeatureMaps(names, maps.cpu().numpy().astype(np.float32), logits.float().cpu().numpy())
