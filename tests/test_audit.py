@@ -336,7 +336,7 @@ def test_the_command_audits_a_kaggle_folder_with_broken_files_and_names_bad_inpu
     out = tmp_path / "audit"
     argv = [*base, "--dataset", "brain_tumor", "--root", str(tmp_path / "kaggle"), "-v"]
     argv += ["--out", str(out), "--methods", "gradcam,shap", "--shap-sample", "3", "--no-log"]
-    argv += ["--student-only"]
+    argv += ["--student-only", "--actors", "1"]
     assert audit_main(argv) == 0
     printed = capsys.readouterr().out
     assert f"{readable + 2} images, 2 unreadable" in printed and "Unreadable files: 2" in printed

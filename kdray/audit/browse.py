@@ -101,10 +101,17 @@ class AuditBrowser:
                 raise AuditNotFound(f"no audit {run_id}") from None
             if run.data.tags.get("kdray.role") != "audit":
                 raise AuditNotFound(f"run {run_id} is not an audit")
+            names = {a.path for a in self.client.list_artifacts(run_id)}  # outage: raises
+            if not {"audit.json", "audit.parquet"} <= names:
+                raise AuditNotFound(f"audit {run_id} has no audit.json / audit.parquet")
             dest = self._dir / run_id
-            dest.mkdir()
-            for name in ("audit.json", "audit.parquet"):
-                self.client.download_artifacts(run_id, name, str(dest))
+            dest.mkdir(exist_ok=True)
+            try:
+                for name in ("audit.json", "audit.parquet"):
+                    self.client.download_artifacts(run_id, name, str(dest))
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)  # the next call downloads afresh
+                raise
             self._cache[run_id] = dest
             while len(self._cache) > KEEP:
                 _, old = self._cache.popitem(last=False)

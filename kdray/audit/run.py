@@ -176,6 +176,8 @@ def prepare_audit(cfg: ExperimentConfig, ws: Workspace, req: AuditRequest) -> Pr
     if unknown or not req.methods:
         raise DataError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     source = _source(cfg, ws, req)
+    if not source.items:
+        raise DataError(f"{req.dataset}: no images in the {source.description}")
     shap_n = mark_shap(source, req.shap_sample, cfg.seed) if "shap" in req.methods else 0
     tmp = Path(tempfile.mkdtemp(prefix="kdray-audit-"))
     try:
