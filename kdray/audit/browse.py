@@ -8,7 +8,6 @@ MLflow.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import shutil
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from PIL import Image
 
-from kdray.audit.scorer import decode_map, decode_signed
+from kdray.audit.scorer import decode_signed, map_at, thumbnail_at
 from kdray.explain.render import heat_layer, png_bytes, signed_layer
 
 __all__ = ["AuditBrowser", "AuditNotFound"]
@@ -145,9 +144,7 @@ class AuditBrowser:
         }
         if row["error"]:
             return out
-        thumb = Image.open(io.BytesIO(row["thumbnail"])).convert("RGB")
-        thumb = thumb.resize((VIEW_SIDE, VIEW_SIDE), Image.Resampling.BILINEAR)
-        out["input_png"] = _b64(png_bytes(np.asarray(thumb)))
+        out["input_png"] = _b64(png_bytes(thumbnail_at(row["thumbnail"], VIEW_SIDE)))
         for role in summary["roles"]:
             model: dict[str, Any] = {
                 "label": names[row[f"{role}_label"]],
@@ -168,11 +165,7 @@ class AuditBrowser:
                     )
                     drawn, native = np.asarray(layer), [size, size]
                 else:
-                    small = decode_map(data, side)
-                    heat = Image.fromarray((small * 255).astype(np.uint8)).resize(
-                        (VIEW_SIDE, VIEW_SIDE), Image.Resampling.BILINEAR
-                    )
-                    drawn, native = heat_layer(np.asarray(heat) / 255.0), list(side)
+                    drawn, native = heat_layer(map_at(data, side, VIEW_SIDE)), list(side)
                 model["maps"][method] = {
                     "heat_png": _b64(png_bytes(drawn)),
                     "side": native,

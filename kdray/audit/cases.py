@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from kdray.audit.scorer import THUMB_SIDE, decode_map
+from kdray.audit.scorer import THUMB_SIDE, map_at, thumbnail_at
 from kdray.explain.faithfulness import nanmean
 from kdray.explain.render import heat_overlay, png_bytes, strip
 from kdray.metrics import calibration
@@ -234,29 +234,15 @@ def look_first(df: pd.DataFrame, class_names: list[str], top: int = 10) -> list[
 
 def row_strip(row: pd.Series | dict, method: str = "gradcam") -> np.ndarray | None:
     """Input | student map | teacher map (where present) as one uint8 image; None if unreadable."""
-    from io import BytesIO
-
-    from PIL import Image
-
     if not row["thumbnail"]:
         return None
-    pil = Image.open(BytesIO(row["thumbnail"])).convert("RGB")
-    if pil.size[0] < THUMB_SIDE:  # small inputs (32 px) are drawn larger
-        pil = pil.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
-    image = np.asarray(pil)
-    side = image.shape[0]
+    # Small inputs (32 px) are drawn larger; larger ones at the stored thumbnail's side.
+    image = thumbnail_at(row["thumbnail"], THUMB_SIDE)
     tiles, labels = [image], ["input"]
     for role in ROLES:
-        data = row.get(f"{role}_{method}") if hasattr(row, "get") else None
+        data = row.get(f"{role}_{method}")
         if data:
-            small = decode_map(data, row[f"{role}_map_side"])
-            heat = np.asarray(
-                Image.fromarray((small * 255).astype(np.uint8)).resize(
-                    (side, side), Image.Resampling.BILINEAR
-                ),
-                dtype=np.float32,
-            )
-            tiles.append(heat_overlay(image, heat / 255.0))
+            tiles.append(heat_overlay(image, map_at(data, row[f"{role}_map_side"], THUMB_SIDE)))
             labels.append(role)
     return strip(tiles, labels)
 

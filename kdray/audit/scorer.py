@@ -45,6 +45,8 @@ __all__ = [
     "decode_signed",
     "limit_threads",
     "load_audit_model",
+    "map_at",
+    "thumbnail_at",
     "score_batch",
 ]
 
@@ -92,6 +94,21 @@ def decode_map(data: bytes, side: tuple[int, int] | list[int]) -> np.ndarray:
     """A stored map (uint8 bytes) back to float (H, W) in [0, 1]."""
     h, w = int(side[0]), int(side[1])
     return np.frombuffer(data, dtype=np.uint8).reshape(h, w).astype(np.float32) / 255.0
+
+
+def thumbnail_at(data: bytes, side: int) -> np.ndarray:
+    """A stored thumbnail as uint8 RGB (side, side, 3), bilinear."""
+    pil = Image.open(io.BytesIO(data)).convert("RGB")
+    if pil.size != (side, side):
+        pil = pil.resize((side, side), Image.Resampling.BILINEAR)
+    return np.asarray(pil)
+
+
+def map_at(data: bytes, map_side: tuple[int, int] | list[int], side: int) -> np.ndarray:
+    """A stored map (:func:`decode_map`) upsampled to float (side, side) in [0, 1], bilinear,
+    to draw over :func:`thumbnail_at`."""
+    small = Image.fromarray((decode_map(data, map_side) * 255).astype(np.uint8))
+    return np.asarray(small.resize((side, side), Image.Resampling.BILINEAR), np.float32) / 255.0
 
 
 def _native(maps: np.ndarray, side: tuple[int, int]) -> list[bytes]:
@@ -170,12 +187,6 @@ def _scores(m: AuditModel, x: torch.Tensor, shap_rows: np.ndarray, s: Settings) 
             seed=s.seed,
         ).maps
     return {"preds": preds, "probs": probs, "maps": maps}
-
-
-def _full(values: np.ndarray, ok: np.ndarray, n: int, fill: float = np.nan) -> np.ndarray:
-    out = np.full(n, fill, dtype=np.float64)
-    out[ok] = values
-    return out
 
 
 def score_batch(

@@ -18,7 +18,14 @@ from torch import nn
 from kdray.edge.export import TOLERANCE, session
 from kdray.edge.publish import EdgeMissing, fetch_edge
 
-__all__ = ["OnnxExplainer", "OnnxPredictor", "load_onnx_explainer", "load_onnx_predictor"]
+__all__ = [
+    "Export",
+    "OnnxExplainer",
+    "OnnxPredictor",
+    "fetch_export",
+    "load_onnx_explainer",
+    "load_onnx_predictor",
+]
 
 
 class OnnxPredictor:
@@ -44,25 +51,33 @@ def _check_images(size: int, background: np.ndarray | None) -> np.ndarray:
     return np.concatenate([np.asarray(background, dtype=np.uint8)[:16], noise])
 
 
+Export = tuple[Path, dict]  # the version's onnx/ folder and its card (model.json)
+
+
+def fetch_export(name: str, alias: str, dest: str | Path, tracking_uri: str) -> Export | None:
+    """``name@alias``'s ONNX export downloaded under ``dest``, or None when it has none."""
+    try:
+        return fetch_edge(name, alias, Path(dest) / "edge", tracking_uri)
+    except EdgeMissing:
+        return None
+
+
 def load_onnx_predictor(
-    name: str,
-    alias: str,
-    dest: str | Path,
-    tracking_uri: str,
+    export: Export | None,
     model: nn.Module,
     threads: int = 1,
     background: np.ndarray | None = None,
 ) -> tuple[OnnxPredictor | None, str]:
-    """``name@alias``'s ONNX predict graph, checked against ``model`` (its torch weights).
+    """The export's predict graph (:func:`fetch_export`), checked against ``model`` (its torch
+    weights).
 
     Returns:
         (predictor, note): the predictor, or None when torch must predict; the note says which
         runtime predicts and why, for the model card and the replica's log.
     """
-    try:
-        folder, card = fetch_edge(name, alias, Path(dest) / "edge", tracking_uri)
-    except EdgeMissing:
+    if export is None:
         return None, "torch (this version has no ONNX export; tune/export.py makes one)"
+    folder, card = export
     sess = session(folder / card["files"]["predict"], threads)
     x = _check_images(int(card["image_size"]), background)
     with torch.inference_mode():
@@ -103,17 +118,14 @@ class OnnxExplainer:
 
 
 def load_onnx_explainer(
-    name: str,
-    alias: str,
-    dest: str | Path,
-    tracking_uri: str,
+    export: Export | None,
     model: nn.Module,
     threads: int = 1,
     background: np.ndarray | None = None,
 ) -> tuple[OnnxExplainer | None, str]:
-    """``name@alias``'s ONNX explain graph, checked against kdray's torch explainers on
-    ``model`` (feature maps and Grad-CAM of 4 background images and 2 random ones, within
-    :data:`kdray.edge.export.TOLERANCE`).
+    """The export's explain graph (:func:`fetch_export`), checked against kdray's torch
+    explainers on ``model`` (feature maps and Grad-CAM of 4 background images and 2 random ones,
+    within :data:`kdray.edge.export.TOLERANCE`).
 
     Returns:
         (explainer, note): None when torch must explain; the note says which and why.
@@ -121,10 +133,9 @@ def load_onnx_explainer(
     from kdray.explain.gradcam import grad_cam
     from kdray.explain.layer_maps import feature_maps
 
-    try:
-        folder, card = fetch_edge(name, alias, Path(dest) / "edge", tracking_uri)
-    except EdgeMissing:
+    if export is None:
         return None, "torch (this version has no ONNX export)"
+    folder, card = export
     explainer = OnnxExplainer(session(folder / card["files"]["explain"], threads), card)
     images = _check_images(int(card["image_size"]), background)
     x = np.concatenate([images[:4], images[-2:]])

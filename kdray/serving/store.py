@@ -154,32 +154,17 @@ class ModelStore:
         loaded = LoadedModel(
             dataset, role, registered, model, load_background(registered.directory)
         )
-        if role == "student" and self.runtime == "onnx":
-            from kdray.edge.runtime import load_onnx_predictor
+        if role == "student" and (self.runtime == "onnx" or self.explain_graph):
+            from kdray.edge import runtime
 
-            loaded.onnx, loaded.runtime_note = load_onnx_predictor(
-                name,
-                self.alias,
-                dest,
-                self.tracking_uri,
-                model,
-                self.onnx_threads,
-                loaded.background,
-            )
-            log.info("%s v%s predicts with %s", name, registered.version, loaded.runtime_note)
-        if role == "student" and self.explain_graph:
-            from kdray.edge.runtime import load_onnx_explainer
-
-            loaded.explain_graph, loaded.explain_note = load_onnx_explainer(
-                name,
-                self.alias,
-                dest,
-                self.tracking_uri,
-                model,
-                self.onnx_threads,
-                loaded.background,
-            )
-            log.info("%s v%s explains with %s", name, registered.version, loaded.explain_note)
+            export = runtime.fetch_export(name, self.alias, dest, self.tracking_uri)
+            args = (export, model, self.onnx_threads, loaded.background)
+            if self.runtime == "onnx":
+                loaded.onnx, loaded.runtime_note = runtime.load_onnx_predictor(*args)
+                log.info("%s v%s predicts with %s", name, registered.version, loaded.runtime_note)
+            if self.explain_graph:
+                loaded.explain_graph, loaded.explain_note = runtime.load_onnx_explainer(*args)
+                log.info("%s v%s explains with %s", name, registered.version, loaded.explain_note)
         return loaded
 
     def retry_missing(self, min_interval_s: float = 10.0) -> None:
