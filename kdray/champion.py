@@ -27,6 +27,7 @@ import ray
 import torch
 
 from kdray.data.prepare import Split
+from kdray.data.record import save_record
 from kdray.devices import use_assigned_threads
 from kdray.engine import evaluate, softmax
 from kdray.evaluation import SCALAR_METRICS, evaluate_and_log
@@ -243,6 +244,8 @@ def crown_champion(
         model, spec = load_model(d)
     shutil.rmtree(target, ignore_errors=True)
     save_model(model, spec, target)
+    if job.record is not None:  # what it saw travels with the registered version
+        save_record(target, job.record)
     # The SHAP background travels with the registered version: a server needs only the registry.
     save_background(
         target,
@@ -285,7 +288,7 @@ def crown_champion(
         registered_name(dataset),
         run_id,
         "champion",
-        tags={"kdray.dataset": dataset},
+        tags={"kdray.dataset": dataset, **(job.record.tags() if job.record else {})},
     )
     tracker.set_tags(run_id, {"kdray.registered_model": f"{registered_name(dataset)}/{version}"})
     log.info(

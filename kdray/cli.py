@@ -7,22 +7,31 @@ import logging
 import sys
 import traceback
 
-from kdray.config import DEFAULT_CONFIG, ConfigError, ExperimentConfig, load_config
+from kdray.config import ConfigError, ExperimentConfig, load_config
 from kdray.data.folders import DataError
 from kdray.workspace import Workspace, WorkspaceError
 
 __all__ = ["build_parser", "build_report_parser", "main", "report_main"]
 
 
-def _parser(prog: str, description: str, set_help: str) -> argparse.ArgumentParser:
-    """A parser with the options both commands share: --config, --set, --workspace."""
+POST_RUN_CONFIG_HELP = (
+    "experiment YAML (default: the config of the run that trained the model; a config that "
+    "would give the model other data, e.g. another image size, is refused)"
+)
+
+
+def _parser(
+    prog: str,
+    description: str,
+    set_help: str,
+    config_help: str = "experiment YAML (default: configs/default.yaml)",
+) -> argparse.ArgumentParser:
+    """A parser with the options every command shares: --config, --set, --workspace.
+
+    ``--config`` defaults to None: ``tune/run.py`` then loads configs/default.yaml, the post-run
+    commands the config of the run that trained the model (:mod:`kdray.lineage`)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        default=str(DEFAULT_CONFIG),
-        help="experiment YAML (default: configs/default.yaml)",
-    )
+    parser.add_argument("--config", metavar="PATH", default=None, help=config_help)
     parser.add_argument(
         "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help=set_help
     )
@@ -73,8 +82,11 @@ def build_report_parser() -> argparse.ArgumentParser:
         "tune/report.py",
         "Recompute the transparency report (params, FLOPs, explanation times, faithfulness, "
         "example figures; teacher vs champion) of every dataset of a finished `tune/run.py` run "
-        "with the same config and workspace, and log it to MLflow. No training.",
-        "the run's overrides; explain.* keys may differ from the run's",
+        "in the workspace, and log it to MLflow. No training. Without --config, each dataset's "
+        "run is rebuilt with the config it was made with.",
+        "override a key of the run's config; explain.* keys may differ from the run's",
+        config_help="the run's experiment YAML (default: the config each finished run in the "
+        "workspace was made with)",
     )
 
 
@@ -151,11 +163,17 @@ def report_main(argv: list[str] | None = None) -> int:
     cfg = _setup(args, [])
     if cfg is None:
         return 2
-    from kdray.pipeline import rebuild_reports
+    from kdray.pipeline import finished_runs, rebuild_reports
 
+    ws = Workspace.at(args.workspace)
     try:
-        paths = rebuild_reports(cfg, Workspace.at(args.workspace))
-    except (RuntimeError, DataError) as exc:
+        runs = (
+            [(d, cfg) for d in cfg.data.datasets]
+            if args.config is not None
+            else finished_runs(ws, args.overrides, cfg)
+        )
+        paths = rebuild_reports(runs, ws)
+    except (RuntimeError, DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in paths:

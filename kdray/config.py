@@ -33,6 +33,7 @@ __all__ = [
     "TuneConfig",
     "apply_overrides",
     "load_config",
+    "validate_config",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -433,8 +434,16 @@ def load_config(
         raise ConfigError(f"config {source} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {source} must be a mapping at the top level")
-    raw = apply_overrides(raw, overrides or [])
+    return validate_config(apply_overrides(raw, overrides or []), str(source))
+
+
+def validate_config(raw: dict[str, Any], source: str) -> ExperimentConfig:
+    """Validate a config mapping (a file's, a run's logged ``config.yaml``) named ``source``.
+
+    Raises:
+        ConfigError: naming every offending key path.
+    """
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(source))) from None
+        raise ConfigError(_format_errors(exc, source)) from None

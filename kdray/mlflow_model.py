@@ -6,6 +6,10 @@ and then calls :meth:`KdrayClassifier.load_context` on the model's ``kdray_model
 
 Input: a batch of RGB images, uint8 (N, H, W, 3) (any H, W: resized to the model's input size
 bilinearly, as kdray's decoder does). Output: one column of class probabilities per class name.
+
+The model's data record (``data.json``, :mod:`kdray.data.record`) is read with the weights:
+``python_model.data`` says what the model was trained on (also the MLmodel metadata
+``kdray.data``), and the input size and class names must agree with it.
 """
 
 from __future__ import annotations
@@ -22,10 +26,21 @@ ARTIFACT = "kdray_model"
 
 class KdrayClassifier(PythonModel):
     def load_context(self, context: Any) -> None:
+        from kdray.data.record import load_record
         from kdray.models import load_model
 
-        self.model, self.spec = load_model(context.artifacts[ARTIFACT])
+        folder = context.artifacts[ARTIFACT]
+        self.model, self.spec = load_model(folder)
         self.model.eval()
+        self.data = load_record(folder)  # None for a version saved before kdray wrote records
+        if self.data is not None and (
+            self.data.image_size != self.spec.image_size
+            or list(self.data.classes) != list(self.spec.class_names)
+        ):
+            raise ValueError(
+                f"{folder}: the data record ({self.data.image_size} px, {self.data.classes}) "
+                f"disagrees with the model ({self.spec.image_size} px, {self.spec.class_names})"
+            )
 
     # No type hints on predict: MLflow would take them for an input schema of its own.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201

@@ -23,6 +23,7 @@ from kdray.champion import ChampionResult, crown_champion
 from kdray.config import ExperimentConfig, RayConfig
 from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, preflight, prepare_dataset
+from kdray.data.record import DataRecord, record_for, split_digest
 from kdray.explain.sanity import PASS_BELOW
 from kdray.metrics import paired_difference
 from kdray.registry import registered_name
@@ -89,6 +90,9 @@ class DatasetSummary:
     # The report's sanity checks (``*.randomisation.*``, ``*.random_logit.*``,
     # ``*.blank_test.*`` of its metrics; empty without a report or in an older summary).
     sanity: dict[str, float] = field(default_factory=dict)
+    # The data, in the record's public phrase (kdray.data.record): "synthetic stand-in (...)" or
+    # a real folder's name; empty in an older summary.
+    data_source: str = ""
 
 
 SANITY_KEYS = (".randomisation.", ".random_logit.", ".blank_test.", "localisation_test.images")
@@ -247,7 +251,15 @@ def run_dataset(
         tracker.log_config(parent, cfg.to_dict())
         log_data(tracker, parent, data)
         tracker.log_params(parent, {"n_train_students": n_students})
-    base = {"run_key": key, "parent_run_id": parent, "sweep": sweep_name}
+    # The run's config and what its models saw (kdray.data.record): what `tune/report.py`,
+    # given no --config, rebuilds the reports with.
+    base = {
+        "run_key": key,
+        "parent_run_id": parent,
+        "sweep": sweep_name,
+        "config": cfg.to_dict(),
+        "data": record_for(cfg.data, data, student=True).to_dict(),
+    }
     if not state:
         _save_state(ws, dataset, base)
     try:
@@ -353,6 +365,7 @@ def run_dataset(
             student_train_images=n_students,
             search=findings.to_dict(),
             sanity=sanity,
+            data_source=data.source.describe(),
         )
         tracker.log_metrics(
             parent,
@@ -500,7 +513,20 @@ def _sanity_words(r: DatasetSummary) -> str:
 
 def format_summary(rows: list[DatasetSummary]) -> str:
     """A Markdown table per run: teacher vs champion vs CE-only baseline, per dataset."""
-    lines = [
+    lines = []
+    if any(r.data_source for r in rows):
+        lines += [
+            "Data: " + "; ".join(f"{r.dataset}: {r.data_source}" for r in rows if r.data_source),
+            "",
+        ]
+        if any(r.data_source.startswith("synthetic") for r in rows):
+            lines += [
+                "A synthetic stand-in is kdray's generated imitation of the public dataset "
+                "(same classes and folder layout, lesion masks): its figures describe models of "
+                "the stand-in, not of the public data.",
+                "",
+            ]
+    lines += [
         "| dataset | model | test acc | test F1 | ECE | params | MFLOPs | alpha | T | widths | lr | chosen from |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -613,22 +639,83 @@ def _write_summary(rows: list[DatasetSummary], ws: Workspace) -> None:
     (ws.reports / "summary.csv").write_text(buf.getvalue())
 
 
-def rebuild_reports(cfg: ExperimentConfig, ws: Workspace) -> list[Path]:
-    """Recompute the transparency report of every finished dataset of this config (no training).
+def finished_runs(
+    ws: Workspace, overrides: list[str], given: ExperimentConfig
+) -> list[tuple[str, ExperimentConfig]]:
+    """Every dataset with a finished run in ``ws``, each with the config that run used (from its
+    state, else its parent run's ``config.yaml``), ``overrides`` on top; where it runs and logs
+    (``mlflow``, ``ray``) is ``given``'s. What ``tune/report.py`` rebuilds without ``--config``;
+    ``--set data.datasets=[...]`` keeps those datasets only.
 
     Raises:
-        RuntimeError: a configured dataset has no finished run of this config in ``ws``.
+        RuntimeError: no finished run in ``ws``.
+        ConfigError: a run's config does not load with the overrides.
     """
-    tracker = Tracker.open(cfg.mlflow, ws)
-    key, paths = run_key(cfg), []
-    for dataset in cfg.data.datasets:
+    import copy
+
+    from kdray.config import apply_overrides, validate_config
+    from kdray.lineage import run_config
+
+    runs = []
+    chosen = given.data.datasets if any(o.startswith("data.datasets=") for o in overrides) else None
+    folder = ws.root / "state"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        state = json.loads(path.read_text())
+        if "summary" not in state or (chosen is not None and path.stem not in chosen):
+            continue
+        raw = state.get("config") or run_config(
+            Tracker.open(given.mlflow, ws).client, state["parent_run_id"]
+        )
+        raw = apply_overrides(copy.deepcopy(raw), overrides)
+        raw["mlflow"], raw["ray"] = given.mlflow.model_dump(), given.ray.model_dump()
+        runs.append((path.stem, validate_config(raw, f"the config of the {path.stem} run")))
+    if not runs:
+        raise RuntimeError(f"no finished run in {ws.root}; run tune/run.py first")
+    return runs
+
+
+def rebuild_reports(runs: list[tuple[str, ExperimentConfig]], ws: Workspace) -> list[Path]:
+    """Recompute the transparency report of each ``(dataset, config)``'s finished run in ``ws``
+    (no training).
+
+    Raises:
+        RuntimeError: a dataset has no finished run of that config in ``ws``; the message says
+            what is there instead.
+        kdray.lineage.LineageError: the data prepared now is not what the run's models saw.
+    """
+    paths = []
+    for dataset, cfg in runs:
+        tracker = Tracker.open(cfg.mlflow, ws)
         path = _state_path(ws, dataset)
         state = json.loads(path.read_text()) if path.is_file() else {}
-        if state.get("run_key") != key or "summary" not in state:
+        if not state:
+            raise RuntimeError(f"{dataset}: no run in {ws.root}; run tune/run.py first")
+        if "summary" not in state:
             raise RuntimeError(
-                f"{dataset}: no finished run of this config in {ws.root}; run tune/run.py first"
+                f"{dataset}: the run in {ws.root} has not finished; continue it with "
+                "tune/run.py --resume"
+            )
+        if state.get("run_key") != run_key(cfg):
+            there = state.get("data")
+            what = (
+                f" (its models saw the {DataRecord.from_dict(there).describe()} at "
+                f"{there['image_size']} px)"
+                if there
+                else ""
+            )
+            raise RuntimeError(
+                f"{dataset}: the finished run in {ws.root} was made with another config{what}; "
+                "leave out --config to rebuild the reports of the run that is there, or run "
+                "tune/run.py with this config first"
             )
         data = prepare_dataset(cfg.data, dataset, ws)
+        if state.get("data"):
+            recorded = DataRecord.from_dict(state["data"])
+            if recorded.digest and recorded.digest != split_digest(data.manifest):
+                raise RuntimeError(
+                    f"{dataset}: the files under {data.manifest.root} changed since the run "
+                    f"(split digest {split_digest(data.manifest)}, the run's {recorded.digest})"
+                )
         report = report_dataset(
             cfg,
             data,

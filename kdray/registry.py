@@ -26,6 +26,7 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from torch import nn
 
 from kdray.data.mlflow_inputs import trained_on
+from kdray.data.record import DataRecord, load_record
 from kdray.data.specs import DATASETS, get_spec
 from kdray.models import SPEC_FILE, ModelSpec, load_model
 
@@ -53,14 +54,19 @@ def _signature(spec: ModelSpec) -> ModelSignature:
 def log_model_folder(client: MlflowClient, run_id: str, folder: str | Path) -> None:
     """Log a saved kdray model folder as the run's ``model/``: an MLflow pyfunc from code.
 
-    The pyfunc keeps the folder's files as its ``kdray_model`` artifact, with a signature
-    (uint8 RGB images (N, H, W, 3) in, one probability column per class out) and the running
-    environment's versions of the packages it needs.
+    The pyfunc keeps the folder's files as its ``kdray_model`` artifact (with ``data.json``, the
+    model's data record), with a signature (uint8 RGB images (N, H, W, 3) in, one probability
+    column per class out), the record's public form as MLmodel metadata ``kdray.data``, and the
+    running environment's versions of the packages it needs.
     """
     import mlflow.pyfunc
 
     folder = Path(folder)
     spec = ModelSpec.from_dict(json.loads((folder / SPEC_FILE).read_text()))
+    record = load_record(folder)
+    metadata: dict[str, Any] = {"kdray.kind": spec.kind, "kdray.dataset": spec.dataset or ""}
+    if record is not None:  # what the model saw, on its MLmodel page (public form: no paths)
+        metadata["kdray.data"] = record.public()
     with tempfile.TemporaryDirectory() as tmp:
         # MLflow keeps an artifact under its folder's own name: name it what the loader reads.
         files = shutil.copytree(folder, Path(tmp) / KDRAY_FILES.name)
@@ -75,7 +81,7 @@ def log_model_folder(client: MlflowClient, run_id: str, folder: str | Path) -> N
                 signature=_signature(spec),
                 input_example=example,
                 pip_requirements=_requirements(),
-                metadata={"kdray.kind": spec.kind, "kdray.dataset": spec.dataset or ""},
+                metadata=metadata,
             )
         client.log_artifacts(run_id, str(out), ARTIFACT_PATH)
 
@@ -151,9 +157,13 @@ class RegisteredModel:
     directory: Path
     spec: ModelSpec
     metrics: dict[str, float] = field(default_factory=dict)
-    # The data the registering run trained on (kdray.data.mlflow_inputs.trained_on): what a
-    # model card says, not the dataset catalogue's description of the public dataset.
+    # The data the model trained on, from its own record (or, for a version registered before
+    # records, its run's inputs): what a model card says, not the dataset catalogue's description
+    # of the public dataset. ``{"synthetic", "images", "source", "text"}``; public (no paths).
     trained_on: dict[str, Any] = field(default_factory=dict)
+    # What the model saw (kdray.data.record: ``data.json`` beside its weights); None for a
+    # version registered before kdray wrote records.
+    record: DataRecord | None = None
 
 
 def fetch_registered(
@@ -184,8 +194,17 @@ def fetch_registered(
         local = local / KDRAY_FILES
     spec = ModelSpec.from_dict(json.loads((local / SPEC_FILE).read_text()))
     run = client.get_run(found.run_id)
-    title = get_spec(spec.dataset).title if spec.dataset in DATASETS else name
-    trained = trained_on(run.inputs.dataset_inputs, title)
+    task = get_spec(spec.dataset).title.split(" (")[0] if spec.dataset in DATASETS else name
+    record = load_record(local)
+    if record is not None:
+        trained = {
+            "synthetic": record.source.synthetic,
+            "images": record.train_images,
+            "source": record.source.label,
+            "text": record.trained_on(task),
+        }
+    else:
+        trained = trained_on(run.inputs.dataset_inputs, task)
     return RegisteredModel(
         name,
         alias,
@@ -195,6 +214,7 @@ def fetch_registered(
         spec,
         dict(run.data.metrics),
         trained,
+        record,
     )
 
 

@@ -27,6 +27,7 @@ from kdray.config import ExperimentConfig, max_student_depth, widths_for
 from kdray.console import eta
 from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, Split
+from kdray.data.record import DataRecord, record_for
 from kdray.devices import assigned_device, use_assigned_threads
 from kdray.engine import channels_last, evaluate, make_loader, seed_everything, train_epoch
 from kdray.losses import KDLoss
@@ -102,6 +103,8 @@ class StudentJob:
     parent_run_id: str | None = None
     # The splits as MLflow dataset inputs (kdray.data.mlflow_inputs), logged on every student run.
     data_inputs: list[Any] = field(default_factory=list)
+    # What the students saw (kdray.data.record): saved with the champion, tagged on its version.
+    record: DataRecord | None = None
 
     def inputs(self, *splits: str) -> list[Any]:
         """The dataset inputs of these splits (context tag ``mlflow.data.context``)."""
@@ -125,7 +128,9 @@ def _teacher_source(
         raise ValueError("a KD student with alpha < 1 needs teacher_logits or teacher_files")
     teacher, _ = load_model_files(job.teacher_files, device=device)
     teacher.requires_grad_(False)
-    return (), teacher
+    # The batches arrive channels-last (train_epoch's augment): the teacher in the same layout,
+    # or oneDNN converts at every layer.
+    return (), teacher.to(memory_format=torch.channels_last)
 
 
 def train_student(
@@ -532,6 +537,7 @@ def make_job(
         tracker=tracker,
         parent_run_id=parent_run_id,
         data_inputs=split_inputs(students),
+        record=record_for(cfg.data, data, student=True),
     )
 
 

@@ -28,6 +28,7 @@ from kdray.config import ExperimentConfig
 from kdray.console import MetricWatcher, eta
 from kdray.data.mlflow_inputs import split_inputs
 from kdray.data.prepare import PreparedData, Split
+from kdray.data.record import record_for, save_record
 from kdray.engine import (
     amp_dtype,
     channels_last,
@@ -46,7 +47,14 @@ from kdray.workspace import Workspace
 
 log = logging.getLogger("kdray")
 
-__all__ = ["TeacherResult", "fit_teacher", "teacher_key", "train_teacher"]
+__all__ = [
+    "StepSetup",
+    "TeacherResult",
+    "fit_teacher",
+    "step_setup",
+    "teacher_key",
+    "train_teacher",
+]
 
 STATE_FILE = "state.pt"
 META_FILE = "teacher.json"
@@ -122,13 +130,56 @@ def _validate_on_rank0(
     return metrics
 
 
+@dataclass
+class StepSetup:
+    """How a teacher's training step runs: the model in its memory format, the augmentation that
+    hands it batches in that format, the mixed precision. One place decides (:func:`step_setup`),
+    for the Ray Train workers and for anything measured against them (the plain loop of
+    ``benchmarks/train_overhead.py``)."""
+
+    model: torch.nn.Module
+    augment: Callable[[torch.Tensor], torch.Tensor]
+    dtype: torch.dtype | None  # float16 (CUDA, with scaler), bfloat16 (CPU with AMX) or None
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """What :func:`kdray.engine.train_epoch` takes as ``autocast`` (bf16 only: fp16 goes
+        through the scaler)."""
+        return self.dtype if self.dtype == torch.bfloat16 else None
+
+
+def step_setup(
+    spec: ModelSpec,
+    weights: str | None,
+    augment: Any,
+    amp: bool,
+    threads: int,
+    device: torch.device | str = "cpu",
+) -> StepSetup:
+    """Threads, model, memory format, augmentation and precision of a teacher's training step.
+
+    ``teacher.amp``: float16 + GradScaler on CUDA, bfloat16 on a CPU with AMX, else fp32
+    (validation runs in fp32 either way). Channels-last in every precision: on a CPU without AMX
+    a fp32 step takes about 0.8x the time in it (DenseNet121, 64 px, batch 32, 2 threads).
+    """
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    dtype = amp_dtype(device, amp)
+    return StepSetup(
+        model=build_model(spec, weights).to(memory_format=torch.channels_last),
+        augment=channels_last(build_augment(augment)),
+        dtype=dtype,
+        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+    )
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (DDP rank)."""
     import ray
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     arrays = ray.get(config["data"])  # from the object store: no shared disk needed
@@ -136,16 +187,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(config["seed"])
     spec = ModelSpec.from_dict(config["spec"])
     device = ray.train.torch.get_device()
-    # teacher.amp: float16 + GradScaler on CUDA, bfloat16 on a CPU with AMX, else fp32.
-    # Validation runs in fp32.
-    dtype = amp_dtype(device, config["amp"])
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    bf16 = dtype == torch.bfloat16
-    # Channels-last in every precision: on a CPU without AMX a fp32 step takes about 0.8x the
-    # time in it (DenseNet121, 64 px, batch 32, 2 threads).
-    model = build_model(spec, config["weights"]).to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    augment = channels_last(build_augment(config["augment"]))
+    setup = step_setup(
+        spec, config["weights"], config["augment"], config["amp"], config["threads"], device
+    )
+    dtype, scaler, augment = setup.dtype, setup.scaler, setup.augment
+    model = ray.train.torch.prepare_model(setup.model)
     if rank == 0:
         config["tracker"].set_tags(
             config["run_id"],
@@ -201,7 +247,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             device,
             scaler,
             augment,
-            autocast=dtype if bf16 else None,
+            autocast=setup.autocast,
         )
         seconds = time.perf_counter() - started
         val_metrics = _validate_on_rank0(
@@ -446,6 +492,8 @@ def train_teacher(
         )
         tmp = directory.with_name(f".{directory.name}.tmp")
         save_model(model, spec, tmp / "model")
+        record = record_for(cfg.data, data, student=False)
+        save_record(tmp / "model", record)
         train = data.splits["train"]
         save_background(
             tmp / "model",
@@ -466,7 +514,7 @@ def train_teacher(
             registered_name(dataset, teacher=True),
             run_id,
             "champion",
-            tags={"kdray.dataset": dataset, "kdray.teacher_key": key},
+            tags={"kdray.dataset": dataset, "kdray.teacher_key": key, **record.tags()},
         )
         tmp.replace(directory)  # the teacher counts as finished only once all its files exist
         pending.unlink(missing_ok=True)

@@ -226,18 +226,24 @@ def smoke_run(tmp_path_factory):
     return ws, proc
 
 
-def crash_once(marker: Path):
-    """An audit actor class (kdray.audit) that kills its whole process on the first batch any
-    actor gets (``marker`` records that it happened); restarted by Ray, it scores normally."""
+def crash_once(marker: Path, after: int = 2):
+    """An audit actor class (kdray.audit) that kills its whole process once, on the batch after
+    ``after`` batches were scored and handed back (their rows already on their way to the driver,
+    so a retry that redid them would double rows); ``marker`` records that it happened and how
+    many batches came back before. Restarted by Ray, it scores normally. For one actor."""
     from kdray.audit.scorer import AuditScorer
+
+    count = marker.with_name(f"{marker.name}.batches")
 
     class CrashOnce(AuditScorer):
         def __call__(self, batch):
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                return super().__call__(batch)
-            os._exit(1)
+            done = int(count.read_text()) if count.exists() else 0
+            if done >= after and not marker.exists():
+                marker.write_text(str(done))
+                os._exit(1)
+            out = super().__call__(batch)
+            count.write_text(str(done + 1))
+            return out
 
     return CrashOnce
 
@@ -245,8 +251,8 @@ def crash_once(marker: Path):
 @pytest.fixture(scope="session")
 def smoke_audit(smoke_run, ray_local, tmp_path_factory):
     """One dataset audit (tune/audit.py's pipeline) of the smoke run's eye_disease test split,
-    logged to its MLflow, while an actor dies on its first batch; for the audit's tests and the
-    viewer's. Returns (AuditResult, the marker file the dying actor wrote)."""
+    logged to its MLflow, while its actor dies after two batches came back; for the audit's tests
+    and the viewer's. Returns (AuditResult, the marker file the dying actor wrote)."""
     from kdray.audit.run import AuditRequest, run_audit
     from kdray.config import load_config
     from kdray.workspace import Workspace

@@ -386,3 +386,53 @@ def test_real_layout_with_masks_only_for_tumours_is_scored_on_those(tmp_path: Pa
     for model in ("teacher", "student"):
         for method in ("feature_maps", "gradcam", "shap", "random"):
             assert np.isfinite(report.metrics[f"{model}.pointing_game.{method}"]), (model, method)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "folder"])
+def test_the_report_and_its_figures_name_the_data_the_models_saw(source, tmp_path, monkeypatch):
+    """Data laid out as `prepare` lays it out: the stand-in's own folder in the workspace, or a
+    real copy. The first line says which (the stand-in with its generator's parameters, a real
+    folder by its name, never its path); no figure title calls the stand-in by the public
+    dataset's catalogue title."""
+    from kdray.config import DataConfig
+    from kdray.data.prepare import prepare_dataset
+    from kdray.data.synthetic import generate
+    from kdray.explain import report as report_module
+    from kdray.workspace import Workspace
+
+    titles: list[str] = []
+    for name in ("explanation_grid", "curves_figure", "feature_map_figure", "reliability_figure"):
+        real = getattr(report_module, name)
+
+        def spy(*args, real=real, **kwargs):
+            titles.append(next(a for a in reversed(args) if isinstance(a, str)))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(report_module, name, spy)
+    if source == "folder":
+        generate("eye_disease", tmp_path / "odir-fundus", tmp_path / "masks", 6, 32, 0)
+        cfg = DataConfig(image_size=32, roots={"eye_disease": str(tmp_path / "odir-fundus")})
+        first = "# Transparency report: Eye Diseases Classification (`eye_disease`), folder `odir-fundus`"
+        label = "odir-fundus"
+    else:
+        cfg = DataConfig(image_size=32, synthetic={"n_per_class": 6, "size": 32, "seed": 2})
+        first = (
+            "# Transparency report: Eye Diseases Classification (`eye_disease`), synthetic "
+            "stand-in (6 images per class generated at 32 px, seed 2)"
+        )
+        label = "synthetic stand-in"
+    data = prepare_dataset(cfg, "eye_disease", Workspace(tmp_path / "ws").create())
+    torch.manual_seed(0)
+    teacher, student = StudentCNN(4, [4, 8, 8]).eval(), StudentCNN(4, [4, 8, 8]).eval()
+    explain_cfg = ExplainConfig(
+        methods=["feature_maps", "gradcam"],
+        report_images=4,
+        timing_images=1,
+        grid_examples=1,
+        sanity=False,
+    )
+    report = build_report(data, teacher, student, explain_cfg, tmp_path / "report")
+    assert report.markdown.splitlines()[0] == first
+    assert str(tmp_path) not in report.markdown
+    assert len(titles) == 4 and all("Kaggle" not in t for t in titles), titles
+    assert f"Eye Diseases Classification · {label} (eye_disease)" in titles[0]

@@ -135,7 +135,7 @@ def test_a_map_that_ignores_the_weights_fails_and_a_trained_students_gradcam_pas
     assert edge.rank_correlation == pytest.approx([1.0] * 5)  # the same map at every step
     assert not edge.passed
     assert cam.final < PASS_BELOW and cam.passed, cam
-    assert cam.rank_correlation[0] == 1.0 and len(cam.ssim) == len(cam.blank) == 5
+    assert len(cam.rank_correlation) == len(cam.ssim) == len(cam.blank) == 5
     # Grad-CAM at block2 reads block2's activations and the gradient from above: randomising
     # the head alone already changes it
     assert cam.rank_correlation[1] < 0.99

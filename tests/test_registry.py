@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -91,45 +93,68 @@ def test_kdrays_loader_still_reads_the_registered_folder(registered):
     assert folder.endswith("/model")
 
 
-def test_a_registered_model_says_what_it_trained_on_from_its_own_run(tmp_path):
-    """The model card's "trained on" and title come from the registering run's dataset inputs:
-    a model of the synthetic stand-in says so, whatever the catalogue calls the dataset."""
+def test_a_registered_model_says_what_it_trained_on_from_its_own_record(tmp_path):
+    """The model card's "trained on", title and data come from the version's own data record,
+    made from data laid out as `prepare` lays it out (the stand-in's folder in the workspace, a
+    real copy anywhere): a model of the stand-in says so with its generator's parameters, a real
+    folder is named, and no public answer carries a server path. A version registered before
+    records is described from its run's dataset inputs the same way."""
+    from kdray.config import DataConfig
     from kdray.data.mlflow_inputs import split_inputs
-    from kdray.data.prepare import in_memory_synthetic
+    from kdray.data.prepare import prepare_dataset
+    from kdray.data.record import record_for, save_record
+    from kdray.data.synthetic import generate
     from kdray.registry import fetch_registered
-    from kdray.serving.deployments import card_title
+    from kdray.serving.deployments import card_title, model_entry
     from kdray.serving.store import LoadedModel
 
     ws = Workspace(tmp_path / "ws").create()
     tracker = Tracker.open(MLflowConfig(), ws)
     spec = _student_spec([4, 8])
-    data = in_memory_synthetic("brain_tumor", 8, 32)
-    synthetic_root = str(ws.root / "data" / "synthetic" / "brain_tumor-n8-s32-seed0")
-    real_root = "/data/brain-tumor-mri-dataset"
+    real_root = tmp_path / "brain-tumor-mri-dataset"
+    generate("brain_tumor", real_root, tmp_path / "masks", 8, 32, 1)
+    synthetic = DataConfig(image_size=32, synthetic={"n_per_class": 8, "size": 32, "seed": 0})
+    real = DataConfig(image_size=32, roots={"brain_tumor": str(real_root)})
     cards = {}
-    for root, name in ((synthetic_root, "kdray-brain_tumor"), (real_root, "kdray-other")):
-        data.manifest.root = root
-        data.manifest.fingerprint = f"{abs(hash(root)):016x}"  # other files, another digest
-        students = data.for_students(0.5, 0)
-        run_id = tracker.start_run("champion", "brain_tumor", "champion")
-        tracker.log_inputs(run_id, split_inputs(students))
-        log_model_folder(
-            tracker.client, run_id, save_model(build_model(spec), spec, tmp_path / name)
-        )
-        register_model(tracker.client, name, run_id, "champion")
-        reg = fetch_registered(name, "champion", tmp_path / f"{name}-dl", tracker.tracking_uri)
-        cards[root] = (
-            reg.trained_on,
-            card_title(LoadedModel("brain_tumor", "student", reg, None, None)),
-        )
-    n = len(students.splits["train"])
-    trained, title = cards[synthetic_root]
-    assert trained["synthetic"] and trained["images"] == n
-    assert (
-        trained["text"].startswith("synthetic stand-in for Brain Tumor MRI (Kaggle")
-        and "50%" in trained["text"]
-    )
-    assert title == "Brain Tumor MRI · synthetic stand-in"
-    trained, title = cards[real_root]
-    assert not trained["synthetic"] and real_root in trained["text"]
-    assert title == "Brain Tumor MRI · brain-tumor-mri-dataset"
+    for kind, cfg in (("synthetic", synthetic), ("real", real)):
+        data = prepare_dataset(cfg, "brain_tumor", ws)
+        for with_record in (True, False):
+            name = f"kdray-{kind}-{with_record}"
+            folder = save_model(build_model(spec), spec, tmp_path / name)
+            if with_record:
+                save_record(folder, record_for(cfg, data, student=True))
+            run_id = tracker.start_run("champion", "brain_tumor", "champion")
+            tracker.log_inputs(
+                run_id, split_inputs(data.for_students(cfg.student_fraction("brain_tumor"), 0))
+            )
+            log_model_folder(tracker.client, run_id, folder)
+            register_model(tracker.client, name, run_id, "champion")
+            reg = fetch_registered(name, "champion", tmp_path / f"{name}-dl", tracker.tracking_uri)
+            loaded = LoadedModel("brain_tumor", "student", reg, build_model(spec), None)
+            cards[kind, with_record] = (reg, card_title(loaded), model_entry(loaded))
+    stand_in = prepare_dataset(synthetic, "brain_tumor", ws)
+    assert stand_in.manifest.root.startswith(str(ws.root))  # the layout prepare writes
+    n_train = len(stand_in.splits["train"])
+    seen = len(stand_in.student_indices(0.25, 0))
+
+    for with_record in (True, False):
+        reg, title, entry = cards["synthetic", with_record]
+        assert reg.trained_on["synthetic"] and title == "Brain Tumor MRI · synthetic stand-in"
+        text = reg.trained_on["text"]
+        assert text.startswith("synthetic stand-in (8 images per class generated at 32 px, seed 0)")
+        assert "not the public dataset" in text and "Kaggle" not in text
+        # The record counts what the students saw; an older version's inputs give the setting.
+        share = f"{seen / n_train:.0%}" if with_record else "25%"
+        assert text.endswith(f": {seen} training images ({share} of the training split)")
+        reg, title, entry = cards["real", with_record]
+        assert not reg.trained_on["synthetic"]
+        assert title == "Brain Tumor MRI · brain-tumor-mri-dataset"
+        assert "folder `brain-tumor-mri-dataset`" in reg.trained_on["text"]
+    # The record itself: in the card, public (the folder's name, no server path anywhere).
+    reg, _, entry = cards["real", True]
+    assert reg.record is not None and reg.record.source.root == str(real_root)
+    assert entry["data"]["source"] == {"kind": "folder", "folder": real_root.name, "masks": False}
+    assert entry["data"]["image_size"] == 32 and entry["data"]["digest"] == reg.record.digest
+    for key in cards:
+        assert str(tmp_path) not in json.dumps(cards[key][2])
+    assert cards["real", False][2]["data"] == {}  # no record: nothing invented

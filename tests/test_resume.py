@@ -230,8 +230,9 @@ def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
         int(teacher.data.tags["kdray.resumed_from_epoch"]) >= 1
     )  # from its checkpoint, not epoch 0
     for trial in by_role["trial"] + by_role["baseline-trial"]:
+        # scheduler none: every trial runs every configured epoch, each logged exactly once
         steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
-        assert len(steps) == len(set(steps)) == int(trial.data.tags["kdray.epochs_run"]), steps
+        assert sorted(steps) == list(range(STUDENT_EPOCHS)), steps
 
     (champion,) = by_role["champion"]
     versions = client.search_model_versions(f"name = 'kdray-{DATASET}'")

@@ -78,10 +78,25 @@ def test_health_ready_and_model_cards(served):
         f"{d}/{r}" for d in DATASETS for r in ("student", "teacher")
     }
     client = MlflowClient(tracking_uri=f"sqlite:///{served.workspace / 'mlflow.db'}")
-    cards = {c["dataset"]: c for c in _call(served, "GET", "/v1/models").json()["models"]}
+    body = _call(served, "GET", "/v1/models").text
+    cards = {c["dataset"]: c for c in json.loads(body)["models"]}
     assert set(cards) == set(DATASETS)
+    # What each model saw, from its own record: the smoke stand-in, never a server path.
+    assert str(served.workspace) not in body and "/tmp/" not in body
+    stand_in = "synthetic stand-in (20 images per class generated at 48 px, seed 0)"
     for dataset, card in cards.items():
         assert card["classes"] == list(DATASETS[dataset].classes)
+        assert card["title"] == f"{DATASETS[dataset].title.split(' (')[0]} · synthetic stand-in"
+        for entry in (card["student"], card["teacher"]):
+            assert entry["trained_on"].startswith(f"{stand_in} for "), entry["trained_on"]
+            assert entry["data"]["image_size"] == card["image_size"] == 32
+            assert entry["data"]["source"] == {
+                "kind": "synthetic",
+                "n_per_class": 20,
+                "size": 48,
+                "seed": 0,
+            }
+        assert card["student"]["data"]["train_images"] < card["teacher"]["data"]["train_images"]
         version = client.get_model_version_by_alias(f"kdray-{dataset}", "champion")
         assert (card["student"]["registry"]["version"], card["student"]["registry"]["run_id"]) == (
             str(version.version),
@@ -478,8 +493,11 @@ def test_readiness_and_the_model_list_answer_at_once_while_shap_is_saturated(ser
             client.join()
     assert set(codes) <= {200, 503} and codes.count(200) >= 8, codes
     slowest_probe = max(max(times) for times in probes.values())
-    # The SHAP requests waited in a queue (each took seconds); no probe waited behind it. The
-    # goal (p99 <= 100 ms) is measured in the note; here, well below one SHAP request.
+    # The SHAP requests waited in a queue (each took seconds); no probe waited behind it: the
+    # typical probe answers within 100 ms (docs/serving.md), and even the slowest, with the
+    # other test worker on the second core, in under a third of one SHAP answer and 1 s.
+    for path, times in probes.items():
+        assert len(times) >= 20 and statistics.median(times) <= 0.1, (path, times)
     assert statistics.median(explain_s) > 3 * slowest_probe, (explain_s, probes)
     assert slowest_probe < 1.0, probes
 

@@ -8,8 +8,8 @@ import os
 import sys
 import traceback
 
-from kdray.cli import _parser
-from kdray.config import ConfigError, load_config
+from kdray.cli import POST_RUN_CONFIG_HELP, _parser
+from kdray.config import ConfigError
 from kdray.data.folders import DataError
 from kdray.data.specs import DATASETS
 from kdray.workspace import Workspace, WorkspaceError
@@ -27,9 +27,12 @@ def build_audit_parser() -> argparse.ArgumentParser:
         "its teacher, scored (agreement, confidence, localisation on lesion masks, map "
         "agreement), and the cases to look at first ranked in audit.md. Writes a Parquet table "
         "(one row per file) and logs everything as an MLflow run in the '<experiment>-audit' "
-        "experiment. --config, --set and --workspace name the run whose models and split are "
-        "audited.",
-        "the run's overrides (explain.* keys choose layers, top-k channels, SHAP samples)",
+        "experiment. The model's own test split is audited, at its own input size, with the "
+        "config of the run that trained it; --config and --set override that config (a config "
+        "that would give the model other data is refused).",
+        "override a key of the run's config (explain.* keys choose layers, top-k channels, "
+        "SHAP samples)",
+        config_help=POST_RUN_CONFIG_HELP,
     )
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument(
@@ -121,11 +124,6 @@ def audit_main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S"
     )
     overrides = [*args.overrides, *([f"ray.address={args.address}"] if args.address else [])]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     problem = _check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -135,7 +133,27 @@ def audit_main(argv: list[str] | None = None) -> int:
 
     from kdray.audit.run import AuditRequest, prepare_audit, run_audit
     from kdray.console import calm_console, log_path_for
+    from kdray.lineage import LineageError, post_run_config
     from kdray.pipeline import ray_session
+
+    ws = Workspace.at(args.workspace)
+    try:
+        # The model's own config and data: what it saw decides what "the test split" is.
+        cfg, lineage = post_run_config(
+            args.config,
+            overrides,
+            ws,
+            args.dataset,
+            args.alias,
+            check_data=args.root is None,
+            way_out="or pass --root DIR to audit another folder at the model's input size",
+        )
+    except (ConfigError, LineageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:
+        print(f"error: kdray-{args.dataset}@{args.alias}: {exc.message}", file=sys.stderr)
+        return 2
 
     request = AuditRequest(
         dataset=args.dataset,
@@ -153,8 +171,8 @@ def audit_main(argv: list[str] | None = None) -> int:
         top=args.top,
         out=args.out,
         log_mlflow=not args.no_log,
+        lineage=lineage,
     )
-    ws = Workspace.at(args.workspace)
     log_path = None
     try:
         ws.check()
@@ -166,7 +184,7 @@ def audit_main(argv: list[str] | None = None) -> int:
             result = run_audit(cfg, ws, request, prepared=prepared)
             # Ray Data's operator stats into the run's log (the terminal with -v).
             print(f"Ray Data stats of the audit:\n{result.stats}", file=sys.stderr)
-    except (DataError, WorkspaceError) as exc:
+    except (DataError, WorkspaceError, LineageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MlflowException as exc:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -75,6 +76,8 @@ class AuditRequest:
     top: int = 10
     out: str | None = None
     log_mlflow: bool = True
+    # The student version and what it saw (kdray.lineage.Lineage); looked up by alias if None.
+    lineage: Any = None
 
 
 @dataclass
@@ -99,20 +102,38 @@ def audit_experiment(cfg: ExperimentConfig) -> str:
 
 
 def _source(cfg: ExperimentConfig, ws: Workspace, req: AuditRequest) -> AuditSource:
+    """A ``--root`` folder, else the model's own split: only once ``cfg`` is known to give the
+    model the data it was trained on (the same input size, source and split; the manifest's
+    split digest the model's), never another data set's."""
     spec = get_spec(req.dataset)
     if req.root:
         return folder_source(spec, req.root, req.masks_root, req.split or "all")
     if req.masks_root:
         raise DataError("--masks-root applies to a --root folder (the workspace has its masks)")
     from kdray.data.prepare import prepare_manifest
+    from kdray.lineage import LineageError, check_manifest, contradiction_message
 
-    return manifest_source(prepare_manifest(cfg.data, req.dataset, ws), req.split or "test")
+    lineage = req.lineage
+    problems = lineage.record.contradictions(cfg.data)
+    if problems:
+        raise LineageError(
+            contradiction_message(
+                lineage,
+                problems,
+                "the config",
+                "or pass --root DIR to audit another folder at the model's input size",
+            )
+        )
+    manifest = prepare_manifest(cfg.data, req.dataset, ws)
+    check_manifest(manifest, lineage)
+    return manifest_source(manifest, req.split or "test", lineage.record.describe())
 
 
 def _fetch_models(
     req: AuditRequest, tracking_uri: str, tmp: Path
 ) -> tuple[dict[str, tuple[dict[str, bytes], np.ndarray | None]], dict[str, str], list[str], int]:
-    """The registered versions (resolved once, pinned for every actor) as bytes."""
+    """The registered versions (resolved once, pinned for every actor) as bytes; the student is
+    the version whose lineage was checked."""
     from kdray.explain.background import load_background
     from kdray.models import model_files
     from kdray.registry import fetch_registered, registered_name
@@ -123,7 +144,8 @@ def _fetch_models(
     class_names: list[str] = []
     for role in ("student", "teacher") if req.teacher else ("student",):
         name = registered_name(req.dataset, teacher=role == "teacher")
-        reg = fetch_registered(name, req.alias, tmp / role, tracking_uri)
+        pinned = req.lineage.version if role == "student" and req.lineage else None
+        reg = fetch_registered(name, req.alias, tmp / role, tracking_uri, version=pinned)
         models[role] = (model_files(reg.directory), load_background(reg.directory))
         versions[role] = f"{name}/{reg.version}"
         versions[f"{role}.run_id"] = reg.run_id
@@ -169,12 +191,20 @@ def prepare_audit(cfg: ExperimentConfig, ws: Workspace, req: AuditRequest) -> Pr
     Raises:
         DataError: bad methods, folder, split or masks, or a model pair that does not fit.
         MlflowException: the registered models cannot be found.
+        kdray.lineage.LineageError: ``cfg`` would audit the model's split on other data than
+            the model was trained on.
     """
+    from kdray.lineage import model_lineage
+    from kdray.registry import registered_name
     from kdray.tracking import resolve_tracking_uri
 
     unknown = sorted(set(req.methods) - set(METHODS))
     if unknown or not req.methods:
         raise DataError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    if req.lineage is None:
+        req.lineage = model_lineage(
+            registered_name(req.dataset), req.alias, resolve_tracking_uri(cfg.mlflow, ws)
+        )
     source = _source(cfg, ws, req)
     if not source.items:
         raise DataError(f"{req.dataset}: no images in the {source.description}")

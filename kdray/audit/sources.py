@@ -48,7 +48,7 @@ class Item:
 class AuditSource:
     """The images of one audit and where they came from."""
 
-    description: str  # e.g. "workspace test split" or "folder /data/x"
+    description: str  # e.g. "the model's test split (synthetic stand-in ...)" or "folder /data/x"
     root: str
     labelled: bool
     items: list[Item]
@@ -57,9 +57,12 @@ class AuditSource:
         return [asdict(item) for item in self.items]
 
 
-def manifest_source(manifest: Manifest, split: str) -> AuditSource:
+def manifest_source(manifest: Manifest, split: str, data: str = "") -> AuditSource:
     """The run's own split (``test``, ``val``, ``train`` or ``all``) from its manifest: the same
     files, labels and masks the training report scored.
+
+    Args:
+        data: what the data is, for the description (e.g. the model's record's phrase).
 
     Raises:
         DataError: an unknown split.
@@ -80,7 +83,8 @@ def manifest_source(manifest: Manifest, split: str) -> AuditSource:
         )
         for i, e in enumerate(entries)
     ]
-    return AuditSource(f"workspace {split} split", str(root), True, items)
+    which = "the model's own data" if split == "all" else f"the model's own {split} split"
+    return AuditSource(f"{which} ({data})" if data else which, str(root), True, items)
 
 
 def _has_class_folders(spec: DatasetSpec, root: Path) -> bool:

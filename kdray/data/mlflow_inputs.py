@@ -17,6 +17,7 @@ import numpy as np
 from mlflow.entities import Dataset, DatasetInput, InputTag
 
 from kdray.data.prepare import PreparedData
+from kdray.data.record import DataSource
 
 __all__ = ["CONTEXT_TAG", "is_synthetic_root", "split_inputs", "trained_on"]
 
@@ -64,16 +65,18 @@ def split_inputs(
 
 
 def is_synthetic_root(root: str) -> bool:
-    """Is this data root a synthetic stand-in (``<workspace>/data/synthetic/<id>-n..-s..-seed..``,
-    kdray.data.prepare.synthetic_root) rather than a real folder?"""
-    parts = root.replace("\\", "/").rstrip("/").split("/")
-    return len(parts) >= 3 and parts[-2] == "synthetic" and parts[-3] == "data"
+    """Is this data root the synthetic stand-in's images folder
+    (``<workspace>/data/synthetic/<id>-n..-s..-seed../images``, kdray.data.prepare.synthetic_root)
+    rather than a real folder?"""
+    return DataSource.from_root(root).synthetic
 
 
-def trained_on(inputs: list[DatasetInput], title: str) -> dict[str, object]:
-    """What a run's training split was, from its MLflow dataset inputs (its own record, not the
-    dataset's catalogue entry): ``{"synthetic", "images", "source", "text"}``; ``text`` is the
-    line model cards and reports show. Empty when the run has no training input."""
+def trained_on(inputs: list[DatasetInput], task: str) -> dict[str, object]:
+    """What a run's training split was, from its MLflow dataset inputs: ``{"synthetic",
+    "images", "source", "text"}``; ``text`` is the line model cards show, public (a real folder
+    by its name, no path). For versions registered before kdray wrote a data record
+    (:mod:`kdray.data.record`), which is read instead where there is one. Empty when the run has
+    no training input."""
     train = next(
         (
             d.dataset
@@ -84,15 +87,15 @@ def trained_on(inputs: list[DatasetInput], title: str) -> dict[str, object]:
     )
     if train is None:
         return {}
-    source = json.loads(train.source or "{}").get("uri", "")
+    root = json.loads(train.source or "{}").get("uri", "")
     profile = json.loads(train.profile or "{}")
     images = int(profile.get("num_images", 0))
-    synthetic = is_synthetic_root(source)
+    source = DataSource.from_root(root)
     share = profile.get("student_fraction")
     cut = f" ({share:.0%} of the training split)" if share else ""
     text = (
-        f"synthetic stand-in for {title}: {images:,} generated training images{cut}"
-        if synthetic
-        else f"{images:,} training images{cut} from {source}"
+        f"{source.describe()} for {task}, not the public dataset: {images:,} training images{cut}"
+        if source.synthetic
+        else f"{images:,} training images{cut} from {source.describe()}"
     )
-    return {"synthetic": synthetic, "images": images, "source": source, "text": text}
+    return {"synthetic": source.synthetic, "images": images, "source": source.label, "text": text}

@@ -25,6 +25,7 @@ from kdray.config import DataConfig
 from kdray.data import synthetic
 from kdray.data.folders import IMAGE_EXTENSIONS, DataError, read_image, read_mask, scan_folder
 from kdray.data.images import ImageError, check_image
+from kdray.data.record import DataSource
 from kdray.data.specs import DatasetSpec, get_spec
 from kdray.workspace import Workspace
 
@@ -96,6 +97,13 @@ class PreparedData:
     # The share of each class of the training split kept (``data.synthetic.student_fraction``);
     # below 1 only in the copy :meth:`for_students` makes.
     student_fraction: float = 1.0
+    # Where the images came from (kdray.data.record): set by prepare_dataset; else read from the
+    # manifest's root (the stand-in's folder names its generator parameters).
+    source: DataSource | None = None
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = DataSource.from_root(self.manifest.root, self.manifest.masks_root)
 
     @property
     def key(self) -> str:
@@ -131,6 +139,7 @@ class PreparedData:
             self.image_size,
             {**self.splits, "train": train},
             student_fraction=fraction,
+            source=self.source,
         )
 
 
@@ -448,7 +457,11 @@ def prepare_dataset(cfg: DataConfig, dataset_id: str, ws: Workspace) -> Prepared
     """:func:`prepare_manifest`, then the arrays (cached)."""
     manifest = prepare_manifest(cfg, dataset_id, ws)
     return PreparedData(
-        get_spec(dataset_id), manifest, cfg.image_size, load_splits(manifest, cfg.image_size, ws)
+        get_spec(dataset_id),
+        manifest,
+        cfg.image_size,
+        load_splits(manifest, cfg.image_size, ws),
+        source=DataSource.from_config(cfg, dataset_id),
     )
 
 
@@ -472,4 +485,5 @@ def in_memory_synthetic(
         f"memory|{dataset_id}|{n_per_class}|{size}|{seed}".encode()
     ).hexdigest()
     manifest = Manifest(dataset_id, "<memory>", None, list(spec.classes), fingerprint)
-    return PreparedData(spec, manifest, size, splits)
+    source = DataSource("synthetic", n_per_class=n_per_class, size=size, seed=seed)
+    return PreparedData(spec, manifest, size, splits, source=source)

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from kdray.cli import _parser
-from kdray.config import ConfigError, load_config
+from kdray.cli import POST_RUN_CONFIG_HELP, _parser
+from kdray.config import ConfigError
 from kdray.data.folders import DataError
 from kdray.data.specs import DATASETS
 from kdray.workspace import Workspace, WorkspaceError
@@ -25,9 +25,12 @@ def build_export_parser() -> argparse.ArgumentParser:
         "(logits, probabilities, per-block feature maps, Grad-CAM) and predict.onnx, with "
         "model.json; both are checked against torch on the workspace's test split (max "
         "|difference| <= 1e-4, same labels) and logged as the onnx/ artifact of the version's "
-        "run. `tune/run.py` does this for every champion (export.onnx). --config, --set and "
-        "--workspace name the run: its data (test split) and MLflow settings.",
-        "the run's overrides",
+        "run. `tune/run.py` does this for every champion (export.onnx). The parity images are "
+        "the model's own test split at its own input size, from the config of the run that "
+        "trained it; --config and --set override that config (a config that would give the "
+        "model other data is refused).",
+        "override a key of the run's config",
+        config_help=POST_RUN_CONFIG_HELP,
     )
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--alias", default="champion", help="registry alias (default: champion)")
@@ -58,11 +61,6 @@ def export_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S"
     )
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     if args.images is not None and args.images < 1:
         print("error: --images must be at least 1", file=sys.stderr)
         return 2
@@ -72,6 +70,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from kdray.data.prepare import prepare_dataset
     from kdray.edge.export import ExportError
     from kdray.edge.publish import export_registered
+    from kdray.lineage import LineageError, check_manifest, post_run_config
     from kdray.registry import registered_name
     from kdray.tracking import resolve_tracking_uri
 
@@ -79,7 +78,10 @@ def export_main(argv: list[str] | None = None) -> int:
     name = registered_name(args.dataset)
     out = args.out or ws.edge / args.dataset
     try:
+        # The model's own config and data: its test split at its input size.
+        cfg, lineage = post_run_config(args.config, args.overrides, ws, args.dataset, args.alias)
         data = prepare_dataset(cfg.data, args.dataset, ws)
+        check_manifest(data.manifest, lineage)
         test = data.splits["test"]
         n = args.images or cfg.export.parity_images
         export, registered = export_registered(
@@ -89,8 +91,9 @@ def export_main(argv: list[str] | None = None) -> int:
             out,
             resolve_tracking_uri(cfg.mlflow, ws),
             log=not args.no_log,
+            version=lineage.version,
         )
-    except (DataError, WorkspaceError, ExportError) as exc:
+    except (ConfigError, LineageError, DataError, WorkspaceError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MlflowException as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from mlflow import MlflowClient
 
-from kdray.edge.export import CARD_FILE, EdgeExport, export_student
+from kdray.edge.export import CARD_FILE, EdgeExport, ExportError, export_student
 from kdray.models import load_model
 from kdray.registry import RegisteredModel, fetch_registered
 
@@ -73,24 +73,35 @@ def export_registered(
     out_dir: str | Path,
     tracking_uri: str | None = None,
     log: bool = True,
+    version: str | None = None,
 ) -> tuple[EdgeExport, RegisteredModel]:
     """Export the student ``name@alias`` into ``out_dir`` and (``log``) beside its version.
 
     Args:
-        images: uint8 (N, 3, S, S) test images for the parity check.
+        images: uint8 (N, 3, S, S) test images for the parity check, at the model's input size.
+        version: pin this version (``alias`` is then only recorded).
 
     Raises:
         MlflowException: no such model or alias.
-        ExportError: not a student, or the graphs do not match torch.
+        ExportError: not a student, images of another size than the model's input, or the
+            graphs do not match torch.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        registered = fetch_registered(name, alias, tmp, tracking_uri)
+        registered = fetch_registered(name, alias, tmp, tracking_uri, version=version)
         model, spec = load_model(registered.directory)
+        record = registered.record
+    if images.ndim != 4 or images.shape[-2:] != (spec.image_size, spec.image_size):
+        raise ExportError(
+            f"{name} v{registered.version} takes {spec.image_size}x{spec.image_size} images; "
+            f"the parity images are {'x'.join(map(str, images.shape[-2:]))} (another data set "
+            "or image size than the model's: leave out --config to use the run's own)"
+        )
     source = {
         "registered_model": name,
         "alias": alias,
         "version": registered.version,
         "run_id": registered.run_id,
+        **({"data": record.public()} if record is not None else {}),
     }
     export = export_student(model, spec, out_dir, images, source=source)
     if log:

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from kdray.config import ExplainConfig
-from kdray.data.mlflow_inputs import is_synthetic_root
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import predict_logits, softmax
 from kdray.explain.agreement import (
@@ -440,9 +439,10 @@ def build_report(
     }
     shown = display_images(x)
     seen = train_images or (len(train), len(train))
+    # The data's own name (a stand-in is never called by the public dataset's catalogue title).
     title = (
-        f"{data.spec.title} ({data.spec.id}), {size}x{size}; trained on: teacher {seen[0]}, "
-        f"students {seen[1]} images"
+        f"{_task(data)} · {data.source.label} ({data.spec.id}), {size}x{size}; trained on: "
+        f"teacher {seen[0]}, students {seen[1]} images"
     )
     rows = []
     for i in _examples(labels, masks, cfg.grid_examples):
@@ -559,20 +559,16 @@ def _markdown(
     size = data.image_size
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
     n_masked = int(masks.any(axis=(1, 2)).sum()) if masks is not None else 0
+    synthetic = data.source.synthetic
     lines = [
-        f"# Transparency report: {data.spec.title.split(' (')[0]} (`{data.spec.id}`), "
-        + (
-            "synthetic stand-in"
-            if is_synthetic_root(data.manifest.root)
-            else f"data from `{data.manifest.root}`"
-        ),
+        f"# Transparency report: {_task(data)} (`{data.spec.id}`), {data.source.describe()}",
         "",
         "Trained on: "
         + (
-            f"the synthetic stand-in generated in `{data.manifest.root}`, not the public "
-            f"{data.spec.title}: figures here describe models of the stand-in."
-            if is_synthetic_root(data.manifest.root)
-            else f"the images under `{data.manifest.root}`."
+            f"kdray's {data.source.describe()}, not the public {data.spec.title}: figures "
+            "here describe models of the stand-in."
+            if synthetic
+            else f"the images of {data.source.describe()}."
         ),
         "",
         f"Input {size}x{size}. {n} test images scored ({n_masked} with a lesion mask); mean "
@@ -719,7 +715,12 @@ def _markdown(
         f"![Deletion and insertion curves]({paths['curves'].name})",
         "",
     ]
-    return "\n".join(_disclose(lines, seen, is_synthetic_root(data.manifest.root)))
+    return "\n".join(_disclose(lines, seen, synthetic))
+
+
+def _task(data: PreparedData) -> str:
+    """The task's name without the public dataset's size and source: ``Brain Tumor MRI``."""
+    return data.spec.title.split(" (")[0]
 
 
 def _disclose(lines: list[str], seen: tuple[int, int] | None, synthetic: bool) -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -51,6 +50,7 @@ def model_entry(m: LoadedModel) -> dict[str, Any]:
         "test_metrics": {k: v for k, v in reg.metrics.items() if k.startswith("test_")},
         "methods": methods,
         "trained_on": reg.trained_on.get("text", ""),
+        "data": reg.record.public() if reg.record is not None else {},
         "runtime": m.runtime_note,
     }
 
@@ -61,11 +61,7 @@ def card_title(m: LoadedModel) -> str:
     never have seen."""
     task = get_spec(m.dataset).title.split(" (")[0]
     trained = m.registered.trained_on
-    if not trained:
-        return task
-    if trained["synthetic"]:
-        return f"{task} · synthetic stand-in"
-    return f"{task} · {PurePath(str(trained['source'])).name or trained['source']}"
+    return f"{task} · {trained['source']}" if trained else task
 
 
 def store_status(store: ModelStore) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -44,7 +44,16 @@ class ModelEntry(BaseModel):
     )
     methods: list[str] = Field(description="explanation methods available for this model")
     trained_on: str = Field(
-        "", description="the data this model trained on, from its own MLflow run's inputs"
+        "",
+        description="the data this model trained on, from its own data record (a real folder "
+        "by its name, never a server path)",
+    )
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the model's data record (kdray.data.record, public form): dataset, "
+        "classes, image_size, channel handling, source (the synthetic stand-in's generator "
+        "parameters, or a real folder's name), split seed and fractions, split digest, counts; "
+        "empty for a version registered before records",
     )
     runtime: str = Field(
         "torch",

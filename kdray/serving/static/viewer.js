@@ -74,7 +74,8 @@ function renderCards() {
       <dt>FLOPs / image</dt><dd>${fmt(entry.flops)}</dd>
       <dt>test accuracy</dt><dd>${acc === undefined ? "–" : acc.toFixed(3)}</dd>
       <dt>input</dt><dd>${m.image_size} × ${m.image_size}</dd>
-      <dt>trained on</dt><dd>${esc(entry.trained_on || "–")}</dd></dl>`;
+      <dt>trained on</dt><dd>${esc(entry.trained_on || "–")}</dd>
+      ${entry.data && entry.data.digest ? `<dt>split digest</dt><dd>${esc(entry.data.digest)}</dd>` : ""}</dl>`;
     cards.append(card);
   }
 }
