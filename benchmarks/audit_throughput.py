@@ -5,14 +5,24 @@ the Kaggle layout (written once, at ``--file-size`` px, read at ``--size``), a s
 default search's widest shape and the DenseNet121 teacher (random weights: the speed does not
 depend on them), methods feature maps + Grad-CAM:
 
-* plain loop: one process, one torch thread, :func:`kdray.audit.scorer.score_batch` over the
+* plain loop: one fresh process, one thread, :func:`kdray.audit.scorer.score_batch` over the
   files in batches: the same decode, forward, feature maps and Grad-CAM an actor runs;
 * Ray Data (:func:`kdray.audit.run.run_audit`, no MLflow), 1 actor x 1 CPU and 2 actors x 1 CPU,
   student + teacher; then 2 actors student only; then SHAP (``--shap-images`` sampled, 2 actors).
 
+Held equal between the plain loop and the actors: the files, the models (loaded from the same
+bytes by :func:`kdray.audit.scorer.load_audit_model`), the settings (methods, explain config,
+seed: one ``ExperimentConfig``), the batches (``--batch-size`` consecutive rows), the threads
+(:func:`kdray.audit.scorer.limit_threads` (1): torch, OpenCV and the BLAS pools), and the warm-up:
+none on either side (the loop runs in a fresh process, as each actor does, its first batch timed
+cold like theirs). The order of a round's three runs reverses every other round. Not held
+equal, on purpose: only the Ray Data figures pay Ray (actor start-up in the whole call,
+scheduling, the driver's collection of the rows).
+
 Each Ray Data figure is the whole call, actor start-up included (what a user waits for), and the
 steady state: rows / time from the first batch's start to the last batch's end, both as the
-actors recorded them (the actors were up). Ray Data's
+actors recorded them (the actors were up). The plain loop's figure is its steady state: rows /
+time from its first batch's start to its last batch's end, model loading excluded. Ray Data's
 stats of the last run are printed at the end. Run ``python benchmarks/audit_throughput.py``
 (about 6 minutes on 2 cores: two rounds, each ratio taken within a round, medians printed) or
 ``--quick`` (the same code on 32 images at 32 px, one round: under a minute) to
@@ -23,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -75,18 +87,29 @@ def build(tmp: Path, args: argparse.Namespace):
     return source, models, classes
 
 
-def plain_loop(source, models, classes, args) -> float:
-    """images/s of score_batch over the files in one process, one thread."""
-    from kdray.audit.scorer import Settings, limit_threads, load_audit_model, score_batch
-    from kdray.config import ExplainConfig
+def experiment_config(args: argparse.Namespace):
+    """The one config both sides score with (explain layers, top-k, SHAP samples, seed)."""
+    from kdray.config import ExperimentConfig
+
+    return ExperimentConfig(explain={"shap_nsamples": args.shap_nsamples})
+
+
+def _plain_scores(source, models, args) -> float:
+    """In a fresh process: what an actor does (threads, models, settings), then every batch."""
+    from kdray.audit.scorer import (
+        CHEAP_METHODS,
+        Settings,
+        limit_threads,
+        load_audit_model,
+        score_batch,
+    )
 
     limit_threads(1)  # what each actor does: one CPU, every thread pool included
-    cfg = ExplainConfig()
-    loaded = [load_audit_model(r, f, b, cfg) for r, (f, b) in models.items()]
+    cfg = experiment_config(args)
+    loaded = [load_audit_model(r, f, b, cfg.explain) for r, (f, b) in models.items()]
     rows = source.rows()
-    settings = Settings(explain=cfg)
-    batch = {k: np.array([r[k] for r in rows[:8]]) for k in rows[0]}
-    score_batch(loaded, batch, settings)  # warm-up: oneDNN's first kernels
+    settings = Settings(methods=CHEAP_METHODS, explain=cfg.explain, seed=cfg.seed, threads=1)
+    # No warm-up: an actor's first batch is timed cold too (its steady state starts there).
     t0 = time.perf_counter()
     for i in range(0, len(rows), args.batch_size):
         part = rows[i : i + args.batch_size]
@@ -94,15 +117,25 @@ def plain_loop(source, models, classes, args) -> float:
     return len(rows) / (time.perf_counter() - t0)
 
 
+def plain_loop(source, models, args) -> float:
+    """images/s of score_batch over the files in a fresh process (as an actor is), one thread."""
+    import copy
+
+    src = copy.deepcopy(source)
+    for item in src.items:  # as the Ray runs of the cheap methods get it
+        item.shap = False
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_plain_scores, src, models, args).result()
+
+
 def ray_audit(source, models, classes, args, tmp, actors, roles, methods, shap=0):
     """(whole images/s, steady images/s, stats) of run_audit on this listing."""
     import copy
 
     from kdray.audit.run import AuditRequest, Prepared, run_audit
-    from kdray.config import ExperimentConfig
     from kdray.workspace import Workspace
 
-    cfg = ExperimentConfig(explain={"shap_nsamples": args.shap_nsamples})
+    cfg = experiment_config(args)
     src = copy.deepcopy(source)
     for item in src.items:
         item.shap = False
@@ -176,9 +209,14 @@ def main() -> None:
         # Side by side, round after round (the machine is shared: a ratio is taken within a round).
         per_round = []
         for r in range(args.rounds):
-            plain = plain_loop(source, models, classes, args)
-            one = ray_audit(source, models, classes, args, tmp, 1, both, cheap)
-            two = ray_audit(source, models, classes, args, tmp, 2, both, cheap)
+            runs = {
+                "plain": lambda: plain_loop(source, models, args),
+                "one": lambda: ray_audit(source, models, classes, args, tmp, 1, both, cheap),
+                "two": lambda: ray_audit(source, models, classes, args, tmp, 2, both, cheap),
+            }
+            # Every other round in reverse: the plain loop is not always the first of the three.
+            got = {k: runs[k]() for k in (list(runs) if r % 2 == 0 else list(reversed(runs)))}
+            plain, one, two = got["plain"], got["one"], got["two"]
             per_round.append((plain, one, two))
             print(
                 f"round {r + 1}: plain loop {plain:.1f} images/s; Ray Data 1 actor {one[0]:.1f} "

@@ -11,6 +11,13 @@ Measures, at 224x224 on a few CPU threads (default 2), per image and as medians 
 * the student's Grad-CAM + feature maps together;
 * optionally ``shap.GradientExplainer`` as shipped (every class, default batching) for reference.
 
+Held equal between teacher and student: the calls (kdray's own explainers, at each model's
+default layers, as the Serve Explainer runs them), the image of each round and the SHAP
+background, the input size, both models in eval mode and contiguous memory format (as the
+Explainer's model store loads them), the torch threads (``--threads``; the Explainer replica
+runs 1), one untimed warm-up pass of every call, the number of rounds, and the order (teacher
+first one round, student first the next). Only the model differs.
+
 Run ``python benchmarks/explain_speed.py`` (several minutes: the teacher's SHAP is slow) or
 ``--quick`` (the same code at 64x64, one round, 8 SHAP samples on 4 background images: seconds)
 to check that it works; its figures mean nothing. Other jobs on the machine make the numbers
@@ -124,8 +131,9 @@ def main() -> None:
     for r in range(args.repeats):
         rates.append(conv_gflops()[0])
         x = images[r : r + 1]
-        for name, model in models.items():  # teacher and student take turns
-            for method, fn in calls(model, x).items():
+        # Teacher and student take turns; who goes first alternates round by round.
+        for name in list(models) if r % 2 == 0 else list(reversed(models)):
+            for method, fn in calls(models[name], x).items():
                 times.setdefault((name, method), []).append(seconds(fn))
         print(f"round {r + 1}/{args.repeats} done", flush=True)
     if args.library_baseline:

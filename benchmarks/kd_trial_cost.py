@@ -4,6 +4,15 @@ One run, the three modes interleaved (machines are shared and noisy), medians pr
 ratio cached / CE-only (goal <= 1.2) and live / cached. The live teacher travels as a trial gets
 it: its saved files as bytes (``StudentJob.teacher_files``).
 
+Held equal between the modes: the code (every mode is the product's
+:func:`kdray.sweep.train_student`, so the same channels-last student and batches, Adam, KD loss
+module and validation pass), the data (the whole synthetic training split, the same order), the
+student's widths and seed, the batch (32; the default config's is 16), the torch threads
+(``--threads``, a trial's CPUs), one untimed warm-up epoch per mode, the number of timed epochs,
+and the order (it reverses every round). Only the teacher's part differs: none (alpha = 1),
+cached logits as a loader column, or the teacher run on every batch. The time is the training
+pass only (``epoch_seconds``), not the validation.
+
     .venv/bin/python benchmarks/kd_trial_cost.py [--images-per-class 128] [--size 64] [--repeats 3]
 
 ``--quick`` (8 images per class at 32 px, one round: seconds) runs the same code to check that it
@@ -60,9 +69,13 @@ def main() -> None:
             "KD, cached logits": (StudentJob(*common, teacher_logits=logits), 0.5),
             "KD, live teacher": (StudentJob(*common, teacher_files=teacher_files), 0.5),
         }
+        for job, alpha in jobs.values():  # warm-up: oneDNN builds each mode's kernels once
+            train_student(job, alpha, 4.0, widths)
         times: dict[str, list[float]] = {name: [] for name in jobs}
-        for _ in range(args.repeats):
-            for name, (job, alpha) in jobs.items():
+        for r in range(args.repeats):
+            # The order reverses every round: no mode always runs first (or last).
+            for name in list(jobs) if r % 2 == 0 else list(reversed(jobs)):
+                job, alpha = jobs[name]
                 times[name].append(train_student(job, alpha, 4.0, widths)["epoch_seconds"])
     med = {name: statistics.median(t) for name, t in times.items()}
     n = len(data.splits["train"])

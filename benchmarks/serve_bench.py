@@ -7,15 +7,27 @@ asyncio (aiohttp) in this process and post a 512x512 PNG as the raw body. Printe
 
 - /predict p50 / p99 with 1 client (goal p50 <= 15 ms);
 - throughput with 16 clients, batching on vs off, and against the CPU ceiling (the same decode +
-  forward at batch 16 in one process, no HTTP);
-- the same load against a plain FastAPI + uvicorn process serving the same model: Serve's
-  overhead at p50 (goal <= 1.3x);
+  predict in one process, no HTTP);
+- the same load against a plain FastAPI + uvicorn process serving the same model the same way:
+  Serve's overhead at p50 (goal <= 1.3x);
 - /explain p50: feature_maps+gradcam (goal <= 60 ms; also with render=layer and render=none),
   +shap (goal <= 1 s), model=both;
 - the ingress modes side by side (kdray.serving.launch.INGRESS: make serve's HAProxy in front
   of the replica, Serve's proxy, plain direct ingress) and the Gateway predicting with torch
   instead of onnxruntime;
 - predict p99 while 4 clients keep asking for SHAP, against idle p99 (goal <= 3x).
+
+Held equal between Serve and the plain app (the ``Serve / plain`` ratios): the model files, the
+request (the same PNG body, posted raw, by the same clients), the decode (kdray's ``read_image``
+on a request thread pool), the predict runtime and its check at load (the Gateway's
+``runtime: onnx``: :func:`kdray.edge.runtime.load_onnx_predictor` on the student's export, torch
+where it does not match; torch weights channels-last), the forward passes at once and their
+threads (as many predict workers as the Gateway replica has CPUs in ``serve/config.yaml``, one
+intra-op thread each), the warm-up requests and the series' lengths, and when: the plain app
+runs before the services and again after them, its figures pooled. Not held equal, on purpose:
+what Serve adds (its ingress, the replica's process, ``@serve.batch``: at 16 clients the Gateway
+predicts batches of up to 8, the plain app one image a call). The CPU ceiling is the same decode
+and predict functions in one process, no HTTP, at the best of three layouts.
 
     .venv/bin/python benchmarks/serve_bench.py [--seconds 15] [--requests 300]
 
@@ -43,6 +55,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from kdray.config import MLflowConfig
@@ -50,10 +63,11 @@ from kdray.data import synthetic
 from kdray.data.images import read_image
 from kdray.edge.export import PREDICT_FILE, session
 from kdray.edge.publish import export_registered
-from kdray.engine import to_input
+from kdray.edge.runtime import OnnxPredictor
 from kdray.explain.background import save_background
 from kdray.models import ModelSpec, build_model, save_model
 from kdray.registry import log_model_folder, register_model, registered_name
+from kdray.serving.deployments import probabilities
 from kdray.serving.launch import DEFAULT_INGRESS, launch, service_config
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
@@ -188,29 +202,37 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def gateway_workers() -> int:
+    """The Gateway replica's predict workers on a CPU: one per CPU serve/config.yaml gives it."""
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    gateway = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Gateway")
+    return max(1, int(gateway.get("ray_actor_options", {}).get("num_cpus", 1)))
+
+
 def ceiling(student_dir: Path, edge_dir: Path, body: bytes, seconds: float) -> tuple[float, str]:
-    """The best images/s of decode + resize + forward in this process, no HTTP: the fastest of
-    one torch loop at batch 8 on all threads, one torch loop per core at batch 1 on one thread
-    each, and one onnxruntime loop per core at batch 1 on one thread each."""
+    """The best images/s of decode + resize + predict in this process, no HTTP, with the
+    Gateway's own predict functions: the fastest of one torch loop at batch 8 on all threads,
+    one torch loop per core at batch 1 on one thread each, and one onnxruntime loop per core at
+    batch 1 on one thread each."""
     import threading
 
     from kdray.models import load_model
 
     model = load_model(student_dir)[0].to(memory_format=torch.channels_last)
-    onnx = session(edge_dir / PREDICT_FILE, threads=1)
+    onnx = OnnxPredictor(session(edge_dir / PREDICT_FILE, threads=1), "")
 
-    def torch_forward(images: np.ndarray) -> None:
+    def torch_forward(images: list[np.ndarray]) -> None:
         with torch.inference_mode():
-            model(to_input(torch.from_numpy(images)))
+            probabilities(model, images, torch.device("cpu"))
 
-    def onnx_forward(images: np.ndarray) -> None:
-        onnx.run(["probabilities"], {"image": images})
+    def onnx_forward(images: list[np.ndarray]) -> None:
+        onnx.probabilities(images)
 
     def loop(
-        forward: Callable[[np.ndarray], None], batch: int, stop: float, counts: list[int]
+        forward: Callable[[list[np.ndarray]], None], batch: int, stop: float, counts: list[int]
     ) -> None:
         while time.perf_counter() < stop:
-            forward(np.stack([read_image(body, SIZE) for _ in range(batch)]))
+            forward([read_image(body, SIZE) for _ in range(batch)])
             counts.append(batch)
 
     results = {}
@@ -236,43 +258,71 @@ def ceiling(student_dir: Path, edge_dir: Path, body: bytes, seconds: float) -> t
 
 
 PLAIN_APP = textwrap.dedent('''
-    """The same model behind plain FastAPI + uvicorn in one process (the benchmark's reference)."""
+    """The same model behind plain FastAPI + uvicorn in one process (the benchmark's reference),
+    predicting as the Gateway replica does, one image a call: argv student dir, port, edge dir
+    ('' for torch), predict workers."""
+    import asyncio
+    import json
     import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
     import torch
     from fastapi import FastAPI, Request
     from starlette.concurrency import run_in_threadpool
     from kdray.data.images import read_image
-    from kdray.engine import to_input
+    from kdray.edge.export import CARD_FILE
+    from kdray.edge.runtime import load_onnx_predictor
+    from kdray.explain.background import load_background
     from kdray.models import load_model
+    from kdray.serving.deployments import probabilities
 
-    torch.set_num_threads(1)  # one torch thread per request thread, as the Gateway replica
-    model, spec = load_model(sys.argv[1])
-    model = model.to(memory_format=torch.channels_last)  # as served by kdray
+    student_dir, port, edge_dir, workers = sys.argv[1:5]
+    torch.set_num_threads(1)  # one torch thread per predict worker, as the Gateway replica
+    model, spec = load_model(student_dir)
+    model.requires_grad_(False)
+    model = model.to(memory_format=torch.channels_last)  # as the Gateway's store keeps it
+    predictor = None
+    if edge_dir:  # runtime: onnx, with the Gateway's check against the torch weights
+        export = (Path(edge_dir), json.loads((Path(edge_dir) / CARD_FILE).read_text()))
+        predictor, note = load_onnx_predictor(export, model, 1, load_background(student_dir))
+        print(f"plain app predicts with {note}", file=sys.stderr, flush=True)
+    pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="predict")
     app = FastAPI()
 
-    def _predict(body: bytes) -> list[float]:
-        x = to_input(torch.from_numpy(read_image(body, spec.image_size)[None]))
-        with torch.inference_mode():
-            return torch.softmax(model(x), 1)[0].tolist()
+    @torch.inference_mode()
+    def _predict(image) -> list[float]:
+        if predictor is not None:
+            return predictor.probabilities([image])[0]
+        return probabilities(model, [image], torch.device("cpu"))[0]
 
     @app.post("/v1/models/brain_tumor/predict")
     async def predict(request: Request) -> dict:
-        probs = await run_in_threadpool(_predict, await request.body())
+        image = await run_in_threadpool(read_image, await request.body(), spec.image_size)
+        probs = await asyncio.get_running_loop().run_in_executor(pool, _predict, image)
         return {"probabilities": probs}
 
     if __name__ == "__main__":
         import uvicorn
-        uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+        uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
 ''')
 
 
 def run_plain(
-    student_dir: Path, body: bytes, n: int, seconds: float, tmp: Path, warmup: int = 10
+    student_dir: Path,
+    edge_dir: Path | None,
+    body: bytes,
+    n: int,
+    seconds: float,
+    tmp: Path,
+    warmup: int = 10,
 ) -> tuple[list[float], float, list[float]]:
+    """The plain app measured: 1-client latencies, 16-client requests/s and latencies.
+    ``edge_dir``: predict with its ONNX export (as the Gateway's ``runtime: onnx``), else torch."""
     script = tmp / "plain_app.py"
     script.write_text(PLAIN_APP)
     port = _port()
-    proc = subprocess.Popen([sys.executable, str(script), str(student_dir), str(port)], cwd=REPO)
+    argv = [str(student_dir), str(port), str(edge_dir or ""), str(gateway_workers())]
+    proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO)
     url = f"http://127.0.0.1:{port}/v1/models/{DATASET}/predict"
     try:
         deadline = time.monotonic() + 60
@@ -447,9 +497,13 @@ def main() -> None:
             f"student 224x224 widths 16-32-64-128-128; request: {len(body) / 1024:.0f} KB 512x512 PNG; "
             f"{torch.get_num_threads()} cores visible to torch"
         )
-        cpu_ceiling, ceiling_how = ceiling(
-            student_dir, ws.root / "edge", body, min(args.seconds, 10.0)
-        )
+        edge = ws.root / "edge"  # the student's ONNX export, as registered beside it
+        cpu_ceiling, ceiling_how = ceiling(student_dir, edge, body, min(args.seconds, 10.0))
+        # The plain app predicts as the headline service does (runtime: onnx), before the
+        # services and again after them (below): the machine's drift falls on both sides.
+        plain_runs = [
+            run_plain(student_dir, edge, body, args.requests, args.seconds, tmp, args.warmup)
+        ]
         on = serve_measure(uri, body, tmp, True, args.requests, args.seconds, True, **load)
         off = on_torch = None
         if args.batching_off:
@@ -473,9 +527,12 @@ def main() -> None:
         modes = {m: predict_only(ingress=m) for m in filter(None, args.ingress.split(","))}
         if args.torch_runtime:
             on_torch = predict_only(runtime="torch")
-        plain_lat, plain_rps, plain_lat16 = run_plain(
-            student_dir, body, args.requests, args.seconds, tmp, args.warmup
+        plain_runs.append(
+            run_plain(student_dir, edge, body, args.requests, args.seconds, tmp, args.warmup)
         )
+    plain_lat = [x for run in plain_runs for x in run[0]]
+    plain_rps = statistics.mean(run[1] for run in plain_runs)
+    plain_lat16 = [x for run in plain_runs for x in run[2]]
 
     p1 = on["predict_1"]
     print(f"\nGateway predicts with: {on['runtime']}")

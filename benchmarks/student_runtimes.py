@@ -1,12 +1,22 @@
 """The student's forward pass on each runtime, against the FLOPs floor of this machine.
 
 Side by side in one run, at 64 and 224 px, batch 1 and 16, one and two threads: torch eager
-(channels-last, inference mode: how the Serve app predicts today), ``torch.compile`` (inductor; if
-it compiles here), onnxruntime fp32 on kdray's exported ``predict.onnx``, and onnxruntime int8 on
-its statically quantised copy. Each figure is milliseconds per image (median of ``--repeats``
-rounds in which the runtimes take turns) and that time / the floor, where the floor is the
-student's FLOPs (``torch.utils.flop_counter``) / the GFLOP/s of a plain 3x3 convolution measured
-in the same run at the same threads (the best of its rounds: what the cores can do).
+(channels-last weights, inference mode: how the Serve Gateway predicts with ``runtime: torch``),
+``torch.compile`` (inductor; if it compiles here), onnxruntime fp32 on kdray's exported
+``predict.onnx`` (the Gateway's ``runtime: onnx``), and onnxruntime int8 on its statically
+quantised copy. Each figure is milliseconds per image (median of ``--repeats`` rounds in which
+the runtimes take turns) and that time / the floor, where the floor is the student's FLOPs
+(``torch.utils.flop_counter``) / the GFLOP/s of a plain 3x3 convolution measured in the same run
+at the same threads (the best of its rounds: what the cores can do).
+
+Held equal between the runtimes: the weights, the batch of uint8 (3, S, S) images as the
+Gateway's predict workers get them, and what each call computes from them to the probabilities
+as a list: the Gateway's own predict functions (``kdray.serving.deployments.probabilities`` for
+torch, :class:`kdray.edge.runtime.OnnxPredictor` for onnxruntime), so uint8 -> float, / 255 and
+the softmax are inside every timed call; the intra-op threads (torch's, onnxruntime's; one
+inter-op thread); one untimed call before each figure; the same time per figure; the rounds.
+The explain comparison holds equal the image, the threads, the Grad-CAM layer (the export's) and
+the model in contiguous memory format on the torch side (as the Serve Explainer loads it).
 
 The student is the default run's brain_tumor champion shape (widths 16-32-64-128-128, 0.45 GFLOP
 at 224 px) with random weights: speed does not depend on the values. Also printed: the explain
@@ -21,6 +31,7 @@ figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -32,8 +43,10 @@ import torch
 
 from kdray.edge.export import EXPLAIN_FILE, PREDICT_FILE, export_student, session
 from kdray.edge.quantize import INT8_FILE, quantize_predict
+from kdray.edge.runtime import OnnxPredictor
 from kdray.explain import feature_maps, grad_cam
 from kdray.models import ModelSpec, StudentCNN, count_flops
+from kdray.serving.deployments import probabilities
 
 WIDTHS = [16, 32, 64, 128, 128]
 GOAL_FLOOR_RATIO = 1.5  # the best fp32 path at 224 px, batch 1
@@ -71,12 +84,13 @@ def runtimes(
     model: StudentCNN, folder: Path, x: np.ndarray, threads: int, use_compile: bool
 ) -> dict[str, Callable[[], object]]:
     torch.set_num_threads(threads)
-    eager = model.to(memory_format=torch.channels_last)
-    xt = torch.from_numpy(x).float().div(255).contiguous(memory_format=torch.channels_last)
+    # The Gateway's store keeps channels-last weights (a copy: ``model`` stays as loaded).
+    eager = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    images = list(x)  # what a predict worker gets: the batch's decoded uint8 (3, S, S) images
 
     def torch_eager() -> object:
         with torch.inference_mode():
-            return eager(xt)
+            return probabilities(eager, images, torch.device("cpu"))
 
     fns: dict[str, Callable[[], object]] = {"torch eager": torch_eager}
     if use_compile:
@@ -84,7 +98,7 @@ def runtimes(
 
         def torch_compiled() -> object:
             with torch.inference_mode():
-                return compiled(xt)
+                return probabilities(compiled, images, torch.device("cpu"))
 
         try:
             torch_compiled()
@@ -92,8 +106,8 @@ def runtimes(
         except Exception as exc:  # no C++ toolchain, an unsupported op: say so, go on
             print(f"  torch.compile unavailable: {type(exc).__name__}: {str(exc)[:120]}")
     for name, file in (("onnxruntime fp32", PREDICT_FILE), ("onnxruntime int8", INT8_FILE)):
-        sess = session(folder / file, threads)
-        fns[name] = lambda sess=sess: sess.run(["logits"], {"image": x})
+        predictor = OnnxPredictor(session(folder / file, threads), "")
+        fns[name] = lambda predictor=predictor: predictor.probabilities(images)
     return fns
 
 
@@ -120,7 +134,7 @@ def main() -> None:
             spec = ModelSpec("student", 4, size, list("abcd"), widths=WIDTHS, dataset="bench")
             folder = Path(tmp) / str(size)
             images = rng.integers(0, 256, (64, 3, size, size), dtype=np.uint8)
-            export_student(model, spec, folder, images[:8])
+            cam_layer = export_student(model, spec, folder, images[:8]).card["cam_layer"]
             quantize_predict(folder, images, images[:16], np.zeros(16, dtype=np.int64))
             flops = count_flops(model, size)
             print(f"\n{size} px: {flops / 1e9:.3f} GFLOP an image")
@@ -145,9 +159,8 @@ def main() -> None:
             torch.set_num_threads(2)
             x1 = images[:1]
             sess = session(folder / EXPLAIN_FILE, 2)
-            layer = "features.block3" if size == 64 else "features.block5"
             ex = {
-                "torch feature maps + Grad-CAM": lambda x1=x1, model=model, layer=layer: (
+                "torch feature maps + Grad-CAM": lambda x1=x1, model=model, layer=cam_layer: (
                     feature_maps(model, x1),
                     grad_cam(model, x1, layer),
                 ),

@@ -13,6 +13,16 @@ students' 25 % share of the training split, cached teacher logits), one torch th
   trials running at once, divided by the trials: start-up of actors, data, MLflow, checkpoints
   and Tune's controller all count.
 
+Held equal between the plain loop and a Tune trial: the training code
+(:func:`kdray.sweep.train_student`: channels-last student and batches, KD loss, Adam, validation
+at batch ``VAL_BATCH``), the student data and cached logits (one ``student_job``), the widths
+(every trial gets the seed point's), the epochs (no early stopping), the torch threads (both set
+by :func:`kdray.devices.use_assigned_threads`: the trial's CPUs, 1), how many run at once
+(``--cpus``), and when (the plain loops run before and after the sweeps, their times pooled).
+Not held equal, on purpose: a trial's alpha, temperature and lr are the search's draws (they do
+not change what an epoch computes), and only the trial pays Ray, Tune, MLflow and checkpoints,
+and a fresh actor's first kernels (the plain processes warm up once, untimed).
+
 Prints ``Tune KD trial / plain loop, same epochs: <ratio>`` (goal <= 1.5) and
 ``KD trials per minute, <n> cores: <n>``, and the ratio to the plain loop alone. With ``--variants`` it also runs the sweep once per
 setting that changes a trial's overhead (before / after of each), in the same run.
@@ -36,10 +46,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from kdray.config import ExperimentConfig
 from kdray.data.prepare import in_memory_synthetic
+from kdray.devices import use_assigned_threads
 from kdray.pipeline import ray_session
 from kdray.sweep import StudentJob, run_sweep, train_student
 from kdray.tracking import Tracker
@@ -95,8 +105,9 @@ def config(args: argparse.Namespace, tune_overrides: dict) -> ExperimentConfig:
 
 
 def _plain_once(args: argparse.Namespace) -> float:
-    torch.set_num_threads(1)
     cfg = config(args, {})
+    # What a trial does first (kdray.sweep._kd_trial): outside Ray, the same cpus_per_trial.
+    use_assigned_threads(default=max(1, int(cfg.tune.cpus_per_trial)))
     job = student_job(args, cfg, None)
     started = time.perf_counter()
     train_student(job, cfg.kd.alpha, cfg.kd.temperature, WIDTHS)
@@ -105,15 +116,15 @@ def _plain_once(args: argparse.Namespace) -> float:
 
 def _warm(args: argparse.Namespace) -> None:
     """Imports and oneDNN's first kernels, before anything is timed."""
-    torch.set_num_threads(1)
     cfg = config(args, {})
+    use_assigned_threads(default=max(1, int(cfg.tune.cpus_per_trial)))
     train_student(student_job(args, cfg, None), cfg.kd.alpha, cfg.kd.temperature, WIDTHS[:1])
 
 
-def plain_seconds(args: argparse.Namespace) -> tuple[float, float]:
-    """Median wall time of the seed point's training, one thread each, in bare processes: one
-    alone, then ``--cpus`` side by side (as many as the sweep runs trials at once: they share
-    caches and memory bandwidth as the trials do)."""
+def plain_seconds(args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Wall times of the seed point's training, one thread each, in bare processes: one alone,
+    then ``--cpus`` side by side (as many as the sweep runs trials at once: they share caches and
+    memory bandwidth as the trials do)."""
     alone, at_once = [], []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.cpus, mp_context=context) as pool:
@@ -121,7 +132,7 @@ def plain_seconds(args: argparse.Namespace) -> tuple[float, float]:
         for _ in range(args.plain_repeats):
             alone.append(pool.submit(_plain_once, args).result())
             at_once += pool.map(_plain_once, [args] * args.cpus)
-    return statistics.median(alone), statistics.median(at_once)
+    return alone, at_once
 
 
 def breakdown(tracker: Tracker, slot_seconds: float) -> dict[str, float]:
@@ -236,7 +247,7 @@ def main() -> None:
         args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    alone, plain = plain_seconds(args)
+    alone, at_once = plain_seconds(args)  # before the sweeps, and again after them
     runs = VARIANTS if args.variants else {"product default": {}}
     with tempfile.TemporaryDirectory(prefix="kdray-sweep-bench-") as tmp:
         root = Path(tmp)
@@ -248,6 +259,9 @@ def main() -> None:
                 label: sweep_seconds(args, overrides, root, f"sweep{i}")
                 for i, (label, overrides) in enumerate(runs.items())
             }
+    after = plain_seconds(args)
+    alone = statistics.median(alone + after[0])
+    plain = statistics.median(at_once + after[1])
     print(
         f"{args.trials} KD trials x {args.epochs} epochs, {args.images_per_class} images per class "
         f"at {args.size} px, {args.cpus} at a time, 1 thread each"

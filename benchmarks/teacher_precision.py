@@ -1,10 +1,16 @@
-"""The teacher's training step in fp32 vs ``teacher.amp``'s CPU path (bf16 autocast, channels-last).
+"""The teacher's training step in fp32 vs ``teacher.amp``'s CPU bf16 (both channels-last).
 
-Side by side in one run, interleaved, on the same model, batch, input size and threads: a
-DenseNet121 training step (forward, loss, backward, Adam step) on synthetic images, as the
-teacher loop runs it (``kdray.engine.train_epoch`` with and without ``autocast``). Then, to check
-that bf16 does not cost accuracy, the validation accuracy of a few epochs of each on the same
-synthetic dataset and seed.
+Side by side in one run, interleaved: a DenseNet121 training step (forward, loss, backward, Adam
+step) on synthetic images, as the teacher loop runs it (``kdray.engine.train_epoch`` with and
+without ``autocast``). Then, to check that bf16 does not cost accuracy, the validation accuracy
+of a few epochs of each on the same synthetic dataset and seed.
+
+Held equal between fp32 and bf16: the model and its initial weights (same seed), its memory
+format and the batches' (channels-last on both sides: ``kdray.teacher.step_setup`` builds both,
+as the Ray Train workers get theirs), the batch, the input size, the threads, no augmentation on
+either side, two untimed warm-up steps each, the number of timed steps, and the order (each round
+alternates which mode goes first). Only the autocast dtype differs. The accuracy check also
+holds the data, the loader's order and the validation pass (fp32 on both) equal.
 
 Prints ``bf16 / fp32 step time: <ratio>`` (below 1 is faster) and both validation curves. On a CPU
 without AMX ``teacher.amp`` trains in fp32 (``kdray.engine.amp_dtype``); this script measures bf16
@@ -25,16 +31,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kdray.config import AugmentConfig
 from kdray.data.prepare import in_memory_synthetic
-from kdray.engine import (
-    channels_last,
-    cpu_has_amx,
-    evaluate,
-    make_loader,
-    seed_everything,
-    train_epoch,
-)
-from kdray.models import ModelSpec, build_model
+from kdray.engine import cpu_has_amx, evaluate, make_loader, seed_everything, train_epoch
+from kdray.models import ModelSpec
+from kdray.teacher import StepSetup, step_setup
 
 MODES = {"fp32": None, "bf16": torch.bfloat16}
 # --quick: the same code on tiny sizes (seconds), to check that the script works.
@@ -45,46 +46,42 @@ def _ce(logits, y, _extras, _x):
     return {"loss": F.cross_entropy(logits, y)}
 
 
-def _train(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, mode: str) -> None:
-    """One pass as the teacher loop runs it in ``mode`` (bf16: channels-last batches, autocast)."""
-    bf16 = mode == "bf16"
-    train_epoch(
-        model,
-        loader,
-        _ce,
-        optimizer,
-        augment=channels_last() if bf16 else None,
-        autocast=MODES[mode],
-    )
+def _train(setup: StepSetup, loader, optimizer: torch.optim.Optimizer, mode: str) -> None:
+    """One pass as the teacher loop runs it, with ``mode``'s autocast dtype."""
+    train_epoch(setup.model, loader, _ce, optimizer, augment=setup.augment, autocast=MODES[mode])
 
 
-def _model(spec: ModelSpec, mode: str, seed: int) -> torch.nn.Module:
+def _setup(spec: ModelSpec, seed: int, threads: int) -> StepSetup:
+    """The workers' own step set-up (channels-last model and batches, threads), without
+    augmentation; the precision is this script's to choose (bf16 also where amp would not)."""
     seed_everything(seed)
-    model = build_model(spec)
-    return model.to(memory_format=torch.channels_last) if mode == "bf16" else model
+    return step_setup(spec, None, AugmentConfig(enabled=False), False, threads)
 
 
-def step_times(spec: ModelSpec, batch: int, steps: int, rounds: int) -> dict[str, list[float]]:
+def step_times(
+    spec: ModelSpec, batch: int, steps: int, rounds: int, threads: int
+) -> dict[str, list[float]]:
     x = torch.randint(0, 256, (batch, 3, spec.image_size, spec.image_size), dtype=torch.uint8)
     y = torch.randint(0, spec.num_classes, (batch,))
     loader = [(x, y)]
     times: dict[str, list[float]] = {m: [] for m in MODES}
-    models = {m: _model(spec, m, 0) for m in MODES}
-    optims = {m: torch.optim.Adam(models[m].parameters(), lr=1e-3) for m in MODES}
+    setups = {m: _setup(spec, 0, threads) for m in MODES}
+    optims = {m: torch.optim.Adam(setups[m].model.parameters(), lr=1e-3) for m in MODES}
     for m in MODES:  # warm-up: oneDNN picks its kernels on the first steps
         for _ in range(2):
-            _train(models[m], loader, optims[m], m)
-    for _ in range(rounds):
-        for m in MODES:
+            _train(setups[m], loader, optims[m], m)
+    for r in range(rounds):
+        # Each mode goes first every other round: neither always runs on the other's heels.
+        for m in list(MODES) if r % 2 == 0 else list(reversed(MODES)):
             for _ in range(steps):
                 started = time.perf_counter()
-                _train(models[m], loader, optims[m], m)
+                _train(setups[m], loader, optims[m], m)
                 times[m].append(time.perf_counter() - started)
     return times
 
 
 def curves(
-    dataset: str, size: int, per_class: int, epochs: int, batch: int
+    dataset: str, size: int, per_class: int, epochs: int, batch: int, threads: int
 ) -> dict[str, list[float]]:
     data = in_memory_synthetic(
         dataset, per_class, size, seed=0, val_fraction=0.15, test_fraction=0.15
@@ -93,14 +90,14 @@ def curves(
     spec = ModelSpec(kind="teacher", num_classes=len(classes), image_size=size, class_names=classes)
     out: dict[str, list[float]] = {}
     for mode in MODES:
-        model = _model(spec, mode, 0)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        setup = _setup(spec, 0, threads)
+        optimizer = torch.optim.Adam(setup.model.parameters(), lr=1e-3)
         train = data.splits["train"]
         loader = make_loader((train.images, train.labels), batch, shuffle=True, seed=0)
         out[mode] = []
         for _ in range(epochs):
-            _train(model, loader, optimizer, mode)
-            metrics, _ = evaluate(model, data.splits["val"], classes)
+            _train(setup, loader, optimizer, mode)
+            metrics, _ = evaluate(setup.model, data.splits["val"], classes)
             out[mode].append(metrics["accuracy"])
     return out
 
@@ -127,7 +124,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"CPU AMX bf16: {cpu_has_amx()}; torch {torch.__version__}; {args.threads} threads")
     spec = ModelSpec(kind="teacher", num_classes=4, image_size=args.size, class_names=list("abcd"))
-    times = step_times(spec, args.batch, args.steps, args.rounds)
+    times = step_times(spec, args.batch, args.steps, args.rounds, args.threads)
     med = {m: statistics.median(t) for m, t in times.items()}
     for m in MODES:
         print(
@@ -136,7 +133,7 @@ def main() -> None:
         )
     print(f"bf16 / fp32 step time: {med['bf16'] / med['fp32']:.2f}")
     if args.epochs:
-        acc = curves(args.dataset, args.size, args.per_class, args.epochs, args.batch)
+        acc = curves(args.dataset, args.size, args.per_class, args.epochs, args.batch, args.threads)
         for m, values in acc.items():
             print(
                 f"{m} val accuracy per epoch ({args.dataset}): "

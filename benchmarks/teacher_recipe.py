@@ -6,6 +6,15 @@ cross-entropy only, on the same prepared data and input size as ``make run``, an
 model's validation accuracy per epoch (the learning curves) and the test accuracy of its best
 validation epoch.
 
+Held equal with the product, so that the comparison is the one ``make run`` makes: each teacher
+trains as a Ray Train worker does, without Ray (``kdray.teacher.step_setup``: ``teacher.weights``,
+channels-last model and batches, ``teacher.amp``'s precision; the whole training split; its best
+epoch by validation accuracy, ties to the lower loss), and the CE student is the product's CE
+baseline (:func:`kdray.sweep.train_student` at alpha = 1 on the students' share of the training
+split, ``data.synthetic.student_fraction`` for a synthetic stand-in; its best validation epoch).
+Held equal between the models: the prepared data, its validation and test splits, the seed and
+the torch threads (``--threads``). What a recipe changes is the only difference between teachers.
+
     python benchmarks/teacher_recipe.py --dataset eye_disease --recipes current,no_zoom
 
 ``--quick`` (8 synthetic images per class at 32 px, one epoch per model, in a temporary
@@ -22,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdray.augment import build_augment
 from kdray.config import AugmentConfig, ExperimentConfig, load_config
 from kdray.data.prepare import prepare_dataset
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
 from kdray.models import ModelSpec, build_model
-from kdray.teacher import make_scheduler, step_scheduler
+from kdray.sweep import StudentJob, train_student
+from kdray.teacher import make_scheduler, step_scheduler, step_setup
 from kdray.workspace import Workspace
 
 RECIPES: dict[str, dict] = {
@@ -56,56 +65,103 @@ def _ce(smoothing: float):
     return loss
 
 
-def train(kind: str, cfg: ExperimentConfig, data, recipe: dict, epochs: int, seed: int) -> dict:
+def train_ce_student(cfg: ExperimentConfig, data, seed: int) -> dict:
+    """The product's CE-only baseline for one seed (``kdray.champion``'s seed row): the default
+    student at alpha = 1 on the students' share of the training split, its best epoch on test."""
+    classes = list(data.spec.classes)
+    students = data.for_students(cfg.data.student_fraction(data.spec.id), cfg.data.split_seed)
+    job = StudentJob(
+        cfg,
+        data.spec.id,
+        classes,
+        data.image_size,
+        students.splits["train"],
+        students.splits["val"],
+    )
+    widths = cfg.student.resolved_widths()
+    spec = ModelSpec("student", len(classes), data.image_size, classes, widths=widths)
+    best = build_model(spec)
+    curve: list[float] = []
+    epochs, started = cfg.student.epochs, time.perf_counter()
+
+    def report(metrics: dict, _checkpoint: Path) -> None:
+        curve.append(metrics["val_accuracy"])
+        print(
+            f"  student epoch {len(curve)}/{epochs}: val {curve[-1]:.3f} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+
+    final = train_student(
+        job, 1.0, cfg.kd.temperature, widths, report, seed=seed, best_model_out=best
+    )
+    tm, _ = evaluate(best, data.splits["test"], classes)
+    return {
+        "curve": curve,
+        "val": final["best_val_accuracy"],
+        "test": tm["accuracy"],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def train_teacher(
+    cfg: ExperimentConfig, data, recipe: dict, epochs: int, seed: int, threads: int
+) -> dict:
+    """One teacher as a Ray Train worker trains it (one worker), with ``recipe``'s changes."""
     seed_everything(seed)
     train_split, val, test = data.splits["train"], data.splits["val"], data.splits["test"]
     classes = list(data.spec.classes)
-    if kind == "teacher":
-        t = cfg.teacher
-        spec = ModelSpec(
-            kind="teacher",
-            num_classes=len(classes),
-            image_size=data.image_size,
-            class_names=classes,
-        )
-        lr, batch, wd = recipe.get("lr", t.lr), t.batch_size, t.weight_decay
-        aug_cfg = AugmentConfig.model_validate(
-            {**t.augment.model_dump(), **recipe.get("augment", {})}
-        )
-        augment = build_augment(aug_cfg)
-    else:
-        s = cfg.student
-        spec = ModelSpec(
-            kind="student",
-            num_classes=len(classes),
-            image_size=data.image_size,
-            class_names=classes,
-            widths=s.resolved_widths(),
-        )
-        lr, batch, wd, augment = s.lr, s.batch_size, s.weight_decay, None
-    model = build_model(spec)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
-    scheduler = make_scheduler(optimizer, recipe.get("schedule", "plateau"), epochs)
-    loader = make_loader((train_split.images, train_split.labels), batch, shuffle=True, seed=seed)
-    curve, best, started = [], (-1.0, None), time.perf_counter()
+    t = cfg.teacher
+    spec = ModelSpec(
+        kind="teacher",
+        num_classes=len(classes),
+        image_size=data.image_size,
+        class_names=classes,
+        arch=t.arch,
+        dataset=data.spec.id,
+    )
+    aug_cfg = AugmentConfig.model_validate({**t.augment.model_dump(), **recipe.get("augment", {})})
+    # The workers' own set-up: weights, channels-last model and batches, precision, threads.
+    setup = step_setup(spec, t.weights, aug_cfg, t.amp, threads)
+    model = setup.model
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=recipe.get("lr", t.lr), weight_decay=t.weight_decay
+    )
+    scheduler = make_scheduler(optimizer, recipe.get("schedule", t.schedule), epochs)
+    loader = make_loader(
+        (train_split.images, train_split.labels), t.batch_size, shuffle=True, seed=seed
+    )
+    curve, started = [], time.perf_counter()
+    best_acc, best_loss, best_state = -1.0, float("inf"), None
     loss_fn = _ce(recipe.get("label_smoothing", 0.0))
     for _ in range(epochs):
-        train_epoch(model, loader, loss_fn, optimizer, "cpu", None, augment)
+        train_epoch(
+            model,
+            loader,
+            loss_fn,
+            optimizer,
+            "cpu",
+            setup.scaler,
+            setup.augment,
+            autocast=setup.autocast,
+        )
         vm, _ = evaluate(model, val, classes)
         step_scheduler(scheduler, vm["loss"])
         curve.append(vm["accuracy"])
         print(
-            f"  {kind} epoch {len(curve)}/{epochs}: val {vm['accuracy']:.3f} "
+            f"  teacher epoch {len(curve)}/{epochs}: val {vm['accuracy']:.3f} "
             f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-        if vm["accuracy"] > best[0]:
-            best = (vm["accuracy"], {k: v.clone() for k, v in model.state_dict().items()})
-    model.load_state_dict(best[1])
+        # The product's rule (kdray.teacher): higher accuracy, or equal with a lower loss.
+        if vm["accuracy"] > best_acc or (vm["accuracy"] == best_acc and vm["loss"] < best_loss):
+            best_acc, best_loss = vm["accuracy"], vm["loss"]
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
     tm, _ = evaluate(model, test, classes)
     return {
         "curve": curve,
-        "val": best[0],
+        "val": best_acc,
         "test": tm["accuracy"],
         "seconds": time.perf_counter() - started,
     }
@@ -140,7 +196,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kdray-teacher-recipe-") as tmp:  # for --quick
         workspace = Workspace(Path(args.workspace or tmp)).create()
         data = prepare_dataset(cfg.data, args.dataset, workspace)
-    print(f"{args.dataset}: {data.manifest.counts()} images at {data.image_size} px")
+    share = cfg.data.student_fraction(args.dataset)
+    n_students = len(data.student_indices(share, cfg.data.split_seed))
+    print(
+        f"{args.dataset}: {data.manifest.counts()} images at {data.image_size} px; the CE "
+        f"student trains on {n_students} of the training split ({share:g} of each class)"
+    )
     rows = []
 
     def show(label: str, seed: int, out: dict) -> None:
@@ -153,12 +214,14 @@ def main() -> None:
         )
 
     for seed in map(int, args.seeds.split(",")):
-        show("CE student", seed, train("student", cfg, data, {}, cfg.student.epochs, seed))
+        torch.set_num_threads(args.threads)  # a teacher's step_setup set it too: the same number
+        show("CE student", seed, train_ce_student(cfg, data, seed))
         for name in args.recipes.split(","):
+            epochs = args.epochs or cfg.teacher.epochs
             show(
                 f"teacher {name}",
                 seed,
-                train("teacher", cfg, data, RECIPES[name], args.epochs or cfg.teacher.epochs, seed),
+                train_teacher(cfg, data, RECIPES[name], epochs, seed, args.threads),
             )
     print("mean test accuracy over seeds:")
     for label in dict.fromkeys(r[0] for r in rows):

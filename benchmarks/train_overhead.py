@@ -1,7 +1,11 @@
 """Teacher training through Ray Train's TorchTrainer vs the same work in a plain PyTorch loop.
 
-What a user pays, measured side by side in one run on the same data, model, batch, augmentation
-and threads:
+What a user pays, measured side by side in one run. Held equal on both sides: the data, the
+model, its memory format (channels-last), the precision (``teacher.amp``: bf16 on a CPU with AMX,
+else fp32), the augmentation and its output layout, the batch, the optimiser and LR schedule, the
+threads (``kdray.teacher.step_setup`` decides all of these for both), the validation pass and the
+checkpoint's content. Only Ray Train's part differs (worker process, DDP wrapper, MLflow logging
+from rank 0, checkpoint registration and ``ray.train.report``).
 
 - Ray Train, whole epoch: the wall time between two successive epoch reports of the product's
   ``fit_teacher`` (training, rank-0 validation, MLflow logging, checkpoint save and
@@ -35,13 +39,19 @@ from pathlib import Path
 import torch
 from mlflow import MlflowClient
 
-from kdray.augment import build_augment
 from kdray.config import ExperimentConfig, MLflowConfig, RayConfig
 from kdray.data.prepare import in_memory_synthetic
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
-from kdray.models import ModelSpec, build_model
+from kdray.models import ModelSpec
 from kdray.pipeline import ray_session
-from kdray.teacher import STATE_FILE, _ce_loss, fit_teacher
+from kdray.teacher import (
+    STATE_FILE,
+    _ce_loss,
+    fit_teacher,
+    make_scheduler,
+    step_scheduler,
+    step_setup,
+)
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
@@ -54,24 +64,31 @@ def plain_epochs(
 ) -> dict[str, list[float]]:
     """The product's per-epoch work without Ray: seconds per whole epoch and per part."""
     t = cfg.teacher
-    torch.set_num_threads(t.cpus_per_worker)
     seed_everything(cfg.seed)
-    model = build_model(spec)
+    # The workers' own set-up: threads, channels-last model and batches, precision.
+    setup = step_setup(spec, t.weights, t.augment, t.amp, t.cpus_per_worker)
+    model = setup.model
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.5, patience=2
-    )
+    scheduler = make_scheduler(optimizer, t.schedule, t.epochs)
     train, val = data.splits["train"], data.splits["val"]
     loader = make_loader((train.images, train.labels), t.batch_size, True, cfg.seed)
-    augment = build_augment(t.augment)
     parts: dict[str, list[float]] = {"epoch": [], "train": [], "validate": [], "checkpoint": []}
     best_state = None
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        train_epoch(model, loader, _ce_loss, optimizer, "cpu", None, augment)
+        train_epoch(
+            model,
+            loader,
+            _ce_loss,
+            optimizer,
+            "cpu",
+            setup.scaler,
+            setup.augment,
+            autocast=setup.autocast,
+        )
         t1 = time.perf_counter()
         metrics = evaluate(model, val, list(data.spec.classes))[0]
-        scheduler.step(metrics["loss"])
+        step_scheduler(scheduler, metrics["loss"])
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         t2 = time.perf_counter()
         torch.save(
