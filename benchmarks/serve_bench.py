@@ -325,12 +325,15 @@ def run_plain(
     proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO)
     url = f"http://127.0.0.1:{port}/v1/models/{DATASET}/predict"
     try:
-        deadline = time.monotonic() + 60
+        # Its imports (torch, onnxruntime, kdray) take seconds, tens of them on a loaded machine.
+        deadline = time.monotonic() + 300
         while True:
             try:
                 asyncio.run(latencies(url, body, 1, warmup=0))
                 break
             except (aiohttp.ClientError, OSError):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the plain app exited {proc.returncode}") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)

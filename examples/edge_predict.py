@@ -6,11 +6,12 @@
 version): ``model.onnx`` + ``model.json``. For each image this prints the predicted class and its
 probability, and writes into ``--out`` (default ``edge-out/``):
 
-- ``<name>.gradcam.png``: the image with the Grad-CAM of the predicted class over it (or the
+- ``<name>.gradcam.png``: the image with the class activation map of the predicted class over it
+  (the variant the export names in ``model.json``'s ``cam_method``, HiResCAM by default; or the
   image alone and a note, when the map is blank: no location adds positive evidence);
 - ``<name>.feature_maps.png``: the image, then each conv block's average feature map, first to
   last (the paper's per-layer view);
-- ``predictions.json``: classes, probabilities, the class Grad-CAM explains, and the files;
+- ``predictions.json``: classes, probabilities, the class the CAM explains, and the files;
 - with ``--save-maps``, ``maps.npz``: the raw maps (``feature_maps`` (N, L, S, S), ``gradcam``
   (N, S, S), float32 in [0, 1]).
 
@@ -144,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                     "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)},
                     "gradcam_class": classes[int(out["cam_class"][i])],
                     "gradcam_layer": card["cam_layer"],
+                    "cam_method": card.get("cam_method", "gradcam"),
                     "gradcam_blank": blank,
                     "overlays": [f"{stem}.gradcam.png", f"{stem}.feature_maps.png"],
                 }
             )
-            note = " (Grad-CAM blank: no location adds positive evidence)" if blank else ""
+            note = " (CAM blank: no location adds positive evidence)" if blank else ""
             print(f"{path}: {classes[label]} {probs[label]:.3f}{note}")
         if args.save_maps:
             np.savez_compressed(

@@ -1,16 +1,21 @@
 """After the sweep: pick the champion, score it, register it, and measure the KD gain.
 
-Selection rule (``tune.selection_tolerance``): the best validation accuracy wins, but among
-trials within the tolerance of it the one with the fewest FLOPs is taken — a small student is
-the point of distillation. The champion gets its own MLflow run (role ``champion``) and is
-registered as ``kdray-<dataset>@champion``.
+Selection rule (``tune.champion``): ``transparent`` (the default) takes, among the trials within
+``tune.selection_tolerance`` of the best validation accuracy, the one with the best transparency
+score (:mod:`kdray.explain.scoring`), then the fewest FLOPs; ``accuracy`` takes the fewest FLOPs
+within that band (a small student is the point of distillation). Both picks are recorded: the
+report and the summary say what the champion gains in transparency over the accuracy-only pick
+and what it gives up in accuracy. The champion gets its own MLflow run (role ``champion``) and is
+registered as ``kdray-<dataset>@champion``, with its CAM variant and layer (``cam.json``).
 
 The KD ablation, role ``baseline``, is the champion's architecture trained with cross-entropy
 only (alpha = 1), tuned as fairly as the champion: its own Tune search with the same budget
 (``tune.num_samples`` trials, sampler and scheduler) over what it can tune, the learning rate,
 over the same range; the trial with the best validation accuracy is the baseline (runs with
 role ``baseline-trial``). With ``seeds: [...]`` champion and baseline are each retrained per
-seed at their chosen hyper-parameters and reported as mean ± std.
+seed at their chosen hyper-parameters and reported as mean ± std, test accuracy and test
+transparency alike (each seed's model at the layer its validation images choose): the paired
+comparisons of accuracy and of transparency.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from kdray.devices import use_assigned_threads
 from kdray.engine import evaluate, softmax
 from kdray.evaluation import SCALAR_METRICS, evaluate_and_log
 from kdray.explain.background import save_background, select_background
+from kdray.explain.scoring import ScoringSet, cam_choice, score_model
 from kdray.models import ModelSpec, build_model, load_model, save_model
 from kdray.registry import log_model_folder, register_model, registered_name
 from kdray.sweep import StudentJob, TrialOutcome, baseline_search_space, run_sweep, train_student
@@ -70,6 +76,17 @@ class ChampionResult:
     # and 0 in the state of a run made before the baseline had its own search).
     baseline_lr: float = float("nan")
     baseline_trials: int = 0
+    # Transparency: the rule that chose, the champion's CAM variant and layer, its validation
+    # score; the accuracy-only pick's trial run and scores (the comparison the report makes);
+    # per seed, the test transparency and its parts of champion and baseline (``test_*`` keys).
+    rule: str = "accuracy"
+    cam_method: str = ""
+    cam_layer: str = ""
+    transparency: float = float("nan")
+    accuracy_pick_run_id: str = ""
+    accuracy_pick: dict[str, float] = field(default_factory=dict)
+    champion_seed_transparency: dict[str, list[float]] = field(default_factory=dict)
+    baseline_seed_transparency: dict[str, list[float]] = field(default_factory=dict)
 
 
 PROBABILITIES = "test_probabilities"  # a retrain's test-split class probabilities, not a metric
@@ -80,16 +97,33 @@ def baseline_probabilities_path(ws: Workspace, dataset: str) -> Path:
     return ws.champions / f"{dataset}-baseline-test-probabilities.npy"
 
 
-def select_champion(outcomes: list[TrialOutcome], tolerance: float) -> TrialOutcome:
-    """Best validation accuracy; within ``tolerance`` of it, fewest FLOPs (then higher accuracy).
+def select_champion(
+    outcomes: list[TrialOutcome], tolerance: float, rule: str = "accuracy"
+) -> TrialOutcome:
+    """The trial the rule picks among those within ``tolerance`` of the best validation accuracy.
+
+    ``accuracy``: the fewest FLOPs (then higher accuracy). ``transparent``: the best transparency
+    score (an unscored trial ranks last), then the fewest FLOPs, then higher accuracy.
 
     Raises:
         RuntimeError: no outcome.
+        ValueError: an unknown rule.
     """
     if not outcomes:
         raise RuntimeError("no finished trial to choose from")
+    if rule not in ("accuracy", "transparent"):
+        raise ValueError(f"unknown champion rule {rule!r}; expected 'accuracy' or 'transparent'")
     best = max(o.best_val_accuracy for o in outcomes)
     eligible = [o for o in outcomes if o.best_val_accuracy >= best - tolerance - 1e-12]
+    if rule == "transparent":
+        return min(
+            eligible,
+            key=lambda o: (
+                -(o.transparency if np.isfinite(o.transparency) else -1.0),
+                o.flops,
+                -o.best_val_accuracy,
+            ),
+        )
     return min(eligible, key=lambda o: (o.flops, -o.best_val_accuracy))
 
 
@@ -117,31 +151,55 @@ def retrain_and_score(
     )
     best = build_model(spec)
     final = train_student(job, alpha, temperature, widths, lr=lr, seed=seed, best_model_out=best)
-    return _seed_row(best, test, job.class_names, final["best_val_accuracy"], seed)
+    return _seed_row(best, test, job, final["best_val_accuracy"], seed)
+
+
+TRANSPARENCY_PARTS = ("blank_rate", "pointing_game", "energy_in_mask", "deletion", "insertion")
+
+
+def test_transparency(
+    model: torch.nn.Module, test: Split, job: StudentJob, seed: int
+) -> dict[str, float]:
+    """A model's transparency on the whole test split, at the layer its validation images choose
+    (never chosen on test): ``test_transparency`` and ``test_<part>`` (NaN where a part does not
+    apply), ``layer``; empty without a scoring set."""
+    if job.scoring is None:
+        return {}
+    cfg = job.cfg
+    method = cfg.explain.cam_method
+    chosen = score_model(model, job.scoring, cfg.transparency, method, seed=seed)
+    on_test = ScoringSet.from_split(test, len(test), seed, "test")
+    scored = score_model(
+        model, on_test, cfg.transparency, method, layers=[chosen.layer], sanity=False, seed=seed
+    ).chosen
+    out = {"test_transparency": scored.score}
+    out.update({f"test_{part}": getattr(scored, part) for part in TRANSPARENCY_PARTS})
+    return out
 
 
 def _seed_row(
-    model: torch.nn.Module, test: Split, class_names: list[str], val_accuracy: float, seed: int
+    model: torch.nn.Module, test: Split, job: StudentJob, val_accuracy: float, seed: int
 ) -> dict[str, Any]:
     """One seed's model scored on ``test``: the row the seed statistics are made of."""
-    metrics, logits = evaluate(model, test, class_names)
+    metrics, logits = evaluate(model, test, job.class_names)
     return {
         "val_accuracy": val_accuracy,
         "test_accuracy": metrics["accuracy"],
         "test_f1_macro": metrics["f1_macro"],
         "test_ece": metrics["ece"],
+        **test_transparency(model, test, job, seed),
         "seed": seed,
         PROBABILITIES: softmax(logits).astype(np.float32),
     }
 
 
 def score_checkpoint(
-    outcome: TrialOutcome, test: Split, class_names: list[str], seed: int
+    outcome: TrialOutcome, test: Split, job: StudentJob, seed: int
 ) -> dict[str, Any]:
     """A finished trial's best-epoch model scored on ``test``, as the run of ``seed``."""
     with outcome.checkpoint.as_directory() as d:
         model, _ = load_model(d)
-    return _seed_row(model, test, class_names, outcome.best_val_accuracy, seed)
+    return _seed_row(model, test, job, outcome.best_val_accuracy, seed)
 
 
 def _is_seed_run(outcome: TrialOutcome, seed: int, cfg: Any) -> bool:
@@ -164,7 +222,7 @@ def _seed_rows(
         if seed in refs:
             rows.append(ray.get(refs[seed]))
         else:
-            rows.append(score_checkpoint(outcome, test, job.class_names, seed))
+            rows.append(score_checkpoint(outcome, test, job, seed))
         log.info(
             "%s: %s seed %d (%d/%d, %s): test acc %.3f",
             job.dataset,
@@ -178,13 +236,34 @@ def _seed_rows(
     return rows
 
 
+SEED_KEYS = (
+    "test_accuracy",
+    "test_f1_macro",
+    "test_ece",
+    "test_transparency",
+    *(f"test_{part}" for part in TRANSPARENCY_PARTS),
+)
+
+
 def _mean_std(rows: list[dict[str, float]]) -> dict[str, float]:
     out = {}
-    for key in ("test_accuracy", "test_f1_macro", "test_ece"):
-        values = [r[key] for r in rows]
+    for key in SEED_KEYS:
+        values = [r[key] for r in rows if key in r and np.isfinite(r[key])]
+        if len(values) < len(rows) or not values:
+            continue  # a part that does not apply (localisation without masks)
         out[f"{key}_mean"] = statistics.fmean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return out
+
+
+def _seed_transparency(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per seed, in order: ``test_transparency`` and the parts every row has (finite)."""
+    keys = ("test_transparency", *(f"test_{part}" for part in TRANSPARENCY_PARTS))
+    return {
+        k: [float(r[k]) for r in rows]
+        for k in keys
+        if rows and all(k in r and np.isfinite(r[k]) for r in rows)
+    }
 
 
 def _log_seed_rows(tracker: Tracker, run_id: str, rows: list[dict[str, float]]) -> dict[str, float]:
@@ -218,7 +297,8 @@ def crown_champion(
     run registers one version only.
     """
     cfg, dataset = job.cfg, job.dataset
-    chosen = select_champion(outcomes, cfg.tune.selection_tolerance)
+    chosen = select_champion(outcomes, cfg.tune.selection_tolerance, cfg.tune.champion)
+    by_accuracy = select_champion(outcomes, cfg.tune.selection_tolerance, "accuracy")
     alpha, temperature = float(chosen.config["alpha"]), float(chosen.config["temperature"])
     seeds = list(cfg.seeds) or [cfg.seed]
 
@@ -246,6 +326,13 @@ def crown_champion(
     save_model(model, spec, target)
     if job.record is not None:  # what it saw travels with the registered version
         save_record(target, job.record)
+    # Its CAM variant and layer, measured on the validation images (cam.json): what the report,
+    # the audit, the server and the ONNX export read its maps at.
+    cam = (
+        cam_choice(cfg, model, target, job.scoring, agreement=alpha < 1.0)
+        if job.scoring is not None
+        else None
+    )
     # The SHAP background travels with the registered version: a server needs only the registry.
     save_background(
         target,
@@ -272,16 +359,31 @@ def crown_champion(
         },
     )
     # A tag, not a param: a resume that finishes a trial that had failed may count one more.
-    tracker.set_tags(run_id, {"kdray.selected_from": len(outcomes)})
+    tracker.set_tags(
+        run_id,
+        {
+            "kdray.selected_from": len(outcomes),
+            "kdray.champion_rule": cfg.tune.champion,
+            "kdray.accuracy_pick_run": by_accuracy.run_id,
+            **({"kdray.cam.method": cam.method, "kdray.cam.layer": cam.layer} if cam else {}),
+        },
+    )
     tracker.log_config(run_id, cfg.to_dict())
     tracker.log_inputs(run_id, job.inputs("train", "val", "test"))
     tracker.log_metrics(
         run_id,
-        {"val_accuracy": chosen.best_val_accuracy, "params": chosen.params, "flops": chosen.flops},
+        {
+            "val_accuracy": chosen.best_val_accuracy,
+            "params": chosen.params,
+            "flops": chosen.flops,
+            **(cam.metrics() if cam else {}),
+        },
     )
     test_metrics = evaluate_and_log(
         model, test, spec.class_names, tracker, run_id, title=f"student · {dataset}"
     )
+    champion_test = test_transparency(model, test, job, cfg.seed)
+    tracker.log_metrics(run_id, {k: v for k, v in champion_test.items() if np.isfinite(v)})
     log_model_folder(tracker.client, run_id, target)  # an MLflow pyfunc holding kdray's files
     version = register_model(
         tracker.client,
@@ -292,8 +394,8 @@ def crown_champion(
     )
     tracker.set_tags(run_id, {"kdray.registered_model": f"{registered_name(dataset)}/{version}"})
     log.info(
-        "%s: champion alpha %.2f T %.1f widths %s lr %.4f (val acc %.3f, test acc %.3f), "
-        "registered %s v%s",
+        "%s: champion alpha %.2f T %.1f widths %s lr %.4f (val acc %.3f, test acc %.3f, "
+        "transparency %.3f at %s), registered %s v%s",
         dataset,
         alpha,
         temperature,
@@ -301,9 +403,21 @@ def crown_champion(
         chosen.lr,
         chosen.best_val_accuracy,
         test_metrics["accuracy"],
+        cam.score if cam else float("nan"),
+        cam.layer if cam else "n/a",
         registered_name(dataset),
         version,
     )
+    if by_accuracy is not chosen:
+        log.info(
+            "%s: the accuracy-only rule would have taken widths %s (val acc %.3f, transparency "
+            "%.3f); the champion's transparency %.3f",
+            dataset,
+            "-".join(map(str, by_accuracy.widths)),
+            by_accuracy.best_val_accuracy,
+            by_accuracy.transparency,
+            chosen.transparency,
+        )
 
     log.info(
         "%s: CE-only baseline: searching lr over %d trials (alpha 1, widths %s)",
@@ -406,4 +520,21 @@ def crown_champion(
         baseline_seed_accuracy=[r["test_accuracy"] for r in baseline_rows],
         baseline_lr=base.lr,
         baseline_trials=len(baseline_outcomes),
+        rule=cfg.tune.champion,
+        cam_method=cam.method if cam else "",
+        cam_layer=cam.layer if cam else "",
+        transparency=chosen.transparency,
+        accuracy_pick_run_id=by_accuracy.run_id,
+        accuracy_pick={
+            "val_accuracy": by_accuracy.best_val_accuracy,
+            "transparency": by_accuracy.transparency,
+            "flops": float(by_accuracy.flops),
+            "params": float(by_accuracy.params),
+        },
+        champion_seed_transparency=(
+            _seed_transparency(champion_rows)
+            if champion_rows
+            else _seed_transparency([champion_test])
+        ),
+        baseline_seed_transparency=_seed_transparency(baseline_rows),
     )

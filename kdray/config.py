@@ -30,6 +30,7 @@ __all__ = [
     "StudentConfig",
     "SyntheticConfig",
     "TeacherConfig",
+    "TransparencyConfig",
     "TuneConfig",
     "apply_overrides",
     "load_config",
@@ -237,11 +238,19 @@ class TuneConfig(_Strict):
     growth: list[float] = Field(default_factory=lambda: [1.5, 2.0])
     depth: list[int] = Field(default_factory=lambda: [4, 5, 6])
     lr: tuple[float, float] = (1e-3, 1e-2)
+    champion: Literal["transparent", "accuracy"] = Field(
+        "transparent",
+        description="the champion rule: transparent: among trials within selection_tolerance of "
+        "the best val accuracy, the best transparency score, then the fewest FLOPs (the search "
+        "is then multi-objective: TPE and ASHA over accuracy and transparency); accuracy: the "
+        "fewest FLOPs within selection_tolerance of the best val accuracy (transparency scored "
+        "and reported, not searched or selected on)",
+    )
     selection_tolerance: float = Field(
         0.01,
         ge=0.0,
         le=1.0,
-        description="champion: among trials within this of the best val accuracy, fewest FLOPs",
+        description="champion: the val accuracy band below the best that the rule chooses in",
     )
     max_failures: int = Field(1, ge=-1, description="retries of a failed trial; -1 = unlimited")
     seed: int = 0
@@ -270,18 +279,30 @@ class TuneConfig(_Strict):
         return value
 
 
+CamMethodName = Literal["gradcam", "hirescam", "layercam", "gradcampp", "xgradcam"]
+
+
 class ExplainConfig(_Strict):
-    """Explanations (feature maps, Grad-CAM, SHAP) and the transparency report."""
+    """Explanations (feature maps, class activation maps, SHAP) and the transparency report."""
 
     methods: list[Literal["feature_maps", "gradcam", "shap"]] = Field(
         default_factory=lambda: ["feature_maps", "gradcam", "shap"]
     )
+    cam_method: CamMethodName = Field(
+        "hirescam",
+        description="the class activation map every model is scored, selected and explained "
+        "with (the 'gradcam' method's variant): hirescam (default, chosen by measurement: see "
+        "docs/transparency.md), gradcam (the paper's Grad-CAM), layercam, gradcampp, xgradcam",
+    )
     student_layer: str | None = Field(
         None,
-        description="Grad-CAM layer; None: the deepest block with >= 7x7 output at the input size",
+        description="CAM layer; None: the layer chosen by measurement when the model was "
+        "trained (its cam.json), else the deepest block with >= 7x7 output",
     )
     teacher_layer: str | None = Field(
-        None, description="Grad-CAM layer; None: the deepest dense block with >= 7x7 output"
+        None,
+        description="CAM layer; None: chosen by measurement (cam.json), else the deepest dense "
+        "block with >= 7x7 output",
     )
     top_k_channels: int | None = Field(
         None, ge=1, description="feature maps: mean of the top-k channels"
@@ -304,6 +325,35 @@ class ExplainConfig(_Strict):
     sanity_shap_images: int = Field(
         2, ge=1, description="of those, images SHAP explains (it costs shap_nsamples passes each)"
     )
+
+
+class TransparencyConfig(_Strict):
+    """The transparency score every model gets (KD and CE-only trials, champions, teachers):
+    see kdray/explain/scoring.py and docs/transparency.md."""
+
+    images: int = Field(
+        96, ge=4, description="validation images scored per model (class-stratified, seeded)"
+    )
+    basis: Literal["auto", "localisation", "faithfulness"] = Field(
+        "auto",
+        description="localisation: mean of pointing game and energy in the lesion masks; "
+        "faithfulness: (1 + insertion - deletion) / 2 of the map's pixel ranking; auto: "
+        "localisation where at least 8 scored images have a mask, else faithfulness. A blank map "
+        "scores 0 either way",
+    )
+    min_layer_side: int = Field(
+        4, ge=1, description="candidate layers: blocks whose output is at least this many px a side"
+    )
+    sanity_images: int = Field(
+        16,
+        ge=0,
+        description="images of the randomisation check: a layer whose maps survive "
+        "re-initialising the model (|rho| >= 0.5) is not chosen (0: no check)",
+    )
+    faithfulness_images: int = Field(
+        32, ge=1, description="faithfulness basis: images deletion / insertion run on"
+    )
+    deletion_steps: int = Field(8, ge=2, description="faithfulness basis: curve steps")
 
 
 class ExportConfig(_Strict):
@@ -352,6 +402,7 @@ class ExperimentConfig(_Strict):
     kd: KDConfig = Field(default_factory=KDConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    transparency: TransparencyConfig = Field(default_factory=TransparencyConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -265,10 +265,18 @@ def load_model(
     return model.to(device).eval(), spec
 
 
+# Files a model folder may hold beside its weights: the CAM variant and layer measured for it
+# (kdray.explain.scoring) and its data record (kdray.data.record).
+OPTIONAL_FILES = ("cam.json", "data.json")
+
+
 def model_files(directory: str | Path) -> dict[str, bytes]:
-    """A model saved by :func:`save_model` as bytes: it can travel through Ray's object store to
-    workers on other nodes, which have no access to this machine's disk."""
-    return {name: (Path(directory) / name).read_bytes() for name in (SPEC_FILE, WEIGHTS_FILE)}
+    """A model saved by :func:`save_model` as bytes (with the :data:`OPTIONAL_FILES` it has): it
+    can travel through Ray's object store to workers on other nodes, which have no access to this
+    machine's disk."""
+    folder = Path(directory)
+    names = (SPEC_FILE, WEIGHTS_FILE, *(n for n in OPTIONAL_FILES if (folder / n).is_file()))
+    return {name: (folder / name).read_bytes() for name in names}
 
 
 def load_model_files(

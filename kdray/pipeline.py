@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from kdray.champion import ChampionResult, crown_champion
@@ -26,6 +27,7 @@ from kdray.data.prepare import PreparedData, preflight, prepare_dataset
 from kdray.data.record import DataRecord, record_for, split_digest
 from kdray.explain.sanity import PASS_BELOW
 from kdray.metrics import paired_difference
+from kdray.pareto_report import ParetoSummary, log_pareto
 from kdray.registry import registered_name
 from kdray.search_findings import SearchFindings, across_datasets, log_findings
 from kdray.sweep import make_job, run_sweep, seed_point
@@ -93,6 +95,12 @@ class DatasetSummary:
     # The data, in the record's public phrase (kdray.data.record): "synthetic stand-in (...)" or
     # a real folder's name; empty in an older summary.
     data_source: str = ""
+    # Transparency (kdray.explain.scoring): the champion rule, the champion's CAM variant and
+    # layer and validation score, the Pareto front against the accuracy-only pick
+    # (kdray.pareto_report.ParetoSummary), and KD against CE-only per test-transparency figure,
+    # paired by seed ({"test_transparency": {"kd", "ce", "mean", "std", "p", "mde", "n"}, ...});
+    # empty in an older summary.
+    transparency: dict[str, Any] = field(default_factory=dict)
 
 
 SANITY_KEYS = (".randomisation.", ".random_logit.", ".blank_test.", "localisation_test.images")
@@ -134,13 +142,13 @@ def ray_session(cfg: RayConfig, ws: Workspace) -> Iterator[None]:
 
 
 def run_key(cfg: ExperimentConfig) -> str:
-    """Identifies what a dataset's run trains (not where it runs, logs, or how it explains)."""
+    """Identifies what a dataset's run trains and selects (not where it runs, logs, or how its
+    report explains: of ``explain``, only ``cam_method``, which the champion is selected by)."""
     data = cfg.to_dict()
     data["data"].pop("datasets")  # the state is per dataset: the list around it does not matter
-    blob = json.dumps(
-        {k: v for k, v in data.items() if k not in ("ray", "mlflow", "explain", "export")},
-        sort_keys=True,
-    )
+    kept = {k: v for k, v in data.items() if k not in ("ray", "mlflow", "explain", "export")}
+    kept["cam_method"] = data["explain"]["cam_method"]
+    blob = json.dumps(kept, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -299,6 +307,17 @@ def run_dataset(
             seed_point=seed_point(cfg),
         )
         log.info("%s: %s", dataset, findings.sentence())
+        pareto = log_pareto(
+            tracker,
+            parent,
+            champion.trial_run_id,
+            champion.accuracy_pick_run_id or champion.trial_run_id,
+            ws.reports / dataset,
+            dataset,
+            champion.rule,
+            cfg.tune.selection_tolerance,
+        )
+        log.info("%s: %s", dataset, pareto.sentence())
         # Before the report: it finds the learning curves through these tags.
         tracker.set_tags(
             parent,
@@ -366,13 +385,29 @@ def run_dataset(
             search=findings.to_dict(),
             sanity=sanity,
             data_source=data.source.describe(),
+            transparency={
+                "rule": champion.rule,
+                "cam_method": champion.cam_method,
+                "cam_layer": champion.cam_layer,
+                "pareto": pareto.to_dict(),
+                "kd_vs_ce": _paired_transparency(champion),
+            },
         )
         tracker.log_metrics(
             parent,
             {
-                k: v
-                for k, v in asdict(summary).items()
-                if isinstance(v, float | int) and not isinstance(v, bool)
+                **{
+                    k: v
+                    for k, v in asdict(summary).items()
+                    if isinstance(v, float | int) and not isinstance(v, bool)
+                },
+                # KD against CE-only, per test-transparency figure (kd_vs_ce.<figure>.<stat>)
+                **{
+                    f"kd_vs_ce.{key.removeprefix('test_')}.{stat}": value
+                    for key, pair in summary.transparency["kd_vs_ce"].items()
+                    for stat, value in pair.items()
+                    if math.isfinite(value)
+                },
             },
         )
     except KeyboardInterrupt:
@@ -393,6 +428,19 @@ def run_dataset(
         },
     )
     return summary
+
+
+def _paired_transparency(champion: ChampionResult) -> dict[str, dict[str, float]]:
+    """KD champion against CE-only baseline per test-transparency figure, paired by seed: the
+    means, and the difference's mean, std, p and MDE (NaN with one seed)."""
+    kd, ce = champion.champion_seed_transparency, champion.baseline_seed_transparency
+    out = {}
+    for key in kd:
+        a, b = kd[key], ce.get(key, [])
+        if not a or len(a) != len(b):
+            continue
+        out[key] = {"kd": float(np.mean(a)), "ce": float(np.mean(b)), **paired_difference(a, b)}
+    return out
 
 
 def _paired_gain(champion: ChampionResult) -> dict[str, float]:
@@ -471,13 +519,22 @@ def _chosen_from(trials: int) -> str:
 AGREEMENT_METHODS = {"gradcam": "Grad-CAM", "shap": "SHAP", "feature_maps": "feature maps"}
 
 
+def _method_titles(r: DatasetSummary) -> dict[str, str]:
+    """The methods' names in a run's words: its CAM is its variant (a summary written before
+    variants: Grad-CAM)."""
+    from kdray.explain.cam_methods import CAM_TITLES
+
+    method = r.transparency.get("cam_method") or "gradcam"
+    return {**AGREEMENT_METHODS, "gradcam": CAM_TITLES.get(method, method)}
+
+
 def _agreement_words(r: DatasetSummary) -> str:
     a = r.agreement
     get = lambda key: f"{a[key]:.2f}" if math.isfinite(a.get(key, math.nan)) else "n/a"  # noqa: E731
     parts = [
         f"{r.dataset}: labels {get('agreement.predictions')} ({get('agreement.predictions_test')})"
     ]
-    for method, title in AGREEMENT_METHODS.items():
+    for method, title in _method_titles(r).items():
         if f"agreement.rank_correlation.{method}" in a or f"agreement.top10_overlap.{method}" in a:
             parts.append(
                 f"{title} {get(f'agreement.rank_correlation.{method}')} / "
@@ -488,13 +545,59 @@ def _agreement_words(r: DatasetSummary) -> str:
     return "; ".join(parts)
 
 
+PART_TITLES = {
+    "test_blank_rate": "blank maps",
+    "test_pointing_game": "pointing game",
+    "test_energy_in_mask": "energy in mask",
+    "test_deletion": "deletion AUC",
+    "test_insertion": "insertion AUC",
+}
+
+
+def _transparency_words(r: DatasetSummary) -> str:
+    """The champion's CAM and what the rule gained over the accuracy-only pick (validation)."""
+    from kdray.explain.cam_methods import CAM_TITLES
+
+    t = r.transparency
+    pareto = ParetoSummary(**t.get("pareto", {}))
+    method = CAM_TITLES.get(t.get("cam_method", ""), t.get("cam_method") or "n/a")
+    return f"{r.dataset}: {method} at `{t.get('cam_layer') or 'n/a'}`; {pareto.sentence()}"
+
+
+def _kd_transparency_words(r: DatasetSummary) -> str:
+    """KD against CE-only test transparency, paired by seed, with its parts."""
+    pairs = r.transparency.get("kd_vs_ce", {})
+    main = pairs.get("test_transparency")
+    if not main:
+        return f"{r.dataset}: not measured"
+    parts = "; ".join(
+        f"{title} {pairs[k]['kd']:.3f} vs {pairs[k]['ce']:.3f}"
+        for k, title in PART_TITLES.items()
+        if k in pairs
+    )
+    head = f"{r.dataset} {main['kd']:.3f} vs {main['ce']:.3f}, {main['mean']:+.3f}"
+    n = int(main["n"])
+    if n < 2 or not math.isfinite(main["p"]):
+        return f"{head} (one seed: no uncertainty); {parts}"
+    verdict = "larger than its uncertainty" if main["p"] < 0.05 else "within noise"
+    power = (
+        f"; {n} seeds detect ±{main['mde']:.3f} or more (80 % power)"
+        if math.isfinite(main["mde"])
+        else ""
+    )
+    return (
+        f"{head} ± {main['std']:.3f} over {n} seeds, paired t-test p = {main['p']:.2f}: "
+        f"{verdict}{power}; {parts}"
+    )
+
+
 def _sanity_words(r: DatasetSummary) -> str:
     s = r.sanity
     parts = []
     for model in ("student", "teacher"):
         checks = [
             f"{title} {s[key]:.2f} {'passes' if s[key] < PASS_BELOW else 'fails'}"
-            for method, title in AGREEMENT_METHODS.items()
+            for method, title in _method_titles(r).items()
             if math.isfinite(s.get(key := f"{model}.randomisation.{method}", math.nan))
         ]
         if checks:
@@ -506,7 +609,8 @@ def _sanity_words(r: DatasetSummary) -> str:
     ]
     if blank and "localisation_test.images" in s:
         parts.append(
-            f"blank Grad-CAM {', '.join(blank)} of {int(s['localisation_test.images'])} images"
+            f"blank {_method_titles(r)['gradcam']} {', '.join(blank)} of "
+            f"{int(s['localisation_test.images'])} images"
         )
     return f"{r.dataset}: " + "; ".join(parts)
 
@@ -596,9 +700,28 @@ def format_summary(rows: list[DatasetSummary]) -> str:
             "Sanity checks (Adebayo et al. 2018; each report's section has the curves): each "
             "method's absolute rank correlation with its maps once the whole model is randomised "
             f"(passes below {PASS_BELOW}: the map depends on what the model learned), and the blank "
-            "Grad-CAM maps on the masked test split (scored as misses):"
+            "class activation maps on the masked test split (scored as misses):"
         )
         lines += [f"- {_sanity_words(r)}" for r in rows if r.sanity]
+    scored = [r for r in rows if r.transparency]
+    if scored:
+        lines.append("")
+        lines.append(
+            "Transparency (docs/transparency.md: a blank map scores 0; localisation on the lesion "
+            "masks, or deletion/insertion faithfulness without masks): the champion's CAM and "
+            "layer, chosen on the validation images, and the Pareto front of the KD trials "
+            "(validation accuracy against transparency) with what the champion rule gains over "
+            "the accuracy-only pick:"
+        )
+        lines += [f"- {_transparency_words(r)}" for r in scored]
+        lines.append("")
+        lines.append(
+            "Does distillation make the student more transparent? Test transparency of the KD "
+            "champion against the CE-only baseline (same architecture, same search budget), "
+            "paired by seed, each seed's model at the layer its validation images choose; then "
+            "the parts, KD vs CE:"
+        )
+        lines += [f"- {_kd_transparency_words(r)}" for r in scored]
     searched = [r for r in rows if r.search.get("trials")]
     if searched:
         lines.append("")
@@ -629,6 +752,21 @@ def _write_summary(rows: list[DatasetSummary], ws: Workspace) -> None:
             **{f"search_best_{k}": v for k, v in search.get("best", {}).items()},
             **{f"search_importance_{k}": v for k, v in search.get("importances", {}).items()},
         }
+        t = row.pop("transparency")
+        columns.update(
+            {
+                "cam_method": t.get("cam_method", ""),
+                "cam_layer": t.get("cam_layer", ""),
+                "champion_rule": t.get("rule", ""),
+                "pareto_transparency_gain": ParetoSummary(**t.get("pareto", {})).transparency_gain,
+                "pareto_accuracy_cost": ParetoSummary(**t.get("pareto", {})).accuracy_cost,
+                **{
+                    f"kd_vs_ce_{key.removeprefix('test_')}_{stat}": value
+                    for key, pair in t.get("kd_vs_ce", {}).items()
+                    for stat, value in pair.items()
+                },
+            }
+        )
         return {**row, **row.pop("agreement"), **row.pop("sanity"), **columns}  # a column each
 
     flats = [flat(r) for r in rows]

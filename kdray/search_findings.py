@@ -56,6 +56,8 @@ class TrialPoint:
     val_accuracy: float  # best validation accuracy (so far, if the scheduler stopped it)
     epochs_run: int = 0
     first: bool = False  # the search's seed point (the config's own kd / student settings)
+    transparency: float = math.nan  # the best epoch's model's score (kdray.explain.scoring)
+    flops: float = math.nan
 
     @property
     def base_width(self) -> int:
@@ -135,6 +137,8 @@ def trials_from_mlflow(
                 [int(w) for w in p["widths"].split("-")],
                 float(m["best_val_accuracy"]),
                 int(tags.get("kdray.epochs_run", m.get("epoch", -1) + 1)),
+                transparency=float(m.get("transparency", math.nan)),
+                flops=float(m.get("flops", math.nan)),
             )
         )
     if points:

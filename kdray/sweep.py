@@ -1,8 +1,15 @@
 """KD sweep: Ray Tune searches alpha, temperature, student width/depth and lr; one MLflow run each.
 
 Trials read the teacher's cached training logits (``kd.teacher_logits: cache``), so no trial runs
-the teacher. Optuna's TPE proposes the points, ASHA stops weak trials early. Each trial reports
-its best-epoch weights as its checkpoint; :mod:`kdray.champion` picks and scores the winner.
+the teacher. Each trial reports its best-epoch weights as its checkpoint, and that model's
+transparency score (:mod:`kdray.explain.scoring`, on the dataset's scored validation images) at
+each ASHA rung and at its last epoch; :mod:`kdray.champion` picks and scores the winner.
+
+With ``tune.champion: transparent`` (the default) the search has two objectives, validation
+accuracy and transparency: Optuna's TPE models both (its multi-objective mode) and
+:class:`kdray.pareto.ParetoASHA` stops a trial at a rung only when enough trials there lie on
+strictly better Pareto fronts, never for accuracy alone. With ``accuracy``: TPE and ASHA on
+validation accuracy, transparency scored and reported only.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from kdray.data.prepare import PreparedData, Split
 from kdray.data.record import DataRecord, record_for
 from kdray.devices import assigned_device, use_assigned_threads
 from kdray.engine import channels_last, evaluate, make_loader, seed_everything, train_epoch
+from kdray.explain.gradcam import layer_cams
+from kdray.explain.scoring import ScoringSet, cam_choice, score_model, scoring_set
 from kdray.losses import KDLoss
 from kdray.models import (
     ModelSpec,
@@ -41,6 +50,7 @@ from kdray.models import (
     model_files,
     save_model,
 )
+from kdray.pareto import ParetoASHA, rungs
 from kdray.provenance import SOURCE_TAG, source_digest
 from kdray.tracking import TAG_TRIAL, Tracker
 from kdray.workspace import Workspace
@@ -64,6 +74,7 @@ log = logging.getLogger("kdray")
 TRAIN_STATE = "train_state.pt"
 VAL_BATCH = 32  # a student's validation batch: larger ones run slower on a CPU (cache)
 METRIC = "best_val_accuracy"  # what Tune optimises and ASHA compares: the trial's best epoch so far
+TRANSPARENCY = "transparency"  # the best epoch's model's score (kdray.explain.scoring)
 
 
 @dataclass
@@ -79,6 +90,9 @@ class TrialOutcome:
     flops: int
     checkpoint: Any  # ray.tune.Checkpoint holding the best epoch's model
     epochs_run: int = -1  # fewer than student.epochs: stopped early by the scheduler
+    # The checkpoint's transparency (NaN: not scored) and its parts (``transparency.*``).
+    transparency: float = float("nan")
+    transparency_parts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,6 +119,8 @@ class StudentJob:
     data_inputs: list[Any] = field(default_factory=list)
     # What the students saw (kdray.data.record): saved with the champion, tagged on its version.
     record: DataRecord | None = None
+    # The validation images every student is scored on, with the teacher's maps of them.
+    scoring: ScoringSet | None = None
 
     def inputs(self, *splits: str) -> list[Any]:
         """The dataset inputs of these splits (context tag ``mlflow.data.context``)."""
@@ -161,6 +177,10 @@ def train_student(
         resume_from: a checkpoint directory written by an earlier report: training goes on
             from the epoch after it, exactly as if it had not stopped.
         device: overrides the assigned device.
+
+    With ``report`` (a Tune trial) and a job with a scoring set, the best epoch's model is scored
+    for transparency at every epoch of :func:`score_epochs` (the scheduler's rungs, the last
+    epoch); each later report carries that score (``transparency``, ``transparency.*``).
 
     Returns:
         The last epoch's metrics plus ``best_val_accuracy``, ``best_epoch``, ``params`` and
@@ -221,6 +241,10 @@ def train_student(
         else set()
     )
     metrics: dict[str, Any] = {}
+    to_score = score_epochs(cfg) if report is not None and job.scoring is not None else set()
+    # The best model's latest transparency figures, carried in every later report (Tune wants
+    # each objective in every result: NaN until the first score, which no scheduler reads).
+    scored: dict[str, float] = {TRANSPARENCY: float("nan")} if to_score else {}
     for epoch in range(start, s.epochs):
         loader.generator.manual_seed(seed * 100_003 + epoch)  # the epoch's order, also on resume
         started = time.perf_counter()
@@ -244,8 +268,22 @@ def train_student(
         metrics.update(
             best_val_accuracy=best_acc, best_epoch=best_epoch, params=params, flops=flops
         )
+        fresh: dict[str, float] = {}
+        if epoch in to_score:
+            started = time.perf_counter()
+            score = score_model(
+                best_model,
+                job.scoring,
+                cfg.transparency,
+                cfg.explain.cam_method,
+                agreement=alpha < 1.0,
+                seed=seed,
+            )
+            fresh = {**score.metrics(), "transparency_seconds": time.perf_counter() - started}
+            scored = fresh
         if job.tracker is not None and run_id is not None and epoch not in logged:
-            job.tracker.log_metrics(run_id, metrics, step=epoch)
+            job.tracker.log_metrics(run_id, {**metrics, **fresh}, step=epoch)
+        metrics.update(scored)
         metrics["epoch"] = epoch
         if report is not None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -262,6 +300,22 @@ def train_student(
                 )
                 report(metrics, Path(tmp))
     return metrics
+
+
+def two_objectives(cfg: ExperimentConfig) -> bool:
+    """Does the search optimise transparency beside accuracy (``tune.champion: transparent``)?"""
+    return cfg.tune.champion == "transparent"
+
+
+def score_epochs(cfg: ExperimentConfig) -> set[int]:
+    """The epochs (0-based) after which a trial scores its best model: each rung its scheduler
+    judges at (two objectives), and the last."""
+    epochs = cfg.student.epochs
+    out = {epochs - 1}
+    if cfg.tune.scheduler == "asha" and two_objectives(cfg):
+        grace = min(cfg.tune.grace_period, epochs)
+        out |= {int(m) - 1 for m in rungs(grace, cfg.tune.reduction_factor, epochs)}
+    return out
 
 
 def trial_hyperparameters(config: dict[str, Any], cfg: ExperimentConfig) -> tuple[list[int], float]:
@@ -492,7 +546,15 @@ def _search_alg(cfg: ExperimentConfig, first: dict[str, Any], dataset: str) -> A
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
+        # TPE models two objectives as well as one (Optuna's multi-objective TPE).
         sampler = TPESampler(seed=seed, n_startup_trials=cfg.tune.startup_trials)
+        if two_objectives(cfg):
+            return OptunaSearch(
+                metric=[METRIC, TRANSPARENCY],
+                mode=["max", "max"],
+                sampler=sampler,
+                points_to_evaluate=[first],
+            )
         return OptunaSearch(metric=METRIC, mode="max", sampler=sampler, points_to_evaluate=[first])
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -502,12 +564,22 @@ def _search_alg(cfg: ExperimentConfig, first: dict[str, Any], dataset: str) -> A
 def _scheduler(cfg: ExperimentConfig) -> Any:
     if cfg.tune.scheduler == "none":
         return None
+    epochs = cfg.student.epochs
+    grace = min(cfg.tune.grace_period, epochs)
+    if two_objectives(cfg):
+        return ParetoASHA(
+            [METRIC, TRANSPARENCY],
+            max_t=epochs,
+            grace_period=grace,
+            reduction_factor=cfg.tune.reduction_factor,
+        )
     from ray.tune.schedulers import ASHAScheduler
 
-    epochs = cfg.student.epochs
     return ASHAScheduler(
+        metric=METRIC,
+        mode="max",
         max_t=epochs,
-        grace_period=min(cfg.tune.grace_period, epochs),
+        grace_period=grace,
         reduction_factor=cfg.tune.reduction_factor,
     )
 
@@ -525,6 +597,13 @@ def make_job(
     fraction, seed = cfg.data.student_fraction(data.spec.id), cfg.data.split_seed
     rows = data.student_indices(fraction, seed)
     students = data.for_students(fraction, seed)
+    scoring = scoring_set(cfg, data)
+    # The teacher's maps of the scored images, at the layer measured for it (its cam.json): what
+    # each KD student's agreement is measured against.
+    teacher_model, _ = load_model(teacher.model_dir)
+    choice = cam_choice(cfg, teacher_model, teacher.model_dir, scoring)
+    maps, _, _ = layer_cams(teacher_model, scoring.images, [choice.layer], choice.method)
+    scoring.teacher_maps = maps[choice.layer]
     return StudentJob(
         cfg,
         data.spec.id,
@@ -538,6 +617,7 @@ def make_job(
         parent_run_id=parent_run_id,
         data_inputs=split_inputs(students),
         record=record_for(cfg.data, data, student=True),
+        scoring=scoring,
     )
 
 
@@ -600,9 +680,9 @@ def _new_tuner(
     return tune.Tuner(
         trainable,
         param_space=space,
+        # The searcher and the scheduler name their own objectives (two of them: no single
+        # metric here).
         tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode="max",
             num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent_trials,
             search_alg=_search_alg(cfg, first, dataset),
@@ -713,6 +793,12 @@ def run_sweep(
                     int(m["flops"]),
                     result.checkpoint,
                     epochs_run=int(m.get("epoch", -1)) + 1,
+                    transparency=float(m.get(TRANSPARENCY, float("nan"))),
+                    transparency_parts={
+                        k: float(v)
+                        for k, v in m.items()
+                        if k.startswith(f"{TRANSPARENCY}.") and isinstance(v, int | float)
+                    },
                 )
             )
     if not outcomes:

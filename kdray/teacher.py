@@ -40,6 +40,7 @@ from kdray.engine import (
 )
 from kdray.evaluation import evaluate_and_log
 from kdray.explain.background import save_background, select_background
+from kdray.explain.scoring import cam_choice, scoring_set
 from kdray.models import ModelSpec, build_model, count_flops, count_params, save_model, unwrap
 from kdray.registry import log_model_folder, register_model, registered_name
 from kdray.tracking import Tracker
@@ -494,6 +495,8 @@ def train_teacher(
         save_model(model, spec, tmp / "model")
         record = record_for(cfg.data, data, student=False)
         save_record(tmp / "model", record)
+        # The CAM layer measured on the validation images: part of the registered version.
+        cam_choice(cfg, model, tmp / "model", scoring_set(cfg, data))
         train = data.splits["train"]
         save_background(
             tmp / "model",

@@ -11,6 +11,7 @@ from kdray.champion import baseline_probabilities_path
 from kdray.config import ExperimentConfig
 from kdray.data.prepare import PreparedData
 from kdray.explain.report import Report, build_report
+from kdray.explain.scoring import cam_choice, load_cam_choice, scoring_set
 from kdray.models import load_model
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
@@ -76,6 +77,17 @@ def report_dataset(
     """
     teacher, _ = load_model(teacher_dir)
     student, _ = load_model(champion_dir)
+    # Each model's CAM variant and layer, measured when it was trained (cam.json); a teacher
+    # trained before kdray measured them is measured now (and the choice saved beside it).
+    scoring = scoring_set(cfg, data)
+    cams = {
+        role: (choice.method, choice.layer)
+        for role, model, folder in (
+            ("teacher", teacher, teacher_dir),
+            ("student", student, champion_dir),
+        )
+        if (choice := load_cam_choice(folder) or cam_choice(cfg, model, folder, scoring))
+    }
     out = ws.reports / data.spec.id
     baseline = baseline_probabilities_path(ws, data.spec.id)
     report = build_report(
@@ -91,11 +103,15 @@ def report_dataset(
             len(data.splits["train"]),
             len(data.student_indices(cfg.data.student_fraction(data.spec.id), cfg.data.split_seed)),
         ),
+        cams=cams,
+        transparency=cfg.transparency,
     )
-    search = out / "search.md"  # kdray.search_findings, written after the sweep
-    if search.is_file():
-        markdown = report.paths["markdown"]
-        markdown.write_text(markdown.read_text().rstrip("\n") + "\n\n" + search.read_text())
+    # kdray.pareto_report and kdray.search_findings, written after the sweep
+    for section in ("pareto.md", "search.md"):
+        if (out / section).is_file():
+            markdown = report.paths["markdown"]
+            text = (out / section).read_text()
+            markdown.write_text(markdown.read_text().rstrip("\n") + "\n\n" + text)
     tracker.log_metrics(parent_run_id, {f"explain.{k}": v for k, v in report.metrics.items()})
     tracker.log_artifacts(parent_run_id, str(out), "transparency")
     if champion_run_id is not None:

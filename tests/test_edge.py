@@ -275,6 +275,7 @@ def test_explain_takes_the_graph_only_for_what_it_computes(exported):
 
     class Spy:
         feature_layers, cam_layer = graph.feature_layers, graph.cam_layer
+        cam_method = graph.cam_method
 
         def run(self, image):
             calls.append(image.shape)
@@ -282,8 +283,9 @@ def test_explain_takes_the_graph_only_for_what_it_computes(exported):
 
     image = _images(1, seed=11)[0]
     methods = ["feature_maps", "gradcam"]
-    torch_maps = explain(model, image, methods, render="none", cam_layer="features.block2")
-    graph_maps = explain(model, image, methods, render="none", graph=Spy())
+    own = {"cam_method": card["cam_method"]}  # the variant the graph computes (Grad-CAM here)
+    torch_maps = explain(model, image, methods, render="none", cam_layer="features.block2", **own)
+    graph_maps = explain(model, image, methods, render="none", graph=Spy(), **own)
     assert calls == [(1, 3, SIZE, SIZE)]
     for method in methods:
         for a, b in zip(
@@ -291,13 +293,14 @@ def test_explain_takes_the_graph_only_for_what_it_computes(exported):
         ):
             assert a.layer == b.layer and np.abs(a.array - b.array).max() <= 1e-4
     for kwargs in (
-        {"target": 1},
-        {"cfg": ExplainConfig(top_k_channels=2)},
-        {"cam_layer": "features.block1"},
-        {"feature_layers": ["features.block1"]},
+        {"target": 1, **own},
+        {"cfg": ExplainConfig(top_k_channels=2), **own},
+        {"cam_layer": "features.block1", **own},
+        {"feature_layers": ["features.block1"], **own},
+        {"cam_method": "hirescam"},  # another variant than the graph's
     ):
         explain(model, image, methods, render="none", graph=Spy(), **kwargs)
-    explain(model, image.astype(np.float32) / 255, methods, render="none", graph=Spy())
+    explain(model, image.astype(np.float32) / 255, methods, render="none", graph=Spy(), **own)
     assert len(calls) == 1  # none of those took the graph
 
 

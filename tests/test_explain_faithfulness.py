@@ -297,7 +297,7 @@ def test_the_whole_split_pointing_game_equals_the_reports_when_it_scores_every_i
 
 
 def test_the_report_scores_the_feature_map_of_gradcams_block(trained) -> None:
-    from kdray.explain.gradcam import default_cam_layer, layer_output_size
+    from kdray.explain.gradcam import default_cam_layer, layer_output_size, resolve_cam
     from kdray.explain.inputs import to_batch
     from kdray.explain.layer_maps import feature_maps
     from kdray.explain.report import _score_maps
@@ -308,11 +308,20 @@ def test_the_report_scores_the_feature_map_of_gradcams_block(trained) -> None:
     cfg = ExplainConfig(methods=["feature_maps"])
     layer = default_cam_layer(student, SIZE)
     assert layer != student.block_names[-1] and min(layer_output_size(student, layer, SIZE)) >= 7
-    scored = _score_maps(student, "student", x, background, cfg, seed=0)
+    cam = resolve_cam("student", student, cfg, SIZE)  # no measured choice: the default layer
+    assert cam.layer == layer and cam.method == cfg.cam_method
+    scored = _score_maps(student, cam, x, background, cfg, seed=0)
     expected = feature_maps(student, x, [layer]).maps[:, 0]
     np.testing.assert_allclose(scored.maps["feature_maps"], expected, atol=1e-6)
+    # A measured choice is taken; a layer the config names wins over it.
+    assert resolve_cam("student", student, cfg, SIZE, ("layercam", "features.block2")) == (
+        "layercam",
+        "features.block2",
+    )
     named = cfg.model_copy(update={"student_layer": student.block_names[0]})
-    scored = _score_maps(student, "student", x, background, named, seed=0)
+    cam = resolve_cam("student", student, named, SIZE, ("layercam", "features.block2"))
+    assert cam == (named.cam_method, student.block_names[0])
+    scored = _score_maps(student, cam, x, background, named, seed=0)
     expected = feature_maps(student, x, [student.block_names[0]]).maps[:, 0]
     np.testing.assert_allclose(scored.maps["feature_maps"], expected, atol=1e-6)
 

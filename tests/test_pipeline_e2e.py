@@ -165,7 +165,8 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
     for dataset in ("brain_tumor", "eye_disease", "alzheimer"):
         report = (ws / "reports" / dataset / "report.md").read_text()
         assert "## What the search found" in report and "rank" in report
-        assert "## Sanity checks" in report and "| student | Grad-CAM |" in report
+        # the CAM under its variant's name (explain.cam_method: HiResCAM by default)
+        assert "## Sanity checks" in report and "| student | HiResCAM |" in report
         assert (ws / "reports" / dataset / "search.png").stat().st_size > 10_000
     assert (ws / "reports" / "summary.csv").read_text().count("\n") == 4
 

@@ -291,10 +291,19 @@ def test_the_selected_trial_is_its_seeds_run_only_when_it_trained_every_epoch():
 
 
 def test_the_tuners_budget_sampler_and_scheduler_come_from_the_config(tmp_path):
-    """Trial count, trials at once, actor reuse, TPE's random start and ASHA's rungs: all keys."""
+    """Trial count, trials at once, actor reuse, TPE's random start and ASHA's rungs: all keys;
+    two objectives (the default champion rule) or one (tune.champion: accuracy)."""
     from ray.tune.schedulers import ASHAScheduler
 
-    from kdray.sweep import SweepProgress, _new_tuner, search_space
+    from kdray.pareto import ParetoASHA
+    from kdray.sweep import (
+        METRIC,
+        TRANSPARENCY,
+        SweepProgress,
+        _new_tuner,
+        score_epochs,
+        search_space,
+    )
     from kdray.workspace import Workspace
 
     cfg = ExperimentConfig.model_validate(
@@ -316,11 +325,23 @@ def test_the_tuners_budget_sampler_and_scheduler_come_from_the_config(tmp_path):
     tc = tuner._local_tuner._tune_config
     assert (tc.num_samples, tc.max_concurrent_trials, tc.reuse_actors) == (17, 3, False)
     assert tc.search_alg._sampler._n_startup_trials == 5
-    assert isinstance(tc.scheduler, ASHAScheduler)
+    # Two objectives: TPE over both, rungs judged on Pareto fronts; the best model is scored at
+    # the rung (epoch 4, index 3) and at the last epoch.
+    assert tc.search_alg.metric == [METRIC, TRANSPARENCY] and tc.search_alg.mode == ["max", "max"]
+    assert isinstance(tc.scheduler, ParetoASHA) and tc.scheduler.metrics == [METRIC, TRANSPARENCY]
+    assert tc.scheduler.reduction_factor == 3 and tc.scheduler.max_t == 10
+    assert tc.scheduler.milestones() == [4]  # grace 4; 12 > max_t
+    assert score_epochs(cfg) == {3, 9}
+    one = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"champion": "accuracy"})})
+    tuner = _new_tuner(one, "x", space, first, Workspace(tmp_path), "s", "brain_tumor", progress)
+    tc = tuner._local_tuner._tune_config
+    assert tc.search_alg.metric == METRIC and isinstance(tc.scheduler, ASHAScheduler)
     assert tc.scheduler._reduction_factor == 3 and tc.scheduler._max_t == 10
-    assert [t for t, _ in tc.scheduler._brackets[0]._rungs] == [4]  # grace 4; 12 > max_t
+    assert [t for t, _ in tc.scheduler._brackets[0]._rungs] == [4]
+    assert score_epochs(one) == {9}  # scored once, reported, not searched on
     defaults = ExperimentConfig().tune
     assert defaults.num_samples >= 24 and defaults.reuse_actors  # the default searches
+    assert defaults.champion == "transparent"
 
 
 def test_settling_a_restored_sweep_deletes_only_the_runs_of_trials_tune_never_saved(tmp_path):

@@ -32,7 +32,7 @@ __all__ = ["CASE_KINDS", "Case", "aggregates", "look_first", "row_strip"]
 CASE_KINDS = {
     "disagree": "Teacher and student disagree",
     "confident_wrong": "Student confident and wrong",
-    "right_outside_lesion": "Student right, its Grad-CAM outside the lesion",
+    "right_outside_lesion": "Student right, its CAM outside the lesion",
     "maps_disagree": "Teacher and student maps disagree most",
     "unreadable": "Unreadable files",
 }
@@ -176,28 +176,28 @@ def look_first(df: pd.DataFrame, class_names: list[str], top: int = 10) -> list[
             Case(
                 "right_outside_lesion",
                 CASE_KINDS["right_outside_lesion"],
-                "student right on an image with a lesion mask, its Grad-CAM's peak outside the "
-                "mask; least Grad-CAM energy in the mask first",
+                "student right on an image with a lesion mask, its CAM's peak outside the "
+                "mask; least CAM energy in the mask first",
                 len(right),
                 rows(
                     right,
                     lambda r: (
                         f"student right ({_name(class_names, r['student_label'])}), but its "
-                        f"Grad-CAM peaks outside the lesion and {r[energy]:.0%} of it lies inside"
+                        f"CAM peaks outside the lesion and {r[energy]:.0%} of it lies inside"
                     ),
                 ),
             )
         )
     else:
         cases.append(
-            Case("right_outside_lesion", CASE_KINDS["right_outside_lesion"], "no Grad-CAM", 0)
+            Case("right_outside_lesion", CASE_KINDS["right_outside_lesion"], "no CAM", 0)
         )
 
     method = next((m for m in ("gradcam", "feature_maps") if f"maps_rank_{m}" in ok.columns), None)
     if method is not None:
         col = f"maps_rank_{method}"
         sel = ok[ok[col] < MAPS_DISAGREE_BELOW].sort_values([col, "index"])
-        label = "Grad-CAM" if method == "gradcam" else "feature maps"
+        label = "CAM" if method == "gradcam" else "feature maps"
         cases.append(
             Case(
                 "maps_disagree",

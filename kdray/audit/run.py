@@ -415,7 +415,7 @@ def _write_markdown(
         if not case.rows:
             lines += ["None.", ""]
             continue
-        lines += ["| # | file | why | input, student, teacher Grad-CAM |", "|---:|---|---|---|"]
+        lines += ["| # | file | why | input, student, teacher CAM |", "|---:|---|---|---|"]
         for row in case.rows:
             picture = ""
             if case.kind != "unreadable":

@@ -1,11 +1,12 @@
 """Score a batch of image files with student and teacher: the work each audit actor does.
 
 :func:`score_batch` is the whole per-image computation (decode with kdray's decoder, forward,
-feature maps and Grad-CAM at the report's layer, SHAP on the sampled rows, the scores); the Ray
+feature maps and the CAM at the report's layer, SHAP on the sampled rows, the scores); the Ray
 Data actor (:class:`AuditScorer`) and the benchmark's plain loop both call it, so they compare
 the same work. The maps are computed exactly as the transparency report computes them
-(:func:`kdray.explain.layer_maps.feature_maps` and :func:`kdray.explain.gradcam.grad_cam` at
-:func:`kdray.explain.gradcam.cam_layer`), so numbers on the same split match the report's.
+(:func:`kdray.explain.layer_maps.feature_maps` and :func:`kdray.explain.gradcam.grad_cam` with
+the model's own CAM variant and layer, :func:`kdray.explain.gradcam.resolve_cam`), so numbers on
+the same split match the report's.
 
 Rows come back as a pyarrow table: plain Parquet types (lists, binary), readable without Ray.
 Each feature map and Grad-CAM is stored as uint8 at the resolution of the layer it comes from
@@ -16,6 +17,7 @@ row; SHAP, pixel-level and signed, at the input size with its scale (``<role>_sh
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -30,9 +32,10 @@ from kdray.config import ExplainConfig
 from kdray.data.folders import read_mask
 from kdray.data.images import ImageError, read_image
 from kdray.explain.agreement import TOP_FRACTION, rank_correlation, top_overlap
+from kdray.explain.cam_methods import CAM_FILE
 from kdray.explain.expected_gradients import shap_maps
 from kdray.explain.faithfulness import energy_in_mask, pointing_game
-from kdray.explain.gradcam import cam_layer, grad_cam, layer_output_size
+from kdray.explain.gradcam import grad_cam, layer_output_size, resolve_cam
 from kdray.explain.layer_maps import feature_maps
 from kdray.models import ModelSpec, load_model_files
 
@@ -71,9 +74,10 @@ class AuditModel:
     role: str  # "student" or "teacher"
     model: nn.Module
     spec: ModelSpec
-    layer: str  # Grad-CAM's block, and the feature map scored
+    layer: str  # the CAM's block, and the feature map scored
     side: tuple[int, int]  # that block's output (H, W): the stored maps' resolution
     background: np.ndarray | None  # SHAP background, uint8 (B, 3, S, S)
+    method: str = "gradcam"  # the CAM variant (kdray.explain.cam_methods)
 
 
 def load_audit_model(
@@ -86,8 +90,20 @@ def load_audit_model(
     """Build a model from :func:`kdray.models.model_files` bytes (they travel to any node)."""
     model, spec = load_model_files(files, device)
     size = int(spec.image_size)
-    layer = cam_layer(role, model, cfg, size)
-    return AuditModel(role, model, spec, layer, layer_output_size(model, layer, size), background)
+    # The model's measured CAM (cam.json, when its folder has one), as the report reads it.
+    choice = json.loads(files[CAM_FILE]) if CAM_FILE in files else None
+    cam = resolve_cam(
+        role, model, cfg, size, (choice["method"], choice["layer"]) if choice else None
+    )
+    return AuditModel(
+        role,
+        model,
+        spec,
+        cam.layer,
+        layer_output_size(model, cam.layer, size),
+        background,
+        cam.method,
+    )
 
 
 def decode_map(data: bytes, side: tuple[int, int] | list[int]) -> np.ndarray:
@@ -176,7 +192,7 @@ def _scores(m: AuditModel, x: torch.Tensor, shap_rows: np.ndarray, s: Settings) 
     if "feature_maps" in s.methods:
         maps["feature_maps"] = fm.maps[:, 0]
     if "gradcam" in s.methods:
-        maps["gradcam"] = grad_cam(m.model, x, m.layer, preds).maps
+        maps["gradcam"] = grad_cam(m.model, x, m.layer, preds, m.method).maps
     if "shap" in s.methods and len(shap_rows) and m.background is not None:
         maps["shap"] = shap_maps(
             m.model,

@@ -22,7 +22,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser = _parser(
         "tune/export.py",
         "Export a registered student (default kdray-<dataset>@champion) to ONNX: model.onnx "
-        "(logits, probabilities, per-block feature maps, Grad-CAM) and predict.onnx, with "
+        "(logits, probabilities, per-block feature maps, the model's CAM) and predict.onnx, with "
         "model.json; both are checked against torch on the workspace's test split (max "
         "|difference| <= 1e-4, same labels) and logged as the onnx/ artifact of the version's "
         "run. `tune/run.py` does this for every champion (export.onnx). The parity images are "
@@ -101,7 +101,9 @@ def export_main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{name} v{registered.version} ({args.alias}) exported to {export.directory}")
     print(f"  parity: {export.parity.describe()}")
-    print(f"  Grad-CAM at {export.card['cam_layer']}, opset {export.card['opset']}")
+    print(
+        f"  {export.card['cam_method']} at {export.card['cam_layer']}, opset {export.card['opset']}"
+    )
     if not args.no_log:
         print(f"  logged as onnx/ of run {registered.run_id}")
     if args.int8:

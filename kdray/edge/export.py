@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from kdray.edge.graph import OUTPUTS, EdgeStudent
+from kdray.explain.cam_methods import CAM_TITLES, PAPER_METHOD
 from kdray.explain.gradcam import default_cam_layer, grad_cam
 from kdray.explain.layer_maps import feature_maps
 from kdray.models import ModelSpec, StudentCNN
@@ -180,13 +181,18 @@ def _export(module: nn.Module, example: torch.Tensor, outputs: list[str], path: 
 
 
 def check_parity(
-    model: StudentCNN, cam_layer: str, directory: str | Path, images: np.ndarray
+    model: StudentCNN,
+    cam_layer: str,
+    directory: str | Path,
+    images: np.ndarray,
+    cam_method: str = PAPER_METHOD,
 ) -> Parity:
-    """Both exported graphs against torch (kdray's own explainers) on uint8 (N, 3, S, S) images."""
+    """Both exported graphs against torch (kdray's own explainers: pytorch-grad-cam's class for
+    the CAM variant) on uint8 (N, 3, S, S) images."""
     directory = Path(directory)
     x = np.ascontiguousarray(images, dtype=np.uint8)
     fm = feature_maps(model, x)
-    cam = grad_cam(model, x, cam_layer)
+    cam = grad_cam(model, x, cam_layer, None, cam_method)
     ref_prob = torch.softmax(torch.from_numpy(fm.logits), 1).numpy()
     out = dict(zip(OUTPUTS, session(directory / EXPLAIN_FILE).run(None, {"image": x}), strict=True))
     logits, probs = session(directory / PREDICT_FILE).run(None, {"image": x})
@@ -209,7 +215,9 @@ def check_parity(
     )
 
 
-def _card(spec: ModelSpec, model: StudentCNN, cam_layer: str, parity: Parity) -> dict[str, Any]:
+def _card(
+    spec: ModelSpec, model: StudentCNN, cam_layer: str, cam_method: str, parity: Parity
+) -> dict[str, Any]:
     import onnxruntime
 
     size = spec.image_size
@@ -232,8 +240,10 @@ def _card(spec: ModelSpec, model: StudentCNN, cam_layer: str, parity: Parity) ->
         },
         "feature_layers": list(model.block_names),
         "cam_layer": cam_layer,
-        "cam_method": "Grad-CAM; the class gradient written out in the graph (exact: "
-        "conv, eval BatchNorm, ReLU, max-pool, average pool and linear head)",
+        "cam_method": cam_method,
+        "cam_note": f"{CAM_TITLES[cam_method]} of the predicted class; the class gradient "
+        "written out in the graph (exact: conv, eval BatchNorm, ReLU, max-pool, average pool and "
+        "linear head)",
         "opset": OPSET,
         "exporter": f"torch {torch.__version__} (dynamo)",
         "checked_with": f"onnxruntime {onnxruntime.__version__}",
@@ -247,7 +257,8 @@ def export_student(
     out_dir: str | Path,
     images: np.ndarray,
     cam_layer: str | None = None,
-    source: dict[str, str] | None = None,
+    source: dict[str, Any] | None = None,
+    cam_method: str = PAPER_METHOD,
 ) -> EdgeExport:
     """Export ``model`` into ``out_dir`` (replaced whole, only once the parity check passed).
 
@@ -255,8 +266,9 @@ def export_student(
         model: a trained student (left in eval mode, weights untouched).
         spec: its spec (classes, input size, dataset).
         images: uint8 (N, 3, S, S) images to check parity on (e.g. 64 of the test split).
-        cam_layer: the block Grad-CAM reads; default the report's (``default_cam_layer``).
+        cam_layer: the block the CAM reads; default ``default_cam_layer``.
         source: where the weights came from (registered name, version, run), kept in the card.
+        cam_method: the CAM variant the graph computes (the model's own, its ``cam.json``).
 
     Raises:
         ExportError: export failed, or onnxruntime's outputs differ from torch's (the reason
@@ -276,12 +288,13 @@ def export_student(
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".export-") as tmp:
         work = Path(tmp)
         cam_block = model.block_names.index(layer) + 1
-        _export(EdgeStudent(model, cam_block), example, list(OUTPUTS), work / EXPLAIN_FILE)
+        edge = EdgeStudent(model, cam_block, cam_method)
+        _export(edge, example, list(OUTPUTS), work / EXPLAIN_FILE)
         _export(_Predict(model), example, ["logits", "probabilities"], work / PREDICT_FILE)
-        parity = check_parity(model, layer, work, images)
+        parity = check_parity(model, layer, work, images, cam_method)
         if not parity.ok:
             raise ExportError(f"the ONNX graphs do not match torch: {parity.describe()}", parity)
-        card = _card(spec, model, layer, parity)
+        card = _card(spec, model, layer, cam_method, parity)
         if source:
             card["source"] = dict(source)
         (work / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")

@@ -1,6 +1,6 @@
-"""The student as one forward-only graph: logits, per-block feature maps and Grad-CAM.
+"""The student as one forward-only graph: logits, per-block feature maps and its CAM.
 
-ONNX has no autograd, so Grad-CAM's gradient is written out by hand. Behind the CAM block the
+ONNX has no autograd, so the CAM's gradient is written out by hand. Behind the CAM block the
 student is conv3x3 -> BatchNorm (eval: a per-channel affine) -> ReLU -> 2x2 max-pool per block,
 then global average pooling and a linear head, so the class score's gradient is exact in closed
 form, block by block from the head down:
@@ -13,9 +13,12 @@ form, block by block from the head down:
 - BatchNorm (eval): times ``gamma / sqrt(running_var + eps)`` per channel;
 - conv3x3, stride 1, padding 1: ``conv_transpose2d`` with the same weights.
 
-Every output is computed as :func:`kdray.explain.feature_maps` and :func:`kdray.explain.grad_cam`
-compute it, so the exported copy explains what the served student explains (parity is checked at
-export, :mod:`kdray.edge.export`). Only the student exports: the teacher's dense blocks would need
+Every CAM variant (:mod:`kdray.explain.cam_methods`: Grad-CAM, HiResCAM, LayerCAM, Grad-CAM++,
+XGrad-CAM) is a closed-form combination of that exact gradient and the layer's activations, so the
+graph computes any of them exactly (:func:`kdray.explain.cam_methods.combine`, the same torch code
+the batched scorer runs). Every output is computed as :func:`kdray.explain.feature_maps` and
+:func:`kdray.explain.grad_cam` compute it, so the exported copy explains what the served student
+explains (parity is checked at export, :mod:`kdray.edge.export`). Only the student exports: the teacher's dense blocks would need
 their own backward, and it is the model the paper moves off the server.
 """
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdray.explain.cam_methods import PAPER_METHOD, check_method, combine, scale_to_input
 from kdray.explain.layer_maps import reduce_activation
 from kdray.models import StudentCNN
 
@@ -33,35 +37,30 @@ __all__ = ["OUTPUTS", "EdgeStudent"]
 OUTPUTS = ("logits", "probabilities", "feature_maps", "gradcam", "cam_class")
 
 
-def _minmax_cam(cam: torch.Tensor) -> torch.Tensor:
-    """pytorch-grad-cam's ``scale_cam_image`` without the resize: (x - min) / (1e-7 + max)."""
-    flat = cam.flatten(1)
-    lo = flat.min(1).values[:, None, None]
-    shifted = cam - lo
-    return shifted / (1e-7 + shifted.flatten(1).max(1).values[:, None, None])
-
-
 class EdgeStudent(nn.Module):
     """A trained :class:`~kdray.models.StudentCNN` with its explanations as graph outputs.
 
     Input ``image``: uint8 (N, 3, H, W), RGB, already at the model's input size. Outputs (in
     :data:`OUTPUTS` order): ``logits`` (N, K); ``probabilities`` (N, K); ``feature_maps`` (N, L, H,
     W) in [0, 1], the channel mean of every block, as :func:`kdray.explain.feature_maps`;
-    ``gradcam`` (N, H, W) in [0, 1] for the predicted class at ``cam_block``, as
-    :func:`kdray.explain.grad_cam`; ``cam_class`` (N,) int64, the class it explains.
+    ``gradcam`` (N, H, W) in [0, 1]: the CAM (``cam_method``) of the predicted class at
+    ``cam_block``, as :func:`kdray.explain.grad_cam`; ``cam_class`` (N,) int64, the class it
+    explains.
 
     Args:
         student: the trained student (its weights are shared, not copied).
-        cam_block: 1-based index of the block Grad-CAM reads (the report's layer).
+        cam_block: 1-based index of the block the CAM reads (the model's layer).
+        cam_method: the CAM variant.
     """
 
-    def __init__(self, student: StudentCNN, cam_block: int) -> None:
+    def __init__(self, student: StudentCNN, cam_block: int, cam_method: str = PAPER_METHOD) -> None:
         super().__init__()
         depth = len(student.features)
         if not 1 <= cam_block <= depth:
             raise ValueError(f"cam_block must be 1..{depth}, got {cam_block}")
         self.student = student.eval()
         self.cam_block = cam_block
+        self.cam_method = check_method(cam_method)
 
     def _backward_block(self, block: nn.Module, x_in: torch.Tensor, grad_out: torch.Tensor):
         """d score / d(block input) from d score / d(block output), for conv-BN-ReLU-pool."""
@@ -101,9 +100,5 @@ class EdgeStudent(nn.Module):
         for i in range(len(blocks) - 1, self.cam_block - 1, -1):
             grad = self._backward_block(blocks[i], acts[i], grad)
         target = acts[self.cam_block] if self.cam_block < len(blocks) else a
-        alpha = grad.mean(dim=(2, 3))  # Grad-CAM's channel weights
-        cam = torch.relu((alpha[:, :, None, None] * target).sum(1))
-        cam = _minmax_cam(cam)
-        cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        cam = _minmax_cam(cam)  # pytorch-grad-cam scales once more after the resize
+        cam = scale_to_input(combine(self.cam_method, target, grad), size)
         return logits, probabilities, maps, cam, cam_class

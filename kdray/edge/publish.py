@@ -15,6 +15,8 @@ import numpy as np
 from mlflow import MlflowClient
 
 from kdray.edge.export import CARD_FILE, EdgeExport, ExportError, export_student
+from kdray.explain.cam_methods import PAPER_METHOD
+from kdray.explain.scoring import load_cam_choice
 from kdray.models import load_model
 from kdray.registry import RegisteredModel, fetch_registered
 
@@ -90,6 +92,7 @@ def export_registered(
         registered = fetch_registered(name, alias, tmp, tracking_uri, version=version)
         model, spec = load_model(registered.directory)
         record = registered.record
+        cam = load_cam_choice(registered.directory)  # the variant and layer measured for it
     if images.ndim != 4 or images.shape[-2:] != (spec.image_size, spec.image_size):
         raise ExportError(
             f"{name} v{registered.version} takes {spec.image_size}x{spec.image_size} images; "
@@ -103,7 +106,15 @@ def export_registered(
         "run_id": registered.run_id,
         **({"data": record.public()} if record is not None else {}),
     }
-    export = export_student(model, spec, out_dir, images, source=source)
+    export = export_student(
+        model,
+        spec,
+        out_dir,
+        images,
+        cam_layer=cam.layer if cam else None,
+        source=source,
+        cam_method=cam.method if cam else PAPER_METHOD,
+    )
     if log:
         log_edge(MlflowClient(tracking_uri=tracking_uri), name, registered.run_id, export)
     return export, registered

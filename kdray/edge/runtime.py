@@ -17,6 +17,7 @@ from torch import nn
 
 from kdray.edge.export import TOLERANCE, session
 from kdray.edge.publish import EdgeMissing, fetch_edge
+from kdray.explain.cam_methods import CAM_METHODS, CAM_TITLES
 
 __all__ = [
     "Export",
@@ -109,6 +110,9 @@ class OnnxExplainer:
         self.session = sess
         self.feature_layers = list(card["feature_layers"])
         self.cam_layer = str(card["cam_layer"])
+        # An export made before CAM variants wrote a sentence here: it computed Grad-CAM.
+        method = str(card.get("cam_method", "gradcam"))
+        self.cam_method = method if method in CAM_METHODS else "gradcam"
 
     def run(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 (1, 3, S, S) -> logits (1, C), feature maps (1, L, S, S), Grad-CAM (1, S, S)."""
@@ -141,7 +145,9 @@ def load_onnx_explainer(
     x = np.concatenate([images[:4], images[-2:]])
     logits, maps, cam = explainer.run(x)
     fm = feature_maps(model, x, explainer.feature_layers)
-    ref_cam = grad_cam(model, x, explainer.cam_layer, fm.logits.argmax(1)).maps
+    ref_cam = grad_cam(
+        model, x, explainer.cam_layer, fm.logits.argmax(1), explainer.cam_method
+    ).maps
     diff = max(
         float(np.abs(maps - fm.maps).max()),
         float(np.abs(cam - ref_cam).max()),
@@ -150,6 +156,7 @@ def load_onnx_explainer(
     if diff > TOLERANCE or not (logits.argmax(1) == fm.logits.argmax(1)).all():
         return None, f"torch (the ONNX explain graph differs from torch: max |Δ| {diff:.1e})"
     return explainer, (
-        f"onnx ({card['files']['explain']}: feature maps and Grad-CAM in one pass; max |Δ| "
-        f"{diff:.1e} against torch on {len(x)} images at load)"
+        f"onnx ({card['files']['explain']}: feature maps and {CAM_TITLES[explainer.cam_method]} "
+        f"at {explainer.cam_layer} in one pass; max |Δ| {diff:.1e} against torch on {len(x)} "
+        "images at load)"
     )

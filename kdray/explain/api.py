@@ -27,6 +27,7 @@ from torch import nn
 from kdray.config import ExplainConfig
 from kdray.explain.agreement import blank_maps
 from kdray.explain.background import load_background
+from kdray.explain.cam_methods import CAM_TITLES, check_method
 from kdray.explain.expected_gradients import shap_maps
 from kdray.explain.gradcam import grad_cam
 from kdray.explain.hooks import eval_mode, model_lock
@@ -85,9 +86,10 @@ class LayerMap(BaseModel):
         png: the map blended over the input (heat maps at opacity 0.5); ``render`` overlay|both.
         heat_png: the map alone (RGB ``jet`` for heat maps, RGBA for SHAP), to draw over
             ``Explanation.input_png`` at an opacity of the viewer's choice; ``render`` layer|both.
-        blank: the map is constant (zero everywhere): it points nowhere. For Grad-CAM, no
-            positive evidence for the target class at this layer (the ReLU of a negative
-            weighted sum); the viewer says so instead of drawing it.
+        blank: the map is constant (zero everywhere): it points nowhere. For a class activation
+            map, no positive evidence for the target class at this layer (the ReLU of a sum that
+            is negative everywhere); the viewer says so instead of drawing it.
+        note: why a map is blank, in a sentence (None when it is not).
     """
 
     layer: str
@@ -95,13 +97,17 @@ class LayerMap(BaseModel):
     heat_png: PngBytes | None = None
     array: Array2D | None = None
     blank: bool = False
+    note: str | None = None
 
 
 class MethodResult(BaseModel):
     """One method's output.
 
     Attributes:
-        method: ``feature_maps``, ``gradcam`` or ``shap``.
+        method: ``feature_maps``, ``gradcam`` (the class activation map, of the variant
+            ``cam_method`` names) or ``shap``.
+        cam_method: for ``gradcam``: the variant computed (:mod:`kdray.explain.cam_methods`:
+            ``hirescam``, ``gradcam`` the paper's, ``layercam``, ``gradcampp``, ``xgradcam``).
         time_ms: compute time of the maps (the forward/backward passes), not the rendering.
         render_ms: time spent drawing overlays and encoding PNGs.
         signed: True for SHAP (red positive, blue negative); False for [0, 1] heat maps.
@@ -110,6 +116,7 @@ class MethodResult(BaseModel):
     """
 
     method: Method
+    cam_method: str | None = None
     time_ms: float
     render_ms: float
     signed: bool
@@ -146,6 +153,16 @@ def _cam_layer(model: nn.Module, cfg: ExplainConfig) -> str | None:
     return cfg.teacher_layer if isinstance(model, TeacherDenseNet) else cfg.student_layer
 
 
+def _blank_note(method: str, cam_method: str | None, layer: str) -> str:
+    if method == "gradcam":
+        return (
+            f"{CAM_TITLES.get(cam_method or '', 'the CAM')} is zero everywhere at {layer}: no "
+            "position there adds positive evidence for this class (the ReLU of a sum that is "
+            "negative everywhere); it points nowhere"
+        )
+    return f"the map is constant at {layer}: it points nowhere"
+
+
 def _name(class_names: Sequence[str] | None, index: int) -> str | None:
     return class_names[index] if class_names and 0 <= index < len(class_names) else None
 
@@ -166,6 +183,7 @@ def _render(
     include_arrays: bool,
     render: Render,
     grid: bool,
+    cam_method: str | None = None,
 ) -> tuple[list[LayerMap], bytes | None]:
     """The maps as PNG: overlays and/or the maps alone (and, for feature maps, the strip)."""
     signed = method == "shap"
@@ -193,13 +211,15 @@ def _render(
         else [draw(arrays[0][1])]
     )
     overlays = [d[0] for d in drawn] if want_overlay else None
+    blanks = [bool(blank_maps(a[None])[0]) for _, a in arrays]
     maps = [
         LayerMap(
             layer=name,
             png=drawn[i][1],
             heat_png=drawn[i][2],
             array=a if include_arrays else None,
-            blank=bool(blank_maps(a[None])[0]),
+            blank=blanks[i],
+            note=_blank_note(method, cam_method, name) if blanks[i] else None,
         )
         for i, (name, a) in enumerate(arrays)
     ]
@@ -219,10 +239,13 @@ def _graph_applies(
     feature_layers: Sequence[str] | None,
     cam_layer: str | None,
     cfg: ExplainConfig,
+    cam_method: str,
 ) -> bool:
     """The ONNX graph computes exactly what was asked: every block's mean map and the predicted
-    class's Grad-CAM at its own layer, from a uint8 (3, S, S) image."""
+    class's CAM (its variant) at its own layer, from a uint8 (3, S, S) image."""
     if graph is None or target is not None or cfg.top_k_channels is not None:
+        return False
+    if cam_method != getattr(graph, "cam_method", "gradcam"):
         return False
     if not ({"feature_maps", "gradcam"} & set(wanted)):
         return False
@@ -250,6 +273,7 @@ def explain(
     render: Render = "both",
     grid: bool = True,
     graph: Any = None,
+    cam_method: str | None = None,
 ) -> Explanation:
     """Predict one image and explain it with the requested methods.
 
@@ -265,7 +289,7 @@ def explain(
         target: class to explain; None explains the prediction.
         cfg: layers, ``top_k_channels`` and SHAP ``nsamples`` (defaults: ``ExplainConfig()``).
         feature_layers: feature-map layers; default the model's blocks.
-        cam_layer: Grad-CAM layer; default from ``cfg``, else the last block.
+        cam_layer: the CAM's layer; default from ``cfg``, else ``default_cam_layer``.
         seed: SHAP sampling seed.
         include_arrays: keep the float maps in the result (``to_json`` drops them by default).
         render: per map, ``overlay`` (``png``: blended over the input), ``layer`` (``heat_png``:
@@ -276,7 +300,10 @@ def explain(
             feature maps of every block and Grad-CAM of the prediction in one onnxruntime pass
             (checked against these torch explainers when it was loaded). Used for a uint8 image
             when nothing asks for more (no ``target``, ``feature_layers``, ``top_k_channels``,
-            the graph's Grad-CAM layer); the two methods then share the pass's time, half each.
+            the graph's CAM variant and layer); the two methods then share the pass's time, half
+            each.
+        cam_method: the CAM variant (:mod:`kdray.explain.cam_methods`); default
+            ``cfg.cam_method``.
 
     Returns:
         :class:`Explanation`.
@@ -301,9 +328,10 @@ def explain(
     logits: np.ndarray | None = None
     results: dict[str, MethodResult] = {}
     layer_name = cam_layer or _cam_layer(model, cfg)
+    variant = check_method(cam_method or cfg.cam_method)
 
     from_graph: dict[str, tuple[list[tuple[str, np.ndarray]], float]] = {}
-    if _graph_applies(graph, image, wanted, target, feature_layers, layer_name, cfg):
+    if _graph_applies(graph, image, wanted, target, feature_layers, layer_name, cfg, variant):
         t0 = time.perf_counter()
         g_logits, g_maps, g_cam = graph.run(np.asarray(image)[None])
         share = (time.perf_counter() - t0) / len([m for m in wanted if m != "shap"])
@@ -329,7 +357,7 @@ def explain(
             logits = fm.logits
             arrays = list(zip(fm.layers, fm.maps[0], strict=True))
         elif method == "gradcam":
-            cm = grad_cam(model, x, layer_name, tgt())
+            cm = grad_cam(model, x, layer_name, tgt(), variant)
             logits = cm.logits if logits is None else logits
             arrays = [(cm.layer, cm.maps[0])]
         else:
@@ -337,9 +365,10 @@ def explain(
             sm = shap_maps(model, x, background, tgt(), cfg.shap_nsamples, seed=seed)
             arrays = [("input", sm.maps[0])]
         t1 = time.perf_counter()
-        maps, strip_png = _render(method, arrays, shown, include_arrays, render, grid)
+        maps, strip_png = _render(method, arrays, shown, include_arrays, render, grid, variant)
         results[method] = MethodResult(
             method=method,
+            cam_method=variant if method == "gradcam" else None,
             time_ms=(t1 - t0) * 1e3,
             render_ms=(time.perf_counter() - t1) * 1e3,
             signed=method == "shap",

@@ -190,18 +190,22 @@ def deletion_insertion(
     rank_t = torch.from_numpy(rank.reshape(n, 1, 1, h, w))
     keep = rank_t < torch.from_numpy(counts).view(1, -1, 1, 1, 1)  # (N, S, 1, H, W) replaced
     curves = np.zeros((2, n, steps + 1))
+    per_image = 2 * (steps + 1)  # deletion then insertion steps of one image
+    chunk = max(1, batch_size // per_image)  # whole images per forward pass
     with model_lock(model), eval_mode(model), torch.no_grad():
-        for i in range(n):
-            deleted = torch.where(keep[i], base[i], x[i])  # (S, 3, H, W)
-            inserted = torch.where(keep[i], x[i], base[i])
-            batch = torch.cat([deleted, inserted])
-            probs = torch.cat(
+        for start in range(0, n, chunk):
+            idx = range(start, min(n, start + chunk))
+            batch = torch.cat(
                 [
-                    torch.softmax(model(batch[s : s + batch_size]), 1)
-                    for s in range(0, len(batch), batch_size)
+                    torch.cat(
+                        [torch.where(keep[i], base[i], x[i]), torch.where(keep[i], x[i], base[i])]
+                    )
+                    for i in idx
                 ]
             )
-            p = probs[:, targets[i]].numpy()
-            curves[0, i], curves[1, i] = p[: steps + 1], p[steps + 1 :]
+            probs = torch.softmax(model(batch).float(), 1).view(len(idx), per_image, -1)
+            for j, i in enumerate(idx):
+                p = probs[j, :, targets[i]].numpy()
+                curves[0, i], curves[1, i] = p[: steps + 1], p[steps + 1 :]
     auc = np.trapezoid(curves, fractions, axis=2)
     return DeletionInsertion(auc[0], auc[1], fractions, curves[0], curves[1])

@@ -63,7 +63,7 @@ _METHOD_COLOURS = {
     "shap": "tab:green",
     "random": "tab:gray",
 }
-_METHOD_TITLES = {"feature_maps": "feature map", "gradcam": "Grad-CAM", "shap": "SHAP"}
+_METHOD_TITLES = {"feature_maps": "feature map", "gradcam": "CAM", "shap": "SHAP"}
 
 
 def _save(fig: Figure, path: Path, title: str) -> Path:

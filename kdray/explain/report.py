@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdray.config import ExplainConfig
+from kdray.config import ExplainConfig, TransparencyConfig
 from kdray.data.prepare import PreparedData, Split
 from kdray.engine import predict_logits, softmax
 from kdray.explain.agreement import (
@@ -44,6 +44,8 @@ from kdray.explain.agreement import (
     top_overlap,
 )
 from kdray.explain.background import select_background, stratified_indices
+from kdray.explain.cam_methods import CAM_TITLES
+from kdray.explain.cam_report import CamComparison, compare_cams
 from kdray.explain.cost import count_flops, count_params, time_call
 from kdray.explain.expected_gradients import shap_maps
 from kdray.explain.faithfulness import (
@@ -61,7 +63,7 @@ from kdray.explain.figures import (
     learning_curves_figure,
     reliability_figure,
 )
-from kdray.explain.gradcam import cam_layer, grad_cam, layer_output_size
+from kdray.explain.gradcam import Cam, grad_cam, layer_output_size, resolve_cam
 from kdray.explain.inputs import display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
 from kdray.explain.sanity_report import (
@@ -72,12 +74,12 @@ from kdray.explain.sanity_report import (
 )
 from kdray.metrics import calibration
 
-__all__ = ["Report", "build_report", "cam_layer", "feature_layer_index"]
+__all__ = ["Report", "build_report", "feature_layer_index"]
 
 MODELS = ("teacher", "student")
 CALIBRATION_LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "CE-only baseline"}
-TITLES = {
-    "feature_maps": "Feature maps (Grad-CAM's block)",
+_TITLES = {
+    "feature_maps": "Feature maps (the CAM's block)",
     "gradcam": "Grad-CAM",
     "shap": "SHAP",
     "random": "Random map (baseline)",
@@ -121,7 +123,7 @@ def feature_layer_index(layers: list[str], cam_layer: str) -> int:
 
 def _score_maps(
     model: nn.Module,
-    name: str,
+    cam: Cam,
     x: torch.Tensor,
     background: np.ndarray,
     cfg: ExplainConfig,
@@ -131,13 +133,12 @@ def _score_maps(
     fm = feature_maps(model, x, None, cfg.top_k_channels)
     preds = fm.logits.argmax(1)
     maps: dict[str, np.ndarray] = {}
-    layer = cam_layer(name, model, cfg, x.shape[-1])
     if "feature_maps" in cfg.methods:
-        # Scored at the block Grad-CAM reads (>= 7x7 by default): a 2x2 last block at 64 px,
-        # upsampled, peaks in a corner and cannot localise anything.
-        maps["feature_maps"] = fm.maps[:, feature_layer_index(fm.layers, layer)]
+        # Scored at the block the CAM reads: a 2x2 last block at 64 px, upsampled, peaks in a
+        # corner and cannot localise anything.
+        maps["feature_maps"] = fm.maps[:, feature_layer_index(fm.layers, cam.layer)]
     if "gradcam" in cfg.methods:
-        maps["gradcam"] = grad_cam(model, x, layer, preds).maps
+        maps["gradcam"] = grad_cam(model, x, cam.layer, preds, cam.method).maps
     if "shap" in cfg.methods:
         maps["shap"] = shap_maps(model, x, background, preds, cfg.shap_nsamples, seed=seed).maps
     return _Scored(preds, fm.layers, fm.maps, maps, time.perf_counter() - t0)
@@ -147,12 +148,16 @@ LOCALISE_BATCH = 64  # images per Grad-CAM pass when scoring the whole test spli
 
 
 def _test_split_localisation(
-    models: Mapping[str, nn.Module], test: Split, cfg: ExplainConfig, seed: int
+    models: Mapping[str, nn.Module],
+    test: Split,
+    cfg: ExplainConfig,
+    seed: int,
+    cams: Mapping[str, Cam],
 ) -> dict[str, float]:
     """Pointing game of the cheap maps on every test image with a lesion mask.
 
     The report's scored images hold 12 or so masks, so their pointing game moves in steps of
-    1/12; Grad-CAM, the feature maps at its block and a random map cost one forward (and
+    1/12; the CAM, the feature maps at its block and a random map cost one forward (and
     backward) pass per image, so they are scored on the whole masked test split too (SHAP is
     not: it costs ``shap_nsamples`` passes per image). Empty without masks.
     """
@@ -170,13 +175,13 @@ def _test_split_localisation(
         ),
     }
     for name, model in models.items():
-        layer = cam_layer(name, model, cfg, size)
+        method, layer = cams[name]
         maps: dict[str, list[np.ndarray]] = {"feature_maps": [], "gradcam": []}
         for start in range(0, len(keep), LOCALISE_BATCH):
             x = to_batch(test.images[keep[start : start + LOCALISE_BATCH]])
             fm = feature_maps(model, x, [layer], cfg.top_k_channels)
             maps["feature_maps"].append(fm.maps[:, 0])
-            maps["gradcam"].append(grad_cam(model, x, layer, fm.logits.argmax(1)).maps)
+            maps["gradcam"].append(grad_cam(model, x, layer, fm.logits.argmax(1), method).maps)
         for method, parts in maps.items():
             if method in cfg.methods:
                 out[f"{name}.localisation_test.{method}"] = nanmean(
@@ -191,7 +196,7 @@ def _test_split_localisation(
 
 def _met_ms(
     model: nn.Module,
-    name: str,
+    cam: Cam,
     x: torch.Tensor,
     preds: np.ndarray,
     background: np.ndarray,
@@ -200,10 +205,9 @@ def _met_ms(
 ) -> dict[str, list[float]]:
     """Single-image times per method, in ms (after one untimed warm-up call each)."""
     n = min(cfg.timing_images, len(x))
-    layer = cam_layer(name, model, cfg, x.shape[-1])
     calls = {
         "feature_maps": lambda i: feature_maps(model, x[i : i + 1], None, cfg.top_k_channels),
-        "gradcam": lambda i: grad_cam(model, x[i : i + 1], layer, None),
+        "gradcam": lambda i: grad_cam(model, x[i : i + 1], cam.layer, None, cam.method),
         "shap": lambda i: shap_maps(
             model, x[i : i + 1], background, preds[i : i + 1], cfg.shap_nsamples, seed=seed
         ),
@@ -219,13 +223,21 @@ def _met_ms(
     return out
 
 
-def _cam_note(cam_shape: dict[str, tuple[str, tuple[int, int]]]) -> list[str]:
+def _cam_note(
+    cam_shape: dict[str, tuple[str, tuple[int, int]]], cams: Mapping[str, Cam] | None = None
+) -> list[str]:
     if not cam_shape:
         return []
-    parts = [f"{name} `{layer}` ({h}x{w})" for name, (layer, (h, w)) in cam_shape.items()]
+    parts = [
+        f"{name} {CAM_TITLES[cams[name].method] + ' ' if cams else ''}at `{layer}` ({h}x{w})"
+        for name, (layer, (h, w)) in cam_shape.items()
+    ]
     note = (
-        f"Grad-CAM layers: {', '.join(parts)}. The scored feature maps (the channel mean) "
-        "are those blocks' too; `feature_maps.png` shows every block."
+        f"Class activation maps: {', '.join(parts)}; each layer is the one the model's "
+        "validation images chose (the best transparency score among its blocks that passes the "
+        "randomisation check, docs/transparency.md) unless the config names one. The scored "
+        "feature maps (the channel mean) are those blocks' too; `feature_maps.png` shows every "
+        "block."
     )
     if min(min(hw) for _, hw in cam_shape.values()) < 4:
         note += (
@@ -254,6 +266,7 @@ def _ratio(a: float, b: float) -> float:
 def _measure(
     name: str,
     model: nn.Module,
+    cam: Cam,
     s: _Scored,
     x: torch.Tensor,
     labels: np.ndarray,
@@ -274,7 +287,7 @@ def _measure(
         f"{name}.accuracy": float((s.predictions == labels).mean()),
         f"{name}.maps_seconds": s.seconds,  # all methods on all scored images, batched
     }
-    for method, ms in _met_ms(model, name, x, s.predictions, background, cfg, seed).items():
+    for method, ms in _met_ms(model, cam, x, s.predictions, background, cfg, seed).items():
         out[f"{name}.met_ms.{method}"] = float(np.mean(ms))
         # other jobs on a shared machine stall single calls: the median shows that
         out[f"{name}.met_median_ms.{method}"] = float(np.median(ms))
@@ -338,6 +351,8 @@ def build_report(
     baseline_probabilities: np.ndarray | None = None,
     learning_curves: Mapping[str, Sequence[float]] | None = None,
     train_images: tuple[int, int] | None = None,
+    cams: Mapping[str, tuple[str, str]] | None = None,
+    transparency: TransparencyConfig | None = None,
 ) -> Report:
     """Measure and write the transparency report of one dataset (see the module docstring).
 
@@ -357,6 +372,11 @@ def build_report(
         train_images: training images (teacher, students) when they differ from the training
             split's size for the students (``data.synthetic.student_fraction``); every
             comparison says what each side saw. Default: both the whole training split.
+        cams: ``teacher`` / ``student`` -> (CAM variant, layer) measured for each model (its
+            ``cam.json``); the config's layers override, the default layer stands in
+            (:func:`kdray.explain.gradcam.resolve_cam`).
+        transparency: the scoring recipe; with it the report compares every CAM variant
+            (:mod:`kdray.explain.cam_report`).
 
     Returns:
         :class:`Report`.
@@ -381,6 +401,10 @@ def build_report(
     background = select_background(train.images, train.labels, cfg.shap_background, seed)
     size = data.image_size
     models = {"teacher": teacher, "student": student}
+    resolved = {
+        name: resolve_cam(name, model, cfg, size, (cams or {}).get(name))
+        for name, model in models.items()
+    }
     rand = random_maps(len(idx), (size, size), seed)
 
     metrics: dict[str, float] = {}
@@ -388,11 +412,12 @@ def build_report(
     curves: dict[str, dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}}
     cam_shape: dict[str, tuple[str, tuple[int, int]]] = {}
     for name, model in models.items():
-        scored[name] = _score_maps(model, name, x, background, cfg, seed)
+        scored[name] = _score_maps(model, resolved[name], x, background, cfg, seed)
         metrics.update(
             _measure(
                 name,
                 model,
+                resolved[name],
                 scored[name],
                 x,
                 labels,
@@ -405,16 +430,23 @@ def build_report(
                 curves,
             )
         )
-        layer = cam_layer(name, model, cfg, x.shape[-1])
+        layer = resolved[name].layer
         cam_shape[name] = (layer, layer_output_size(model, layer, size))
     metrics.update(_agreement(scored, rand))
-    metrics.update(_test_split_localisation(models, test, cfg, seed))
+    metrics.update(_test_split_localisation(models, test, cfg, seed, resolved))
+    compared = None
+    if transparency is not None and "gradcam" in cfg.methods:
+        compared = compare_cams(models, data, resolved, cfg, transparency, seed)
+        metrics.update(compared.metrics())
     sanity = None
     if cfg.sanity:
         sanity = run_sanity_checks(
             models,
             {
-                name: (cam, scored[name].layers[feature_layer_index(scored[name].layers, cam)])
+                name: (
+                    resolved[name],
+                    scored[name].layers[feature_layer_index(scored[name].layers, cam)],
+                )
                 for name, (cam, _) in cam_shape.items()
             },
             x,
@@ -513,6 +545,8 @@ def build_report(
         curves,
         sanity,
         seen,
+        resolved,
+        compared,
     )
     paths["markdown"].write_text(markdown)
     paths["json"].write_text(json.dumps({"dataset": data.spec.id, "metrics": metrics}, indent=1))
@@ -555,9 +589,15 @@ def _markdown(
     curves: dict[str, list[float]],
     sanity: SanityResults | None = None,
     seen: tuple[int, int] | None = None,
+    cams: Mapping[str, Cam] | None = None,
+    compared: CamComparison | None = None,
 ) -> str:
     size = data.image_size
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
+    # The CAM rows carry the models' variant (HiResCAM, Grad-CAM, ...).
+    variants = {CAM_TITLES[c.method] for c in (cams or {}).values()}
+    cam_title = variants.pop() if len(variants) == 1 else "CAM (teacher / student variant)"
+    TITLES = {**_TITLES, "gradcam": cam_title}  # noqa: N806
     n_masked = int(masks.any(axis=(1, 2)).sum()) if masks is not None else 0
     synthetic = data.source.synthetic
     lines = [
@@ -577,7 +617,7 @@ def _markdown(
         f"{cfg.shap_nsamples} samples, {cfg.shap_background} background images. Maps explain "
         f"each model's own prediction. Built in {get('report_seconds'):.0f} s.",
         "",
-        *_cam_note(cam_shape),
+        *_cam_note(cam_shape, cams),
         "## Cost",
         "",
         "| | Teacher | Student | Teacher / student |",
@@ -683,6 +723,8 @@ def _markdown(
             f"{_fmt(get(f'agreement.top10_overlap.{method}'), 2)} | "
             f"{_fmt(get(f'agreement.top10_overlap_random.{method}'), 2)} |"
         )
+    if compared is not None:
+        lines += compared.section()
     if sanity is not None:
         lines += sanity_section(sanity, paths["sanity"].name, m)
     lines += _curves_section(curves, paths)

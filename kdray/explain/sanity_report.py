@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from kdray.config import ExplainConfig
+from kdray.explain.cam_methods import CAM_TITLES
 from kdray.explain.expected_gradients import shap_maps
-from kdray.explain.gradcam import grad_cam
+from kdray.explain.gradcam import Cam, grad_cam
 from kdray.explain.layer_maps import feature_maps
 from kdray.explain.sanity import PASS_BELOW, Cascade, MapFn, parameter_randomisation, random_logit
 
@@ -33,6 +34,11 @@ class SanityResults:
     cascades: list[Cascade] = field(default_factory=list)
     random_logit: dict[str, tuple[float, float]] = field(default_factory=dict)  # model.method
     seconds: dict[str, float] = field(default_factory=dict)  # per model
+    cam_titles: dict[str, str] = field(default_factory=dict)  # model -> its CAM variant's title
+
+    def title(self, model: str, method: str) -> str:
+        """A method's label: the model's CAM variant (HiResCAM, Grad-CAM, ...) for the CAM."""
+        return self.cam_titles.get(model, TITLES[method]) if method == "gradcam" else TITLES[method]
 
     def metrics(self) -> dict[str, float]:
         """``<model>.randomisation.<method>`` (rank correlation with the fully randomised
@@ -52,21 +58,21 @@ class SanityResults:
 
 
 def _map_fns(
-    layer: str, feature_layer: str, background: np.ndarray, cfg: ExplainConfig, seed: int
+    cam: Cam, feature_layer: str, background: np.ndarray, cfg: ExplainConfig, seed: int
 ) -> dict[str, MapFn]:
     """The report's maps as functions of (model, images, targets)."""
     return {
         "feature_maps": lambda m, x, t: feature_maps(
             m, x, [feature_layer], cfg.top_k_channels
         ).maps[:, 0],
-        "gradcam": lambda m, x, t: grad_cam(m, x, layer, t).maps,
+        "gradcam": lambda m, x, t: grad_cam(m, x, cam.layer, t, cam.method).maps,
         "shap": lambda m, x, t: shap_maps(m, x, background, t, cfg.shap_nsamples, seed=seed).maps,
     }
 
 
 def run_sanity_checks(
     models: Mapping[str, nn.Module],
-    layers: Mapping[str, tuple[str, str]],
+    layers: Mapping[str, tuple[Cam, str]],
     x: torch.Tensor,
     predictions: Mapping[str, np.ndarray],
     background: np.ndarray,
@@ -77,12 +83,14 @@ def run_sanity_checks(
     """Both checks for every method of ``cfg.methods`` on each model.
 
     Args:
-        layers: model -> (Grad-CAM layer, the feature-map layer the report scores).
+        layers: model -> (its CAM: variant and layer, the feature-map layer the report scores).
         x: the report's scored images; the first ``cfg.sanity_images`` are explained
             (``cfg.sanity_shap_images`` for SHAP).
         predictions: model -> its predicted class per image of ``x`` (what every map explains).
     """
-    results = SanityResults()
+    results = SanityResults(
+        cam_titles={name: CAM_TITLES[cam.method] for name, (cam, _) in layers.items()}
+    )
     n = min(cfg.sanity_images, len(x))
     images = x[:n]
     for name, model in models.items():
@@ -109,7 +117,12 @@ def sanity_figure(results: SanityResults, path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         for c in (c for c in results.cascades if c.model == model):
-            ax.plot(range(len(c.steps)), c.rank_correlation, marker="o", label=TITLES[c.method])
+            ax.plot(
+                range(len(c.steps)),
+                c.rank_correlation,
+                marker="o",
+                label=results.title(c.model, c.method),
+            )
             ax.set_xticks(range(len(c.steps)), c.steps, rotation=30, ha="right", fontsize=8)
         ax.axhline(PASS_BELOW, color="grey", linestyle="--", linewidth=1)
         ax.set_ylim(-0.05, 1.05)
@@ -161,7 +174,8 @@ def sanity_section(results: SanityResults, figure: str, metrics: Mapping[str, fl
     for c in results.cascades:
         rl = results.random_logit.get(f"{c.model}.{c.method}")
         lines.append(
-            f"| {c.model} | {TITLES[c.method]} | {_fmt(c.final)} | {_fmt(c.ssim[-1])} | "
+            f"| {c.model} | {results.title(c.model, c.method)} | {_fmt(c.final)} | "
+            f"{_fmt(c.ssim[-1])} | "
             f"{'passes' if c.passed else '**fails**'} | "
             f"{_fmt(rl[0]) if rl else 'n/a (class-blind)'} |"
         )
@@ -169,22 +183,22 @@ def sanity_section(results: SanityResults, figure: str, metrics: Mapping[str, fl
     lines += ["", f"Time: {seconds}.", "", f"![Sanity checks]({figure})", ""]
     models = ("teacher", "student")
     counted = [
-        f"{model} {TITLES[method]} {int(metrics[key])}"
+        f"{model} {results.title(model, method)} {int(metrics[key])}"
         for model in models
         for method in CLASS_SENSITIVE
         if (key := f"{model}.blank.{method}") in metrics
     ]
     if counted:
         lines.append(
-            "Blank maps (zero everywhere: Grad-CAM is the ReLU of a weighted sum of the layer's "
-            "channels, and a negative sum leaves nothing) among the scored images: "
-            + ", ".join(counted)
-            + "."
+            "Blank maps (zero everywhere: a class activation map is the ReLU of a sum over the "
+            "layer's channels, and where negative evidence outweighs positive everywhere nothing "
+            "is left; Grad-CAM averages each channel's gradient over the map first, which makes "
+            "that most likely) among the scored images: " + ", ".join(counted) + "."
         )
     if "localisation_test.images" in metrics:
         lines.append(
             f"On the whole masked test split ({int(metrics['localisation_test.images'])} images), "
-            "blank Grad-CAM maps: "
+            "blank CAM maps: "
             + ", ".join(
                 f"{model} {int(metrics[key])}"
                 for model in models

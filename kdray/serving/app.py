@@ -443,7 +443,8 @@ class Gateway:
         responses=_ERRORS,
         response_model_exclude_none=True,
         openapi_extra=_IMAGE_BODY,
-        summary="Predict and explain one image: feature maps, Grad-CAM, SHAP; student, teacher or both",
+        summary="Predict and explain one image: feature maps, the class activation map (HiResCAM, "
+        "Grad-CAM, ...), SHAP; student, teacher or both",
     )
     async def explain(
         self,
@@ -468,6 +469,12 @@ class Gateway:
         ),
         target: int | None = Query(
             None, ge=0, description="class index to explain (default: the prediction)"
+        ),
+        cam: Literal["hirescam", "gradcam", "layercam", "gradcampp", "xgradcam"] | None = Query(
+            None,
+            description="the class activation map's variant (method gradcam): hirescam, gradcam "
+            "(the paper's Grad-CAM), layercam, gradcampp, xgradcam; default: the model's own "
+            "(its card's cam.method), at the model's own layer",
         ),
     ) -> ExplainResponse:
         timings = Timings()
@@ -515,7 +522,7 @@ class Gateway:
                 if part:
                     calls.append(
                         handle.explain.remote(
-                            dataset, role, image, part, n, include_arrays, target, render
+                            dataset, role, image, part, n, include_arrays, target, render, cam
                         )
                     )
                     owners.append(role)

@@ -52,6 +52,25 @@ def model_entry(m: LoadedModel) -> dict[str, Any]:
         "trained_on": reg.trained_on.get("text", ""),
         "data": reg.record.public() if reg.record is not None else {},
         "runtime": m.runtime_note,
+        "cam": _cam_entry(m),
+    }
+
+
+def _cam_entry(m: LoadedModel) -> dict[str, Any]:
+    """The model's CAM: variant, layer, and what computes it (the ONNX explain graph when it
+    computes exactly that variant and layer, else torch, and why)."""
+    method, layer = m.cam if m.cam else (None, None)
+    graph = m.explain_graph
+    exact = graph is not None and (method is None or graph.cam_method == method)
+    return {
+        "method": method or (graph.cam_method if graph is not None else "default"),
+        "layer": layer or (graph.cam_layer if graph is not None else "default"),
+        "measured": m.cam is not None,
+        "computed_by": m.explain_note
+        if exact
+        else "torch"
+        + (f" (the ONNX export computes {graph.cam_method})" if graph is not None else ""),
+        "other_variants": "torch (pytorch-grad-cam), at the same layer",
     }
 
 
@@ -205,14 +224,18 @@ class Explainer:
         include_arrays: bool,
         target: int | None,
         render: Render = "overlay",
+        cam_method: str | None = None,
     ) -> Explanation:
-        """Explain one uint8 (3, S, S) image with ``methods`` of ``role``'s model.
+        """Explain one uint8 (3, S, S) image with ``methods`` of ``role``'s model (the CAM:
+        ``cam_method``, default the model's own variant, at the model's own layer).
 
         Raises:
             ModelUnavailable: that model is not loaded.
         """
         m = self.store.get(dataset, role)
         cfg = self.settings.explain.model_copy(update={"shap_nsamples": nsamples})
+        # The model's own CAM (its measured variant and layer) unless the request names a variant.
+        own_method, own_layer = m.cam if m.cam else (cfg.cam_method, None)
         # No feature-map strip: a client lays out the per-layer maps itself.
         return explain(
             m.model,
@@ -226,4 +249,6 @@ class Explainer:
             render=render,
             grid=False,
             graph=m.explain_graph,
+            cam_layer=own_layer,
+            cam_method=cam_method or own_method,
         )

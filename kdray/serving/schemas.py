@@ -58,8 +58,15 @@ class ModelEntry(BaseModel):
     runtime: str = Field(
         "torch",
         description="what computes this model's predictions (onnx or torch) and why; "
-        "the student's feature maps and Grad-CAM of its prediction come from its ONNX explain "
+        "the student's feature maps and CAM of its prediction come from its ONNX explain "
         "graph when its export matched torch at load; SHAP and the teachers run on torch",
+    )
+    cam: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the model's class activation map: method (the variant: hirescam, "
+        "gradcam, layercam, gradcampp, xgradcam), layer, measured (chosen on its validation "
+        "images when it was trained), computed_by (the ONNX explain graph, exact, or torch), "
+        "other_variants (what computes a variant asked for with ?cam=)",
     )
 
 

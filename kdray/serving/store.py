@@ -23,6 +23,7 @@ from torch import nn
 
 from kdray.data.specs import DATASETS
 from kdray.explain.background import load_background
+from kdray.explain.scoring import load_cam_choice
 from kdray.models import load_model
 from kdray.registry import RegisteredModel, fetch_registered, registered_name
 
@@ -50,6 +51,9 @@ class LoadedModel:
     # The ONNX explain graph (kdray.edge.runtime.OnnxExplainer) when asked for and it matched.
     explain_graph: Any = None
     explain_note: str = "torch"
+    # The CAM variant and layer measured for this model (its cam.json, kdray.explain.scoring);
+    # None for a version registered before kdray measured them.
+    cam: tuple[str, str] | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -151,8 +155,14 @@ class ModelStore:
         model.requires_grad_(False)  # inference only; explanations enable what they need
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        choice = load_cam_choice(registered.directory)
         loaded = LoadedModel(
-            dataset, role, registered, model, load_background(registered.directory)
+            dataset,
+            role,
+            registered,
+            model,
+            load_background(registered.directory),
+            cam=(choice.method, choice.layer) if choice else None,
         )
         if role == "student" and (self.runtime == "onnx" or self.explain_graph):
             from kdray.edge import runtime

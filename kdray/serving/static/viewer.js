@@ -1,5 +1,6 @@
 // kdray viewer: plain JS over the HTTP API (no build step).
-// Flow per image: predict (fast) -> feature maps + Grad-CAM of student and teacher -> SHAP.
+// Flow per image: predict (fast) -> feature maps + class activation maps (each model's own
+// variant, HiResCAM by default) of student and teacher -> SHAP.
 "use strict";
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -110,15 +111,14 @@ function renderMethod(role, explanation, method) {
   cell.append(stack(explanation.input_png, result.maps[0].heat_png, `${method} ${role}`));
   const time = document.createElement("div");
   time.className = "time";
-  time.textContent = `${result.maps[0].layer} · ${result.time_ms.toFixed(1)} ms`;
+  const variant = result.cam_method ? `${CAM_NAMES[result.cam_method] || result.cam_method} · ` : "";
+  time.textContent = `${variant}${result.maps[0].layer} · ${result.time_ms.toFixed(1)} ms`;
   cell.append(time);
   if (result.maps[0].blank) {
-    // A constant map draws nothing: say so rather than show the bare image as if it were one.
+    // A constant map draws nothing: say so (the server's reason) rather than show the bare image.
     const note = document.createElement("div");
     note.className = "blank";
-    note.textContent = method === "gradcam"
-      ? "Blank: no positive evidence for this class at this layer (Grad-CAM is zero everywhere)."
-      : "Blank: this map is constant, it points nowhere.";
+    note.textContent = `Blank: ${result.maps[0].note || "this map is constant, it points nowhere."}`;
     cell.append(note);
   }
 }
@@ -141,7 +141,7 @@ function renderStrip(role, explanation) {
 function pending(methods) {
   for (const method of methods) {
     for (const cell of document.querySelectorAll(`tr[data-method="${method}"] td`)) {
-      cell.innerHTML = `<div class="pending">computing ${method === "shap" ? "SHAP" : "Grad-CAM"}…</div>`;
+      cell.innerHTML = `<div class="pending">computing ${method === "shap" ? "SHAP" : "the CAM"}…</div>`;
     }
   }
 }
@@ -190,7 +190,7 @@ async function run() {
     }
     const input = fast.explanations.student.input_png;
     $("#preview").src = png(input);
-    status("Feature maps and Grad-CAM ready; computing SHAP…");
+    status("Feature maps and class activation maps ready; computing SHAP…");
     await explainStep(dataset, file, ["shap"], seq);
     if (seq === state.seq) status(`Done: ${dataset}, ${file.name}`);
   } catch (err) {
@@ -210,7 +210,8 @@ function choose(file) {
 
 
 // -- audits: tune/audit.py's runs, read from the server (/v1/audits) --------------------------
-const METHOD_NAMES = { gradcam: "Grad-CAM", feature_maps: "Feature maps", shap: "SHAP" };
+const METHOD_NAMES = { gradcam: "Class activation map", feature_maps: "Feature maps", shap: "SHAP" };
+const CAM_NAMES = { gradcam: "Grad-CAM", hirescam: "HiResCAM", layercam: "LayerCAM", gradcampp: "Grad-CAM++", xgradcam: "XGrad-CAM" };
 
 function mode(which) {
   $("#image-view").hidden = which !== "image";
@@ -330,9 +331,9 @@ async function openRow(runId, index, why) {
     for (const [role, model] of Object.entries(row.models)) {
       const cam = model.maps.gradcam;
       lines.push(`${role}: ${model.label} (${pct(model.confidence)})` +
-        (cam && cam.energy_in_mask !== null ? `, Grad-CAM energy in mask ${fixed(cam.energy_in_mask, 2)}` : ""));
+        (cam && cam.energy_in_mask !== null ? `, CAM energy in mask ${fixed(cam.energy_in_mask, 2)}` : ""));
     }
-    if (row.agreement && row.agreement.gradcam) lines.push(`Grad-CAM rank correlation ${fixed(row.agreement.gradcam.rank_correlation, 2)}`);
+    if (row.agreement && row.agreement.gradcam) lines.push(`CAM rank correlation ${fixed(row.agreement.gradcam.rank_correlation, 2)}`);
     $("#audit-row-scores").textContent = lines.join(" · ");
     panel.scrollIntoView({ block: "nearest" });
   } catch (err) {
