@@ -23,9 +23,19 @@ Not held equal, on purpose: a trial's alpha, temperature and lr are the search's
 not change what an epoch computes), and only the trial pays Ray, Tune, MLflow and checkpoints,
 and a fresh actor's first kernels (the plain processes warm up once, untimed).
 
-Prints ``Tune KD trial / plain loop, same epochs: <ratio>`` (goal <= 1.5) and
-``KD trials per minute, <n> cores: <n>``, and the ratio to the plain loop alone. With ``--variants`` it also runs the sweep once per
-setting that changes a trial's overhead (before / after of each), in the same run.
+Transparency scoring (:mod:`kdray.explain.scoring`): the same sweep twice more, the same trials
+(scheduler off, the seed point's widths, the same seeds), once with every trial scoring its best
+model where the product's default scheduler would have it score (after the rung at
+``tune.grace_period`` and after the last epoch, ``kdray.sweep.score_epochs``), on the default
+``transparency.images`` validation images, with lesion masks, and the teacher's maps for the
+agreement; once without. Held equal: everything but the scoring; the two sweeps alternate
+(scoring, none, none, scoring) and their times are pooled.
+
+Prints ``Tune KD trial / plain loop, same epochs: <ratio>`` (goal <= 1.5),
+``KD trials per minute, <n> cores: <n>``, the ratio to the plain loop alone, and
+``transparency scoring / none, same trials: <ratio>`` (goal <= 1.15) with the seconds one
+scoring takes. With ``--variants`` it also runs the sweep once per setting that changes a trial's
+overhead (before / after of each), in the same run.
 
     .venv/bin/python benchmarks/sweep_throughput.py [--trials 24] [--epochs 12] [--variants]
 
@@ -50,8 +60,9 @@ import numpy as np
 from kdray.config import ExperimentConfig
 from kdray.data.prepare import in_memory_synthetic
 from kdray.devices import use_assigned_threads
+from kdray.explain.scoring import ScoringSet
 from kdray.pipeline import ray_session
-from kdray.sweep import StudentJob, run_sweep, train_student
+from kdray.sweep import StudentJob, run_sweep, score_epochs, train_student
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
@@ -66,8 +77,12 @@ VARIANTS = {
 }
 
 
-def student_job(args: argparse.Namespace, cfg: ExperimentConfig, tracker: Tracker | None):
-    """The default run's student data: a quarter of the training split, cached teacher logits."""
+def student_job(
+    args: argparse.Namespace, cfg: ExperimentConfig, tracker: Tracker | None, scored: bool = False
+):
+    """The default run's student data: a quarter of the training split, cached teacher logits;
+    with ``scored``, the validation images every trial is scored on (and teacher maps), scored
+    at the epochs the default scheduler would score at."""
     data = in_memory_synthetic(
         "brain_tumor", args.images_per_class, args.size, val_fraction=0.15, test_fraction=0.15
     )
@@ -75,6 +90,16 @@ def student_job(args: argparse.Namespace, cfg: ExperimentConfig, tracker: Tracke
     train = students.splits["train"]
     rng = np.random.default_rng(0)  # the cost of KD does not depend on the teacher's values
     logits = rng.normal(size=(len(train), len(data.spec.classes))).astype(np.float32)
+    scoring = None
+    if scored:
+        scoring = ScoringSet.from_split(data.splits["val"], cfg.transparency.images, cfg.seed)
+        # The agreement costs the same for any teacher map: random ones of the right shape.
+        scoring.teacher_maps = rng.random(scoring.images.shape[:1] + (args.size, args.size))
+    default_scheduler = cfg.model_copy(
+        update={
+            "tune": cfg.tune.model_copy(update={"scheduler": "asha", "champion": "transparent"})
+        }
+    )
     return StudentJob(
         cfg,
         data.spec.id,
@@ -84,6 +109,8 @@ def student_job(args: argparse.Namespace, cfg: ExperimentConfig, tracker: Tracke
         students.splits["val"],
         teacher_logits=logits,
         tracker=tracker,
+        scoring=scoring,
+        score_at=frozenset(score_epochs(default_scheduler)) if scored else None,
     )
 
 
@@ -98,6 +125,8 @@ def config(args: argparse.Namespace, tune_overrides: dict) -> ExperimentConfig:
                 "max_concurrent_trials": args.cpus,
                 "cpus_per_trial": 1,
                 "scheduler": "none",
+                # One objective unless a variant scores (transparency is then the second).
+                "champion": "accuracy",
                 **tune_overrides,
             },
         }
@@ -215,20 +244,32 @@ def rung_check(curves: list[list[float]], top: int = 5) -> list[str]:
 
 
 def sweep_seconds(
-    args: argparse.Namespace, overrides: dict, root: Path, name: str
+    args: argparse.Namespace, overrides: dict, root: Path, name: str, scored: bool = False
 ) -> tuple[float, dict[str, float], list[list[float]]]:
     """Wall time of one product sweep (all trials), MLflow and checkpoints included, and where
     a trial's slot went."""
-    cfg = config(args, overrides)
+    cfg = config(args, {**overrides, **({"champion": "transparent"} if scored else {})})
     ws = Workspace(root / name)
     tracker = Tracker.open(cfg.mlflow, ws)
-    job = student_job(args, cfg, tracker)
+    job = student_job(args, cfg, tracker, scored)
     started = time.perf_counter()
     outcomes = run_sweep(job, ws, name=name)
     seconds = time.perf_counter() - started
     if len(outcomes) != args.trials:
         raise RuntimeError(f"{name}: {len(outcomes)} of {args.trials} trials finished")
     return seconds, breakdown(tracker, seconds * args.cpus / args.trials), val_curves(tracker)
+
+
+def scoring_time(root: Path) -> float:
+    """The median seconds one transparency scoring took in the scored sweeps' trials (their
+    MLflow metric ``transparency_seconds``)."""
+    seconds = []
+    for ws in sorted(root.glob("scoring*")):
+        tracker = Tracker.open(ExperimentConfig().mlflow, Workspace(ws))
+        for run in tracker.client.search_runs([tracker.experiment_id]):
+            history = tracker.client.get_metric_history(run.info.run_id, "transparency_seconds")
+            seconds += [m.value for m in history]
+    return statistics.median(seconds) if seconds else float("nan")
 
 
 def main() -> None:
@@ -259,6 +300,12 @@ def main() -> None:
                 label: sweep_seconds(args, overrides, root, f"sweep{i}")
                 for i, (label, overrides) in enumerate(runs.items())
             }
+            # Transparency scoring against none, the same trials, alternating.
+            scoring: dict[bool, list[float]] = {True: [], False: []}
+            for i, scored in enumerate((True, False, False, True)):
+                wall, _, _ = sweep_seconds(args, {}, root, f"scoring{i}", scored)
+                scoring[scored].append(wall)
+            scoring_seconds = scoring_time(root)
     after = plain_seconds(args)
     alone = statistics.median(alone + after[0])
     plain = statistics.median(at_once + after[1])
@@ -289,6 +336,12 @@ def main() -> None:
     print(f"KD trials per minute, {args.cpus} cores: {args.trials / wall * 60:.1f}")
     print(f"Early stopping on these {len(curves)} trials (each ran all {args.epochs} epochs):")
     print("\n".join(rung_check(curves)))
+    with_scoring, without = statistics.mean(scoring[True]), statistics.mean(scoring[False])
+    print(
+        f"transparency scoring / none, same trials: {with_scoring / without:.2f} "
+        f"(sweeps {with_scoring:.1f} s against {without:.1f} s; one scoring "
+        f"{scoring_seconds:.2f} s median, at epochs {sorted(e + 1 for e in student_job(args, config(args, {}), None, True).score_at)})"
+    )
 
 
 if __name__ == "__main__":

@@ -167,12 +167,13 @@ def report_main(argv: list[str] | None = None) -> int:
 
     ws = Workspace.at(args.workspace)
     try:
+        given = args.config is not None
         runs = (
             [(d, cfg) for d in cfg.data.datasets]
-            if args.config is not None
+            if given
             else finished_runs(ws, args.overrides, cfg)
         )
-        paths = rebuild_reports(runs, ws)
+        paths = rebuild_reports(runs, ws, given=given)
     except (RuntimeError, DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -812,9 +812,16 @@ def finished_runs(
     return runs
 
 
-def rebuild_reports(runs: list[tuple[str, ExperimentConfig]], ws: Workspace) -> list[Path]:
+def rebuild_reports(
+    runs: list[tuple[str, ExperimentConfig]], ws: Workspace, given: bool = True
+) -> list[Path]:
     """Recompute the transparency report of each ``(dataset, config)``'s finished run in ``ws``
     (no training).
+
+    Args:
+        given: the configs are the user's (``--config``): each must be the one the run was made
+            with. False: they are the runs' own (:func:`finished_runs`, which may fill keys a
+            newer kdray added with their defaults).
 
     Raises:
         RuntimeError: a dataset has no finished run of that config in ``ws``; the message says
@@ -833,7 +840,7 @@ def rebuild_reports(runs: list[tuple[str, ExperimentConfig]], ws: Workspace) -> 
                 f"{dataset}: the run in {ws.root} has not finished; continue it with "
                 "tune/run.py --resume"
             )
-        if state.get("run_key") != run_key(cfg):
+        if given and state.get("run_key") != run_key(cfg):
             there = state.get("data")
             what = (
                 f" (its models saw the {DataRecord.from_dict(there).describe()} at "

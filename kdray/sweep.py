@@ -121,6 +121,9 @@ class StudentJob:
     record: DataRecord | None = None
     # The validation images every student is scored on, with the teacher's maps of them.
     scoring: ScoringSet | None = None
+    # The epochs (0-based) a trial scores its best model after; None: score_epochs(cfg). (The
+    # sweep benchmark scores where the default scheduler would, with the scheduler off.)
+    score_at: frozenset[int] | None = None
 
     def inputs(self, *splits: str) -> list[Any]:
         """The dataset inputs of these splits (context tag ``mlflow.data.context``)."""
@@ -241,7 +244,11 @@ def train_student(
         else set()
     )
     metrics: dict[str, Any] = {}
-    to_score = score_epochs(cfg) if report is not None and job.scoring is not None else set()
+    to_score = (
+        (job.score_at if job.score_at is not None else score_epochs(cfg))
+        if report is not None and job.scoring is not None
+        else set()
+    )
     # The best model's latest transparency figures, carried in every later report (Tune wants
     # each objective in every result: NaN until the first score, which no scheduler reads).
     scored: dict[str, float] = {TRANSPARENCY: float("nan")} if to_score else {}
@@ -749,6 +756,11 @@ def run_sweep(
         RuntimeError: no trial finished.
     """
     cfg, t = job.cfg, job.cfg.tune
+    if two_objectives(cfg) and job.scoring is None:
+        raise ValueError(
+            "tune.champion 'transparent' searches two objectives: the job needs its scoring set "
+            "(kdray.explain.scoring.scoring_set)"
+        )
     space, first = search or search_space(cfg)
     trainable = _register_trainable(job, role)
     path = f"{ws.ray_storage(cfg.ray.storage_path).rstrip('/')}/{name}"

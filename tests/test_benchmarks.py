@@ -93,6 +93,8 @@ HEADLINES: dict[str, tuple[list[str], bool]] = {
             r"^Tune KD trial / plain loop, same epochs: {n}$",
             r"^KD trials per minute, 2 cores: {n}$",
             r"^  ASHA grace 4, reduction 3: stops {n}/{n} trials",
+            r"^transparency scoring / none, same trials: {n} \(sweeps {n} s against {n} s; "
+            r"one scoring {n} s median",
         ],
         True,
     ),

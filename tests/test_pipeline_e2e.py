@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,35 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
             == champion.data.tags["kdray.selected_from"]
             == "2"
         )
+        # Transparency: every KD and CE trial scored its best model (the last epoch: smoke has no
+        # rung), the champion is the most transparent of the trials in the accuracy band, with
+        # its CAM and the accuracy-only pick tagged; the parent has the Pareto front and the
+        # KD-against-CE comparison.
+        for trial in [*trials, *baseline_trials]:
+            history = client.get_metric_history(trial.info.run_id, "transparency")
+            assert [m.step for m in history] == [1], trial.info.run_id  # after epoch 2 of 2
+            assert 0.0 <= history[0].value <= 1.0
+            assert {"transparency.blank_rate", "transparency.layer_side"} <= set(trial.data.metrics)
+        for trial in trials:  # KD trials also measure their agreement with the teacher's maps
+            assert "transparency.teacher_agreement" in trial.data.metrics
+        band = [
+            t
+            for t in trials
+            if t.data.metrics["best_val_accuracy"]
+            >= max(x.data.metrics["best_val_accuracy"] for x in trials) - 0.01
+        ]
+        assert source.data.metrics["transparency"] == max(
+            t.data.metrics["transparency"] for t in band
+        )
+        assert champion.data.tags["kdray.champion_rule"] == "transparent"
+        assert champion.data.tags["kdray.cam.method"] == "hirescam"
+        assert champion.data.tags["kdray.accuracy_pick_run"] in {t.info.run_id for t in trials}
+        assert champion.data.metrics["transparency"] == source.data.metrics["transparency"]
+        assert 0.0 <= champion.data.metrics["test_transparency"] <= 1.0
+        assert {"pareto.front_size", "pareto.champion_transparency"} <= set(parent.data.metrics)
+        assert "kd_vs_ce.transparency.mean" in parent.data.metrics
+        pareto = {a.path for a in client.list_artifacts(parent.info.run_id, "pareto")}
+        assert pareto == {"pareto/pareto.png", "pareto/pareto.md"}
         # What the search found, read back from these trials (kdray.search_findings).
         assert parent.data.metrics["search.trials"] == len(trials)
         assert 1 <= parent.data.metrics["search.seed_rank"] <= len(trials)
@@ -161,6 +191,9 @@ def test_smoke_run_leaves_the_mlflow_contract(smoke_run):
     assert proc.stdout.startswith(f"Data: brain_tumor: {stand_in}; eye_disease: {stand_in}")
     assert "2 CE trials |" in proc.stdout and "How each side was chosen" in proc.stdout
     assert "What the KD searches found" in proc.stdout and "across datasets:" in proc.stdout
+    assert "the Pareto front of the KD trials" in proc.stdout
+    assert "- brain_tumor: HiResCAM at `features.block" in proc.stdout
+    assert "Does distillation make the student more transparent?" in proc.stdout
     assert "Sanity checks (Adebayo et al. 2018" in proc.stdout
     for dataset in ("brain_tumor", "eye_disease", "alzheimer"):
         report = (ws / "reports" / dataset / "report.md").read_text()
@@ -187,7 +220,8 @@ def test_the_console_shows_progress_and_the_log_file_the_rest(smoke_run):
     for chatter in ("(RayTrainWorker pid=", "Trial status:", "Started a local Ray instance"):
         assert chatter in log
         assert chatter not in terminal
-    assert len(terminal.splitlines()) < 120, terminal
+    # kdray's progress lines and the summary (with its transparency sections), no chatter
+    assert len(terminal.splitlines()) < 150, terminal
     # Ray Train's PlacementGroupCleaner warned every second without the State API (dashboard).
     assert "Failed to query Ray Train Controller" not in terminal + log
 
@@ -198,9 +232,10 @@ def test_champions_are_registered_and_load_by_alias(smoke_run):
     from kdray.edge.export import session
     from kdray.edge.graph import OUTPUTS
     from kdray.edge.publish import fetch_edge
-    from kdray.explain.gradcam import default_cam_layer, grad_cam
+    from kdray.explain.gradcam import grad_cam
     from kdray.explain.layer_maps import feature_maps
-    from kdray.registry import load_registered
+    from kdray.explain.scoring import load_cam_choice
+    from kdray.registry import fetch_registered, load_registered
     from kdray.workspace import Workspace
 
     ws, _ = smoke_run
@@ -222,7 +257,13 @@ def test_champions_are_registered_and_load_by_alias(smoke_run):
         # against the torch model and kdray's torch explainers (not read from the card).
         folder, card = fetch_edge(f"kdray-{dataset}", "champion", ws / "fetched" / dataset, uri)
         assert card["source"]["version"] == str(version.version)
-        assert card["cam_layer"] == default_cam_layer(model, spec.image_size)
+        # the CAM measured for the champion (its cam.json, in the registered version)
+        with tempfile.TemporaryDirectory() as tmp:
+            choice = load_cam_choice(
+                fetch_registered(f"kdray-{dataset}", "champion", tmp, uri).directory
+            )
+        assert (card["cam_method"], card["cam_layer"]) == (choice.method, choice.layer)
+        assert choice.method == "hirescam" and choice.layer in model.block_names
         test = prepare_dataset(SMOKE.data, dataset, Workspace.at(ws)).splits["test"]
         images = test.images[: SMOKE.export.parity_images]
         explained = session(folder / card["files"]["explain"]).run(None, {"image": images})
@@ -232,7 +273,7 @@ def test_champions_are_registered_and_load_by_alias(smoke_run):
         assert np.abs(out["logits"] - ref).max() <= 1e-4
         assert (out["logits"].argmax(1) == ref.argmax(1)).all()
         fm = feature_maps(model, images)
-        cam = grad_cam(model, images, card["cam_layer"])
+        cam = grad_cam(model, images, card["cam_layer"], None, card["cam_method"])
         assert np.abs(out["feature_maps"] - fm.maps).max() <= 1e-4
         assert np.abs(out["gradcam"] - cam.maps).max() <= 1e-4
         assert version.tags["kdray.onnx"] == "onnx/"

@@ -178,8 +178,12 @@ def test_explain_teacher_beside_student_every_method(served):
     methods = default["explanations"]["student"]["methods"]
     assert set(methods) == {"feature_maps", "gradcam"}  # the default methods
     for result in methods.values():  # render=overlay by default, and no feature-map strip
+        # a blank map also says why (its note)
         assert (
-            all(set(m) == {"layer", "png", "blank"} for m in result["maps"])
+            all(
+                set(m) == {"layer", "png", "blank"} | ({"note"} if m["blank"] else set())
+                for m in result["maps"]
+            )
             and "grid_png" not in result
         )
     layers = _call(
@@ -190,7 +194,7 @@ def test_explain_teacher_beside_student_every_method(served):
         files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))},
     ).json()
     for result in layers["explanations"]["student"]["methods"].values():
-        assert all(set(m) == {"layer", "heat_png", "blank"} for m in result["maps"])
+        assert all(_keys(m) == {"layer", "heat_png", "blank"} for m in result["maps"])
     arrays = _call(
         served,
         "POST",
@@ -199,11 +203,17 @@ def test_explain_teacher_beside_student_every_method(served):
         files={"file": ("x.png", _test_image(served.workspace, "brain_tumor"))},
     ).json()
     (cam_map,) = arrays["explanations"]["student"]["methods"]["gradcam"]["maps"]
-    assert set(cam_map) == {"layer", "array", "blank"}  # render=none: no image encoded
+    assert _keys(cam_map) == {"layer", "array", "blank"}  # render=none: no image encoded
     cam = np.array(cam_map["array"])
     assert cam.shape == tuple(arrays["explanations"]["student"]["image_size"])
     assert 0.0 <= cam.min() <= cam.max() <= 1.0
     assert arrays["explanations"]["student"]["target"] == 1
+
+
+def _keys(layer_map: dict) -> set[str]:
+    """A map's keys but its note, which a blank map (and only a blank one) carries: why."""
+    assert ("note" in layer_map) == layer_map["blank"], layer_map.get("note")
+    return set(layer_map) - {"note"}
 
 
 def _formats(ws: Path) -> dict[str, tuple[str, bytes, str]]:
@@ -646,7 +656,14 @@ def test_viewer_asks_for_the_token_then_shows_every_explanation(served, browser,
     overlays = browser.find_elements(
         By.CSS_SELECTOR, ".maps .stack img.heat, .strip .stack img.heat"
     )
-    assert len(overlays) == 2 + 2 + 4 + 4  # Grad-CAM and SHAP x 2 models, feature maps x blocks
+    card = next(
+        c
+        for c in _call(served, "GET", "/v1/models").json()["models"]
+        if c["dataset"] == "brain_tumor"
+    )
+    depth = len(card["student"]["architecture"].split("-"))
+    # the CAM and SHAP of 2 models, the feature maps of every block (the teacher's 4)
+    assert len(overlays) == 2 + 2 + depth + 4
     rendered = browser.execute_script(
         "return [...document.querySelectorAll('.stack img')].map(i => i.complete && i.naturalWidth > 0)"
     )

@@ -189,9 +189,7 @@ def look_first(df: pd.DataFrame, class_names: list[str], top: int = 10) -> list[
             )
         )
     else:
-        cases.append(
-            Case("right_outside_lesion", CASE_KINDS["right_outside_lesion"], "no CAM", 0)
-        )
+        cases.append(Case("right_outside_lesion", CASE_KINDS["right_outside_lesion"], "no CAM", 0))
 
     method = next((m for m in ("gradcam", "feature_maps") if f"maps_rank_{m}" in ok.columns), None)
     if method is not None:

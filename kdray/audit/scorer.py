@@ -35,7 +35,7 @@ from kdray.explain.agreement import TOP_FRACTION, rank_correlation, top_overlap
 from kdray.explain.cam_methods import CAM_FILE
 from kdray.explain.expected_gradients import shap_maps
 from kdray.explain.faithfulness import energy_in_mask, pointing_game
-from kdray.explain.gradcam import grad_cam, layer_output_size, resolve_cam
+from kdray.explain.gradcam import cam_layer, grad_cam, layer_output_size, resolve_cam
 from kdray.explain.layer_maps import feature_maps
 from kdray.models import ModelSpec, load_model_files
 
@@ -78,6 +78,7 @@ class AuditModel:
     side: tuple[int, int]  # that block's output (H, W): the stored maps' resolution
     background: np.ndarray | None  # SHAP background, uint8 (B, 3, S, S)
     method: str = "gradcam"  # the CAM variant (kdray.explain.cam_methods)
+    feature_layer: str = ""  # the scored feature map's block (the report's): "" = ``layer``
 
 
 def load_audit_model(
@@ -103,6 +104,7 @@ def load_audit_model(
         layer_output_size(model, cam.layer, size),
         background,
         cam.method,
+        cam_layer(role, model, cfg, size),  # the feature maps' block, as the report scores it
     )
 
 
@@ -185,7 +187,7 @@ def _scores(m: AuditModel, x: torch.Tensor, shap_rows: np.ndarray, s: Settings) 
     """Probabilities, the maps of each method (N, S, S; SHAP only on ``shap_rows``)."""
     cfg = s.explain
     x = x.to(next(m.model.parameters()).device)  # a GPU actor's model lives on its GPU
-    fm = feature_maps(m.model, x, [m.layer], cfg.top_k_channels)
+    fm = feature_maps(m.model, x, [m.feature_layer or m.layer], cfg.top_k_channels)
     preds = fm.logits.argmax(1)
     probs = torch.softmax(torch.from_numpy(fm.logits).double(), dim=1).numpy()
     maps: dict[str, np.ndarray] = {}

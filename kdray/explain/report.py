@@ -63,7 +63,7 @@ from kdray.explain.figures import (
     learning_curves_figure,
     reliability_figure,
 )
-from kdray.explain.gradcam import Cam, grad_cam, layer_output_size, resolve_cam
+from kdray.explain.gradcam import Cam, cam_layer, grad_cam, layer_output_size, resolve_cam
 from kdray.explain.inputs import display_images, to_batch
 from kdray.explain.layer_maps import feature_maps
 from kdray.explain.sanity_report import (
@@ -79,7 +79,7 @@ __all__ = ["Report", "build_report", "feature_layer_index"]
 MODELS = ("teacher", "student")
 CALIBRATION_LABELS = {"teacher": "teacher", "student": "KD student", "baseline": "CE-only baseline"}
 _TITLES = {
-    "feature_maps": "Feature maps (the CAM's block)",
+    "feature_maps": "Feature maps (deepest block of at least 7x7)",
     "gradcam": "Grad-CAM",
     "shap": "SHAP",
     "random": "Random map (baseline)",
@@ -128,15 +128,18 @@ def _score_maps(
     background: np.ndarray,
     cfg: ExplainConfig,
     seed: int,
+    feature_layer: str | None = None,
 ) -> _Scored:
     t0 = time.perf_counter()
     fm = feature_maps(model, x, None, cfg.top_k_channels)
     preds = fm.logits.argmax(1)
     maps: dict[str, np.ndarray] = {}
     if "feature_maps" in cfg.methods:
-        # Scored at the block the CAM reads: a 2x2 last block at 64 px, upsampled, peaks in a
-        # corner and cannot localise anything.
-        maps["feature_maps"] = fm.maps[:, feature_layer_index(fm.layers, cam.layer)]
+        # Scored at the deepest block of >= 7x7 (kdray.explain.gradcam.cam_layer): a 2x2 last
+        # block at 64 px, upsampled, peaks in a corner and cannot localise anything; an early
+        # block's channel mean mostly shows the input.
+        layer = feature_layer or cam.layer
+        maps["feature_maps"] = fm.maps[:, feature_layer_index(fm.layers, layer)]
     if "gradcam" in cfg.methods:
         maps["gradcam"] = grad_cam(model, x, cam.layer, preds, cam.method).maps
     if "shap" in cfg.methods:
@@ -153,6 +156,7 @@ def _test_split_localisation(
     cfg: ExplainConfig,
     seed: int,
     cams: Mapping[str, Cam],
+    feature_layers: Mapping[str, str],
 ) -> dict[str, float]:
     """Pointing game of the cheap maps on every test image with a lesion mask.
 
@@ -179,7 +183,7 @@ def _test_split_localisation(
         maps: dict[str, list[np.ndarray]] = {"feature_maps": [], "gradcam": []}
         for start in range(0, len(keep), LOCALISE_BATCH):
             x = to_batch(test.images[keep[start : start + LOCALISE_BATCH]])
-            fm = feature_maps(model, x, [layer], cfg.top_k_channels)
+            fm = feature_maps(model, x, [feature_layers[name]], cfg.top_k_channels)
             maps["feature_maps"].append(fm.maps[:, 0])
             maps["gradcam"].append(grad_cam(model, x, layer, fm.logits.argmax(1), method).maps)
         for method, parts in maps.items():
@@ -236,7 +240,8 @@ def _cam_note(
         f"Class activation maps: {', '.join(parts)}; each layer is the one the model's "
         "validation images chose (the best transparency score among its blocks that passes the "
         "randomisation check, docs/transparency.md) unless the config names one. The scored "
-        "feature maps (the channel mean) are those blocks' too; `feature_maps.png` shows every "
+        "feature maps (the channel mean) are the deepest blocks of at least 7x7 "
+        "(`explain.student_layer` / `teacher_layer` when set); `feature_maps.png` shows every "
         "block."
     )
     if min(min(hw) for _, hw in cam_shape.values()) < 4:
@@ -405,6 +410,8 @@ def build_report(
         name: resolve_cam(name, model, cfg, size, (cams or {}).get(name))
         for name, model in models.items()
     }
+    # The feature maps are scored at their own block, whichever layer the CAM reads.
+    feature_layers = {name: cam_layer(name, model, cfg, size) for name, model in models.items()}
     rand = random_maps(len(idx), (size, size), seed)
 
     metrics: dict[str, float] = {}
@@ -412,7 +419,9 @@ def build_report(
     curves: dict[str, dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}}
     cam_shape: dict[str, tuple[str, tuple[int, int]]] = {}
     for name, model in models.items():
-        scored[name] = _score_maps(model, resolved[name], x, background, cfg, seed)
+        scored[name] = _score_maps(
+            model, resolved[name], x, background, cfg, seed, feature_layers[name]
+        )
         metrics.update(
             _measure(
                 name,
@@ -433,7 +442,7 @@ def build_report(
         layer = resolved[name].layer
         cam_shape[name] = (layer, layer_output_size(model, layer, size))
     metrics.update(_agreement(scored, rand))
-    metrics.update(_test_split_localisation(models, test, cfg, seed, resolved))
+    metrics.update(_test_split_localisation(models, test, cfg, seed, resolved, feature_layers))
     compared = None
     if transparency is not None and "gradcam" in cfg.methods:
         compared = compare_cams(models, data, resolved, cfg, transparency, seed)
@@ -445,9 +454,11 @@ def build_report(
             {
                 name: (
                     resolved[name],
-                    scored[name].layers[feature_layer_index(scored[name].layers, cam)],
+                    scored[name].layers[
+                        feature_layer_index(scored[name].layers, feature_layers[name])
+                    ],
                 )
-                for name, (cam, _) in cam_shape.items()
+                for name in cam_shape
             },
             x,
             {name: scored[name].predictions for name in models},
