@@ -20,7 +20,14 @@ from kdray.explain.scoring import load_cam_choice
 from kdray.models import load_model
 from kdray.registry import RegisteredModel, fetch_registered
 
-__all__ = ["ONNX_ARTIFACT", "EdgeMissing", "export_registered", "fetch_edge", "log_edge"]
+__all__ = [
+    "ONNX_ARTIFACT",
+    "EdgeMissing",
+    "export_registered",
+    "fetch_edge",
+    "has_edge",
+    "log_edge",
+]
 
 ONNX_ARTIFACT = "onnx"
 TAG = "kdray.onnx"
@@ -45,17 +52,32 @@ def log_edge(client: MlflowClient, name: str, run_id: str, export: EdgeExport) -
         client.set_model_version_tag(name, version.version, TAG, f"{ONNX_ARTIFACT}/")
 
 
+def has_edge(client: MlflowClient, name: str, version: str) -> bool:
+    """Does ``name``'s ``version`` have an ONNX export yet (``onnx/model.json``)?"""
+    run_id = client.get_model_version(name, version).run_id
+    return CARD_FILE in {Path(f.path).name for f in client.list_artifacts(run_id, ONNX_ARTIFACT)}
+
+
 def fetch_edge(
-    name: str, alias: str, dest: str | Path, tracking_uri: str | None = None
+    name: str,
+    alias: str,
+    dest: str | Path,
+    tracking_uri: str | None = None,
+    version: str | None = None,
 ) -> tuple[Path, dict]:
-    """Download ``name@alias``'s ONNX export into ``dest``; returns its folder and card.
+    """Download ``name@alias``'s (or ``version``'s) ONNX export into ``dest``; returns its folder
+    and card.
 
     Raises:
-        MlflowException: no such model or alias, or the tracking store is unreachable.
+        MlflowException: no such model, alias or version, or the tracking store is unreachable.
         EdgeMissing: the version has no export (the message says how to make one).
     """
     client = MlflowClient(tracking_uri=tracking_uri)
-    version = client.get_model_version_by_alias(name, alias)
+    version = (
+        client.get_model_version(name, version)
+        if version is not None
+        else client.get_model_version_by_alias(name, alias)
+    )
     listed = {Path(f.path).name for f in client.list_artifacts(version.run_id, ONNX_ARTIFACT)}
     if CARD_FILE not in listed:
         dataset = name.removeprefix("kdray-")

@@ -55,10 +55,13 @@ def _check_images(size: int, background: np.ndarray | None) -> np.ndarray:
 Export = tuple[Path, dict]  # the version's onnx/ folder and its card (model.json)
 
 
-def fetch_export(name: str, alias: str, dest: str | Path, tracking_uri: str) -> Export | None:
-    """``name@alias``'s ONNX export downloaded under ``dest``, or None when it has none."""
+def fetch_export(
+    name: str, alias: str, dest: str | Path, tracking_uri: str, version: str | None = None
+) -> Export | None:
+    """``name@alias``'s (or ``version``'s) ONNX export downloaded under ``dest``, or None when it
+    has none."""
     try:
-        return fetch_edge(name, alias, Path(dest) / "edge", tracking_uri)
+        return fetch_edge(name, alias, Path(dest) / "edge", tracking_uri, version=version)
     except EdgeMissing:
         return None
 

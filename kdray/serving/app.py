@@ -194,6 +194,7 @@ class Gateway:
             # for torch below); on a GPU the torch model predicts.
             runtime=self.settings.runtime if device.type == "cpu" else "torch",
             onnx_threads=1,
+            reload_interval_s=self.settings.reload_interval_s,  # a new champion, no restart
         )
         # CPU: one forward pass per CPU of this replica, one torch thread each; GPU: one at a time.
         workers = 1 if device.type == "cuda" else assigned_cpus()
@@ -340,6 +341,9 @@ class Gateway:
             ready=all(s["ready"] for s in statuses.values()),
             models=sorted({m for s in statuses.values() for m in s["loaded"]}),
             errors={f"{n}: {k}": e for n, s in statuses.items() for k, e in s["errors"].items()},
+            swaps={
+                f"{n}: {k}": e for n, s in statuses.items() for k, e in s.get("swaps", {}).items()
+            },
         )
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 

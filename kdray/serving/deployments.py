@@ -86,16 +86,18 @@ def card_title(m: LoadedModel) -> str:
 def store_status(store: ModelStore) -> dict[str, Any]:
     """What the gateway asks every replica: ready?, loaded models, load errors, model cards."""
     store.retry_missing()
+    swaps = store.swaps()
     return {
         "ready": store.ready(),
         "loaded": [f"{m.dataset}/{m.role}" for m in store.loaded()],
         "errors": store.errors(),
+        "swaps": swaps,
         "cards": {
             f"{m.dataset}/{m.role}": {
                 "title": card_title(m),
                 "classes": m.class_names,
                 "image_size": m.image_size,
-                "entry": model_entry(m),
+                "entry": {**model_entry(m), "update": swaps.get(f"{m.dataset}/{m.role}", "")},
             }
             for m in store.loaded()
         },
@@ -191,6 +193,7 @@ class Explainer:
             # runtime: onnx: the students' feature maps and Grad-CAM from their exported explain
             # graph (one onnxruntime pass, checked against torch at load); SHAP stays on torch.
             explain_graph=self.settings.runtime == "onnx",
+            reload_interval_s=self.settings.reload_interval_s,  # a new champion, no restart
         )
 
     def __del__(self) -> None:  # Serve calls it when the replica shuts down

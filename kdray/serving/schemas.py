@@ -61,6 +61,11 @@ class ModelEntry(BaseModel):
         "the student's feature maps and CAM of its prediction come from its ONNX explain "
         "graph when its export matched torch at load; SHAP and the teachers run on torch",
     )
+    update: str = Field(
+        "",
+        description="this replica's last swap of the model to a new registry version, or why a "
+        "new version was refused (the version above still serving)",
+    )
     cam: dict[str, Any] = Field(
         default_factory=dict,
         description="the model's class activation map: method (the variant: hirescam, "
@@ -107,3 +112,8 @@ class ReadyBody(BaseModel):
     ready: bool
     models: list[str] = Field(description="loaded models, as <dataset>/<role>")
     errors: dict[str, str] = Field(description="models not loaded, with the reason")
+    swaps: dict[str, str] = Field(
+        default_factory=dict,
+        description="per replica and model: its last swap to a new registry version, or why a "
+        "new version was not swapped in (the old one still serving; not a readiness failure)",
+    )

@@ -72,6 +72,13 @@ class ServeSettings(_Strict):
         "its prediction from the exported explain graph (checked against torch at load); SHAP, "
         "a chosen target and the teachers run on torch",
     )
+    reload_interval_s: float | None = Field(
+        30.0,
+        gt=0,
+        description="poll the registry this often; a version the alias moved to is loaded beside "
+        "the one serving, checked, and swapped in without a restart (never when it fails to load "
+        "or a check: the old one keeps serving, /readyz and the card say why); null: never",
+    )
     audit_experiment: str = Field(
         "kdray-audit",
         description="MLflow experiment the viewer lists dataset audits from (tune/audit.py logs "

@@ -3,11 +3,26 @@
 A model that cannot be loaded (not registered yet, tracking server down) is recorded with its
 reason instead of failing the replica; :meth:`ModelStore.retry_missing` tries again, so a server
 started before ``make run`` finished becomes ready once the champions are registered.
+
+A new champion reaches a running service without a restart: with ``reload_interval_s`` the store
+polls the registry, and when ``kdray-<dataset>@alias`` has moved it loads the new version beside
+the one serving (its ONNX export checked against its torch weights, as at start), checks it
+against the served contract (the same class names; an ONNX predict path where the old one had
+one; finite probabilities on the check images) and swaps it in with one assignment: a request
+holds the model it started with, the next one gets the new. A version that fails to load or
+fails a check is never swapped in: the old one keeps serving, and the replica's status (so
+``/readyz``'s body and the model card) says what failed; it is not tried again until the alias
+moves again or ten minutes have passed. A version registered before its ONNX export is logged
+(``tune/run.py`` registers the champion, then exports it) is waited for, not refused, where the
+old one predicts on ONNX. Polling, not a ``user_config`` change: the alias is the contract ``make run`` (or
+anyone) moves, the same locally under ``serve run`` and on a cluster, with no redeploy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -22,6 +37,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from kdray.data.specs import DATASETS
+from kdray.engine import softmax
 from kdray.explain.background import load_background
 from kdray.explain.scoring import load_cam_choice
 from kdray.models import load_model
@@ -31,6 +47,9 @@ __all__ = ["LoadedModel", "ModelStore", "ModelUnavailable", "Role", "redact"]
 
 log = logging.getLogger("kdray.serve")
 Role = Literal["student", "teacher"]
+
+
+RETRY_S = 600.0  # a version refused is tried again after this, if the alias still names it
 
 
 class ModelUnavailable(RuntimeError):
@@ -54,6 +73,7 @@ class LoadedModel:
     # The CAM variant and layer measured for this model (its cam.json, kdray.explain.scoring);
     # None for a version registered before kdray measured them.
     cam: tuple[str, str] | None = None
+    folder: str = ""  # where its files were downloaded (removed once it is swapped out)
 
     @property
     def class_names(self) -> list[str]:
@@ -103,6 +123,8 @@ class ModelStore:
         onnx_threads: onnxruntime intra-op threads per prediction.
         explain_graph: students also load their ONNX explain graph (feature maps and Grad-CAM in
             one pass, :class:`kdray.edge.runtime.OnnxExplainer`), checked against torch.
+        reload_interval_s: poll the registry this often and swap in a version the alias moved
+            to (see the module docstring); None: never.
     """
 
     def __init__(
@@ -116,6 +138,7 @@ class ModelStore:
         runtime: Literal["onnx", "torch"] = "torch",
         onnx_threads: int = 1,
         explain_graph: bool = False,
+        reload_interval_s: float | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.runtime = runtime
@@ -132,7 +155,16 @@ class ModelStore:
         self._dir = tempfile.mkdtemp(prefix="kdray-serve-")
         self._lock = threading.Lock()
         self._last_try = 0.0
+        # Per model: the last swap, or why the alias's version was refused (``swaps()``), and
+        # the version refused (not tried again until the alias moves on).
+        self._swaps: dict[tuple[str, Role], str] = {}
+        self._refused: dict[tuple[str, Role], tuple[str, float]] = {}
+        self._closed = threading.Event()
         self.retry_missing(min_interval_s=0.0)
+        if reload_interval_s:
+            threading.Thread(
+                target=self._watch, args=(reload_interval_s,), name="kdray-reload", daemon=True
+            ).start()
 
     @property
     def datasets(self) -> list[str]:
@@ -140,17 +172,19 @@ class ModelStore:
             return list(self._wanted)
         return sorted({d for d, _ in self._models} | {d for d, _ in self._errors})
 
-    def _load(self, dataset: str, role: Role) -> LoadedModel:
+    def _load(self, dataset: str, role: Role, version: str | None = None) -> LoadedModel:
         name = registered_name(dataset, teacher=role == "teacher")
         dest = tempfile.mkdtemp(prefix=f"{name}-", dir=self._dir)
         try:
-            return self._load_into(dataset, role, name, dest)
+            return self._load_into(dataset, role, name, dest, version)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)  # each failed attempt left a folder
             raise
 
-    def _load_into(self, dataset: str, role: Role, name: str, dest: str) -> LoadedModel:
-        registered = fetch_registered(name, self.alias, dest, self.tracking_uri)
+    def _load_into(
+        self, dataset: str, role: Role, name: str, dest: str, version: str | None = None
+    ) -> LoadedModel:
+        registered = fetch_registered(name, self.alias, dest, self.tracking_uri, version=version)
         model, _ = load_model(registered.directory, device=self.device)
         model.requires_grad_(False)  # inference only; explanations enable what they need
         if self.channels_last:
@@ -163,11 +197,15 @@ class ModelStore:
             model,
             load_background(registered.directory),
             cam=(choice.method, choice.layer) if choice else None,
+            folder=dest,
         )
         if role == "student" and (self.runtime == "onnx" or self.explain_graph):
             from kdray.edge import runtime
 
-            export = runtime.fetch_export(name, self.alias, dest, self.tracking_uri)
+            # The export of this very version (the alias may move while it loads).
+            export = runtime.fetch_export(
+                name, self.alias, dest, self.tracking_uri, version=registered.version
+            )
             args = (export, model, self.onnx_threads, loaded.background)
             if self.runtime == "onnx":
                 loaded.onnx, loaded.runtime_note = runtime.load_onnx_predictor(*args)
@@ -237,6 +275,104 @@ class ModelStore:
             or f"{dataset}: not served by this server"
         )
 
+    def _watch(self, interval_s: float) -> None:
+        # Loading a new version beside the one serving takes CPU the requests need: this thread
+        # yields to them (a thread's own niceness, Linux).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        while not self._closed.wait(interval_s):
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the next poll tries again
+                log.warning("registry poll failed: %s", redact(str(exc), self.tracking_uri))
+
+    def refresh(self) -> list[str]:
+        """Swap in every loaded model whose alias moved to another version, once that version has
+        loaded and passed its checks (see the module docstring). Returns what changed."""
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        changed = []
+        for key, current in list(self._models.items()):
+            dataset, role = key
+            name = registered_name(dataset, teacher=role == "teacher")
+            try:
+                version = str(client.get_model_version_by_alias(name, self.alias).version)
+            except Exception:  # noqa: BLE001 - unreachable or alias gone: keep serving
+                continue
+            old = current.registered.version
+            refused, when = self._refused.get(key, ("", 0.0))
+            if version == old or (refused == version and time.monotonic() - when < RETRY_S):
+                continue
+            if (
+                role == "student"
+                and current.onnx is not None
+                and not self._has_export(name, version)
+            ):
+                self._swaps[key] = (
+                    f"{name} v{version} (@{self.alias}): waiting for its ONNX export (tune/run.py "
+                    f"logs it after registering; tune/export.py makes one); still serving v{old}"
+                )
+                continue
+            started = time.perf_counter()
+            try:
+                new = self._load(dataset, role, version)
+                self._check_swap(current, new)
+            except Exception as exc:  # noqa: BLE001 - never swapped in; the old one serves
+                self._refused[key] = (version, time.monotonic())
+                reason = redact(f"{type(exc).__name__}: {exc}", self.tracking_uri)[:400]
+                self._swaps[key] = (
+                    f"{name} v{version} (@{self.alias}) not swapped in: {reason}; still "
+                    f"serving v{old}"
+                )
+                log.warning(self._swaps[key])
+                continue
+            self._models[key] = new  # one assignment: a request sees the old model or the new
+            self._refused.pop(key, None)
+            self._swaps[key] = (
+                f"{name}: v{old} -> v{version} (@{self.alias}), loaded and checked in "
+                f"{time.perf_counter() - started:.1f} s, at {time.strftime('%H:%M:%S')}"
+            )
+            log.info(self._swaps[key])
+            changed.append(self._swaps[key])
+            # Its files only: the weights and sessions live in memory for requests still on it.
+            if current.folder:
+                shutil.rmtree(current.folder, ignore_errors=True)
+        return changed
+
+    def _has_export(self, name: str, version: str) -> bool:
+        from kdray.edge.publish import has_edge
+
+        try:
+            return has_edge(MlflowClient(tracking_uri=self.tracking_uri), name, version)
+        except Exception:  # noqa: BLE001 - asked again at the next poll
+            return False
+
+    def _check_swap(self, old: LoadedModel, new: LoadedModel) -> None:
+        """What a new version must meet before it replaces ``old``.
+
+        Raises:
+            ValueError: other class names; no ONNX predict path where the old had one (its
+                export missing or not matching its weights); non-finite probabilities.
+        """
+        if new.class_names != old.class_names:
+            raise ValueError(f"other classes {new.class_names} (served: {old.class_names})")
+        if old.onnx is not None and new.onnx is None:
+            raise ValueError(f"no ONNX predict path: {new.runtime_note}")
+        from kdray.edge.runtime import _check_images
+        from kdray.engine import predict_logits
+
+        x = _check_images(new.image_size, new.background)
+        probabilities = (
+            np.asarray(new.onnx.probabilities(list(x)))
+            if new.onnx is not None
+            else softmax(predict_logits(new.model, x))
+        )
+        if not np.isfinite(probabilities).all() or not np.allclose(probabilities.sum(1), 1, 1e-3):
+            raise ValueError("its probabilities on the check images are not finite")
+
+    def swaps(self) -> dict[str, str]:
+        """Per model (``<dataset>/<role>``): its last swap, or why a new version was refused."""
+        return {f"{d}/{r}": text for (d, r), text in self._swaps.items()}
+
     def errors(self) -> dict[str, str]:
         """Why models are missing (``<dataset>/<role>`` -> reason); empty when all are in."""
         out = {f"{d}/{r}": e for (d, r), e in self._errors.items()}
@@ -256,4 +392,5 @@ class ModelStore:
         return list(self._models.values())
 
     def close(self) -> None:
+        self._closed.set()
         shutil.rmtree(self._dir, ignore_errors=True)
