@@ -23,21 +23,17 @@ run: $(STAMP)  ## the main job on configs/default.yaml
 smoke: $(STAMP)  ## the whole pipeline on configs/smoke.yaml (minutes)
 	$(PY) tune/run.py --config configs/smoke.yaml --workspace workspace-smoke $(ARGS)
 
-# The HTTP service over the registry `make run` filled: http://127.0.0.1:8000/ (Ctrl-C stops it).
+# The HTTP service over the registry `make run` filled: http://127.0.0.1:8000/ (kdray.serving.run).
 # HAProxy on the port, in front of the Gateway replica's own HTTP server (direct ingress): no
-# Python proxy hop (docs/serving.md; kdray.serving.launch.INGRESS["haproxy"], what tests use).
-# --address local: always a private Ray, never another one running on this machine. The API needs
-# a bearer token (serve/config.yaml, auth: token): $KDRAY_SERVE_TOKEN, else a new one per start,
-# printed in a link that hands it to the viewer.
+# Python proxy hop (docs/serving.md; kdray.serving.launch.INGRESS["haproxy"], what tests use),
+# its stats and metrics on loopback. `serve run --address local`: always a private Ray, never
+# another one running on this machine. The API needs a bearer token (serve/config.yaml, auth:
+# token): $KDRAY_SERVE_TOKEN, else a new one per start, printed in a link that hands it to the
+# viewer. Ctrl-C or SIGTERM stops it and everything it started (exec: the signal reaches it).
+# ARGS="--port 8100" serves on another port.
 serve: $(STAMP)  ## serve the registered champions (serve/config.yaml) on 127.0.0.1:8000
-	@token="$${KDRAY_SERVE_TOKEN:-$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(24))')}"; \
-	echo "kdray: the viewer, signed in: http://127.0.0.1:8000/#token=$$token"; \
-	echo "kdray: API calls: curl -H 'Authorization: Bearer $$token' http://127.0.0.1:8000/v1/models"; \
-	KDRAY_SERVE_TOKEN="$$token" KDRAY_HOME="$${KDRAY_HOME:-$(CURDIR)/workspace}" \
-	RAY_TMPDIR="$${RAY_TMPDIR:-/tmp/kdray-serve-$$(id -u)}" \
-	RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
-	RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
-	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/serve run serve/config.yaml --address local
+	exec env KDRAY_HOME="$${KDRAY_HOME:-$(CURDIR)/workspace}" RAY_USAGE_STATS_ENABLED=0 \
+	$(PY) -m kdray.serving.run serve/config.yaml $(ARGS)
 
 # The viewer's browser test drives Debian's chromium through chromedriver: installed when missing.
 CHROMEDRIVER := /usr/bin/chromedriver
