@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdray-installed
 
-.PHONY: install run smoke serve test test-fast lint format clean
+.PHONY: install run smoke serve kuberay test test-fast lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ test-fast: $(STAMP)  ## unit tests only (no Ray / MLflow integration)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m kdray.deploy.kuberay --check
+
+# deploy/kuberay/rayservice.yaml's serveConfigV2, written from serve/config.yaml (docs/kubernetes.md)
+kuberay: $(STAMP)  ## regenerate the RayService's serveConfigV2 from serve/config.yaml
+	$(PY) -m kdray.deploy.kuberay
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
