@@ -41,7 +41,13 @@ torch.set_num_threads(1)
 # The longest tests outside the smoke group (minutes each on 2 cores), started first: xdist hands
 # out work in collection order (after its largest group), and one of these started last would
 # run alone while the other worker idles.
-LONGEST_FIRST = ("test_resume.py", "test_cluster.py", "test_benchmarks.py", "test_teacher.py")
+LONGEST_FIRST = (
+    "test_resume.py",
+    "test_cluster.py",
+    "test_benchmarks.py",
+    "test_teacher.py",
+    "test_serve_ops.py",
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the test ids
