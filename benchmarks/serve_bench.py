@@ -32,8 +32,8 @@ and predict functions in one process, no HTTP, at the best of three layouts.
     .venv/bin/python benchmarks/serve_bench.py [--seconds 15] [--requests 300]
 
 ``--quick`` (1 s loads, 5 requests per latency series, 1 per /explain series, 1 warm-up request,
-8 SHAP samples, and no second service with batching off: ``--batching-off`` adds it back) runs
-the same code to check that it works; its figures mean nothing. Each service runs on a private
+8 SHAP samples, no second service with batching off (``--batching-off`` adds it back), the plain
+app before the services only) runs the same code to check that it works; its figures mean nothing. Each service runs on a private
 Ray (``serve run --address local``, its own temp dir), never on another Ray of this machine.
 """
 
@@ -480,7 +480,7 @@ def main() -> None:
         "--quick",
         action="store_true",
         help="1 s loads, 5 requests a series (1 for /explain), 1 warm-up, 8 SHAP samples, "
-        "no service with batching off, on torch or in another ingress mode",
+        "no service with batching off, on torch or in another ingress mode; the plain app once",
     )
     args = parser.parse_args()
     if args.quick:  # smaller defaults; options given explicitly still win
@@ -535,9 +535,10 @@ def main() -> None:
             plain_torch = run_plain(
                 student_dir, None, body, args.requests, args.seconds, tmp, args.warmup
             )
-        plain_runs.append(
-            run_plain(student_dir, edge, body, args.requests, args.seconds, tmp, args.warmup)
-        )
+        if not args.quick:  # quick: the run before the services only
+            plain_runs.append(
+                run_plain(student_dir, edge, body, args.requests, args.seconds, tmp, args.warmup)
+            )
     plain_lat = [x for run in plain_runs for x in run[0]]
     plain_rps = statistics.mean(run[1] for run in plain_runs)
     plain_lat16 = [x for run in plain_runs for x in run[2]]

@@ -29,7 +29,7 @@ model where the product's default scheduler would have it score (after the rung 
 ``tune.grace_period`` and after the last epoch, ``kdray.sweep.score_epochs``), on the default
 ``transparency.images`` validation images, with lesion masks, and the teacher's maps for the
 agreement; once without. Held equal: everything but the scoring; the two sweeps alternate
-(scoring, none, none, scoring) and their times are pooled.
+(none, scoring, none, scoring; the first is the headline sweep above) and their times are pooled.
 
 Prints ``Tune KD trial / plain loop, same epochs: <ratio>`` (goal <= 1.5),
 ``KD trials per minute, <n> cores: <n>``, the ratio to the plain loop alone, and
@@ -39,8 +39,8 @@ overhead (before / after of each), in the same run.
 
     .venv/bin/python benchmarks/sweep_throughput.py [--trials 24] [--epochs 12] [--variants]
 
-``--quick`` (4 trials of 4 epochs on 8 images per class at 32 px; the scoring pair once) runs the
-same code to check that it works; its figures mean nothing.
+``--quick`` (4 trials of 4 epochs on 8 images per class at 32 px; one scored sweep) runs the same
+code to check that it works; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -272,6 +272,16 @@ def scoring_time(root: Path) -> float:
     return statistics.median(seconds) if seconds else float("nan")
 
 
+def default_label(runs: dict[str, dict]) -> str:
+    """The run whose settings are the product's defaults (the headline sweep)."""
+    defaults = ExperimentConfig().tune
+    return next(
+        label
+        for label, overrides in runs.items()
+        if all(getattr(defaults, k) == v for k, v in overrides.items())
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-class", type=int, default=300)
@@ -300,14 +310,16 @@ def main() -> None:
                 label: sweep_seconds(args, overrides, root, f"sweep{i}")
                 for i, (label, overrides) in enumerate(runs.items())
             }
-            # Transparency scoring against none, the same trials, alternating.
-            scoring: dict[bool, list[float]] = {True: [], False: []}
-            order = (True, False) if args.quick else (True, False, False, True)
+            default = default_label(runs)
+            # Transparency scoring against none, the same trials, alternating: the product
+            # default's sweep above is the first unscored one (none, scored[, none, scored]).
+            scoring: dict[bool, list[float]] = {True: [], False: [walls[default][0]]}
+            order = (True,) if args.quick else (True, False, True)
             for i, scored in enumerate(order):
                 wall, _, _ = sweep_seconds(args, {}, root, f"scoring{i}", scored)
                 scoring[scored].append(wall)
             scoring_seconds = scoring_time(root)
-    after = plain_seconds(args)
+    after = ([], []) if args.quick else plain_seconds(args)  # quick: before the sweeps only
     alone = statistics.median(alone + after[0])
     plain = statistics.median(at_once + after[1])
     print(
@@ -323,12 +335,6 @@ def main() -> None:
             f"ratio {per_trial / plain:.2f}"
         )
         print("    " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
-    defaults = ExperimentConfig().tune  # the headline: the sweep as the product runs it
-    default = next(
-        label
-        for label, overrides in runs.items()
-        if all(getattr(defaults, k) == v for k, v in overrides.items())
-    )
     wall, _, curves = walls[default]
     print(f"headline: {default} (the product's default)")
     slot = wall * args.cpus / args.trials
