@@ -16,7 +16,9 @@ off) and its own port, ``--clients`` threads posting the whole time:
    exits and until every process the service started is gone; then a second ``make serve`` on
    the same port: its start and its version.
 
-``tests/test_serve_ops.py`` runs :func:`run` and holds the goals; this script prints the figures.
+``tests/test_serve_ops.py`` runs :func:`run` and holds the goals, and checks :func:`report`'s
+lines; this script prints the figures. It has no ``--quick``: the scenario is the test's, so
+``tests/test_benchmarks.py`` does not run it a second time.
 
     .venv/bin/python benchmarks/serve_ops.py [--clients 16]
 
@@ -375,38 +377,40 @@ def run(tmp: Path, clients: int = CLIENTS) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=CLIENTS)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kdray-serve-ops-") as tmp:
-        f = run(Path(tmp), args.clients)
-    print(f"make serve ready in {f['ready_s']:.1f} s; {f['clients']} clients throughout")
-    print(
-        f"listening: HAProxy {', '.join(f['haproxy'])}; Gateway HTTP {', '.join(f['gateway_http'])}"
-    )
-    s = f["swap"]
-    print(
+def report(f: dict[str, Any]) -> str:
+    """The figures of :func:`run` as printed, one line each."""
+    s, t, n = f["swap"], f["sigterm"], f["second"]
+    lines = [
+        f"make serve ready in {f['ready_s']:.1f} s; {f['clients']} clients throughout",
+        f"listening: HAProxy {', '.join(f['haproxy'])}; Gateway HTTP {', '.join(f['gateway_http'])}",
         f"swap: v2 served {s['after_s']:.1f} s after its registration; {s['failed']} of {s['n']} "
         f"requests failed (goal 0); p99 during the swap {s['p99_during_s'] * 1e3:.0f} ms, idle "
-        f"{s['p99_idle_s'] * 1e3:.0f} ms: {s['p99_during_s'] / s['p99_idle_s']:.2f}x (goal <= 2x)"
-    )
+        f"{s['p99_idle_s'] * 1e3:.0f} ms: {s['p99_during_s'] / s['p99_idle_s']:.2f}x (goal <= 2x)",
+    ]
     for deployment, k in f["kills"].items():
         back = f"{k['recovered_s']:.1f} s" if k["recovered_s"] is not None else "not in 60 s"
-        print(
+        lines.append(
             f"{deployment} replica killed: answering again after {back} (goal <= 30 s); "
             f"{k['failed']} of {k['n']} requests failed, {k['in_flight']} in flight at the kill, "
             f"the last sent {k['last_failed_sent_s']:+.2f} s from it; "
             f"{k['failed_after_recovery']} of {k['after_recovery']} failed after recovery"
         )
-    t = f["sigterm"]
-    print(
-        f"SIGTERM (HAProxy {'reloaded' if f['haproxy_reloaded'] else 'not reloaded'}): make exited "
-        f"in {t['make_exited_s']:.1f} s, all it started gone in {t['all_gone_s']:.1f} s (goal <= "
-        f"15 s); left: {len(t['left']) + len(t['haproxy_left'])}; the port answers: {t['port_answers']}"
-    )
-    n = f["second"]
-    print(f"second make serve: ready in {n['ready_s']:.1f} s, serving v{n['version']}")
+    lines += [
+        f"SIGTERM (HAProxy {'reloaded' if f['haproxy_reloaded'] else 'not reloaded'}): make "
+        f"exited in {t['make_exited_s']:.1f} s, all it started gone in {t['all_gone_s']:.1f} s "
+        f"(goal <= 15 s); left: {len(t['left']) + len(t['haproxy_left'])}; the port answers: "
+        f"{t['port_answers']}",
+        f"second make serve: ready in {n['ready_s']:.1f} s, serving v{n['version']}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=CLIENTS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kdray-serve-ops-") as tmp:
+        print(report(run(Path(tmp), args.clients)))
 
 
 if __name__ == "__main__":

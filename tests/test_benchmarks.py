@@ -160,10 +160,16 @@ def headline_numbers(output: str, patterns: list[str]) -> list[float]:
     return numbers
 
 
+# Scripts whose scenario a test runs in-process (and checks the printed lines of): no --quick here.
+SCENARIO_TESTS = {"serve_ops.py": "test_serve_ops.py"}
+
+
 def test_every_benchmark_is_covered_and_documents_quick():
     scripts = sorted(p.name for p in BENCHMARKS.glob("*.py"))
-    assert scripts == sorted(HEADLINES)
-    for name in scripts:
+    assert scripts == sorted([*HEADLINES, *SCENARIO_TESTS])
+    for name, test in SCENARIO_TESTS.items():
+        assert f"benchmarks/{name}" in (REPO / "tests" / test).read_text()
+    for name in HEADLINES:
         doc = ast.get_docstring(ast.parse((BENCHMARKS / name).read_text())) or ""
         assert "--quick" in doc, f"{name}: the docstring does not mention --quick"
 

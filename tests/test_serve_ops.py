@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 
 import pytest
@@ -33,6 +34,9 @@ def test_make_serve_swaps_a_champion_survives_killed_replicas_and_stops_on_sigte
     ops = _scenario()
     f = ops.run(tmp_path)
     print(json.dumps(f, indent=1, default=str))
+    text = ops.report(f)  # what the benchmark prints: every figure a finite number
+    print(text)
+    assert len(text.splitlines()) == 7 and not re.search(r"\bnan\b|\binf\b", text), text
     port = f["port"]
 
     # Nothing the service started listens beyond its host (127.0.0.1 in serve/config.yaml).
