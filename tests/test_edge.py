@@ -19,6 +19,7 @@ from kdray.edge.export import (
     EXPLAIN_FILE,
     PREDICT_FILE,
     ExportError,
+    Parity,
     export_student,
     session,
 )
@@ -115,6 +116,23 @@ def test_export_checks_parity_and_describes_itself(exported):
         with torch.no_grad():
             ref = model(torch.from_numpy(x).float() / 255).numpy()
         assert np.abs(predict[0] - ref).max() < 1e-4
+
+
+def test_maps_and_outputs_have_their_own_tolerance():
+    def parity(**worst: float) -> Parity:
+        return Parity(
+            8,
+            **{
+                **dict.fromkeys(("logits", "probabilities", "feature_maps", "gradcam"), 0.0),
+                **worst,
+            },
+            labels_equal=True,
+        )
+
+    assert parity(gradcam=5e-4).ok and parity(feature_maps=9e-4).ok  # under a grey level's quarter
+    assert not parity(gradcam=2e-3).ok and not parity(feature_maps=2e-3).ok
+    assert not parity(logits=5e-4).ok and not parity(probabilities=5e-4).ok
+    assert not Parity(8, 0.0, 0.0, 0.0, 0.0, labels_equal=False).ok
 
 
 def test_a_graph_that_explains_wrongly_is_refused(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ The folder an export writes (what ``examples/edge_predict.py --model DIR`` reads
 
 Both graphs come from torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``) at
 :data:`OPSET` with a dynamic batch axis, and both are run through onnxruntime on real images
-before the folder is kept: any logit, probability or map further than :data:`TOLERANCE` from
-torch's, or a different label, fails the export (:class:`ExportError`), never a silent copy.
+before the folder is kept: any logit or probability further than :data:`TOLERANCE` from torch's,
+any map further than :data:`MAP_TOLERANCE`, or a different label, fails the export (:class:`ExportError`), never a silent copy.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
     "EXPLAIN_FILE",
     "OPSET",
     "PREDICT_FILE",
+    "MAP_TOLERANCE",
     "TOLERANCE",
     "EdgeExport",
     "ExportError",
@@ -50,7 +51,12 @@ __all__ = [
 ]
 
 OPSET = 20  # ONNX opset: onnxruntime >= 1.17 runs it; torch 2.14's dynamo exporter's default
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # logits and probabilities
+# Feature maps and CAMs are scaled to [0, 1] per image and drawn in 8 bits (a grey level is
+# 1/255, 3.9e-3): 1e-3 is a quarter of one. The per-image scaling divides by the map's own
+# maximum, which amplifies float32 rounding where that maximum is small: a block1 HiResCAM at
+# 64 px came out 3.8e-4 off with logits 4e-6 off (configs/paper.yaml, 2026-12-06).
+MAP_TOLERANCE = 1e-3
 EXPLAIN_FILE = "model.onnx"
 PREDICT_FILE = "predict.onnx"
 CARD_FILE = "model.json"
@@ -107,17 +113,21 @@ class Parity:
     gradcam: float
     labels_equal: bool
     tolerance: float = TOLERANCE
+    map_tolerance: float = MAP_TOLERANCE
 
     @property
     def ok(self) -> bool:
-        worst = max(self.logits, self.probabilities, self.feature_maps, self.gradcam)
-        return self.labels_equal and worst <= self.tolerance
+        return (
+            self.labels_equal
+            and max(self.logits, self.probabilities) <= self.tolerance
+            and max(self.feature_maps, self.gradcam) <= self.map_tolerance
+        )
 
     def describe(self) -> str:
         return (
             f"max |Δ| on {self.images} images: logits {self.logits:.1e}, probabilities "
             f"{self.probabilities:.1e}, feature maps {self.feature_maps:.1e}, CAM "
-            f"{self.gradcam:.1e} (tolerance {self.tolerance:g}); labels "
+            f"{self.gradcam:.1e} (tolerance {self.tolerance:g}, maps {self.map_tolerance:g}); labels "
             f"{'equal' if self.labels_equal else 'DIFFER'}"
         )
 

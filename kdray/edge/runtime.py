@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdray.edge.export import TOLERANCE, session
+from kdray.edge.export import MAP_TOLERANCE, TOLERANCE, session
 from kdray.edge.publish import EdgeMissing, fetch_edge
 from kdray.explain.cam_methods import CAM_METHODS, CAM_TITLES
 
@@ -132,7 +132,7 @@ def load_onnx_explainer(
 ) -> tuple[OnnxExplainer | None, str]:
     """The export's explain graph (:func:`fetch_export`), checked against kdray's torch
     explainers on ``model`` (feature maps and Grad-CAM of 4 background images and 2 random ones,
-    within :data:`kdray.edge.export.TOLERANCE`).
+    within :data:`kdray.edge.export.MAP_TOLERANCE`, logits within ``TOLERANCE``).
 
     Returns:
         (explainer, note): None when torch must explain; the note says which and why.
@@ -151,12 +151,13 @@ def load_onnx_explainer(
     ref_cam = grad_cam(
         model, x, explainer.cam_layer, fm.logits.argmax(1), explainer.cam_method
     ).maps
-    diff = max(
-        float(np.abs(maps - fm.maps).max()),
-        float(np.abs(cam - ref_cam).max()),
-        float(np.abs(logits - fm.logits).max()),
-    )
-    if diff > TOLERANCE or not (logits.argmax(1) == fm.logits.argmax(1)).all():
+    map_diff = max(float(np.abs(maps - fm.maps).max()), float(np.abs(cam - ref_cam).max()))
+    diff = max(map_diff, float(np.abs(logits - fm.logits).max()))
+    if (
+        map_diff > MAP_TOLERANCE
+        or float(np.abs(logits - fm.logits).max()) > TOLERANCE
+        or not (logits.argmax(1) == fm.logits.argmax(1)).all()
+    ):
         return None, f"torch (the ONNX explain graph differs from torch: max |Δ| {diff:.1e})"
     return explainer, (
         f"onnx ({card['files']['explain']}: feature maps and {CAM_TITLES[explainer.cam_method]} "
