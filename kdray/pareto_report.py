@@ -50,7 +50,8 @@ class ParetoSummary:
 
     @property
     def accuracy_cost(self) -> float:
-        """Validation accuracy the champion gives up to the accuracy-only pick (>= 0)."""
+        """Validation accuracy the champion gives up to the accuracy-only pick (negative: it has
+        more; the pick is the fewest FLOPs within the tolerance of the best)."""
         return self.accuracy_pick.get("val_accuracy", math.nan) - self.champion.get(
             "val_accuracy", math.nan
         )
@@ -66,10 +67,20 @@ class ParetoSummary:
                 f"{head}; the champion is also the accuracy-only pick (val acc "
                 f"{c['val_accuracy']:.3f}, transparency {c['transparency']:.3f})"
             )
+        # The accuracy-only pick is the fewest FLOPs within the tolerance of the best: the
+        # champion can be more accurate than it as well as less.
+        cost = self.accuracy_cost
+        price = (
+            f"for {cost:.3f} of validation accuracy"
+            if cost > 0
+            else f"and {-cost:.3f} more validation accuracy"
+            if cost < 0
+            else "at the same validation accuracy"
+        )
         return (
             f"{head}; the champion (rule {self.rule}) has transparency {c['transparency']:.3f} "
             f"against the accuracy-only pick's {a['transparency']:.3f} "
-            f"({self.transparency_gain:+.3f}), for {self.accuracy_cost:.3f} of validation accuracy "
+            f"({self.transparency_gain:+.3f}), {price} "
             f"({c['val_accuracy']:.3f} against {a['val_accuracy']:.3f}, within the rule's "
             f"{self.tolerance:.3f})"
         )

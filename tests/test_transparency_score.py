@@ -234,3 +234,24 @@ def test_a_two_objective_sweep_scores_every_trial_and_stops_only_dominated_ones(
     for run_id, rung in stopped.items():
         mine = points[rung][run_id]
         assert any(dominates(p, mine) for r, p in points[rung].items() if r != run_id), run_id
+
+
+def test_the_summary_says_what_the_champion_gains_and_gives_up_either_way():
+    from kdray.pareto_report import ParetoSummary
+
+    def line(champion_acc: float, pick_acc: float) -> str:
+        return ParetoSummary(
+            trials=4,
+            scored=4,
+            front=["a", "b"],
+            rule="transparent",
+            tolerance=0.01,
+            champion={"val_accuracy": champion_acc, "transparency": 0.64},
+            accuracy_pick={"val_accuracy": pick_acc, "transparency": 0.60},
+            same_pick=False,
+        ).sentence()
+
+    assert "(+0.040), for 0.005 of validation accuracy (0.965 against 0.970" in line(0.965, 0.970)
+    # The accuracy-only pick is the smallest model within the band: it can be the less accurate.
+    assert "(+0.040), and 0.003 more validation accuracy (0.972 against 0.969" in line(0.972, 0.969)
+    assert "at the same validation accuracy" in line(0.97, 0.97)
