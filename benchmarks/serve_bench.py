@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,7 +67,7 @@ from kdray.explain.background import save_background
 from kdray.models import ModelSpec, build_model, save_model
 from kdray.registry import log_model_folder, register_model, registered_name
 from kdray.serving.deployments import probabilities
-from kdray.serving.launch import DEFAULT_INGRESS, launch, service_config
+from kdray.serving.launch import DEFAULT_INGRESS, free_port, launch, service_config
 from kdray.tracking import Tracker
 from kdray.workspace import Workspace
 
@@ -85,12 +84,6 @@ QUICK = {
     "torch_runtime": False,
     "ingress": "",
 }
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def register_models(ws: Workspace) -> tuple[str, Path]:
@@ -320,7 +313,7 @@ def run_plain(
     ``edge_dir``: predict with its ONNX export (as the Gateway's ``runtime: onnx``), else torch."""
     script = tmp / "plain_app.py"
     script.write_text(PLAIN_APP)
-    port = _port()
+    port = free_port()
     argv = [str(student_dir), str(port), str(edge_dir or ""), str(gateway_workers())]
     proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO)
     url = f"http://127.0.0.1:{port}/v1/models/{DATASET}/predict"
@@ -378,7 +371,7 @@ def serve_measure(
         app_args["shap_nsamples"] = shap_nsamples
     config = service_config(
         REPO / "serve" / "config.yaml",
-        _port(),
+        free_port(),
         args=app_args,
         deployments={"Gateway": {"user_config": user_config}},
     )

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kdray.serving.launch import free_port
+
 # The suite's processes share the cores with the other xdist worker's: OpenMP threads that spin
 # while they wait for work (libgomp's default) then steal the CPU from the other worker's
 # threads. Measured on 2 cores: two DenseNet121 forward loops at 2 threads each took 10x their
@@ -106,12 +108,6 @@ def clean_env(**extra: str) -> dict[str, str]:
         if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "KDRAY_HOME")
     }
     return {**env, **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 
 from kdray.provenance import source_digest
 
-from conftest import Proxy
+from conftest import Proxy, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -43,21 +43,15 @@ pytestmark = pytest.mark.integration
 EPOCHS = 8  # the students' epochs in this test
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _agent_ports() -> list[str]:
     """Free ports for a node's agents. Ray's defaults (52365 for the dashboard agent, which
     serves the Jobs API's submissions) are taken by any other Ray on the machine, e.g. another
     test's: the job head then answers "No available agent to submit job" for good."""
     return [
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
     ]
 
 
@@ -175,7 +169,7 @@ def cluster(tmp_path):
         RAY_USAGE_STATS_ENABLED="0",
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
-    ray_port, mlflow_port, dashboard_port = _free_port(), _free_port(), _free_port()
+    ray_port, mlflow_port, dashboard_port = free_port(), free_port(), free_port()
     temp_dir = f"/tmp/kdray-cl-{os.getpid()}"
     procs = []
     try:
