@@ -76,11 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     token = os.environ.get("KDRAY_SERVE_TOKEN") or secrets.token_urlsafe(24)
-    host = config["http_options"]["host"]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{shown}:{port}"
-    print(f"kdray: the viewer, signed in: {url}/#token={token}", flush=True)
-    print(f"kdray: API calls: curl -H 'Authorization: Bearer {token}' {url}/v1/models", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -96,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         log_to_file=False,
     )
+    url = service.url  # the address a browser on this machine opens
+    print(f"kdray: the viewer, signed in: {url}/#token={token}", flush=True)
+    print(f"kdray: API calls: curl -H 'Authorization: Bearer {token}' {url}/v1/models", flush=True)
     try:
         while not stop.is_set() and service.process.poll() is None:
             stop.wait(0.5)
