@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +66,9 @@ def test_the_store_swaps_in_a_new_version_and_refuses_a_bad_one_while_serving(tm
         assert "v3 (@champion) not swapped in: ValueError: other classes" in why
         assert "still serving v2" in why and status["ready"]  # not a readiness failure
         assert status["cards"]["brain_tumor/student"]["entry"]["update"] == why
+        # Loaded, refused: its downloaded files are gone; only the serving version's remain.
+        serving = Path(store.get("brain_tumor").folder)
+        assert [p.name for p in serving.parent.iterdir()] == [serving.name]
         # A version that does not load: refused once, not loaded again at every poll.
         assert _register(tracker, tmp_path, 4, broken=True) == "4"
         assert store.refresh() == []

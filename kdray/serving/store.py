@@ -305,7 +305,7 @@ class ModelStore:
             if (
                 role == "student"
                 and current.onnx is not None
-                and not self._has_export(name, version)
+                and not self._has_export(client, name, version)
             ):
                 self._swaps[key] = (
                     f"{name} v{version} (@{self.alias}): waiting for its ONNX export (tune/run.py "
@@ -313,10 +313,13 @@ class ModelStore:
                 )
                 continue
             started = time.perf_counter()
+            new = None
             try:
                 new = self._load(dataset, role, version)
                 self._check_swap(current, new)
             except Exception as exc:  # noqa: BLE001 - never swapped in; the old one serves
+                if new is not None and new.folder:  # loaded but refused: its files go
+                    shutil.rmtree(new.folder, ignore_errors=True)
                 self._refused[key] = (version, time.monotonic())
                 reason = redact(f"{type(exc).__name__}: {exc}", self.tracking_uri)[:400]
                 self._swaps[key] = (
@@ -338,11 +341,11 @@ class ModelStore:
                 shutil.rmtree(current.folder, ignore_errors=True)
         return changed
 
-    def _has_export(self, name: str, version: str) -> bool:
+    def _has_export(self, client: MlflowClient, name: str, version: str) -> bool:
         from kdray.edge.publish import has_edge
 
         try:
-            return has_edge(MlflowClient(tracking_uri=self.tracking_uri), name, version)
+            return has_edge(client, name, version)
         except Exception:  # noqa: BLE001 - asked again at the next poll
             return False
 
