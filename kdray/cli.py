@@ -1,12 +1,19 @@
-"""Command-line fronts: ``tune/run.py`` (:func:`main`) and ``tune/report.py`` (:func:`report_main`)."""
+"""``kdray run`` / ``tune/run.py`` (:func:`main`) and ``kdray report`` / ``tune/report.py``
+(:func:`report_main`); the options every command shares are in :mod:`kdray.command`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import traceback
 
+from kdray.command import (
+    add_address,
+    address_overrides,
+    command_parser,
+    setup_logging,
+    usage_error,
+)
 from kdray.config import ConfigError, ExperimentConfig, load_config
 from kdray.data.folders import DataError
 from kdray.workspace import Workspace, WorkspaceError
@@ -14,40 +21,9 @@ from kdray.workspace import Workspace, WorkspaceError
 __all__ = ["build_parser", "build_report_parser", "main", "report_main"]
 
 
-POST_RUN_CONFIG_HELP = (
-    "experiment YAML (default: the config of the run that trained the model; a config that "
-    "would give the model other data, e.g. another image size, is refused)"
-)
-
-
-def _parser(
-    prog: str,
-    description: str,
-    set_help: str,
-    config_help: str = "experiment YAML (default: configs/default.yaml)",
-) -> argparse.ArgumentParser:
-    """A parser with the options every command shares: --config, --set, --workspace.
-
-    ``--config`` defaults to None: ``tune/run.py`` then loads configs/default.yaml, the post-run
-    commands the config of the run that trained the model (:mod:`kdray.lineage`)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", metavar="PATH", default=None, help=config_help)
-    parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help=set_help
-    )
-    parser.add_argument(
-        "--workspace",
-        metavar="DIR",
-        default=None,
-        help="where data, models, mlflow.db and Ray results live "
-        "(default: $KDRAY_HOME, else ./workspace)",
-    )
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _parser(
-        "tune/run.py",
+def build_parser(prog: str = "tune/run.py") -> argparse.ArgumentParser:
+    parser = command_parser(
+        prog,
         "Train a DenseNet121 teacher per dataset with Ray Train, search KD students (alpha, "
         "temperature, width, depth, lr) with Ray Tune, log every run to MLflow, register the "
         "champion, search its CE-only baseline (lr, same budget) and write the transparency "
@@ -61,12 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the last run of this config in this workspace after it was "
         "stopped: finished datasets are kept, the unfinished sweep resumes",
     )
-    parser.add_argument(
-        "--address",
-        metavar="ADDR",
-        default=None,
-        help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)",
-    )
+    add_address(parser, "Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)")
     parser.add_argument(
         "-v",
         "--verbose",
@@ -77,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_report_parser() -> argparse.ArgumentParser:
-    return _parser(
-        "tune/report.py",
+def build_report_parser(prog: str = "tune/report.py") -> argparse.ArgumentParser:
+    return command_parser(
+        prog,
         "Recompute the transparency report (params, FLOPs, explanation times, faithfulness, "
         "example figures; teacher vs champion) of every dataset of a finished `tune/run.py` run "
         "in the workspace, and log it to MLflow. No training. Without --config, each dataset's "
@@ -92,19 +63,17 @@ def build_report_parser() -> argparse.ArgumentParser:
 
 def _setup(args: argparse.Namespace, extra: list[str]) -> ExperimentConfig | None:
     """Logging plus the validated config; None (after printing the error) on a config error."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S"
-    )
+    setup_logging()
     try:
         return load_config(args.config, [*args.overrides, *extra])
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        usage_error(exc)
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = _setup(args, [f"ray.address={args.address}"] if args.address else [])
+def main(argv: list[str] | None = None, prog: str = "tune/run.py") -> int:
+    args = build_parser(prog).parse_args(argv)
+    cfg = _setup(args, address_overrides(args))
     if cfg is None:
         return 2
     from kdray.console import calm_console, log_path_for
@@ -123,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
             rows = run_pipeline(cfg, ws, resume=args.resume, checked=True)
     except (DataError, WorkspaceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
     except KeyboardInterrupt:
         print(
             "interrupted: continue with the same command and --resume"
@@ -140,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
-    from kdray.pipeline import format_summary
+    from kdray.summary import format_summary
     from kdray.tracking import Tracker, compare_url, ui_hint
 
     print(format_summary(rows))
@@ -158,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report_main(argv: list[str] | None = None) -> int:
-    args = build_report_parser().parse_args(argv)
+def report_main(argv: list[str] | None = None, prog: str = "tune/report.py") -> int:
+    args = build_report_parser(prog).parse_args(argv)
     cfg = _setup(args, [])
     if cfg is None:
         return 2
-    from kdray.pipeline import finished_runs, rebuild_reports
+    from kdray.rebuild import finished_runs, rebuild_reports
 
     ws = Workspace.at(args.workspace)
     try:
@@ -175,8 +143,7 @@ def report_main(argv: list[str] | None = None) -> int:
         )
         paths = rebuild_reports(runs, ws, given=given)
     except (RuntimeError, DataError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
     for path in paths:
         print(path)
     return 0

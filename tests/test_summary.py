@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from kdray.champion import ChampionResult
-from kdray.pipeline import DatasetSummary, _paired_gain, format_summary
+from kdray.summary import DatasetSummary, format_summary
+from kdray.summary import paired_gain as _paired_gain
 
 
 def _row(dataset: str, seeds: str, gain: float, std: float = float("nan"), p: float = float("nan")):

@@ -8,7 +8,14 @@ import os
 import sys
 import traceback
 
-from kdray.cli import POST_RUN_CONFIG_HELP, _parser
+from kdray.command import (
+    POST_RUN_CONFIG_HELP,
+    add_address,
+    address_overrides,
+    command_parser,
+    setup_logging,
+    usage_error,
+)
 from kdray.config import ConfigError
 from kdray.data.folders import DataError
 from kdray.data.specs import DATASETS
@@ -19,9 +26,9 @@ __all__ = ["audit_main", "build_audit_parser"]
 log = logging.getLogger("kdray.audit")
 
 
-def build_audit_parser() -> argparse.ArgumentParser:
-    parser = _parser(
-        "tune/audit.py",
+def build_audit_parser(prog: str = "tune/audit.py") -> argparse.ArgumentParser:
+    parser = command_parser(
+        prog,
         "Audit a whole dataset on Ray Data: every image predicted and explained (feature maps, "
         "Grad-CAM, optionally SHAP) by the registered student (kdray-<dataset>@champion) and "
         "its teacher, scored (agreement, confidence, localisation on lesion masks, map "
@@ -89,12 +96,9 @@ def build_audit_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", default=None, help="default: <workspace>/reports/audits/<id>"
     )
     parser.add_argument("--no-log", action="store_true", help="write the folder only, no MLflow")
-    parser.add_argument(
-        "--address",
-        metavar="ADDR",
-        default=None,
-        help="Ray cluster to join, e.g. ray://head:10001 (default: $RAY_ADDRESS, else a new "
-        "local Ray)",
+    add_address(
+        parser,
+        "Ray cluster to join, e.g. ray://head:10001 (default: $RAY_ADDRESS, else a new local Ray)",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="print Ray's output on the terminal too"
@@ -118,23 +122,20 @@ def _check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def audit_main(argv: list[str] | None = None) -> int:
-    args = build_audit_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S"
-    )
-    overrides = [*args.overrides, *([f"ray.address={args.address}"] if args.address else [])]
+def audit_main(argv: list[str] | None = None, prog: str = "tune/audit.py") -> int:
+    args = build_audit_parser(prog).parse_args(argv)
+    setup_logging()
+    overrides = [*args.overrides, *address_overrides(args)]
     problem = _check(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return usage_error(problem)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
 
     from kdray.audit.run import AuditRequest, prepare_audit, run_audit
     from kdray.console import calm_console, log_path_for
     from kdray.lineage import LineageError, post_run_config
-    from kdray.pipeline import ray_session
+    from kdray.session import ray_session
 
     ws = Workspace.at(args.workspace)
     try:
@@ -149,11 +150,9 @@ def audit_main(argv: list[str] | None = None) -> int:
             way_out="or pass --root DIR to audit another folder at the model's input size",
         )
     except (ConfigError, LineageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
     except MlflowException as exc:
-        print(f"error: kdray-{args.dataset}@{args.alias}: {exc.message}", file=sys.stderr)
-        return 2
+        return usage_error(f"kdray-{args.dataset}@{args.alias}: {exc.message}")
 
     request = AuditRequest(
         dataset=args.dataset,
@@ -185,11 +184,9 @@ def audit_main(argv: list[str] | None = None) -> int:
             # Ray Data's operator stats into the run's log (the terminal with -v).
             print(f"Ray Data stats of the audit:\n{result.stats}", file=sys.stderr)
     except (DataError, WorkspaceError, LineageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
     except MlflowException as exc:
-        print(f"error: kdray-{args.dataset}@{args.alias}: {exc.message}", file=sys.stderr)
-        return 2
+        return usage_error(f"kdray-{args.dataset}@{args.alias}: {exc.message}")
     except KeyboardInterrupt:
         print("interrupted: the audit wrote nothing; run it again", file=sys.stderr)
         return 130

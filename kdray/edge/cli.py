@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 
 import numpy as np
 
-from kdray.cli import POST_RUN_CONFIG_HELP, _parser
+from kdray.command import POST_RUN_CONFIG_HELP, command_parser, setup_logging, usage_error
 from kdray.config import ConfigError
 from kdray.data.folders import DataError
 from kdray.data.specs import DATASETS
@@ -18,9 +16,9 @@ from kdray.workspace import Workspace, WorkspaceError
 __all__ = ["build_export_parser", "export_main"]
 
 
-def build_export_parser() -> argparse.ArgumentParser:
-    parser = _parser(
-        "tune/export.py",
+def build_export_parser(prog: str = "tune/export.py") -> argparse.ArgumentParser:
+    parser = command_parser(
+        prog,
         "Export a registered student (default kdray-<dataset>@champion) to ONNX: model.onnx "
         "(logits, probabilities, per-block feature maps, the model's CAM) and predict.onnx, with "
         "model.json; both are checked against torch on the workspace's test split (max "
@@ -56,14 +54,11 @@ def build_export_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def export_main(argv: list[str] | None = None) -> int:
-    args = build_export_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s kdray %(message)s", datefmt="%H:%M:%S"
-    )
+def export_main(argv: list[str] | None = None, prog: str = "tune/export.py") -> int:
+    args = build_export_parser(prog).parse_args(argv)
+    setup_logging()
     if args.images is not None and args.images < 1:
-        print("error: --images must be at least 1", file=sys.stderr)
-        return 2
+        return usage_error("--images must be at least 1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.exceptions import MlflowException
 
@@ -94,11 +89,9 @@ def export_main(argv: list[str] | None = None) -> int:
             version=lineage.version,
         )
     except (ConfigError, LineageError, DataError, WorkspaceError, ExportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return usage_error(exc)
     except MlflowException as exc:
-        print(f"error: {name}@{args.alias}: {exc.message}", file=sys.stderr)
-        return 2
+        return usage_error(f"{name}@{args.alias}: {exc.message}")
     print(f"{name} v{registered.version} ({args.alias}) exported to {export.directory}")
     print(f"  parity: {export.parity.describe()}")
     print(

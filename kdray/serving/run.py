@@ -26,9 +26,9 @@ __all__ = ["main"]
 STOP_GRACE_S = 7.0  # Serve's graceful shutdown; then what is left is killed (15 s in all)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "make serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="make serve",
+        prog=prog,
         description="Serve the registered champions (a Ray Serve config) on a private Ray, in "
         "the foreground; Ctrl-C or SIGTERM stops it and everything it started.",
     )
@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "make serve") -> int:
     from kdray.serving.launch import launch, service_config
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     base = Path(args.config)
     if not base.is_file():
         print(f"error: no Serve config {base}", file=sys.stderr)
