@@ -5,7 +5,7 @@ ratio cached / CE-only (goal <= 1.2) and live / cached. The live teacher travels
 it: its saved files as bytes (``StudentJob.teacher_files``).
 
 Held equal between the modes: the code (every mode is the product's
-:func:`kdray.sweep.train_student`, so the same channels-last student and batches, Adam, KD loss
+:func:`kdray.trial.train_student`, so the same channels-last student and batches, Adam, KD loss
 module and validation pass), the data (the whole synthetic training split, the same order), the
 student's widths and seed, the batch (32; the default config's is 16), the torch threads
 (``--threads``, a trial's CPUs), one untimed warm-up epoch per mode, the number of timed epochs,
@@ -32,7 +32,7 @@ from kdray.config import ExperimentConfig
 from kdray.data.prepare import in_memory_synthetic
 from kdray.engine import predict_logits
 from kdray.models import ModelSpec, build_model, model_files, save_model
-from kdray.sweep import StudentJob, train_student
+from kdray.trial import StudentJob, train_student
 
 # --quick: the same code on tiny sizes (seconds), to check that the script works.
 QUICK = {"images_per_class": 8, "size": 32, "repeats": 1}

@@ -3,7 +3,7 @@
 Measured side by side in one run, on the default config's student data (synthetic, 64 px, the
 students' 25 % share of the training split, cached teacher logits), one torch thread per trial:
 
-- plain loop: :func:`kdray.sweep.train_student` in a bare process, no Ray, no MLflow, no
+- plain loop: :func:`kdray.trial.train_student` in a bare process, no Ray, no MLflow, no
   checkpoints: the epochs, the KD loss, Adam and the validation pass a trial computes; as many
   processes at once as the sweep runs trials (the headline ratio: on these 2 cores two loops
   side by side each took 1.05-1.2x one alone), and once alone.
@@ -14,7 +14,7 @@ students' 25 % share of the training split, cached teacher logits), one torch th
   and Tune's controller all count.
 
 Held equal between the plain loop and a Tune trial: the training code
-(:func:`kdray.sweep.train_student`: channels-last student and batches, KD loss, Adam, validation
+(:func:`kdray.trial.train_student`: channels-last student and batches, KD loss, Adam, validation
 at batch ``VAL_BATCH``), the student data and cached logits (one ``student_job``), the widths
 (every trial gets the seed point's), the epochs (no early stopping), the torch threads (both set
 by :func:`kdray.devices.use_assigned_threads`: the trial's CPUs, 1), how many run at once
@@ -26,7 +26,7 @@ and a fresh actor's first kernels (the plain processes warm up once, untimed).
 Transparency scoring (:mod:`kdray.explain.scoring`): the same sweep twice more, the same trials
 (scheduler off, the seed point's widths, the same seeds), once with every trial scoring its best
 model where the product's default scheduler would have it score (after the rung at
-``tune.grace_period`` and after the last epoch, ``kdray.sweep.score_epochs``), on the default
+``tune.grace_period`` and after the last epoch, ``kdray.trial.score_epochs``), on the default
 ``transparency.images`` validation images, with lesion masks, and the teacher's maps for the
 agreement; once without. Held equal: everything but the scoring; the two sweeps alternate
 (none, scoring, none, scoring; the first is the headline sweep above) and their times are pooled.
@@ -61,9 +61,10 @@ from kdray.config import ExperimentConfig
 from kdray.data.prepare import in_memory_synthetic
 from kdray.devices import use_assigned_threads
 from kdray.explain.scoring import ScoringSet
-from kdray.pipeline import ray_session
-from kdray.sweep import StudentJob, run_sweep, score_epochs, train_student
+from kdray.session import ray_session
+from kdray.sweep import run_sweep
 from kdray.tracking import Tracker
+from kdray.trial import StudentJob, score_epochs, train_student
 from kdray.workspace import Workspace
 
 QUICK = {"images_per_class": 8, "size": 32, "trials": 4, "epochs": 4, "plain_repeats": 1}
@@ -135,7 +136,7 @@ def config(args: argparse.Namespace, tune_overrides: dict) -> ExperimentConfig:
 
 def _plain_once(args: argparse.Namespace) -> float:
     cfg = config(args, {})
-    # What a trial does first (kdray.sweep._kd_trial): outside Ray, the same cpus_per_trial.
+    # What a trial does first (kdray.trial.kd_trial): outside Ray, the same cpus_per_trial.
     use_assigned_threads(default=max(1, int(cfg.tune.cpus_per_trial)))
     job = student_job(args, cfg, None)
     started = time.perf_counter()

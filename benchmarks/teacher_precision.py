@@ -5,12 +5,12 @@ step) on synthetic images, as the teacher loop runs it (``kdray.engine.train_epo
 without ``autocast``). Then, to check that bf16 does not cost accuracy, the validation accuracy
 of a few epochs of each on the same synthetic dataset and seed.
 
-Held equal between fp32 and bf16: the model and its initial weights (same seed), its memory
-format and the batches' (channels-last on both sides: ``kdray.teacher.step_setup`` builds both,
-as the Ray Train workers get theirs), the batch, the input size, the threads, no augmentation on
-either side, two untimed warm-up steps each, the number of timed steps, and the order (each round
-alternates which mode goes first). Only the autocast dtype differs. The accuracy check also
-holds the data, the loader's order and the validation pass (fp32 on both) equal.
+Held equal between fp32 and bf16: the model and its initial weights (same seed), its memory format
+and the batches' (channels-last on both sides: ``kdray.teacher_worker.step_setup`` builds both, as
+the Ray Train workers get theirs), the batch, the input size, the threads, no augmentation on either
+side, two untimed warm-up steps each, the number of timed steps, and the order (each round
+alternates which mode goes first). Only the autocast dtype differs. The accuracy check also holds
+the data, the loader's order and the validation pass (fp32 on both) equal.
 
 Prints ``bf16 / fp32 step time: <ratio>`` (below 1 is faster) and both validation curves. On a CPU
 without AMX ``teacher.amp`` trains in fp32 (``kdray.engine.amp_dtype``); this script measures bf16
@@ -35,7 +35,7 @@ from kdray.config import AugmentConfig
 from kdray.data.prepare import in_memory_synthetic
 from kdray.engine import cpu_has_amx, evaluate, make_loader, seed_everything, train_epoch
 from kdray.models import ModelSpec
-from kdray.teacher import StepSetup, step_setup
+from kdray.teacher_worker import StepSetup, step_setup
 
 MODES = {"fp32": None, "bf16": torch.bfloat16}
 # --quick: the same code on tiny sizes (seconds), to check that the script works.

@@ -7,13 +7,14 @@ model's validation accuracy per epoch (the learning curves) and the test accurac
 validation epoch.
 
 Held equal with the product, so that the comparison is the one ``make run`` makes: each teacher
-trains as a Ray Train worker does, without Ray (``kdray.teacher.step_setup``: ``teacher.weights``,
-channels-last model and batches, ``teacher.amp``'s precision; the whole training split; its best
-epoch by validation accuracy, ties to the lower loss), and the CE student is the product's CE
-baseline (:func:`kdray.sweep.train_student` at alpha = 1 on the students' share of the training
-split, ``data.synthetic.student_fraction`` for a synthetic stand-in; its best validation epoch).
-Held equal between the models: the prepared data, its validation and test splits, the seed and
-the torch threads (``--threads``). What a recipe changes is the only difference between teachers.
+trains as a Ray Train worker does, without Ray (``kdray.teacher_worker.step_setup``:
+``teacher.weights``, channels-last model and batches, ``teacher.amp``'s precision; the whole
+training split; its best epoch by validation accuracy, ties to the lower loss), and the CE student
+is the product's CE baseline (:func:`kdray.trial.train_student` at alpha = 1 on the students' share
+of the training split, ``data.synthetic.student_fraction`` for a synthetic stand-in; its best
+validation epoch). Held equal between the models: the prepared data, its validation and test splits,
+the seed and the torch threads (``--threads``). What a recipe changes is the only difference between
+teachers.
 
     python benchmarks/teacher_recipe.py --dataset eye_disease --recipes current,no_zoom
 
@@ -35,8 +36,8 @@ from kdray.config import AugmentConfig, ExperimentConfig, load_config
 from kdray.data.prepare import prepare_dataset
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
 from kdray.models import ModelSpec, build_model
-from kdray.sweep import StudentJob, train_student
-from kdray.teacher import make_scheduler, step_scheduler, step_setup
+from kdray.teacher_worker import make_scheduler, step_scheduler, step_setup
+from kdray.trial import StudentJob, train_student
 from kdray.workspace import Workspace
 
 RECIPES: dict[str, dict] = {
@@ -66,8 +67,9 @@ def _ce(smoothing: float):
 
 
 def train_ce_student(cfg: ExperimentConfig, data, seed: int) -> dict:
-    """The product's CE-only baseline for one seed (``kdray.champion``'s seed row): the default
-    student at alpha = 1 on the students' share of the training split, its best epoch on test."""
+    """The product's CE-only baseline for one seed (``kdray.seed_runs.retrain_and_score``): the
+    default student at alpha = 1 on the students' share of the training split, its best epoch on
+    test."""
     classes = list(data.spec.classes)
     students = data.for_students(cfg.data.student_fraction(data.spec.id), cfg.data.split_seed)
     job = StudentJob(
@@ -153,7 +155,7 @@ def train_teacher(
             f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-        # The product's rule (kdray.teacher): higher accuracy, or equal with a lower loss.
+        # The product's rule (kdray.teacher_worker): higher accuracy, or equal with a lower loss.
         if vm["accuracy"] > best_acc or (vm["accuracy"] == best_acc and vm["loss"] < best_loss):
             best_acc, best_loss = vm["accuracy"], vm["loss"]
             best_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -3,9 +3,9 @@
 What a user pays, measured side by side in one run. Held equal on both sides: the data, the
 model, its memory format (channels-last), the precision (``teacher.amp``: bf16 on a CPU with AMX,
 else fp32), the augmentation and its output layout, the batch, the optimiser and LR schedule, the
-threads (``kdray.teacher.step_setup`` decides all of these for both), the validation pass and the
-checkpoint's content. Only Ray Train's part differs (worker process, DDP wrapper, MLflow logging
-from rank 0, checkpoint registration and ``ray.train.report``).
+threads (``kdray.teacher_worker.step_setup`` decides all of these for both), the validation pass
+and the checkpoint's content. Only Ray Train's part differs (worker process, DDP wrapper, MLflow
+logging from rank 0, checkpoint registration and ``ray.train.report``).
 
 - Ray Train, whole epoch: the wall time between two successive epoch reports of the product's
   ``fit_teacher`` (training, rank-0 validation, MLflow logging, checkpoint save and
@@ -43,11 +43,11 @@ from kdray.config import ExperimentConfig, MLflowConfig, RayConfig
 from kdray.data.prepare import in_memory_synthetic
 from kdray.engine import evaluate, make_loader, seed_everything, train_epoch
 from kdray.models import ModelSpec
-from kdray.pipeline import ray_session
-from kdray.teacher import (
+from kdray.session import ray_session
+from kdray.teacher import fit_teacher
+from kdray.teacher_worker import (
     STATE_FILE,
-    _ce_loss,
-    fit_teacher,
+    ce_loss,
     make_scheduler,
     step_scheduler,
     step_setup,
@@ -79,7 +79,7 @@ def plain_epochs(
         train_epoch(
             model,
             loader,
-            _ce_loss,
+            ce_loss,
             optimizer,
             "cpu",
             setup.scaler,

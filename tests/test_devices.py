@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kdray.sweep as sweep
+import kdray.trial as trial
 from kdray.config import ExperimentConfig
 from kdray.devices import assigned_cpus, assigned_device, use_assigned_threads
-from kdray.sweep import StudentJob
+from kdray.trial import StudentJob
 
 from conftest import tiny_data
 
@@ -67,8 +67,8 @@ def test_train_student_trains_on_the_assigned_device(monkeypatch):
         seen["optimizer"] = optimizer.param_groups[0]["params"][0].device
         raise _Seen
 
-    monkeypatch.setattr(sweep, "assigned_device", lambda: torch.device("meta"))
-    monkeypatch.setattr(sweep, "train_epoch", train_epoch)
+    monkeypatch.setattr(trial, "assigned_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(trial, "train_epoch", train_epoch)
     data = tiny_data(n_per_class=4, size=16)
     cfg = ExperimentConfig.model_validate({"student": {"epochs": 1, "batch_size": 4}})
     job = StudentJob(
@@ -81,7 +81,7 @@ def test_train_student_trains_on_the_assigned_device(monkeypatch):
         teacher_logits=torch.zeros(len(data.splits["train"]), 4).numpy(),
     )
     with pytest.raises(_Seen):
-        sweep.train_student(job, 0.5, 4.0, [4, 8, 8, 8])
+        trial.train_student(job, 0.5, 4.0, [4, 8, 8, 8])
     assert seen == {
         "model": torch.device("meta"),
         "device": torch.device("meta"),
@@ -89,5 +89,5 @@ def test_train_student_trains_on_the_assigned_device(monkeypatch):
     }
     seen.clear()
     with pytest.raises(_Seen):  # an explicit device wins over the rule
-        sweep.train_student(job, 0.5, 4.0, [4, 8, 8, 8], device="cpu")
+        trial.train_student(job, 0.5, 4.0, [4, 8, 8, 8], device="cpu")
     assert seen["model"] == seen["device"] == torch.device("cpu")

@@ -15,7 +15,7 @@ from kdray.models import (
     model_files,
     save_model,
 )
-from kdray.sweep import StudentJob, train_student
+from kdray.trial import StudentJob, train_student
 
 from conftest import tiny_data
 
@@ -150,7 +150,7 @@ def test_best_epoch_weights_are_reported(setup, tmp_path):
 
 
 def _outcome(acc, flops, run="r"):
-    from kdray.sweep import TrialOutcome
+    from kdray.trial import TrialOutcome
 
     return TrialOutcome(run, {}, [8], 1e-3, acc, 10, flops, None)
 
@@ -167,7 +167,8 @@ def test_champion_rule_takes_fewest_flops_within_tolerance():
 
 
 def test_search_space_first_point_is_the_configured_student():
-    from kdray.sweep import search_space, trial_hyperparameters
+    from kdray.sweep import search_space
+    from kdray.trial import trial_hyperparameters
 
     cfg = ExperimentConfig.model_validate(
         {"kd": {"alpha": 0.3, "temperature": 6.0}, "student": {"base_width": 12, "lr": 0.002}}
@@ -259,7 +260,8 @@ def test_the_baseline_searches_lr_only_with_the_champions_widths():
     """The CE baseline's search: the KD sweep's budget over lr; alpha 1 and widths fixed."""
     from ray.tune.search.variant_generator import parse_spec_vars
 
-    from kdray.sweep import METRIC, _search_alg, baseline_search_space, trial_hyperparameters
+    from kdray.sweep import METRIC, _search_alg, baseline_search_space
+    from kdray.trial import trial_hyperparameters
 
     cfg = ExperimentConfig.model_validate({"tune": {"search": "optuna", "lr": [0.001, 0.01]}})
     space, first = baseline_search_space(cfg, [8, 16, 32], temperature=3.0, lr=0.02)
@@ -279,7 +281,7 @@ def test_the_baseline_searches_lr_only_with_the_champions_widths():
 
 def test_the_selected_trial_is_its_seeds_run_only_when_it_trained_every_epoch():
     from kdray.champion import _is_seed_run
-    from kdray.sweep import TrialOutcome
+    from kdray.trial import TrialOutcome
 
     cfg = ExperimentConfig.model_validate({"seed": 0, "student": {"epochs": 6}})
     full = TrialOutcome("r", {}, [4], 1e-3, 0.9, 1, 1, None, epochs_run=6)
@@ -298,12 +300,11 @@ def test_the_tuners_budget_sampler_and_scheduler_come_from_the_config(tmp_path):
     from kdray.pareto import ParetoASHA
     from kdray.sweep import (
         METRIC,
-        TRANSPARENCY,
         SweepProgress,
         _new_tuner,
-        score_epochs,
         search_space,
     )
+    from kdray.trial import TRANSPARENCY, score_epochs
     from kdray.workspace import Workspace
 
     cfg = ExperimentConfig.model_validate(

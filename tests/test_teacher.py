@@ -81,7 +81,7 @@ def observing_loop(log_dir: Path, failures: dict[int, tuple[int, str]], run_dir:
         import ray
         import ray.train
 
-        import kdray.teacher as kt
+        import kdray.teacher_worker as kt
         from kdray.models import unwrap
 
         rank = ray.train.get_context().get_world_rank()
@@ -113,7 +113,7 @@ def observing_loop(log_dir: Path, failures: dict[int, tuple[int, str]], run_dir:
 
         kt.train_epoch = train_epoch
         try:
-            kt._train_loop_per_worker(config)
+            kt.train_loop_per_worker(config)
         finally:
             kt.train_epoch = original
 
@@ -246,7 +246,7 @@ def test_teacher_key_tracks_data_and_recipe_not_scaling():
 
 
 def test_the_cosine_schedule_anneals_the_teacher_lr_to_zero_and_plateau_waits_for_the_loss():
-    from kdray.teacher import make_scheduler, step_scheduler
+    from kdray.teacher_worker import make_scheduler, step_scheduler
 
     model = torch.nn.Linear(2, 2)
     cosine = torch.optim.Adam(model.parameters(), lr=1e-3)

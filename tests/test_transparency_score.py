@@ -14,7 +14,7 @@ from kdray.champion import select_champion
 from kdray.explain import scoring
 from kdray.explain.scoring import ScoringSet, score_transparency
 from kdray.pareto import ParetoASHA, dominates, front_ranks, pareto_front, rungs
-from kdray.sweep import TrialOutcome
+from kdray.trial import TrialOutcome
 
 
 def test_fronts_and_ranks():
@@ -169,8 +169,9 @@ def test_a_two_objective_sweep_scores_every_trial_and_stops_only_dominated_ones(
     from mlflow import MlflowClient
 
     from kdray.config import ExperimentConfig, MLflowConfig
-    from kdray.sweep import StudentJob, run_sweep, score_epochs
+    from kdray.sweep import run_sweep
     from kdray.tracking import Tracker
+    from kdray.trial import StudentJob, score_epochs
     from kdray.workspace import Workspace
 
     from conftest import tiny_data

@@ -11,8 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # Where each public name lives. The package imports them on first use (PEP 562): a Ray worker
-# that only needs ``kdray.explain.background`` (every teacher and trial process, through
-# kdray.teacher) does not pay for pytorch-grad-cam, scikit-learn and matplotlib at start-up.
+# that only needs ``kdray.explain.background`` (the teacher's driver, through kdray.teacher)
+# does not pay for pytorch-grad-cam, scikit-learn and matplotlib at start-up.
 _SOURCES = {
     "api": ("METHODS", "Explainer", "Explanation", "LayerMap", "MethodResult", "explain"),
     "background": ("load_background", "save_background", "select_background"),
