@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 
-from kdray.models import InputNorm
+from kdray.input_norm import InputNorm
 
 __all__ = ["TeacherDenseNet"]
 

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kdray.input_norm import InputNorm
+
 __all__ = [
     "ModelSpec",
     "StudentCNN",
@@ -45,8 +47,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 
@@ -69,18 +69,6 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         return cls(**data)
-
-
-class InputNorm(nn.Module):
-    """(x - mean) / std with ImageNet statistics, so an ImageNet-initialised teacher fits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 def conv_block(in_ch: int, out_ch: int) -> nn.Sequential:

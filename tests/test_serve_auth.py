@@ -60,7 +60,7 @@ def test_a_gateway_replica_without_its_token_refuses_to_start(monkeypatch):
 
     monkeypatch.delenv(VAR, raising=False)
     with (
-        mock.patch("kdray.serving.app.ModelStore") as store,
+        mock.patch("kdray.serving.gateway.ModelStore") as store,
         pytest.raises(ConfigError, match=VAR),
     ):
         _user_class(Gateway)(None, None, {"token_env": VAR})

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from kdray.config import ConfigError, ExplainConfig, _Strict
+from kdray.config import ConfigError, ExplainConfig, StrictModel
 from kdray.data.specs import DATASETS
 from kdray.workspace import resolve_workspace
 
@@ -22,7 +22,7 @@ __all__ = ["SERVE_MAX_PIXELS", "ServeSettings", "load_settings"]
 SERVE_MAX_PIXELS = 16_777_216
 
 
-class ServeSettings(_Strict):
+class ServeSettings(StrictModel):
     """What the server loads and the limits it enforces.
 
     The tracking URI falls back like ``tune/run.py``'s: ``$MLFLOW_TRACKING_URI``, else the SQLite

@@ -360,10 +360,10 @@ class ModelStore:
             raise ValueError(f"other classes {new.class_names} (served: {old.class_names})")
         if old.onnx is not None and new.onnx is None:
             raise ValueError(f"no ONNX predict path: {new.runtime_note}")
-        from kdray.edge.runtime import _check_images
+        from kdray.edge.runtime import check_images
         from kdray.engine import predict_logits
 
-        x = _check_images(new.image_size, new.background)
+        x = check_images(new.image_size, new.background)
         probabilities = (
             np.asarray(new.onnx.probabilities(list(x)))
             if new.onnx is not None
