@@ -28,6 +28,7 @@ __all__ = [
     "MLflowConfig",
     "RayConfig",
     "StudentConfig",
+    "StrictModel",
     "SyntheticConfig",
     "TeacherConfig",
     "TransparencyConfig",
@@ -45,11 +46,13 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key path."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors, and so is an assignment of the wrong type."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class SyntheticConfig(_Strict):
+class SyntheticConfig(StrictModel):
     """The synthetic stand-in written for every dataset that has no ``data.roots`` entry."""
 
     n_per_class: int = Field(300, ge=4, description="images per class, all splits together")
@@ -67,7 +70,7 @@ class SyntheticConfig(_Strict):
     )
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     datasets: list[str] = Field(default_factory=lambda: list(DATASETS))
     roots: dict[str, str] = Field(
         default_factory=dict,
@@ -119,7 +122,7 @@ class DataConfig(_Strict):
         return 1.0 if dataset_id in self.roots else self.synthetic.student_fraction
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Teacher training augmentation (training split only)."""
 
     enabled: bool = True
@@ -130,7 +133,7 @@ class AugmentConfig(_Strict):
     vflip: bool = False
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """DenseNet121 teacher, trained data-parallel with Ray Train."""
 
     arch: Literal["densenet121"] = "densenet121"
@@ -172,7 +175,7 @@ def widths_for(base: int, growth: float, depth: int) -> list[int]:
     return [max(1, round(base * growth ** min(i, 3))) for i in range(depth)]
 
 
-class StudentConfig(_Strict):
+class StudentConfig(StrictModel):
     """Shallow CNN student: ``depth`` blocks of conv-BN-ReLU-pool, global pooling, linear head."""
 
     depth: int = Field(5, ge=1, le=8)
@@ -202,7 +205,7 @@ class StudentConfig(_Strict):
         return widths_for(self.base_width, self.growth, self.depth)
 
 
-class KDConfig(_Strict):
+class KDConfig(StrictModel):
     """Distillation loss: alpha * CE + (1 - alpha) * T^2 * KL(teacher/T || student/T)."""
 
     alpha: float = Field(0.5, ge=0.0, le=1.0)
@@ -212,7 +215,7 @@ class KDConfig(_Strict):
     )
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictModel):
     """The Ray Tune search, per dataset: alpha, temperature, student width and depth, lr.
 
     The width and depth dimensions apply unless ``student.widths`` is set explicitly.
@@ -282,7 +285,7 @@ class TuneConfig(_Strict):
 CamMethodName = Literal["gradcam", "hirescam", "layercam", "gradcampp", "xgradcam"]
 
 
-class ExplainConfig(_Strict):
+class ExplainConfig(StrictModel):
     """Explanations (feature maps, class activation maps, SHAP) and the transparency report."""
 
     methods: list[Literal["feature_maps", "gradcam", "shap"]] = Field(
@@ -327,7 +330,7 @@ class ExplainConfig(_Strict):
     )
 
 
-class TransparencyConfig(_Strict):
+class TransparencyConfig(StrictModel):
     """The transparency score every model gets (KD and CE-only trials, champions, teachers):
     see kdray/explain/scoring.py and docs/transparency.md."""
 
@@ -356,7 +359,7 @@ class TransparencyConfig(_Strict):
     deletion_steps: int = Field(8, ge=2, description="faithfulness basis: curve steps")
 
 
-class ExportConfig(_Strict):
+class ExportConfig(StrictModel):
     """The champion's ONNX copy (``kdray.edge``): exported at the end of each dataset's run."""
 
     onnx: bool = Field(
@@ -367,14 +370,14 @@ class ExportConfig(_Strict):
     parity_images: int = Field(64, ge=1, description="test images the parity check runs on")
 
 
-class MLflowConfig(_Strict):
+class MLflowConfig(StrictModel):
     experiment: str = "kdray"
     tracking_uri: str | None = Field(
         None, description="None: $MLFLOW_TRACKING_URI, else SQLite in the workspace"
     )
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     address: str | None = Field(None, description="None: $RAY_ADDRESS, else a new local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: all)")
     storage_path: str | None = Field(None, description="Ray results; None: <workspace>/ray_results")
@@ -389,7 +392,7 @@ class RayConfig(_Strict):
     )
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     seed: int = 0
     seeds: list[int] = Field(
         default_factory=lambda: [0, 1, 2],

@@ -23,6 +23,7 @@ __all__ = [
     "Export",
     "OnnxExplainer",
     "OnnxPredictor",
+    "check_images",
     "fetch_export",
     "load_onnx_explainer",
     "load_onnx_predictor",
@@ -45,7 +46,9 @@ class OnnxPredictor:
         return self.session.run(["probabilities"], {"image": x})[0].tolist()
 
 
-def _check_images(size: int, background: np.ndarray | None) -> np.ndarray:
+def check_images(size: int, background: np.ndarray | None) -> np.ndarray:
+    """The images an export is checked on against its weights: up to 16 of the model's own
+    background images (real inputs) and 8 of seeded noise (the whole uint8 range)."""
     noise = np.random.default_rng(0).integers(0, 256, (8, 3, size, size), dtype=np.uint8)
     if background is None:
         return noise
@@ -83,7 +86,7 @@ def load_onnx_predictor(
         return None, "torch (this version has no ONNX export; tune/export.py makes one)"
     folder, card = export
     sess = session(folder / card["files"]["predict"], threads)
-    x = _check_images(int(card["image_size"]), background)
+    x = check_images(int(card["image_size"]), background)
     with torch.inference_mode():
         device = next(model.parameters()).device
         ref = torch.softmax(model(torch.from_numpy(x).to(device).float() / 255.0), 1).cpu()
@@ -144,7 +147,7 @@ def load_onnx_explainer(
         return None, "torch (this version has no ONNX export)"
     folder, card = export
     explainer = OnnxExplainer(session(folder / card["files"]["explain"], threads), card)
-    images = _check_images(int(card["image_size"]), background)
+    images = check_images(int(card["image_size"]), background)
     x = np.concatenate([images[:4], images[-2:]])
     logits, maps, cam = explainer.run(x)
     fm = feature_maps(model, x, explainer.feature_layers)
