@@ -39,7 +39,7 @@ overhead (before / after of each), in the same run.
 
     .venv/bin/python benchmarks/sweep_throughput.py [--trials 24] [--epochs 12] [--variants]
 
-``--quick`` (4 trials of 4 epochs on 8 images per class at 32 px; one scored sweep) runs the same
+``--quick`` (2 trials of 2 epochs on 8 images per class at 32 px; one scored sweep) runs the same
 code to check that it works; its figures mean nothing.
 """
 
@@ -67,7 +67,7 @@ from kdray.tracking import Tracker
 from kdray.trial import StudentJob, score_epochs, train_student
 from kdray.workspace import Workspace
 
-QUICK = {"images_per_class": 8, "size": 32, "trials": 4, "epochs": 4, "plain_repeats": 1}
+QUICK = {"images_per_class": 8, "size": 32, "trials": 2, "epochs": 2, "plain_repeats": 1}
 
 WIDTHS = [16, 32, 64, 128, 128]  # the default student (base 16, growth 2, depth 5)
 
