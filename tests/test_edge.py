@@ -282,6 +282,11 @@ def test_the_server_predicts_on_onnx_only_where_the_export_matches_torch(tmp_pat
         ref = torch.softmax(model(torch.from_numpy(np.stack(x)).float() / 255), 1).numpy()
     assert np.abs(np.array(loaded.onnx.probabilities(x)) - ref).max() <= 1e-5
     assert loaded.explain_note.startswith("onnx")
+    # A version without a measured CAM is exported with the variant explain() uses by default
+    # for it, so the graph answers the default request (it once computed Grad-CAM while the
+    # explainers asked for HiResCAM, and every request fell back to torch).
+    passes, run = [], loaded.explain_graph.run
+    loaded.explain_graph.run = lambda image: passes.append(1) or run(image)
     for image in x[:2]:  # the Explainer's maps from the graph are kdray's torch maps
         ours = explain(model, image, ["feature_maps", "gradcam"], render="none")
         graphs = explain(
@@ -291,6 +296,7 @@ def test_the_server_predicts_on_onnx_only_where_the_export_matches_torch(tmp_pat
         for method in ("feature_maps", "gradcam"):
             for a, b in zip(ours.methods[method].maps, graphs.methods[method].maps, strict=True):
                 assert a.layer == b.layer and np.abs(a.array - b.array).max() <= 1e-4
+    assert len(passes) == 2  # both answered from the graph
 
     # Another model's graph logged over this version's export: caught at load.
     other, _ = _student(seed=3)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from mlflow import MlflowClient
 
+from kdray.config import ExplainConfig
 from kdray.edge.export import CARD_FILE, EdgeExport, ExportError, export_student
-from kdray.explain.cam_methods import PAPER_METHOD
 from kdray.explain.scoring import load_cam_choice
 from kdray.models import load_model
 from kdray.registry import RegisteredModel, fetch_registered
@@ -135,7 +135,9 @@ def export_registered(
         images,
         cam_layer=cam.layer if cam else None,
         source=source,
-        cam_method=cam.method if cam else PAPER_METHOD,
+        # Unmeasured (a model registered before kdray chose a CAM per model): the variant
+        # every explainer uses by default for it (explain.cam_method), so the graph serves it.
+        cam_method=cam.method if cam else ExplainConfig().cam_method,
     )
     if log:
         log_edge(MlflowClient(tracking_uri=tracking_uri), name, registered.run_id, export)
