@@ -135,7 +135,7 @@ def _run_until(ws: Path, log_path: Path, resume: bool, when: Callable[[], bool],
     assert reached, f"not killed {what} (timed out):\n" + log_path.read_text()[-3000:]
 
 
-def test_killed_five_times_resumes_to_one_clean_run(tmp_path):
+def test_killed_four_times_resumes_to_one_clean_run(tmp_path):
     ws = tmp_path / "ws"
     db = Db(ws / "mlflow.db")
 
