@@ -22,7 +22,7 @@ from kdray.data.prepare import Split
 from kdray.devices import use_assigned_threads
 from kdray.engine import evaluate, softmax
 from kdray.explain.scoring import ScoringSet, score_model
-from kdray.models import ModelSpec, build_model, load_model
+from kdray.models import build_model, load_model
 from kdray.tracking import Tracker
 from kdray.trial import StudentJob, TrialOutcome, train_student
 
@@ -57,15 +57,7 @@ def retrain_and_score(
     Runs as a Ray task: torch threads from the task's CPUs, the GPU Ray assigned if any.
     """
     use_assigned_threads(default=torch.get_num_threads())
-    spec = ModelSpec(
-        kind="student",
-        num_classes=len(job.class_names),
-        image_size=job.image_size,
-        class_names=job.class_names,
-        widths=widths,
-        dataset=job.dataset,
-    )
-    best = build_model(spec)
+    best = build_model(job.student_spec(widths))
     final = train_student(job, alpha, temperature, widths, lr=lr, seed=seed, best_model_out=best)
     return _seed_row(best, test, job, final["best_val_accuracy"], seed)
 

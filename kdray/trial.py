@@ -113,6 +113,17 @@ class StudentJob:
         """The dataset inputs of these splits (context tag ``mlflow.data.context``)."""
         return [d for d in self.data_inputs if any(t.value in splits for t in d.tags)]
 
+    def student_spec(self, widths: list[int]) -> ModelSpec:
+        """The spec of this dataset's student with these block widths."""
+        return ModelSpec(
+            kind="student",
+            num_classes=len(self.class_names),
+            image_size=self.image_size,
+            class_names=self.class_names,
+            widths=widths,
+            dataset=self.dataset,
+        )
+
 
 ReportFn = Callable[[dict[str, Any], Path], None]
 
@@ -176,14 +187,7 @@ def train_student(
     cfg, s = job.cfg, job.cfg.student
     seed = cfg.seed if seed is None else seed
     seed_everything(seed)
-    spec = ModelSpec(
-        kind="student",
-        num_classes=len(job.class_names),
-        image_size=job.image_size,
-        class_names=job.class_names,
-        widths=widths,
-        dataset=job.dataset,
-    )
+    spec = job.student_spec(widths)
     model = build_model(spec)
     # The best epoch so far: what each report's directory holds.
     best_model = best_model_out if best_model_out is not None else build_model(spec)
