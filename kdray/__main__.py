@@ -12,7 +12,6 @@ Each command's module is imported only when it is chosen, so ``kdray --help`` an
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 __all__ = ["COMMANDS", "main"]
@@ -47,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[name]
-    if name == "serve":
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     command = getattr(importlib.import_module(module), function)
     return command(rest, prog=f"kdray {name}")
 
