@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.train.torch import TorchTrainer
 
 from kdray.config import ExperimentConfig
 from kdray.console import MetricWatcher, eta
@@ -37,6 +38,7 @@ from kdray.models import ModelSpec, build_model, count_flops, count_params, save
 from kdray.registry import log_model_folder, register_model, registered_name
 from kdray.teacher_worker import STATE_FILE, train_loop_per_worker
 from kdray.tracking import Tracker
+from kdray.train_cleaner import confirming_cleaner
 from kdray.workspace import Workspace
 
 log = logging.getLogger("kdray")
@@ -77,6 +79,14 @@ def teacher_key(cfg: ExperimentConfig, data: PreparedData) -> str:
     return f"{data.key}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+class TeacherTrainer(TorchTrainer):
+    """Ray's ``TorchTrainer`` whose placement-group cleaner removes a fit's group only after its
+    controller died (kdray.train_cleaner: Ray 2.60's removes live fits' groups)."""
+
+    def _create_default_callbacks(self) -> list:
+        return confirming_cleaner(super()._create_default_callbacks())
+
+
 def fit_teacher(
     cfg: ExperimentConfig,
     data: PreparedData,
@@ -95,7 +105,6 @@ def fit_teacher(
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     t = cfg.teacher
     loop_config = {
@@ -117,7 +126,7 @@ def fit_teacher(
         "tracker": tracker,
         "run_id": run_id,
     }
-    trainer = TorchTrainer(
+    trainer = TeacherTrainer(
         loop or train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
