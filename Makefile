@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdray-installed
 
-.PHONY: install run smoke serve kuberay test test-fast lint format clean
+.PHONY: install run smoke serve kuberay test test-fast bench-check lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,13 @@ $(CHROMEDRIVER):
 # rest share out; measured in docs/testing.md. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) $(CHROMEDRIVER)  ## the whole test suite
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+test: $(STAMP) $(CHROMEDRIVER)  ## the whole test suite (the benchmarks' quick runs: bench-check)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not benchmark" $(PYTEST_ARGS)
+
+# Every script under benchmarks/ with --quick (tiny sizes: does it still run and print its
+# figures?). CI runs it after `make test` (.ci/run); about 3.5 min on 2 cores.
+bench-check: $(STAMP)  ## the benchmarks' --quick runs (tests/test_benchmarks.py -m benchmark)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m benchmark tests/test_benchmarks.py $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only (no Ray / MLflow integration)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

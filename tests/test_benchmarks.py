@@ -174,6 +174,39 @@ def test_every_benchmark_is_covered_and_documents_quick():
         assert "--quick" in doc, f"{name}: the docstring does not mention --quick"
 
 
+def _is_submodule(package: str, name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(f"{package}.{name}") is not None
+    except ModuleNotFoundError:  # ``package`` is a module, not a package
+        return False
+
+
+def test_every_kdray_name_a_benchmark_imports_exists():
+    """The rot a refactor brings, caught in `make test` (the quick runs are `make bench-check`):
+    each ``from kdray... import name`` and ``import kdray...`` of every script, at any depth,
+    resolves against the code as it is."""
+    import importlib
+
+    checked = 0
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "kdray":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name) or _is_submodule(node.module, alias.name), (
+                        f"{path.name}: {node.module} has no {alias.name}"
+                    )
+                    checked += 1
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == "kdray":
+                        importlib.import_module(alias.name)
+                        checked += 1
+    assert checked > 20  # the scripts do import kdray: the walk found them
+
+
 def test_headline_parser_catches_non_finite_numbers():
     patterns = [r"^ratio live / cached: +{n}$"]
     assert headline_numbers("ratio live / cached:    1.25\n", patterns) == [1.25]
@@ -184,9 +217,11 @@ def test_headline_parser_catches_non_finite_numbers():
 @pytest.mark.parametrize(
     "script",
     [
-        pytest.param(name, id=name.removesuffix(".py"), marks=[pytest.mark.integration])
-        if integration
-        else pytest.param(name, id=name.removesuffix(".py"))
+        pytest.param(
+            name,
+            id=name.removesuffix(".py"),
+            marks=[pytest.mark.benchmark, *([pytest.mark.integration] if integration else [])],
+        )
         for name, (_, integration) in HEADLINES.items()
     ],
 )
