@@ -10,11 +10,9 @@ STAMP  := $(VENV)/.kdray-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# --no-compile: pip would byte-compile every installed module (torch's, ray's...: half the
-# install's time on 2 cores); Python compiles the ones a process imports on first use instead.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
