@@ -19,8 +19,6 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.integration
-
 
 def _scenario():
     spec = importlib.util.spec_from_file_location("serve_ops", REPO / "benchmarks" / "serve_ops.py")
@@ -30,6 +28,7 @@ def _scenario():
     return module
 
 
+@pytest.mark.integration
 def test_make_serve_swaps_a_champion_survives_killed_replicas_and_stops_on_sigterm(tmp_path):
     ops = _scenario()
     f = ops.run(tmp_path)
@@ -69,3 +68,41 @@ def test_make_serve_swaps_a_champion_survives_killed_replicas_and_stops_on_sigte
     # A second `make serve` on the same port right after starts cleanly, on the new champion.
     assert f["second"]["version"] == "2"
     assert f["second"]["stopped_s"] <= 15.0
+
+
+def test_two_services_on_one_machine_get_ports_of_their_own():
+    """Ray Serve binds replicas on 30000 up and the fallback proxy on 8500, with SO_REUSEPORT:
+    two services would share those ports and each other's requests. launch gives each its own.
+    Here the first service's ports are held as Serve holds them (SO_REUSEPORT) while the second
+    chooses."""
+    import socket
+
+    from kdray.serving.launch import REPLICA_PORTS, own_ports
+
+    def ports(env: dict[str, str]) -> set[int]:
+        blocks = {
+            p
+            for kind in ("HTTP", "GRPC")
+            for p in range(
+                int(env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT"]),
+                int(env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"]) + 1,
+            )
+        }
+        assert len(blocks) == 2 * REPLICA_PORTS
+        return blocks | {int(env[f"RAY_SERVE_FALLBACK_PROXY_{k}_PORT"]) for k in ("HTTP", "GRPC")}
+
+    first = ports(own_ports("127.0.0.1"))
+    assert not first & {8500, 9500, 30000, 40000}  # Ray's defaults, which every service shares
+    held = []
+    try:
+        for port in first:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            held.append(s)
+        for _ in range(5):
+            assert not ports(own_ports("127.0.0.1")) & first
+    finally:
+        for s in held:
+            s.close()

@@ -44,6 +44,7 @@ __all__ = [
     "free_port",
     "haproxy_env",
     "launch",
+    "own_ports",
     "processes_running",
     "service_config",
 ]
@@ -72,6 +73,46 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# Ray Serve 2.60 binds a direct-ingress replica's HTTP and gRPC servers on the first ports of
+# 30000-31000 and 40000-41000, and HAProxy's fallback proxy on 8500 / 9500, all with
+# SO_REUSEPORT: two services on one machine (two `make serve`, a test's beside another) both bind
+# 30000 and 8500, and the kernel hands each one's connections to either. Seen: a service's
+# /readyz answered 200 by the other service before its own replica existed. Each service gets
+# ports of its own instead: blocks that are free when it starts (a bound port, reuseport or not,
+# refuses a plain bind), the replicas' in blocks of REPLICA_PORTS (a restarted or rolled replica
+# takes the next).
+REPLICA_PORTS = 8
+
+
+def _free_block(size: int, host: str, tries: int = 64) -> int:
+    """The first of ``size`` consecutive ports that all bind now on ``host``."""
+    for _ in range(tries):
+        first = free_port(host)
+        if first + size > 65536:
+            continue
+        try:
+            for port in range(first, first + size):
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {size} consecutive free ports on {host} after {tries} tries")
+
+
+def own_ports(host: str) -> dict[str, str]:
+    """The environment that gives one service's replicas and fallback proxy ports of their own."""
+    http, grpc = _free_block(REPLICA_PORTS, host), _free_block(REPLICA_PORTS, host)
+    return {
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + REPLICA_PORTS - 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + REPLICA_PORTS - 1),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port(host)),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port(host)),
+    }
 
 
 _WRAPPER = """#!/bin/sh
@@ -272,10 +313,12 @@ def launch(
     for folder in (ray_tmpdir, haproxy_dir):
         shutil.rmtree(folder, ignore_errors=True)
     haproxy = haproxy_env(haproxy_dir, host) if ingress == "haproxy" else {}
+    bind = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     child_env.update(
         RAY_TMPDIR=str(ray_tmpdir),
         RAY_USAGE_STATS_ENABLED="0",
         **INGRESS[ingress],
+        **(own_ports(bind) if INGRESS[ingress] else {}),
         **haproxy,
         **(env or {}),
     )
