@@ -13,11 +13,12 @@ this project's fault test (tests/test_teacher.py) while another test's Ray serve
 "missing means dead" reading is named in review of ray-project/ray#65447.
 
 :func:`confirming_cleaner` swaps the cleaner's callback in a trainer's callbacks (kdray.teacher's
-``TeacherTrainer``) for one whose cleaner asks its own cluster's GCS (the process's Ray connection: no dashboard, no other
-cluster) and removes the group only on a DEAD record. A record it cannot read is no death: it
-asks again a second later. Everything else is Ray's. Private Ray APIs, pinned to Ray 2.60 in
-pyproject.toml; tests/test_train_cleaner.py fails when an upgrade changes them. This module does
-not import torch: the cleaner's own process imports it to run :class:`ConfirmingCleaner`.
+``TeacherTrainer``) for one whose cleaner asks its own cluster's GCS (the process's own Ray
+connection: no dashboard, no other cluster) and removes the group only on a DEAD record. A record
+it cannot read is no death: it asks again a second later. Everything else is Ray's. Private Ray
+APIs, pinned to Ray 2.60 in pyproject.toml; tests/test_train_cleaner.py fails when an upgrade
+changes them. This module imports no torch: the cleaner's process imports this module (to run
+:class:`ConfirmingCleaner`) and nothing else of kdray.
 """
 
 from __future__ import annotations
