@@ -178,3 +178,24 @@ def test_front_door_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: cannot read config")
     assert "Traceback" not in done.stderr
+
+
+# What each kind of Ray process imports at start. Every Tune trial, Ray Train worker and Serve
+# replica is a fresh process, so each second of import is paid tens of times a run (and in the
+# suite): pytorch-grad-cam (with scikit-learn, about 1.6 s) only where a Grad-CAM is computed,
+# torchvision (about 1.4 s, torch._dynamo through torchvision.ops) only where a DenseNet, an
+# augmentation or a blur is built.
+NOT_AT_START = {
+    "kdray.trial": ("pytorch_grad_cam", "sklearn", "torchvision", "matplotlib"),
+    "kdray.teacher": ("pytorch_grad_cam", "sklearn", "matplotlib"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(NOT_AT_START))
+def test_a_ray_processs_module_leaves_heavy_imports_to_where_they_run(module: str) -> None:
+    heavy = NOT_AT_START[module]
+    code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.split() == [], f"importing {module} imports {out.stdout.split()}"

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 
 from kdray.explain.agreement import blank_maps
 from kdray.explain.hooks import eval_mode, model_lock
@@ -132,6 +131,8 @@ class DeletionInsertion:
 def _baseline(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "mean":
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
+    from torchvision.transforms.functional import gaussian_blur  # torchvision: about 1.4 s
+
     sigma = max(1.0, x.shape[-1] / 10.0)
     k = min(int(2 * np.ceil(3 * sigma) + 1), 2 * (min(x.shape[-2:]) // 2) - 1)
     return gaussian_blur(x, [k, k], [sigma, sigma])

@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from kdray.config import ExplainConfig
@@ -183,6 +182,10 @@ def grad_cam(
     module = model.get_submodule(name)
     cam_class = reference_class(method)
     tgt = _targets(targets, x.shape[0])
+    # pytorch-grad-cam (and the scikit-learn it imports: about 1.6 s) only where it runs: a
+    # trial scores with layer_cams and a Ray Train worker never explains.
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     cam_targets = None if tgt is None else [ClassifierOutputTarget(int(c)) for c in tgt]
     # A layer without parameters gets its gradient through the input instead.
     has_params = any(True for _ in module.parameters())

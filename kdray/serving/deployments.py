@@ -181,6 +181,10 @@ class Explainer:
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        # Grad-CAM's library (about 1.6 s of imports, lazy in kdray.explain.gradcam) while the
+        # replica starts, not inside the first /explain request.
+        import pytorch_grad_cam  # noqa: F401
+
         self.settings = load_settings(settings)
         self.threads = use_assigned_threads()
         roles: tuple[Role, ...] = ("student", "teacher") if self.settings.teacher else ("student",)
