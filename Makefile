@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdray-installed
 
-.PHONY: install run smoke serve kuberay test test-fast bench-check lint format clean
+.PHONY: install run smoke serve kuberay test test-fast test-cluster bench-check lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,11 +48,16 @@ $(CHROMEDRIVER):
 # rest share out; measured in docs/testing.md. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) $(CHROMEDRIVER)  ## the whole test suite (the benchmarks' quick runs: bench-check)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not benchmark" $(PYTEST_ARGS)
+test: $(STAMP) $(CHROMEDRIVER)  ## the test suite (the 2-node cluster: test-cluster; benchmarks: bench-check)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not benchmark and not cluster" $(PYTEST_ARGS)
+
+# The smoke pipeline as a Ray job on a local 2-node cluster, logging to an MLflow server through
+# an outage (tests/test_cluster.py): CI runs it after `make test` (.ci/run); about 3 min alone.
+test-cluster: $(STAMP)  ## the 2-node cluster test (pytest -m cluster)
+	$(PY) -m pytest -m cluster tests/test_cluster.py $(PYTEST_ARGS)
 
 # Every script under benchmarks/ with --quick (tiny sizes: does it still run and print its
-# figures?). CI runs it after `make test` (.ci/run); about 3.5 min on 2 cores.
+# figures?). CI runs it after `make test` and `make test-cluster` (.ci/run); about 3.5 min.
 bench-check: $(STAMP)  ## the benchmarks' --quick runs (tests/test_benchmarks.py -m benchmark)
 	$(PY) -m pytest -n $(TEST_WORKERS) -m benchmark tests/test_benchmarks.py $(PYTEST_ARGS)
 

@@ -39,7 +39,9 @@ from conftest import Proxy, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.integration
+# make test-cluster (CI's second step), not make test: two Ray nodes, an MLflow server and a Ray
+# job, about 3 min of both cores in the suite (docs/testing.md).
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 EPOCHS = 8  # the students' epochs in this test
 
 
