@@ -74,6 +74,34 @@ def test_the_graph_reproduces_kdrays_maps_at_every_block():
             assert cam.maps.max() > 0.5  # a real map, not two blank ones agreeing
 
 
+def _flat_images() -> np.ndarray:
+    """Images with flat regions: equal activations side by side, so a max-pool window often holds
+    its maximum at several positions (as a synthetic fundus photo did in a default run)."""
+    x = np.full((3, 3, SIZE, SIZE), 128, np.uint8)
+    x[1, :, 6:18, 4:20] = 220
+    x[2, :, :, : SIZE // 2] = 30
+    return x
+
+
+def test_tied_maxima_send_the_gradient_where_torch_does(exported):
+    # torch's max-pool backward sends a window's gradient to its first maximum (row by row); the
+    # graph sent it to every tied one, and its CAM differed from torch's (0.97 on these images).
+    model, _ = _student()
+    x = _flat_images()
+    for block in range(1, 4):
+        with torch.no_grad():
+            out = dict(zip(OUTPUTS, EdgeStudent(model, block)(torch.from_numpy(x)), strict=True))
+        cam = grad_cam(model, x, f"features.block{block}")
+        assert np.abs(out["gradcam"].numpy() - cam.maps).max() < 1e-4, block
+    # The exported graph (CAM at block2) computes the same in onnxruntime.
+    _, _, export = exported
+    graph = session(export.directory / EXPLAIN_FILE)
+    got = dict(zip(OUTPUTS, graph.run(None, {"image": x}), strict=True))
+    cam = grad_cam(model, x, "features.block2")
+    assert cam.maps.max() > 0.5  # a real map
+    assert np.abs(got["gradcam"] - cam.maps).max() < 1e-4
+
+
 def test_every_cam_variant_comes_exactly_from_the_graphs_gradient(tmp_path):
     """Each variant from the same hand-written gradient, at block1 (the longest backward), against
     pytorch-grad-cam's own class; the default variant also through onnxruntime at the export's

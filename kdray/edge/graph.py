@@ -6,9 +6,10 @@ then global average pooling and a linear head, so the class score's gradient is 
 form, block by block from the head down:
 
 - head and GAP: d logit_c / dA = W[c] / (h * w) at every position;
-- max-pool: the gradient goes to the window's maximum (the position equal to the pooled value;
-  a window of equal positive maxima would share it, which never happens with real activations,
-  and windows of zeros are cut by the ReLU below);
+- max-pool: the gradient goes to the window's maximum, the first one in torch's scan order (top
+  left, top right, bottom left, bottom right) when several positions hold it: flat image regions
+  give equal positive maxima (a synthetic fundus photo's did, and its CAM differed from torch's
+  by 0.027 where the maxima had shared the gradient); windows of zeros are cut by the ReLU below;
 - ReLU: kept where its output is positive (as torch's ``threshold_backward``);
 - BatchNorm (eval): times ``gamma / sqrt(running_var + eps)`` per channel;
 - conv3x3, stride 1, padding 1: ``conv_transpose2d`` with the same weights.
@@ -35,6 +36,24 @@ from kdray.models import StudentCNN
 __all__ = ["OUTPUTS", "EdgeStudent"]
 
 OUTPUTS = ("logits", "probabilities", "feature_maps", "gradcam", "cam_class")
+
+
+def _first_maximum(at_max: torch.Tensor) -> torch.Tensor:
+    """Of each 2x2 window's positions that hold its maximum (1.0), only the first in torch's
+    max-pool scan order (row by row), where its backward pass sends the gradient. Rows and columns
+    beyond the pooled area (odd sides) keep what they had (zero)."""
+    channels, h, w = at_max.shape[1], at_max.shape[2], at_max.shape[3]
+    hh, ww = h // 2, w // 2
+    core = at_max[:, :, : 2 * hh, : 2 * ww].reshape(-1, channels, hh, 2, ww, 2)
+    tl, tr = core[:, :, :, 0, :, 0], core[:, :, :, 0, :, 1]
+    bl, br = core[:, :, :, 1, :, 0], core[:, :, :, 1, :, 1]
+    tr_first = tr * (1 - tl)
+    bl_first = bl * (1 - tl) * (1 - tr)
+    br_first = br * (1 - tl) * (1 - tr) * (1 - bl)
+    top = torch.stack([tl, tr_first], dim=-1)  # (N, C, hh, ww, 2)
+    bottom = torch.stack([bl_first, br_first], dim=-1)
+    first = torch.stack([top, bottom], dim=3).reshape(-1, channels, 2 * hh, 2 * ww)
+    return F.pad(first, (0, w - 2 * ww, 0, h - 2 * hh))
 
 
 class EdgeStudent(nn.Module):
@@ -74,7 +93,8 @@ class EdgeStudent(nn.Module):
         pad = (0, w - up_grad.shape[-1], 0, h - up_grad.shape[-2])
         up_pooled = F.pad(up_pooled, pad, value=float("inf"))
         up_grad = F.pad(up_grad, pad)
-        grad_act = up_grad * (act == up_pooled).to(act.dtype) * (act > 0).to(act.dtype)
+        first = _first_maximum((act == up_pooled).to(act.dtype))
+        grad_act = up_grad * first * (act > 0).to(act.dtype)
         bn = block.bn
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         grad_conv = grad_act * scale[None, :, None, None]
