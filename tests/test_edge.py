@@ -76,7 +76,7 @@ def test_the_graph_reproduces_kdrays_maps_at_every_block():
 
 def _flat_images() -> np.ndarray:
     """Images with flat regions: equal activations side by side, so a max-pool window often holds
-    its maximum at several positions (as a synthetic fundus photo did in a default run)."""
+    its maximum at several positions (synthetic fundus photos have such regions)."""
     x = np.full((3, 3, SIZE, SIZE), 128, np.uint8)
     x[1, :, 6:18, 4:20] = 220
     x[2, :, :, : SIZE // 2] = 30

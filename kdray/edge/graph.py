@@ -8,8 +8,8 @@ form, block by block from the head down:
 - head and GAP: d logit_c / dA = W[c] / (h * w) at every position;
 - max-pool: the gradient goes to the window's maximum, the first one in torch's scan order (top
   left, top right, bottom left, bottom right) when several positions hold it: flat image regions
-  give equal positive maxima (a synthetic fundus photo's did, and its CAM differed from torch's
-  by 0.027 where the maxima had shared the gradient); windows of zeros are cut by the ReLU below;
+  give equal positive maxima (on such images the CAM differed from torch's by up to 1.0 while
+  they shared the gradient); windows of zeros are cut by the ReLU below;
 - ReLU: kept where its output is positive (as torch's ``threshold_backward``);
 - BatchNorm (eval): times ``gamma / sqrt(running_var + eps)`` per channel;
 - conv3x3, stride 1, padding 1: ``conv_transpose2d`` with the same weights.
