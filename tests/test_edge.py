@@ -20,10 +20,11 @@ from kdray.edge.export import (
     PREDICT_FILE,
     ExportError,
     Parity,
+    cam_difference,
     export_student,
     session,
 )
-from kdray.edge.graph import OUTPUTS, EdgeStudent
+from kdray.edge.graph import NEAR_TIE, OUTPUTS, EdgeStudent, near_tie_images, window_gaps
 from kdray.explain import explain, feature_maps, grad_cam
 from kdray.models import ModelSpec, StudentCNN
 
@@ -161,6 +162,44 @@ def test_maps_and_outputs_have_their_own_tolerance():
     assert not parity(gradcam=2e-3).ok and not parity(feature_maps=2e-3).ok
     assert not parity(logits=5e-4).ok and not parity(probabilities=5e-4).ok
     assert not Parity(8, 0.0, 0.0, 0.0, 0.0, labels_equal=False).ok
+    # Near-tie images' CAMs are reported, not judged; but a quarter must be free of them.
+    assert parity(near_tie_images=6, gradcam_near_ties=0.03).ok
+    assert not parity(near_tie_images=7).ok and not parity(near_tie_images=8).ok
+    assert "fewer than a quarter" in parity(near_tie_images=7).describe()
+
+
+def test_near_ties_are_found_where_rounding_can_move_the_gradient():
+    # One image, one channel, three 2x2 windows: a near tie (two float32 steps below 1), an exact
+    # tie (resolved as torch does), a clear maximum; then a window of zeros only (the ReLU's cut).
+    act = torch.tensor([[[[1.0, 0.99999988, 0.5, 0.5, 0.9, 0.1], [0.2, 0.1, 0.1, 0.0, 0.2, 0.3]]]])
+    assert 0 < window_gaps(act)[0] < NEAR_TIE
+    assert float(window_gaps(act[..., 2:])[0]) == pytest.approx(0.6 / 0.9, rel=1e-5)
+    assert window_gaps(torch.zeros(1, 1, 2, 2))[0] == float("inf")
+    assert window_gaps(torch.tensor([[[[0.5, 0.5], [0.1, 0.0]]]]))[0] == float("inf")
+    # Only the max-pools behind the CAM's block count: none behind the last block.
+    model, _ = _student()
+    x = torch.from_numpy(_images(6))
+    assert not near_tie_images(model, x, 4, rel=float("inf")).any()
+    assert near_tie_images(model, x, 3, rel=float("inf")).all()
+    assert not near_tie_images(model, x, 1, rel=0.0).any()
+    assert NEAR_TIE < 1e-5  # a near tie is float32 rounding, not a close call
+
+
+def test_the_cam_is_judged_on_the_images_without_a_near_tie(monkeypatch):
+    import kdray.edge.export as export_module
+
+    model, _ = _student()
+    x = _images(4)
+    want = np.random.default_rng(0).random((4, SIZE, SIZE)).astype(np.float32)
+    got = want.copy()
+    got[2] += 0.5
+    assert cam_difference(model, 2, x, got, want)[0] == pytest.approx(0.5)  # none near: judged
+    monkeypatch.setattr(
+        export_module,
+        "near_tie_images",
+        lambda student, images, cam_block: torch.tensor([False, False, True, False]),
+    )
+    assert cam_difference(model, 2, x, got, want) == (0.0, 1, pytest.approx(0.5))
 
 
 def test_a_graph_that_explains_wrongly_is_refused(tmp_path, monkeypatch):
@@ -395,3 +434,22 @@ def test_datasets_exporting_at_once_both_get_a_checked_export(tmp_path):
             ref = model(torch.from_numpy(x).float() / 255).numpy()
         logits = session(folder / PREDICT_FILE).run(["logits"], {"image": x})[0]
         assert np.abs(logits - ref).max() < 1e-4  # each folder holds its own model
+
+
+def test_the_services_load_check_of_the_graph_follows_the_export_rule(exported, monkeypatch):
+    import kdray.edge.export as export_module
+    from kdray.edge.runtime import load_onnx_explainer
+
+    model, _, export = exported
+    card = json.loads((export.directory / CARD_FILE).read_text())
+    background = _images(4, seed=12)
+    graph, note = load_onnx_explainer((export.directory, card), model, background=background)
+    assert graph is not None and note.startswith("onnx"), note
+    # Every checked image with a near tie: nothing left to hold the CAM to, so torch explains.
+    monkeypatch.setattr(
+        export_module,
+        "near_tie_images",
+        lambda student, images, cam_block: torch.ones(len(images), dtype=torch.bool),
+    )
+    graph, note = load_onnx_explainer((export.directory, card), model, background=background)
+    assert graph is None and "could not be checked" in note and "6 of 6" in note

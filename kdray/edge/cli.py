@@ -21,8 +21,9 @@ def build_export_parser(prog: str = "tune/export.py") -> argparse.ArgumentParser
         prog,
         "Export a registered student (default kdray-<dataset>@champion) to ONNX: model.onnx "
         "(logits, probabilities, per-block feature maps, the model's CAM) and predict.onnx, with "
-        "model.json; both are checked against torch on the workspace's test split (max "
-        "|difference| <= 1e-4, same labels) and logged as the onnx/ artifact of the version's "
+        "model.json; both are checked against torch on the workspace's test split (logits and "
+        "probabilities within 1e-4, maps within 1e-3, same labels; the CAM on the images without "
+        "a near tie in a max-pool window, docs/edge.md) and logged as the onnx/ artifact of the version's "
         "run. `tune/run.py` does this for every champion (export.onnx). The parity images are "
         "the model's own test split at its own input size, from the config of the run that "
         "trained it; --config and --set override that config (a config that would give the "

@@ -10,6 +10,9 @@ Both graphs come from torch's dynamo exporter (``torch.onnx.export(..., dynamo=T
 :data:`OPSET` with a dynamic batch axis, and both are run through onnxruntime on real images
 before the folder is kept: any logit or probability further than :data:`TOLERANCE` from torch's,
 any map further than :data:`MAP_TOLERANCE`, or a different label, fails the export (:class:`ExportError`), never a silent copy.
+The CAM is held to that tolerance on the images whose CAM float32 rounding cannot move (no near
+tie in a max-pool window on its gradient's path, :func:`kdray.edge.graph.near_tie_images`); at
+least a quarter of the images must be such, and the others' difference is reported, not judged.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdray.edge.graph import OUTPUTS, EdgeStudent
+from kdray.edge.graph import OUTPUTS, EdgeStudent, near_tie_images
 from kdray.explain.cam_methods import CAM_TITLES, PAPER_METHOD
 from kdray.explain.gradcam import default_cam_layer, grad_cam
 from kdray.explain.layer_maps import feature_maps
@@ -45,7 +48,9 @@ __all__ = [
     "EdgeExport",
     "ExportError",
     "Parity",
+    "cam_difference",
     "check_parity",
+    "enough_clear",
     "export_student",
     "session",
 ]
@@ -104,7 +109,13 @@ class ExportError(RuntimeError):
 
 @dataclass
 class Parity:
-    """Largest absolute differences between onnxruntime and torch on ``images`` images."""
+    """Largest absolute differences between onnxruntime and torch on ``images`` images.
+
+    ``gradcam`` is the CAM's on the images without a near tie (:func:`cam_difference`);
+    ``near_tie_images`` counts the others and ``gradcam_near_ties`` is their largest difference,
+    reported, not judged; fewer than a quarter of the images without one fails the check (too
+    few left to hold the CAM to the tolerance: :func:`enough_clear`).
+    """
 
     images: int
     logits: float
@@ -114,22 +125,39 @@ class Parity:
     labels_equal: bool
     tolerance: float = TOLERANCE
     map_tolerance: float = MAP_TOLERANCE
+    near_tie_images: int = 0
+    gradcam_near_ties: float = 0.0
+
+    @property
+    def cam_checked(self) -> bool:
+        """Were enough images free of near ties to hold the CAM to its tolerance?"""
+        return enough_clear(self.images, self.near_tie_images)
 
     @property
     def ok(self) -> bool:
         return (
             self.labels_equal
+            and self.cam_checked
             and max(self.logits, self.probabilities) <= self.tolerance
             and max(self.feature_maps, self.gradcam) <= self.map_tolerance
         )
 
     def describe(self) -> str:
-        return (
+        text = (
             f"max |Δ| on {self.images} images: logits {self.logits:.1e}, probabilities "
             f"{self.probabilities:.1e}, feature maps {self.feature_maps:.1e}, CAM "
             f"{self.gradcam:.1e} (tolerance {self.tolerance:g}, maps {self.map_tolerance:g}); labels "
             f"{'equal' if self.labels_equal else 'DIFFER'}"
         )
+        if self.near_tie_images:
+            text += (
+                f"; {self.near_tie_images} images with a near tie in a max-pool window on the CAM's "
+                f"gradient path, where float32 rounding can move the CAM (CAM {self.gradcam_near_ties:.1e} "
+                "there, not judged)"
+            )
+        if not self.cam_checked:
+            text += "; fewer than a quarter of the images left to hold the CAM to its tolerance"
+        return text
 
 
 @dataclass
@@ -208,6 +236,38 @@ def _export(module: nn.Module, example: torch.Tensor, outputs: list[str], path: 
     program.save(str(path))
 
 
+# The CAM is held to MAP_TOLERANCE on the images without a near tie; at least this share of them
+# (and one) must be such. A wrong graph is wrong on every image, so a quarter of 64 finds it;
+# near ties are the model's: 30 of 64 test images of the default run's eye_disease champion.
+MIN_CLEAR_SHARE = 0.25
+
+
+def enough_clear(images: int, near_tie_images: int) -> bool:
+    """Are enough of ``images`` free of near ties for the CAM check (:data:`MIN_CLEAR_SHARE`)?"""
+    clear = images - near_tie_images
+    return clear >= 1 and clear >= MIN_CLEAR_SHARE * images
+
+
+def cam_difference(
+    model: StudentCNN, cam_block: int, images: np.ndarray, got: np.ndarray, want: np.ndarray
+) -> tuple[float, int, float]:
+    """Two CAM batches of uint8 ``images`` compared where the CAM is defined to float32 precision.
+
+    Returns:
+        (largest |Δ| on the images without a near tie (:func:`kdray.edge.graph.near_tie_images`,
+        CAM at ``cam_block``), how many images had one, the largest |Δ| on those).
+    """
+    near = near_tie_images(model, torch.from_numpy(np.ascontiguousarray(images)), cam_block)
+    near = near.numpy()
+    per_image = np.abs(np.asarray(got) - np.asarray(want)).reshape(len(near), -1).max(1)
+    clear = per_image[~near]
+    return (
+        float(clear.max()) if clear.size else 0.0,
+        int(near.sum()),
+        float(per_image[near].max()) if near.any() else 0.0,
+    )
+
+
 def check_parity(
     model: StudentCNN,
     cam_layer: str,
@@ -225,6 +285,8 @@ def check_parity(
     out = dict(zip(OUTPUTS, session(directory / EXPLAIN_FILE).run(None, {"image": x}), strict=True))
     logits, probs = session(directory / PREDICT_FILE).run(None, {"image": x})
     labels = fm.logits.argmax(1)
+    cam_block = model.block_names.index(cam_layer) + 1
+    gradcam, near, gradcam_near = cam_difference(model, cam_block, x, out["gradcam"], cam.maps)
     return Parity(
         images=len(x),
         logits=float(
@@ -234,7 +296,9 @@ def check_parity(
             max(np.abs(out["probabilities"] - ref_prob).max(), np.abs(probs - ref_prob).max())
         ),
         feature_maps=float(np.abs(out["feature_maps"] - fm.maps).max()),
-        gradcam=float(np.abs(out["gradcam"] - cam.maps).max()),
+        gradcam=gradcam,
+        near_tie_images=near,
+        gradcam_near_ties=gradcam_near,
         labels_equal=bool(
             (out["logits"].argmax(1) == labels).all()
             and (logits.argmax(1) == labels).all()

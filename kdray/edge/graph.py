@@ -33,9 +33,19 @@ from kdray.explain.cam_methods import PAPER_METHOD, check_method, combine, scale
 from kdray.explain.layer_maps import reduce_activation
 from kdray.models import StudentCNN
 
-__all__ = ["OUTPUTS", "EdgeStudent"]
+__all__ = ["NEAR_TIE", "OUTPUTS", "EdgeStudent", "near_tie_images", "window_gaps"]
 
 OUTPUTS = ("logits", "probabilities", "feature_maps", "gradcam", "cam_class")
+
+# A max-pool window whose two largest values differ by less than this share of the layer's largest
+# activation (in that image) may pick its maximum differently in onnxruntime and in torch, whose
+# convolutions round differently; the CAM's gradient then takes another path, and the CAM (scaled
+# by its own maximum) moves by more than float32 rounding: a valid CAM of the same student either
+# way, as torch itself gives at another batch size. Measured on the default run's eye_disease
+# champion (6 blocks, HiResCAM at block1, 200 images, 2026-12-07): the 4 images more than 1e-3 off
+# (up to 2.7e-2) all had a window within 2.9e-7; with none within 1e-6 (137 images) the largest
+# gap was 6e-7. Exact ties are not near: the graph takes torch's first maximum.
+NEAR_TIE = 1e-6
 
 
 def _first_maximum(at_max: torch.Tensor) -> torch.Tensor:
@@ -54,6 +64,40 @@ def _first_maximum(at_max: torch.Tensor) -> torch.Tensor:
     bottom = torch.stack([bl_first, br_first], dim=-1)
     first = torch.stack([top, bottom], dim=3).reshape(-1, channels, 2 * hh, 2 * ww)
     return F.pad(first, (0, w - 2 * ww, 0, h - 2 * hh))
+
+
+def window_gaps(act: torch.Tensor) -> torch.Tensor:
+    """Per image, the smallest gap between a 2x2 max-pool window's two largest values, as a share
+    of the image's largest activation; only windows with a positive maximum (the ReLU cuts the
+    rest) and unequal top two (exact ties resolve as torch's) count. (N, C, H, W) -> (N,), inf
+    where no window counts."""
+    n, c, h, w = act.shape
+    core = act[:, :, : h // 2 * 2, : w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2)
+    windows = core.permute(0, 1, 2, 4, 3, 5).reshape(n, -1, 4)
+    top = windows.topk(2, dim=-1).values
+    scale = act.reshape(n, -1).amax(1).clamp(min=torch.finfo(act.dtype).tiny)
+    gap = (top[..., 0] - top[..., 1]) / scale[:, None]
+    counts = (top[..., 0] > 0) & (gap > 0)
+    return torch.where(counts, gap, torch.full_like(gap, float("inf"))).amin(1)
+
+
+@torch.no_grad()
+def near_tie_images(
+    student: StudentCNN, images: torch.Tensor, cam_block: int, rel: float = NEAR_TIE
+) -> torch.Tensor:
+    """Which images' CAM at ``cam_block`` (1-based) float32 rounding can move: a window of a
+    max-pool the CAM's gradient passes back through (those of the blocks after ``cam_block``)
+    holds two values within ``rel`` (:data:`NEAR_TIE`). ``images``: uint8 (N, 3, H, W), as the
+    graph takes them. Returns a bool (N,) tensor."""
+    student = student.eval()
+    a = student.norm(images.to(torch.float32) / 255.0)
+    near = torch.zeros(len(images), dtype=torch.bool)
+    for i, block in enumerate(student.features):
+        act = block.relu(block.bn(block.conv(a)))
+        if i >= cam_block:
+            near |= window_gaps(act) < rel
+        a = block.pool(act)
+    return near
 
 
 class EdgeStudent(nn.Module):

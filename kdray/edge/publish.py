@@ -45,6 +45,7 @@ def log_edge(client: MlflowClient, name: str, run_id: str, export: EdgeExport) -
         ("onnx.parity.logits", parity.logits),
         ("onnx.parity.feature_maps", parity.feature_maps),
         ("onnx.parity.gradcam", parity.gradcam),
+        ("onnx.parity.near_tie_images", parity.near_tie_images),
         ("onnx.export_seconds", export.seconds),
     ):
         client.log_metric(run_id, key, value)
