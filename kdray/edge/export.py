@@ -276,7 +276,7 @@ def check_parity(
     cam_method: str = PAPER_METHOD,
 ) -> Parity:
     """Both exported graphs against torch (kdray's own explainers: pytorch-grad-cam's class for
-    the CAM variant) on uint8 (N, 3, S, S) images."""
+    the CAM variant) on uint8 (N, 3, S, S) images; the CAM as :func:`cam_difference` compares it."""
     directory = Path(directory)
     x = np.ascontiguousarray(images, dtype=np.uint8)
     fm = feature_maps(model, x)
