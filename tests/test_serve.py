@@ -113,6 +113,10 @@ def test_health_ready_and_model_cards(served):
         # on its checked ONNX copy; teachers stay on torch.
         assert card["student"]["runtime"].startswith("onnx ("), card["student"]["runtime"]
         assert card["teacher"]["runtime"] == "torch"
+        # What computes the CAM is the explainers' word (the Gateway loads no explain graph and
+        # said "torch" for every student): the graph, or torch with the reason it is not used.
+        computed_by = card["student"]["cam"]["computed_by"]
+        assert computed_by.startswith(("onnx (", "torch (")), computed_by
 
 
 def test_predict_is_the_registered_model_on_the_decoded_image(served):

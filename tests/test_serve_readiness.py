@@ -89,3 +89,27 @@ def test_the_background_loop_refreshes_and_poke_refreshes_now():
         assert len(calls) == 2  # not 60 s later
 
     asyncio.run(scenario())
+
+
+def test_model_cards_take_the_runtime_from_the_gateway_and_the_cam_from_the_explainers():
+    from kdray.serving.readiness import merge_cards
+
+    def status(runtime: str, computed_by: str) -> dict:
+        entry = {"runtime": runtime, "cam": {"method": "hirescam", "computed_by": computed_by}}
+        return {"cards": {"eye/student": {"title": "t", "entry": entry}}}
+
+    cards: dict = {}
+    # Before the explainers report, the Gateway's card stands as it is.
+    merge_cards(cards, {"Gateway": status("onnx (predict.onnx)", "torch")})
+    assert cards["eye/student"]["entry"]["cam"]["computed_by"] == "torch"
+    statuses = {
+        "Gateway": status("onnx (predict.onnx)", "torch"),
+        "Explainer": status("onnx (model.onnx)", "onnx (model.onnx: feature maps and HiResCAM)"),
+    }
+    merge_cards(cards, statuses)
+    entry = cards["eye/student"]["entry"]
+    assert entry["runtime"] == "onnx (predict.onnx)"
+    assert entry["cam"]["computed_by"] == "onnx (model.onnx: feature maps and HiResCAM)"
+    assert statuses["Gateway"]["cards"]["eye/student"]["entry"]["cam"]["computed_by"] == "torch"
+    merge_cards(cards, {"Gateway": status("onnx (predict.onnx)", "torch")})  # a later round
+    assert cards["eye/student"]["entry"]["cam"]["computed_by"].startswith("onnx (model.onnx")

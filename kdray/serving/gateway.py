@@ -29,7 +29,7 @@ from kdray.explain.gradcam import ExplainError
 from kdray.serving.deployments import BatchPredictor, store_status
 from kdray.serving.errors import ApiError
 from kdray.serving.oip import OipError, split_model_name
-from kdray.serving.readiness import ReadinessBoard, serve_health
+from kdray.serving.readiness import ReadinessBoard, merge_cards, serve_health
 from kdray.serving.settings import load_settings
 from kdray.serving.store import ModelStore, ModelUnavailable, redact
 from kdray.serving.timings import Timings
@@ -123,9 +123,7 @@ class GatewayCore:
             "Gateway": await run_in_threadpool(store_status, self.predictor.store),
             **self._board.statuses(),
         }
-        # The Gateway's own cards last: it predicts the students, so its runtime is theirs.
-        for _name, status in sorted(statuses.items(), key=lambda item: item[0] == "Gateway"):
-            self._cards.update(status["cards"])
+        merge_cards(self._cards, statuses)
         # Copies: the board keeps the reports themselves.
         return {
             name: {**s, "errors": {k: redact(e, self._uri) for k, e in s["errors"].items()}}

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["ReadinessBoard", "serve_health"]
+__all__ = ["ReadinessBoard", "merge_cards", "serve_health"]
 
 log = logging.getLogger("kdray.serve")
 Status = dict[str, Any]  # kdray.serving.deployments.store_status's shape
@@ -129,3 +129,19 @@ class ReadinessBoard:
             else:
                 out[name] = report
         return out
+
+
+def merge_cards(cards: dict[str, dict[str, Any]], statuses: dict[str, Status]) -> None:
+    """Fold every deployment's model cards into ``cards`` (dataset/role -> card), in place.
+
+    The Gateway's cards win, as it predicts the students (their ``runtime`` is its), except
+    their ``cam``: the explainers compute the CAM, so theirs says what computes it (the ONNX
+    explain graph or torch, and why); the Gateway loads no explain graph and would always say
+    torch.
+    """
+    for name, status in sorted(statuses.items(), key=lambda item: item[0] == "Gateway"):
+        for key, card in status["cards"].items():
+            cam = cards.get(key, {}).get("entry", {}).get("cam")
+            if name == "Gateway" and cam is not None and "entry" in card:
+                card = {**card, "entry": {**card["entry"], "cam": cam}}
+            cards[key] = card
