@@ -193,13 +193,15 @@ def test_the_cam_is_judged_on_the_images_without_a_near_tie(monkeypatch):
     want = np.random.default_rng(0).random((4, SIZE, SIZE)).astype(np.float32)
     got = want.copy()
     got[2] += 0.5
-    assert cam_difference(model, 2, x, got, want)[0] == pytest.approx(0.5)  # none near: judged
+    assert cam_difference(model, "features.block2", x, got, want)[0] == pytest.approx(
+        0.5
+    )  # none near: judged
     monkeypatch.setattr(
         export_module,
         "near_tie_images",
         lambda student, images, cam_block: torch.tensor([False, False, True, False]),
     )
-    assert cam_difference(model, 2, x, got, want) == (0.0, 1, pytest.approx(0.5))
+    assert cam_difference(model, "features.block2", x, got, want) == (0.0, 1, pytest.approx(0.5))
 
 
 def test_a_graph_that_explains_wrongly_is_refused(tmp_path, monkeypatch):

@@ -249,14 +249,15 @@ def enough_clear(images: int, near_tie_images: int) -> bool:
 
 
 def cam_difference(
-    model: StudentCNN, cam_block: int, images: np.ndarray, got: np.ndarray, want: np.ndarray
+    model: StudentCNN, cam_layer: str, images: np.ndarray, got: np.ndarray, want: np.ndarray
 ) -> tuple[float, int, float]:
     """Two CAM batches of uint8 ``images`` compared where the CAM is defined to float32 precision.
 
     Returns:
         (largest |Δ| on the images without a near tie (:func:`kdray.edge.graph.near_tie_images`,
-        CAM at ``cam_block``), how many images had one, the largest |Δ| on those).
+        CAM at ``cam_layer``), how many images had one, the largest |Δ| on those).
     """
+    cam_block = model.block_names.index(cam_layer) + 1
     near = near_tie_images(model, torch.from_numpy(np.ascontiguousarray(images)), cam_block)
     near = near.numpy()
     per_image = np.abs(np.asarray(got) - np.asarray(want)).reshape(len(near), -1).max(1)
@@ -285,8 +286,7 @@ def check_parity(
     out = dict(zip(OUTPUTS, session(directory / EXPLAIN_FILE).run(None, {"image": x}), strict=True))
     logits, probs = session(directory / PREDICT_FILE).run(None, {"image": x})
     labels = fm.logits.argmax(1)
-    cam_block = model.block_names.index(cam_layer) + 1
-    gradcam, near, gradcam_near = cam_difference(model, cam_block, x, out["gradcam"], cam.maps)
+    gradcam, near, gradcam_near = cam_difference(model, cam_layer, x, out["gradcam"], cam.maps)
     return Parity(
         images=len(x),
         logits=float(

@@ -155,8 +155,7 @@ def load_onnx_explainer(
     ref_cam = grad_cam(
         model, x, explainer.cam_layer, fm.logits.argmax(1), explainer.cam_method
     ).maps
-    cam_block = model.block_names.index(explainer.cam_layer) + 1
-    cam_diff, near, _ = cam_difference(model, cam_block, x, cam, ref_cam)
+    cam_diff, near, _ = cam_difference(model, explainer.cam_layer, x, cam, ref_cam)
     map_diff = max(float(np.abs(maps - fm.maps).max()), cam_diff)
     diff = max(map_diff, float(np.abs(logits - fm.logits).max()))
     if not enough_clear(len(x), near):
